@@ -1,0 +1,1 @@
+"""Model- and data-specific code; everything else in rdoq is model-agnostic."""

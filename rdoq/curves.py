@@ -1,0 +1,221 @@
+"""Curve generation jobs: one layer at a time, resumable, the same for every estimator."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rdoq.engine import ActBackend, MeasuredEngine, WeightBackend, act_group_stats
+from rdoq.groups import act_group_numel, act_shapes, find_layers, group_bounds, weight_numel
+from rdoq.parts import PartSpec, assign_parts, layer_macs, suffix_costs
+from rdoq.quantizers import deadzone_threshold
+from rdoq.search import Chain, SearchSettings, chains_to_arrays, run_chains
+from rdoq.store import CurveStore, LayerCurves
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CurveJob:
+    """Settings of one curve-generation run (``kind`` weight|act, ``act_mode`` in|out)."""
+
+    kind: str
+    group_size: int
+    nr: int
+    ndz: int
+    max_steps: int
+    step_grid: int
+    act_mode: str | None = None
+    estimator: str = "measured"
+    precision: str = "float64"
+    max_batch: int = 16
+    mem_budget_mb: float = 2048.0
+    use_cuts: bool = True
+    progress: bool = True
+    argv: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("weight", "act"):
+            raise ValueError(f"kind must be 'weight' or 'act', got {self.kind!r}")
+        if self.kind == "act" and self.act_mode not in ("in", "out"):
+            raise ValueError(f"act_mode must be 'in' or 'out', got {self.act_mode!r}")
+        if self.group_size <= 0:
+            raise ValueError(f"--nchannelbatch must be > 0, got {self.group_size}")
+        if self.nr < 2:
+            raise ValueError(f"--maxrates must be >= 2 (bit widths 0..maxrates-1), got {self.nr}")
+        if self.ndz < 1:
+            raise ValueError(f"--maxdeadzones must be >= 1, got {self.ndz}")
+        if self.precision not in ("float32", "float64"):
+            raise ValueError(f"--precision must be float32 or float64, got {self.precision!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.precision)
+
+    def search_settings(self) -> SearchSettings:
+        return SearchSettings(bits=tuple(range(self.nr)), step_grid=self.step_grid,
+                              max_steps=self.max_steps, stop_on_aux=self.kind == "weight")
+
+
+@dataclass
+class LayerPlan:
+    """One layer of the curve set: name, type, shape, group bounds and elements per group."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    bounds: list[tuple[int, int]]
+    numel: np.ndarray  # (G,)
+
+    def meta(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "shape": list(self.shape),
+                "groups": len(self.bounds), "numel": int(self.numel.sum())}
+
+
+def plan_layers(model: nn.Module, x1: torch.Tensor, job: CurveJob) -> list[LayerPlan]:
+    """The layers and groups a job covers (weights: weight shapes; acts: per-sample shapes)."""
+    layers = find_layers(model)
+    modules = dict(model.named_modules())
+    plans = []
+    if job.kind == "weight":
+        for layer in layers:
+            bounds = group_bounds(layer.out_channels, job.group_size)
+            numel = np.array([weight_numel(layer.shape, b) for b in bounds])
+            plans.append(LayerPlan(layer.name, layer.type, layer.shape, bounds, numel))
+        return plans
+    shapes = act_shapes(model, x1, [layer.name for layer in layers], job.act_mode)
+    for layer in layers:
+        mod, shape = modules[layer.name], shapes[layer.name]
+        channels = shape[0] if isinstance(mod, nn.Conv2d) else shape[-1]
+        bounds = group_bounds(channels, job.group_size)
+        numel = np.array([act_group_numel(shape, mod, b) for b in bounds])
+        plans.append(LayerPlan(layer.name, layer.type, tuple(shape), bounds, numel))
+    return plans
+
+
+def max_rows_for(model: nn.Module, x1: torch.Tensor, budget_mb: float) -> int:
+    """Samples per forward that fit ``budget_mb``: the widest activation of one sample times a
+    working-set factor of 8 (attention maps, MLP hidden states and temporaries)."""
+    widest = [0]
+    handles = [m.register_forward_hook(
+        lambda m, i, o: widest.__setitem__(0, max(widest[0], o.numel() * o.element_size()))
+        if isinstance(o, torch.Tensor) else None)
+        for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x1[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(int(budget_mb * 2**20 // max(8 * widest[0], 1)), 1)
+
+
+def build_meta(job: CurveJob, model_info: dict[str, Any], calib: dict[str, Any],
+               plans: list[LayerPlan], estimator_params: dict[str, Any] | None = None) -> dict:
+    """meta.json contents for a curve set (DESIGN §5)."""
+    return {
+        "kind": job.kind, "estimator": job.estimator,
+        "act_mode": job.act_mode if job.kind == "act" else None,
+        "model": model_info["arch"], "weights_source": model_info["weights_source"],
+        "checkpoint_sha256": model_info.get("checkpoint_sha256"),
+        "group_size": job.group_size, "bits": list(range(job.nr)),
+        "ndz": job.ndz if job.kind == "weight" else 1,
+        "step_grid": job.step_grid, "max_steps": job.max_steps, "precision": job.precision,
+        "estimator_params": estimator_params or {},
+        "calib": calib, "layers": [p.meta() for p in plans],
+        "argv": job.argv or sys.argv, "created": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def weight_chains(weight: torch.Tensor, plan: LayerPlan, job: CurveJob) -> list[Chain]:
+    """One chain per (group, dead-zone ratio) of a weight layer."""
+    settings = job.search_settings()
+    chains = []
+    for g, (c0, c1) in enumerate(plan.bounds):
+        w = weight[c0:c1].detach().double()
+        rms = float(w.pow(2).mean().sqrt())
+        rms_log2 = math.log2(rms) if rms > 0 else -30.0
+        for d in range(job.ndz):
+            phi = deadzone_threshold(w, d / job.ndz)
+            chains.append(Chain(g, d, phi, rms_log2, settings))
+    return chains
+
+
+def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[str, Any],
+                    calib_meta: dict[str, Any], job: CurveJob, root: Path, part: PartSpec,
+                    device: torch.device) -> dict[str, Any]:
+    """Measure and store the curves of this part's layers into the curve set ``root``.
+
+    Returns a summary: layers written/skipped, distinct candidates evaluated, seconds.
+    """
+    t0 = time.perf_counter()
+    model = model.to(device=device, dtype=job.dtype).eval()
+    x = calib_x.to(device=device, dtype=job.dtype)
+    plans = plan_layers(model, x[:1], job)
+    store = CurveStore.open(root, build_meta(job, model_info, calib_meta, plans))
+    names = [p.name for p in plans]
+    macs = layer_macs(model, x[:1], names)
+    per_group = job.ndz * job.nr * 4 if job.kind == "weight" else job.nr * 8
+    costs = suffix_costs(names, macs, {p.name: len(p.bounds) for p in plans}, per_group)
+    owner = assign_parts(costs, part.num_parts)
+    mine = [p for p, o in zip(plans, owner, strict=True) if o == part.part_id]
+    todo = [p for p in mine if not store.has_layer(p.name)]
+    log.info("part %d/%d: %d of %d layers, %d already done", part.part_id, part.num_parts,
+             len(mine), len(plans), len(mine) - len(todo))
+    summary = {"curve_set": str(root), "layers_total": len(plans), "layers_part": len(mine),
+               "layers_skipped": len(mine) - len(todo), "layers_written": 0, "candidates": 0}
+    if not todo:
+        summary["seconds"] = time.perf_counter() - t0
+        return summary
+    max_rows = max_rows_for(model, x[:1], job.mem_budget_mb)
+    engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts)
+    modules = dict(model.named_modules())
+    bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
+    for plan in bar:
+        lt = time.perf_counter()
+        if job.kind == "weight":
+            chains = weight_chains(modules[plan.name].weight, plan, job)
+            backend = WeightBackend(engine, plan.name, plan.bounds, job.max_batch)
+            extra: dict[str, np.ndarray] = {}
+        else:
+            stats = act_group_stats(model, x, plan.name, job.act_mode, plan.bounds, max_rows)
+            chains = [Chain(g, 0, 0.0, float(stats.rms_log2[g]), job.search_settings())
+                      for g in range(len(plan.bounds))]
+            backend = ActBackend(engine, plan.name, job.act_mode, plan.bounds, stats,
+                                 job.max_batch)
+            extra = {"signed": stats.signed}
+        inner = tqdm(total=len(chains), desc=plan.name, unit="chain", leave=False,
+                     disable=not job.progress)
+        n = run_chains(chains, backend, job.max_batch, on_chain_done=lambda c: inner.update())
+        inner.close()
+        n_dz = job.ndz if job.kind == "weight" else 1
+        dist, step, dz = chains_to_arrays(chains, len(plan.bounds), n_dz, job.nr)
+        n_evals = np.zeros(len(plan.bounds), dtype=np.int64)
+        for c in chains:
+            n_evals[c.group] += c.n_evals
+        store.write_layer(plan.name, LayerCurves(dist, step, dz, plan.numel,
+                                                 {**extra, "n_evals": n_evals}))
+        summary["layers_written"] += 1
+        summary["candidates"] += n
+        log.info("layer %s: %d groups, %d candidates, cut %s, %.1fs", plan.name,
+                 len(plan.bounds), n, engine.cut_for(plan.name) or "none (full forward)",
+                 time.perf_counter() - lt)
+    summary["seconds"] = time.perf_counter() - t0
+    summary["missing_layers"] = len(store.missing_layers())
+    return summary
+
+
+def job_dict(job: CurveJob) -> dict[str, Any]:
+    """The resolved job settings as JSON-able data."""
+    return asdict(job)

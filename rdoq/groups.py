@@ -1,0 +1,117 @@
+"""Channel groups of weight and activation tensors (DESIGN §2, §3).
+
+A group is a contiguous block of ``group_size`` output channels (dim 0 of every supported weight
+layout: Linear ``(out, in)``, Conv2d ``(out, in/groups, kh, kw)`` incl. depthwise, spconv
+``(out, kD, kH, kW, in)``); the last group may be smaller. Activation groups are blocks of channels
+of a layer's output (``act_mode="out"``) or input (``act_mode="in"``): dim 1 for convolutions, the
+last dim for linears.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+def group_bounds(n_channels: int, group_size: int) -> list[tuple[int, int]]:
+    """``[(c0, c1), ...]`` channel ranges of the groups; the last one may be partial."""
+    if group_size <= 0:
+        raise ValueError(f"group_size must be > 0, got {group_size} (use e.g. --nchannelbatch 64)")
+    if n_channels <= 0:
+        raise ValueError(f"n_channels must be > 0, got {n_channels}")
+    return [(c0, min(c0 + group_size, n_channels)) for c0 in range(0, n_channels, group_size)]
+
+
+def get_group(weight: torch.Tensor, bounds: tuple[int, int]) -> torch.Tensor:
+    """A view of the output channels ``bounds`` of ``weight``."""
+    c0, c1 = bounds
+    return weight[c0:c1]
+
+
+def set_group(weight: torch.Tensor, bounds: tuple[int, int], values: torch.Tensor) -> None:
+    """Overwrite the output channels ``bounds`` of ``weight`` in place."""
+    c0, c1 = bounds
+    if values.shape != weight[c0:c1].shape:
+        raise ValueError(f"group {bounds} has shape {tuple(weight[c0:c1].shape)}, "
+                         f"got values of shape {tuple(values.shape)}")
+    with torch.no_grad():
+        weight[c0:c1].copy_(values)
+
+
+def channel_dim(module: nn.Module) -> int:
+    """Channel axis of ``module``'s input and output activations: 1 for convs, -1 otherwise."""
+    return 1 if isinstance(module, nn.Conv2d) else -1
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable layer: its dotted name and the facts the curve store records."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[0]
+
+
+def find_layers(model: nn.Module) -> list[LayerInfo]:
+    """Every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` in ``named_modules`` order."""
+    layers = [
+        LayerInfo(name, type(m).__name__, tuple(m.weight.shape))
+        for name, m in model.named_modules()
+        if isinstance(m, QUANTIZABLE_TYPES)
+    ]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear/nn.Conv2d layer to quantize")
+    return layers
+
+
+def weight_numel(shape: tuple[int, ...], bounds: tuple[int, int]) -> int:
+    """Number of weights in the group ``bounds`` of a weight of ``shape``."""
+    per_channel = 1
+    for s in shape[1:]:
+        per_channel *= s
+    return (bounds[1] - bounds[0]) * per_channel
+
+
+def act_shapes(model: nn.Module, x: torch.Tensor, names: list[str], mode: str) -> dict[str, tuple]:
+    """Per-sample shapes of the input (``mode="in"``) or output (``"out"``) of the named layers.
+
+    Runs one hooked forward on ``x[:1]``.
+    """
+    if mode not in ("in", "out"):
+        raise ValueError(f"act_mode must be 'in' or 'out', got {mode!r}")
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple] = {}
+    handles = []
+    for name in names:
+        def hook(mod, inp, out, name=name):
+            t = inp[0] if mode == "in" else out
+            shapes[name] = tuple(t.shape[1:])
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise ValueError(f"layers never called in forward: {missing}")
+    return shapes
+
+
+def act_group_numel(sample_shape: tuple, module: nn.Module, bounds: tuple[int, int]) -> int:
+    """Elements per sample of the activation group ``bounds`` (channels × positions)."""
+    dim = channel_dim(module)
+    channels = sample_shape[dim - 1] if dim > 0 else sample_shape[-1]
+    total = 1
+    for s in sample_shape:
+        total *= s
+    return (bounds[1] - bounds[0]) * (total // channels)

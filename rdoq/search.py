@@ -1,0 +1,221 @@
+"""The one RD-curve grid search (DESIGN §4), shared by every distortion back-end.
+
+For each channel group ``g`` and dead-zone ratio ``d`` a *chain* walks the bit widths in order.
+For ``b = 0`` it evaluates the single all-zero candidate. For ``b ≥ 1`` it scans step exponents
+``start + s/step_grid`` upwards, where ``start`` is two octaves below the best step of the previous
+bit width (the paper's warm start) or, for the first searched bit width, two octaves below the
+group's RMS. It always evaluates up to and including the previous best step — the authors' early
+stop could halt before it, which made their curves rise with more bits — and then stops at the
+first step whose distortion (and, for weights, weight MSE) rises.
+
+Chains are independent, so the driver evaluates the next candidate of many chains in one batch
+(across groups and dead zones) and, when few chains are left, several speculative steps of one
+chain. A chain consumes results in order and discards those past its stop, so the batch size never
+changes which candidates determine the curve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rdoq.quantizers import deadzone_magnitudes, grid_floor
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point to evaluate: quantize group ``group`` with ``bits`` at step ``2**step_log2``."""
+
+    group: int
+    bits: int
+    step_log2: float
+    deadzone: float = 0.0
+
+    def key(self) -> tuple:
+        # Every all-zero candidate is the same perturbation, whatever its step or dead zone.
+        if self.is_zero:
+            return (self.group, 0, 0.0, 0.0)
+        return (self.group, self.bits, self.step_log2, self.deadzone)
+
+    @property
+    def is_zero(self) -> bool:
+        return self.bits == 0 or (self.deadzone > 0 and deadzone_magnitudes(self.bits) == 0)
+
+
+# evaluate(candidates) -> (dist (K,), aux (K,) or None); aux is the weight MSE of the stop rule.
+Evaluate = Callable[[Sequence[Candidate]], tuple[np.ndarray, np.ndarray | None]]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Grid-search settings. ``bits`` are the candidate bit widths, ``max_steps`` per bit width."""
+
+    bits: tuple[int, ...]
+    step_grid: int
+    max_steps: int
+    back_octaves: int = 2
+    stop_on_aux: bool = False
+
+    def __post_init__(self) -> None:
+        if self.step_grid < 1:
+            raise ValueError(f"step_grid must be >= 1, got {self.step_grid}")
+        if self.max_steps < self.back_octaves * self.step_grid + 1:
+            raise ValueError(f"max_steps={self.max_steps} cannot reach the previous best step "
+                             f"({self.back_octaves} octaves at 1/{self.step_grid} octave); use "
+                             f"--maxsteps >= {self.back_octaves * self.step_grid + 1}")
+
+
+@dataclass
+class Chain:
+    """Search state of one (group, dead zone) pair across all bit widths."""
+
+    group: int
+    dz_index: int
+    deadzone: float
+    rms_log2: float
+    settings: SearchSettings
+    bit_index: int = 0
+    best_dist: list[float] = field(default_factory=list)
+    best_step: list[float] = field(default_factory=list)
+    n_evals: int = 0
+    _dists: list[float] = field(default_factory=list)
+    _aux: list[float] = field(default_factory=list)
+    _start: float = 0.0
+    _min_steps: int = 0
+
+    def __post_init__(self) -> None:
+        self._begin_bit()
+
+    @property
+    def done(self) -> bool:
+        return self.bit_index >= len(self.settings.bits)
+
+    @property
+    def bits(self) -> int:
+        return self.settings.bits[self.bit_index]
+
+    def _previous_step(self) -> float | None:
+        for step in reversed(self.best_step):
+            if not math.isnan(step):
+                return step
+        return None
+
+    def _begin_bit(self) -> None:
+        self._dists, self._aux = [], []
+        if self.done:
+            return
+        cfg = self.settings
+        back = cfg.back_octaves * cfg.step_grid
+        prev = self._previous_step()
+        anchor = prev if prev is not None else grid_floor(self.rms_log2, cfg.step_grid)
+        self._start = anchor - cfg.back_octaves
+        self._min_steps = back  # index of the anchor step: always evaluated
+
+    def _candidate(self, s: int) -> Candidate:
+        if self.bits == 0:
+            return Candidate(self.group, 0, math.nan, 0.0)
+        step = self._start + s / self.settings.step_grid
+        return Candidate(self.group, self.bits, step, self.deadzone)
+
+    def _single_candidate(self) -> bool:
+        return self._candidate(0).is_zero
+
+    def propose(self, lookahead: int) -> list[Candidate]:
+        """The next ``lookahead`` candidates of the current bit width (fewer at its end)."""
+        if self.done:
+            return []
+        if self._single_candidate():
+            return [self._candidate(0)]
+        s0 = len(self._dists)
+        s1 = min(s0 + max(lookahead, 1), self.settings.max_steps)
+        return [self._candidate(s) for s in range(s0, s1)]
+
+    def consume(self, dists: Sequence[float], aux: Sequence[float] | None) -> None:
+        """Take results for the candidates last proposed, in order; discard those past a stop."""
+        for i, dist in enumerate(dists):
+            self.n_evals += 1
+            self._dists.append(float(dist))
+            self._aux.append(float(aux[i]) if aux is not None else math.nan)
+            if self._bit_finished():
+                self._finish_bit()
+                return
+
+    def _bit_finished(self) -> bool:
+        s = len(self._dists) - 1
+        if self._single_candidate() or s + 1 >= self.settings.max_steps:
+            return True
+        if s < max(self._min_steps, 1):
+            return False
+        rose = self._dists[s] > self._dists[s - 1]
+        if self.settings.stop_on_aux:
+            rose = rose and self._aux[s] > self._aux[s - 1]
+        return rose
+
+    def _finish_bit(self) -> None:
+        best = int(np.argmin(self._dists))
+        self.best_dist.append(self._dists[best])
+        if self._single_candidate():
+            self.best_step.append(math.nan)
+        else:
+            self.best_step.append(self._start + best / self.settings.step_grid)
+        self.bit_index += 1
+        self._begin_bit()
+
+
+def run_chains(chains: list[Chain], evaluate: Evaluate, max_batch: int,
+               on_chain_done: Callable[[Chain], None] | None = None) -> int:
+    """Drive all chains to completion; returns the number of distinct candidates evaluated.
+
+    Each round takes the next candidate of every active chain (more per chain when fewer than
+    ``max_batch`` chains remain), drops duplicates (all-zero candidates of one group), and
+    evaluates them in batches of at most ``max_batch``.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    active = [c for c in chains if not c.done]
+    n_unique = 0
+    while active:
+        lookahead = max(1, max_batch // len(active))
+        proposals = [c.propose(lookahead) for c in active]
+        unique: dict[tuple, Candidate] = {}
+        for props in proposals:
+            for cand in props:
+                unique.setdefault(cand.key(), cand)
+        cands = list(unique.values())
+        results: dict[tuple, tuple[float, float]] = {}
+        for i in range(0, len(cands), max_batch):
+            chunk = cands[i:i + max_batch]
+            dist, aux = evaluate(chunk)
+            for j, cand in enumerate(chunk):
+                a = float(aux[j]) if aux is not None else math.nan
+                results[cand.key()] = (float(dist[j]), a)
+        n_unique += len(cands)
+        still = []
+        for chain, props in zip(active, proposals, strict=True):
+            got = [results[c.key()] for c in props]
+            chain.consume([g[0] for g in got], [g[1] for g in got])
+            if chain.done:
+                if on_chain_done is not None:
+                    on_chain_done(chain)
+            else:
+                still.append(chain)
+        active = still
+    return n_unique
+
+
+def chains_to_arrays(chains: list[Chain], n_groups: int, n_dz: int,
+                     n_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Collect finished chains into ``dist, step_log2, deadzone`` arrays of shape (G, D, B)."""
+    dist = np.full((n_groups, n_dz, n_bits), np.inf)  # (G, D, B)
+    step = np.full((n_groups, n_dz, n_bits), np.nan)  # (G, D, B)
+    dz = np.zeros((n_groups, n_dz, n_bits))  # (G, D, B)
+    for c in chains:
+        if not c.done:
+            raise RuntimeError(f"chain (group {c.group}, dz {c.dz_index}) did not finish")
+        dist[c.group, c.dz_index] = c.best_dist
+        step[c.group, c.dz_index] = c.best_step
+        dz[c.group, c.dz_index] = c.deadzone
+    return dist, step, dz

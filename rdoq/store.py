@@ -1,0 +1,183 @@
+"""The curve store: one directory per curve set, ``meta.json`` + ``layers/<name>.npz`` (DESIGN §5).
+
+Every file is written atomically (temp file in the same directory + ``os.replace``), so a killed
+run leaves either a finished layer file or none. A re-run with the same settings skips finished
+layers; a re-run with different settings into the same directory is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA = "rdoq.curves/1"
+# Keys of meta.json that describe *how* curves were made; two runs may share a directory only if
+# all of them agree. ``argv``/``created``/``part`` describe one invocation and may differ.
+SETTINGS_KEYS = (
+    "schema", "kind", "estimator", "act_mode", "model", "checkpoint_sha256", "weights_source",
+    "group_size", "bits", "ndz", "step_grid", "max_steps", "precision", "calib", "layers",
+    "estimator_params",
+)
+LAYER_ARRAYS = ("dist", "step_log2", "deadzone", "numel")
+
+
+def curve_set_name(arch: str, kind: str, ndz: int, nr: int, ns: int, nf: int,
+                   act_mode: str | None = None) -> str:
+    """The paper's directory name for a curve set (a label only; the truth is in meta.json)."""
+    if kind == "weight":
+        return (f"{arch}_ndz_{ndz:04d}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}"
+                "_rdcurves_channelwise_opt_dist")
+    if kind != "act":
+        raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
+    where = "out_channelwise" if act_mode == "out" else "channelwise"
+    return f"{arch}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}_rdcurves_{where}_opt_dist_act"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
+    _atomic_write_bytes(Path(path), lambda f: f.write(data))
+
+
+def _canonical(value: Any) -> Any:
+    # JSON round trip turns tuples into lists etc., so compare what would be stored.
+    return json.loads(json.dumps(value))
+
+
+@dataclass
+class LayerCurves:
+    """Curves of one layer. Shapes: ``dist/step_log2/deadzone (G, D, B)``, ``numel (G,)``."""
+
+    dist: np.ndarray
+    step_log2: np.ndarray
+    deadzone: np.ndarray
+    numel: np.ndarray
+    extra: dict[str, np.ndarray]
+
+    def validate(self, name: str) -> None:
+        g, d, b = self.dist.shape
+        for key in ("step_log2", "deadzone"):
+            if getattr(self, key).shape != (g, d, b):
+                raise ValueError(f"layer {name}: {key} has shape {getattr(self, key).shape}, "
+                                 f"expected {(g, d, b)}")
+        if self.numel.shape != (g,):
+            raise ValueError(f"layer {name}: numel has shape {self.numel.shape}, expected {(g,)}")
+        if np.isnan(self.dist).any():
+            raise ValueError(f"layer {name}: dist contains NaN")
+
+
+class CurveStore:
+    """A curve-set directory. Create with :meth:`open`, which checks or writes ``meta.json``."""
+
+    def __init__(self, root: Path, meta: dict[str, Any]):
+        self.root = Path(root)
+        self.meta = meta
+
+    @classmethod
+    def open(cls, root: Path | str, meta: dict[str, Any]) -> CurveStore:
+        """Open ``root`` for writing curves made with ``meta``.
+
+        Writes ``meta.json`` if absent. If present, every key of ``SETTINGS_KEYS`` must agree,
+        otherwise ``ValueError`` names the first differing setting and both values.
+        """
+        root = Path(root)
+        meta = {"schema": SCHEMA, **meta}
+        path = root / "meta.json"
+        if path.exists():
+            old = cls.read_meta(root)
+            for key in SETTINGS_KEYS:
+                if _canonical(old.get(key)) != _canonical(meta.get(key)):
+                    raise ValueError(
+                        f"{root} already holds curves made with {key}={_short(old.get(key))}, "
+                        f"this run has {key}={_short(meta.get(key))}; use another --outdir or "
+                        f"the same settings to resume")
+            return cls(root, old)
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, meta)
+        return cls(root, meta)
+
+    @classmethod
+    def load(cls, root: Path | str) -> CurveStore:
+        """Open an existing curve set for reading."""
+        return cls(Path(root), cls.read_meta(root))
+
+    @staticmethod
+    def read_meta(root: Path | str) -> dict[str, Any]:
+        path = Path(root) / "meta.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no curve set at {root}: {path} is missing")
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
+            found = meta.get("schema") if isinstance(meta, dict) else None
+            raise ValueError(f"{path}: schema {found!r} is not {SCHEMA!r}")
+        for key in ("kind", "group_size", "bits", "layers"):
+            if key not in meta:
+                raise ValueError(f"{path}: missing key {key!r}")
+        return meta
+
+    def layer_path(self, name: str) -> Path:
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"layer name {name!r} cannot be a file name")
+        return self.root / "layers" / f"{name}.npz"
+
+    def has_layer(self, name: str) -> bool:
+        return self.layer_path(name).is_file()
+
+    def layer_names(self) -> list[str]:
+        return [layer["name"] for layer in self.meta["layers"]]
+
+    def missing_layers(self) -> list[str]:
+        return [n for n in self.layer_names() if not self.has_layer(n)]
+
+    def write_layer(self, name: str, curves: LayerCurves) -> None:
+        """Write one layer's curves atomically."""
+        curves.validate(name)
+        arrays = {k: getattr(curves, k) for k in LAYER_ARRAYS} | curves.extra
+        _atomic_write_bytes(self.layer_path(name), lambda f: np.savez(f, **arrays))
+
+    def read_layer(self, name: str) -> LayerCurves:
+        """Read one layer's curves (no pickles) and check them against ``meta.json``."""
+        path = self.layer_path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"curve set {self.root} has no layer {name!r} ({path} missing)")
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        missing = [k for k in LAYER_ARRAYS if k not in arrays]
+        if missing:
+            raise ValueError(f"{path} lacks arrays {missing}")
+        curves = LayerCurves(**{k: arrays.pop(k) for k in LAYER_ARRAYS}, extra=arrays)
+        curves.validate(name)
+        entry = next((x for x in self.meta["layers"] if x["name"] == name), None)
+        if entry is not None and curves.dist.shape[0] != entry["groups"]:
+            raise ValueError(f"{path}: {curves.dist.shape[0]} groups, meta.json says "
+                             f"{entry['groups']}")
+        return curves
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "…"
