@@ -16,7 +16,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rdoq.engine import ActBackend, MeasuredEngine, WeightBackend, act_group_stats
+from rdoq.engine import (
+    ActBackend,
+    ActGroupStats,
+    MeasuredEngine,
+    NaiveEvaluator,
+    WeightBackend,
+    act_group_stats,
+)
 from rdoq.groups import act_group_numel, act_shapes, find_layers, group_bounds, weight_numel
 from rdoq.parts import PartSpec, assign_parts, layer_macs, suffix_costs
 from rdoq.quantizers import deadzone_threshold
@@ -40,6 +47,7 @@ class CurveJob:
     estimator: str = "measured"
     precision: str = "float64"
     max_batch: int = 16
+    max_lookahead: int = 1
     mem_budget_mb: float = 2048.0
     use_cuts: bool = True
     progress: bool = True
@@ -152,6 +160,33 @@ def weight_chains(weight: torch.Tensor, plan: LayerPlan, job: CurveJob) -> list[
     return chains
 
 
+def make_chains(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJob,
+                rows: int) -> tuple[list[Chain], ActGroupStats | None]:
+    """The search chains of one layer (and, for activations, its group statistics)."""
+    if job.kind == "weight":
+        return weight_chains(dict(model.named_modules())[plan.name].weight, plan, job), None
+    stats = act_group_stats(model, x, plan.name, job.act_mode, plan.bounds, rows)
+    chains = [Chain(g, 0, 0.0, float(stats.rms_log2[g]), job.search_settings())
+              for g in range(len(plan.bounds))]
+    return chains, stats
+
+
+def measured_backend(engine: MeasuredEngine, plan: LayerPlan, job: CurveJob,
+                     stats: ActGroupStats | None):
+    """The measured-engine ``Evaluate`` for one layer."""
+    if job.kind == "weight":
+        return WeightBackend(engine, plan.name, plan.bounds, job.max_batch)
+    return ActBackend(engine, plan.name, job.act_mode, plan.bounds, stats, job.max_batch)
+
+
+def naive_backend(naive: NaiveEvaluator, plan: LayerPlan, job: CurveJob,
+                  stats: ActGroupStats | None):
+    """The naive (full forward per candidate) ``Evaluate`` for one layer."""
+    if job.kind == "weight":
+        return naive.weights(plan.name, plan.bounds)
+    return naive.acts(plan.name, job.act_mode, plan.bounds, stats.signed)
+
+
 def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[str, Any],
                     calib_meta: dict[str, Any], job: CurveJob, root: Path, part: PartSpec,
                     device: torch.device) -> dict[str, Any]:
@@ -180,24 +215,16 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         return summary
     max_rows = max_rows_for(model, x[:1], job.mem_budget_mb)
     engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts)
-    modules = dict(model.named_modules())
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
     for plan in bar:
         lt = time.perf_counter()
-        if job.kind == "weight":
-            chains = weight_chains(modules[plan.name].weight, plan, job)
-            backend = WeightBackend(engine, plan.name, plan.bounds, job.max_batch)
-            extra: dict[str, np.ndarray] = {}
-        else:
-            stats = act_group_stats(model, x, plan.name, job.act_mode, plan.bounds, max_rows)
-            chains = [Chain(g, 0, 0.0, float(stats.rms_log2[g]), job.search_settings())
-                      for g in range(len(plan.bounds))]
-            backend = ActBackend(engine, plan.name, job.act_mode, plan.bounds, stats,
-                                 job.max_batch)
-            extra = {"signed": stats.signed}
+        chains, stats = make_chains(model, x, plan, job, max_rows)
+        backend = measured_backend(engine, plan, job, stats)
+        extra = {"signed": stats.signed} if stats is not None else {}
         inner = tqdm(total=len(chains), desc=plan.name, unit="chain", leave=False,
                      disable=not job.progress)
-        n = run_chains(chains, backend, job.max_batch, on_chain_done=lambda c: inner.update())
+        n = run_chains(chains, backend, job.max_batch, on_chain_done=lambda c: inner.update(),
+                       max_lookahead=job.max_lookahead)
         inner.close()
         n_dz = job.ndz if job.kind == "weight" else 1
         dist, step, dz = chains_to_arrays(chains, len(plan.bounds), n_dz, job.nr)

@@ -166,19 +166,21 @@ class Chain:
 
 
 def run_chains(chains: list[Chain], evaluate: Evaluate, max_batch: int,
-               on_chain_done: Callable[[Chain], None] | None = None) -> int:
+               on_chain_done: Callable[[Chain], None] | None = None,
+               max_lookahead: int = 1) -> int:
     """Drive all chains to completion; returns the number of distinct candidates evaluated.
 
-    Each round takes the next candidate of every active chain (more per chain when fewer than
-    ``max_batch`` chains remain), drops duplicates (all-zero candidates of one group), and
-    evaluates them in batches of at most ``max_batch``.
+    Each round takes the next candidate of every active chain, drops duplicates (all-zero
+    candidates of one group), and evaluates them in batches of at most ``max_batch``. When fewer
+    than ``max_batch`` chains remain, up to ``max_lookahead`` steps of each chain are evaluated
+    speculatively: worth it where a wider pass costs little more (GPUs), wasted work on a CPU.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     active = [c for c in chains if not c.done]
     n_unique = 0
     while active:
-        lookahead = max(1, max_batch // len(active))
+        lookahead = min(max(1, max_batch // len(active)), max(max_lookahead, 1))
         proposals = [c.propose(lookahead) for c in active]
         unique: dict[tuple, Candidate] = {}
         for props in proposals:

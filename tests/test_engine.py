@@ -1,0 +1,173 @@
+"""The measured engine against the naive evaluator (full forward per candidate)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from rdoq.curves import CurveJob, make_chains, measured_backend, naive_backend, plan_layers
+from rdoq.engine import MeasuredEngine, NaiveEvaluator, weight_slots
+from rdoq.search import chains_to_arrays, run_chains
+
+
+def tiny(arch: str) -> nn.Module:
+    """A tiny timm model; BatchNorm gets random statistics (timm zero-inits the last BN of each
+    residual block, which would make those blocks' convs distortion-free)."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.double().eval()
+
+
+def calib_for(model: nn.Module, n: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    shape = model.pretrained_cfg["input_size"]
+    return torch.randn(n, *shape, generator=g).double()
+
+
+def curves(model, x, job, layer_names, backend_kind, max_batch=8, lookahead=2):
+    """Curves of the first and last group (often partial) of each named layer."""
+    engine = MeasuredEngine(model, x, max_rows=64)
+    naive = NaiveEvaluator(model, x, batch_size=2)
+    out = {}
+    for plan in plan_layers(model, x[:1], job):
+        if plan.name not in layer_names:
+            continue
+        groups = sorted({0, len(plan.bounds) - 1})
+        chains, stats = make_chains(model, x, plan, job, 64)
+        chains = [c for c in chains if c.group in groups]
+        if backend_kind == "ours":
+            run_chains(chains, measured_backend(engine, plan, job, stats), max_batch,
+                       max_lookahead=lookahead)
+        else:
+            run_chains(chains, naive_backend(naive, plan, job, stats), 1)
+        dist, step, _ = chains_to_arrays(chains, len(plan.bounds), job.ndz if job.kind ==
+                                         "weight" else 1, job.nr)
+        out[plan.name] = (dist[groups], step[groups], engine.cut_for(plan.name))
+    return out
+
+
+@pytest.mark.parametrize("arch,layers", [
+    ("test_vit", ["patch_embed.proj", "blocks.2.attn.proj", "blocks.4.mlp.fc2", "head"]),
+    ("test_resnet", ["conv1.0", "layer2.0.conv2", "layer3.0.downsample.1", "fc"]),
+])
+@pytest.mark.parametrize("kind,mode", [("weight", None), ("act", "out"), ("act", "in")])
+def test_engine_equals_naive(arch, layers, kind, mode):
+    model = tiny(arch)
+    x = calib_for(model)
+    job = CurveJob(kind=kind, act_mode=mode, group_size=24, nr=4,
+                   ndz=2 if kind == "weight" else 1, max_steps=24,
+                   step_grid=1 if kind == "weight" else 2)
+    ours = curves(model, x, job, layers, "ours")
+    naive = curves(model, x, job, layers, "naive")
+    assert set(ours) == set(layers)
+    for name in layers:
+        d_ours, s_ours, cut = ours[name]
+        d_naive, s_naive, _ = naive[name]
+        np.testing.assert_allclose(d_ours, d_naive, rtol=1e-9, atol=0, err_msg=name)
+        np.testing.assert_array_equal(s_ours, s_naive, err_msg=name)
+        assert np.all(d_ours[:, :, 0] > 0), "0 bits must distort"
+    # The prefix cache is used for layers inside the trunk.
+    assert ours[layers[2]][2] is not None
+
+
+def test_zero_perturbation_is_exactly_zero():
+    model = tiny("test_vit")
+    x = calib_for(model)
+    engine = MeasuredEngine(model, x, max_rows=64)
+    for layer in ["patch_embed.proj", "blocks.3.mlp.fc1", "head"]:
+        w = engine.modules[layer].weight.detach()
+        for k in (1, 4):
+            weights = w.unsqueeze(0).repeat(k, *([1] * w.dim())).clone()
+
+            def slots(identity, weights=weights, layer=layer):
+                return weight_slots(engine.modules[layer], weights,
+                                    engine.shares_input(layer))
+
+            dist = engine.measure(layer, k, slots)
+            assert dist.shape == (k,)
+            assert np.all(dist == 0.0), (layer, k, dist)
+
+
+def test_replay_and_cuts_are_used_and_exact():
+    model = tiny("test_vit")
+    x = calib_for(model)
+    engine = MeasuredEngine(model, x, max_rows=64)
+    cut = engine.cut_for("blocks.3.mlp.fc2")
+    assert cut is not None and cut.name == "blocks.3" and not cut.post
+    replay = engine.replayed(cut, "blocks.3.mlp.fc2")
+    assert "blocks.3.attn" in replay and "blocks.3.mlp.fc1" in replay
+    assert not any(r.startswith("blocks.3.mlp.fc2") for r in replay)
+    head_cut = engine.cut_for("head")
+    assert head_cut is not None and head_cut.post
+    assert engine.cut_for("patch_embed.proj") is None
+
+
+class SkipFromStem(nn.Module):
+    """A trunk whose head also reads the stem output: a block-input cut is not enough."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+                                      for _ in range(3)])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.head(self.blocks(s) + s)
+
+
+def test_invalid_cut_falls_back_and_stays_exact():
+    torch.manual_seed(0)
+    model = SkipFromStem().double().eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    job = CurveJob(kind="weight", group_size=4, nr=4, ndz=2, max_steps=12, step_grid=1)
+    engine = MeasuredEngine(model, x, max_rows=64)
+    naive = NaiveEvaluator(model, x, batch_size=5)
+    for plan in plan_layers(model, x[:1], job):
+        res = []
+        for be in (measured_backend(engine, plan, job, None), naive_backend(naive, plan, job,
+                                                                            None)):
+            chains, _ = make_chains(model, x, plan, job, 64)
+            run_chains(chains, be, 8)
+            res.append(chains_to_arrays(chains, len(plan.bounds), 2, 4)[0])
+        np.testing.assert_allclose(res[0], res[1], rtol=1e-9, err_msg=plan.name)
+    # Cuts inside the trunk would drop the stem skip: they must have been rejected.
+    assert engine.cut_for("blocks.2.0") is None
+
+
+def test_slot_forwards_match_plain_layers():
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 5), nn.Conv2d(4, 6, 3, padding=1),
+              nn.Conv2d(6, 6, 3, groups=6, padding=1), nn.Conv2d(4, 6, 1, groups=2)]
+    for layer in layers:
+        layer = layer.double()
+        k, n = 3, 2
+        x1 = (torch.randn(n, 4, 5, 5) if isinstance(layer, nn.Conv2d) else
+              torch.randn(n, 7, 6)).double()
+        if isinstance(layer, nn.Conv2d) and layer.in_channels == 6:
+            x1 = torch.randn(n, 6, 5, 5).double()
+        weights = torch.randn(k, *layer.weight.shape).double()
+        for shared in (False, True):
+            xk = x1.repeat(k, *([1] * (x1.dim() - 1)))
+            with torch.no_grad(), weight_slots(layer, weights, shared):
+                out = layer(xk)
+            for i in range(k):
+                with torch.no_grad():
+                    if isinstance(layer, nn.Linear):
+                        ref = nn.functional.linear(x1, weights[i], layer.bias)
+                    else:
+                        ref = nn.functional.conv2d(x1, weights[i], layer.bias, layer.stride,
+                                                   layer.padding, layer.dilation, layer.groups)
+                torch.testing.assert_close(out[i * n:(i + 1) * n], ref, rtol=1e-12, atol=1e-12)
+        assert "forward" not in layer.__dict__, "slot forward must be removed afterwards"
