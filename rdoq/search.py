@@ -178,23 +178,24 @@ def run_chains(chains: list[Chain], evaluate: Evaluate, max_batch: int,
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     active = [c for c in chains if not c.done]
-    n_unique = 0
+    # Results by candidate key, kept across rounds: the all-zero candidate of a group is shared
+    # by its 0-bit points and every dead-zone chain's 1-bit point.
+    results: dict[tuple, tuple[float, float]] = {}
     while active:
         lookahead = min(max(1, max_batch // len(active)), max(max_lookahead, 1))
         proposals = [c.propose(lookahead) for c in active]
         unique: dict[tuple, Candidate] = {}
         for props in proposals:
             for cand in props:
-                unique.setdefault(cand.key(), cand)
+                if cand.key() not in results:
+                    unique.setdefault(cand.key(), cand)
         cands = list(unique.values())
-        results: dict[tuple, tuple[float, float]] = {}
         for i in range(0, len(cands), max_batch):
             chunk = cands[i:i + max_batch]
             dist, aux = evaluate(chunk)
             for j, cand in enumerate(chunk):
                 a = float(aux[j]) if aux is not None else math.nan
                 results[cand.key()] = (float(dist[j]), a)
-        n_unique += len(cands)
         still = []
         for chain, props in zip(active, proposals, strict=True):
             got = [results[c.key()] for c in props]
@@ -205,7 +206,7 @@ def run_chains(chains: list[Chain], evaluate: Evaluate, max_batch: int,
             else:
                 still.append(chain)
         active = still
-    return n_unique
+    return len(results)
 
 
 def chains_to_arrays(chains: list[Chain], n_groups: int, n_dz: int,

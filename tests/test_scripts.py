@@ -1,0 +1,203 @@
+"""The curve scripts end to end: outputs, resume after a kill, parts, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rdoq.cli import curves_main
+from rdoq.store import CurveStore
+from tests.conftest import ROOT, run_script
+
+WEIGHTS = "classification/generate_RD_curves_batch.py"
+ACT_OUT = "classification/generate_RD_curves_act_out_nchan.py"
+ACT_IN = "classification/generate_RD_curves_act_nchan.py"
+SMALL = ["--random-init", "--dataset", "synthetic", "--testsize", "2", "--nchannelbatch", "64",
+         "--maxrates", "3", "--quiet"]
+SMALL_W = [*SMALL, "--maxdeadzones", "2", "--maxsteps", "6"]
+SMALL_A = [*SMALL, "--maxsteps", "12"]
+
+
+def only_dir(path: Path) -> Path:
+    dirs = [p for p in path.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def load_all(curve_set: Path) -> dict[str, dict[str, np.ndarray]]:
+    store = CurveStore.load(curve_set)
+    out = {}
+    for name in store.layer_names():
+        c = store.read_layer(name)
+        out[name] = {"dist": c.dist, "step_log2": c.step_log2, "deadzone": c.deadzone,
+                     "numel": c.numel}
+    return out
+
+
+@pytest.fixture(scope="module")
+def vit_weight_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vitw")
+    run_script(WEIGHTS, "--archname", "test_vit", *SMALL_W, "--outdir", str(out))
+    return only_dir(out)
+
+
+@pytest.mark.parametrize("arch", ["test_vit", "test_resnet"])
+@pytest.mark.parametrize("script,extra,kind,mode", [
+    (WEIGHTS, SMALL_W, "weight", None),
+    (ACT_OUT, SMALL_A, "act", "out"),
+    (ACT_IN, SMALL_A, "act", "in"),
+])
+def test_scripts_end_to_end(tmp_path, arch, script, extra, kind, mode):
+    proc = run_script(script, "--archname", arch, *extra, "--outdir", str(tmp_path))
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    curve_set = only_dir(tmp_path)
+    suffix = {"weight": "_rdcurves_channelwise_opt_dist",
+              "out": "_rdcurves_out_channelwise_opt_dist_act",
+              "in": "_rdcurves_channelwise_opt_dist_act"}[mode or kind]
+    assert curve_set.name.startswith(f"{arch}_") and curve_set.name.endswith(suffix)
+    assert "_nf_0064_" in curve_set.name and "_ns_0002_" in curve_set.name
+    meta = json.loads((curve_set / "meta.json").read_text())
+    assert meta["kind"] == kind and meta["act_mode"] == mode and meta["estimator"] == "measured"
+    assert meta["group_size"] == 64 and meta["bits"] == [0, 1, 2]
+    assert meta["calib"]["items"] == [0, 1] and len(meta["calib"]["sha256"]) == 64
+    assert summary["layers_written"] == len(meta["layers"]) == summary["layers_total"]
+    curves = load_all(curve_set)
+    ratios = []
+    for layer in meta["layers"]:
+        c = curves[layer["name"]]
+        g = layer["groups"]
+        assert c["dist"].shape == (g, 2 if kind == "weight" else 1, 3)
+        assert int(c["numel"].sum()) == layer["numel"]
+        assert np.all(np.isfinite(c["dist"])) and np.all(c["dist"] >= 0)
+        # timm zero-inits the last BN of each ResNet block: those groups cannot distort at all.
+        live = c["dist"][:, :, 0] > 0
+        ratios.append(c["dist"][:, :, 2][live] / c["dist"][:, :, 0][live])
+    # More bits help: measured curves are not guaranteed monotone (the step search is local),
+    # but two bits beat pruning (0 bits) for the typical group.
+    assert np.median(np.concatenate(ratios)) < 0.5
+
+
+def test_resume_after_kill_gives_the_same_curves(tmp_path, vit_weight_run):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / WEIGHTS), "--archname", "test_vit", *SMALL_W,
+           "--outdir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    layers_dir = tmp_path / vit_weight_run.name / "layers"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if layers_dir.is_dir() and len(list(layers_dir.glob("*.npz"))) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = CurveStore.load(tmp_path / vit_weight_run.name)
+    done_before = {n: store.layer_path(n).stat().st_mtime_ns for n in store.layer_names()
+                   if store.has_layer(n)}
+    assert 3 <= len(done_before) < len(store.layer_names())
+    run_script(WEIGHTS, "--archname", "test_vit", *SMALL_W, "--outdir", str(tmp_path))
+    assert store.missing_layers() == []
+    for name, mtime in done_before.items():
+        assert store.layer_path(name).stat().st_mtime_ns == mtime, f"{name} was recomputed"
+    assert not list(layers_dir.glob(".*.tmp")), "temp files left behind"
+    resumed, fresh = load_all(store.root), load_all(vit_weight_run)
+    for name in fresh:
+        for key in fresh[name]:
+            np.testing.assert_array_equal(resumed[name][key], fresh[name][key], err_msg=name)
+
+
+def test_parts_are_disjoint_and_complete(tmp_path, vit_weight_run):
+    written = []
+    for part in (0, 1):
+        proc = run_script(WEIGHTS, "--archname", "test_vit", *SMALL_W, "--outdir", str(tmp_path),
+                          "--part_id", str(part), "--num_parts", "2")
+        written.append(json.loads(proc.stdout.strip().splitlines()[-1])["layers_written"])
+    curve_set = tmp_path / vit_weight_run.name
+    store = CurveStore.load(curve_set)
+    assert store.missing_layers() == []
+    assert sum(written) == len(store.layer_names()) and min(written) > 0
+    parted, fresh = load_all(curve_set), load_all(vit_weight_run)
+    for name in fresh:
+        np.testing.assert_array_equal(parted[name]["dist"], fresh[name]["dist"], err_msg=name)
+
+
+def test_torchrun_environment_selects_the_part(tmp_path, monkeypatch, vit_weight_run):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert curves_main("weight", None, ["--archname", "test_vit", *SMALL_W, "--outdir",
+                                         str(tmp_path), "--device", "cpu"]) == 0
+    run = json.loads((tmp_path / vit_weight_run.name / "run_part001.json").read_text())
+    assert 0 < run["summary"]["layers_written"] < run["summary"]["layers_total"]
+
+
+def bad(capsys, tmp_path, kind, argv) -> str:
+    """Run a curve script in-process with bad flags; return its error message."""
+    with pytest.raises(SystemExit) as exc:
+        curves_main(kind, "out" if kind == "act" else None, [*argv, "--outdir", str(tmp_path)])
+    assert exc.value.code != 0
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--datapath", "/nonexistent/imagenet"], "--datapath /nonexistent/imagenet does not exist"),
+    (["--nchannelbatch", "0"], "--nchannelbatch must be > 0, got 0"),
+    (["--maxrates", "1"], "--maxrates must be >= 2"),
+    (["--testsize", "0"], "--testsize must be > 0, got 0"),
+    (["--part_id", "2", "--num_parts", "2"], "--part_id 2 is outside 0..1"),
+    (["--maxsteps", "2"], "--maxsteps >= 3"),
+])
+def test_bad_flags_are_refused_and_write_nothing(tmp_path, capsys, argv, expect):
+    base = ["--archname", "test_vit", "--random-init", "--quiet"]
+    if "--datapath" not in argv:
+        base += ["--dataset", "synthetic"]
+    err = bad(capsys, tmp_path, "weight", [*base, *argv])
+    assert expect in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_datapath_problems(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    base = ["--archname", "test_vit", "--random-init", "--quiet"]
+    assert "is empty" in bad(capsys, out, "weight", [*base, "--datapath", str(empty)])
+    (empty / "val").mkdir()
+    assert "has no train/ folder" in bad(capsys, out, "weight", [*base, "--datapath",
+                                                                 str(empty)])
+    assert not out.exists()
+
+
+def test_unknown_arch_suggests_names(tmp_path, capsys):
+    err = bad(capsys, tmp_path, "weight", ["--archname", "deit_tiny_patch16_22", "--random-init",
+                                           "--dataset", "synthetic"])
+    assert "unknown --archname 'deit_tiny_patch16_22'" in err
+    assert "deit_tiny_patch16_224" in err
+
+
+def test_unreachable_pretrained_weights_name_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    err = bad(capsys, tmp_path, "weight", ["--archname", "test_vit", "--dataset", "synthetic"])
+    assert "pass --checkpoint FILE or --random-init" in err
+    assert time.time() - t0 < 60
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_curve_set_with_other_settings_is_refused(tmp_path, capsys, vit_weight_run):
+    target = tmp_path / vit_weight_run.name
+    target.mkdir()
+    (target / "meta.json").write_text((vit_weight_run / "meta.json").read_text())
+    before = sorted(p.name for p in target.rglob("*"))
+    err = bad(capsys, tmp_path, "weight", ["--archname", "test_vit", *SMALL_W[:-1], "7"])
+    assert "max_steps=6" in err and "max_steps=7" in err
+    assert sorted(p.name for p in target.rglob("*")) == before
