@@ -5,9 +5,10 @@ candidate, calibration tensor kept in memory so image decoding is not charged to
 the same grid search on the same groups, data, dtype and threads; we report both times, the ratio,
 the largest relative difference of the resulting curves, and where our engine spends its time.
 
-By default a representative subset is measured: ``--nlayers`` layers evenly spaced through the
-network (first conv to classifier head), ``--groups-per-layer`` groups each, weights and output
-activations. The last line printed is one JSON object.
+By default a representative subset is measured: ``--ngroups`` channel groups per kind (weights,
+output activations) drawn as a stratified sample over all groups of the network in order, so every
+group of a full curve run is equally likely to be represented and the time ratio estimates that of
+a full run. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -40,17 +41,32 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_data_flags(p, default_testsize=8)
     p.add_argument("--nchannelbatch", type=int, default=64, help="channels per group")
-    p.add_argument("--maxrates", type=int, default=9, help="bit widths 0..maxrates-1")
+    p.add_argument("--maxrates", type=int, default=5, help="bit widths 0..maxrates-1")
     p.add_argument("--maxdeadzones", type=int, default=2, help="dead-zone ratios (weights)")
-    p.add_argument("--nlayers", type=int, default=4, help="layers measured, evenly spaced")
-    p.add_argument("--layers", default=None, help="comma-separated layer names (overrides)")
-    p.add_argument("--groups-per-layer", type=int, default=2, help="groups measured per layer")
+    p.add_argument("--ngroups", type=int, default=5,
+                   help="groups measured per kind, stratified over all groups of the network")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated layer names: measure every group of these instead")
     p.add_argument("--kinds", default="weight,act", help="weight and/or act (output side)")
     p.add_argument("--precision", choices=("float64", "float32"), default="float64")
     p.add_argument("--max-batch", type=int, default=None, help="candidates per pass")
     p.add_argument("--lookahead", type=int, default=None, help="speculative steps per chain")
     p.add_argument("--mem-budget-mb", type=float, default=2048.0, help="activation memory")
     return p.parse_args(argv)
+
+
+def pick_groups(plans: list, layers: str | None, n: int) -> list[tuple]:
+    """(plan, [group, ...]) to measure: every group of the named layers, or a stratified sample
+    of ``n`` groups over all groups of the network in order."""
+    if layers:
+        wanted = layers.split(",")
+        return [(p, list(range(len(p.bounds)))) for p in plans if p.name in wanted]
+    flat = [(i, g) for i, p in enumerate(plans) for g in range(len(p.bounds))]
+    chosen: dict[int, list[int]] = {}
+    for j in range(n):
+        i, g = flat[int((j + 0.5) * len(flat) / n)]
+        chosen.setdefault(i, []).append(g)
+    return [(plans[i], sorted(set(gs))) for i, gs in sorted(chosen.items())]
 
 
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -72,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.precision)
     model = model.to(device=device, dtype=dtype).eval()
     x = calib.x.to(device=device, dtype=dtype)
-    max_batch = args.max_batch or (64 if on_cuda else 16)
+    max_batch = args.max_batch or (64 if on_cuda else 1)
     lookahead = args.lookahead or (4 if on_cuda else 1)
     rows = max_rows_for(model, x[:1], args.mem_budget_mb)
 
@@ -94,17 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
                        max_steps=48 if kind == "weight" else 32,
                        step_grid=1 if kind == "weight" else 4, precision=args.precision,
                        max_batch=max_batch, max_lookahead=lookahead)
-        plans = plan_layers(model, x[:1], job)
-        if args.layers:
-            wanted = args.layers.split(",")
-            plans = [p for p in plans if p.name in wanted]
-        else:
-            idx = np.unique(np.round(np.linspace(0, len(plans) - 1, args.nlayers)).astype(int))
-            plans = [plans[i] for i in idx]
-        for plan in plans:
+        picks = pick_groups(plan_layers(model, x[:1], job), args.layers, args.ngroups)
+        for plan, groups in picks:
             g_all = len(plan.bounds)
-            groups = sorted({int(round(v)) for v in np.linspace(0, g_all - 1,
-                                                                 args.groups_per_layer)})
             results = {}
             for name in ("ours", "naive"):
                 chains, stats = make_chains(model, x, plan, job, rows)
@@ -126,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
             n_ours += results["ours"][2]
             n_naive += results["naive"][2]
             cut = engine.cut_for(plan.name)
-            rows_out.append((kind, plan.name, str(cut) if cut else "full forward",
+            rows_out.append((kind, f"{plan.name}[{','.join(map(str, groups))}]",
+                             str(cut) if cut else "full forward",
                              results["naive"][2], results["naive"][1], results["ours"][1],
                              results["naive"][1] / results["ours"][1], d))
 

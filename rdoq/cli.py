@@ -98,7 +98,8 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
                    help="arithmetic of the distortion measurement; float32 is faster but its "
                         "rounding noise dominates distortions below ~1e-6 of the output power")
     e.add_argument("--max-batch", type=int, default=None,
-                   help="candidates per pass (default: 16 on CPU, 64 on CUDA)")
+                   help="candidates per pass (default: 1 on CPU, where wider passes measured "
+                        "slower per sample; 64 on CUDA)")
     e.add_argument("--lookahead", type=int, default=None,
                    help="speculative steps per search chain when chains are few (default: 1 on "
                         "CPU, 4 on CUDA); never changes the curves")
@@ -150,7 +151,7 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
         job = CurveJob(
             kind=kind, act_mode=act_mode, group_size=args.nchannelbatch, nr=args.maxrates,
             ndz=ndz, max_steps=args.maxsteps, step_grid=args.step_grid, precision=args.precision,
-            max_batch=args.max_batch or (64 if on_cuda else 16),
+            max_batch=args.max_batch or (64 if on_cuda else 1),
             max_lookahead=args.lookahead or (4 if on_cuda else 1),
             mem_budget_mb=args.mem_budget_mb or _default_budget(on_cuda),
             use_cuts=not args.no_prefix_cache, progress=not args.quiet,

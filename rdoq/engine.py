@@ -7,13 +7,17 @@ set per candidate. :class:`MeasuredEngine` gives the same numbers with less work
 * the calibration tensor is prepared once and kept on the device;
 * the network runs only from a *cut* before the perturbed layer: the input of a block of the
   model's sequential trunk (ViT/DeiT blocks, ResNet/EfficientNet/MobileNet blocks, Swin/ConvNeXt
-  stages), captured once per cut. The prefix still runs, on one all-zero dummy sample whose result
-  is discarded, so no model-specific forward code is needed. Every cut is checked once against a
-  full forward; a cut that does not reproduce it exactly (within float rounding) is dropped and
-  the engine falls back to an earlier cut or to full forwards, and logs that it did;
-* K candidates share one pass: the cut input is repeated K times along the batch axis and the
-  perturbed layer computes each slot with that slot's weight (a batched matmul / a grouped conv)
-  or quantizes each slot's activation group with that slot's step;
+  stages), captured once per cut. Trunk elements before the cut return zeros of their output
+  shape instead of computing, the rest of the prefix (the stem) runs on an empty or one-row
+  batch, and the cut substitutes the cached input: no model-specific forward code is needed.
+  Every cut is checked once against a full forward; one that does not reproduce it (up to float
+  rounding) is dropped, and the engine falls back to an earlier cut or to full forwards and logs
+  that it did;
+* inside the cut element, children that finish before the perturbed layer starts are replayed
+  from the capture (exact by causality);
+* K candidates can share one pass (the GPU default): the cut input is repeated K times along the
+  batch axis and the perturbed layer computes each slot with that slot's weight (one matmul /
+  conv with the K weights stacked) or quantizes each slot's activation group with its own step;
 * the reference output is computed by the same slot code path and batch layout with all slots
   unperturbed, so a zero perturbation gives exactly zero distortion.
 """
@@ -220,6 +224,7 @@ class MeasuredEngine:
         self._no_replay: set[str] = set()
         self._no_cut: set[str] = set()
         self._ctx: tuple[slice, int] = (slice(0, 0), 1)
+        self._dummy_rows = 0
         # Seconds spent per activity, for the benchmark's breakdown.
         self.seconds = {"capture": 0.0, "cut_check": 0.0, "reference": 0.0, "candidates": 0.0}
         self.passes = {"reference": 0, "candidates": 0}
@@ -237,12 +242,18 @@ class MeasuredEngine:
         """Events in forward order: ("cut", element) before each trunk element, "post" after the
         last, ("layer", name) at the first call of every Linear/Conv2d; and call counts."""
         elements = trunk_elements(self.model)
+        self._elements = elements
+        self._element_shapes: dict[str, tuple[int, ...]] = {}
         events: list[tuple[str, str]] = []
         calls: dict[str, int] = {}
         handles = []
         for name in elements:
             handles.append(self.modules[name].register_forward_pre_hook(
                 lambda m, a, name=name: events.append(("cut", name))))
+            def shape_of(m, a, o, name=name):
+                if isinstance(o, torch.Tensor):
+                    self._element_shapes[name] = tuple(o.shape[1:])
+            handles.append(self.modules[name].register_forward_hook(shape_of))
         if elements:
             handles.append(self.modules[elements[-1]].register_forward_hook(
                 lambda m, a, o: events.append(("post", elements[-1]))))
@@ -308,19 +319,23 @@ class MeasuredEngine:
                 if n.rsplit(".", 1)[0] not in done and not layer.startswith(n + ".")]
 
     def _trace(self, element: str) -> list[tuple[str, str, bool]]:
-        """Pre/post events of every descendant of ``element`` in one forward."""
+        """Pre/post events of every descendant of ``element`` in one forward; a post event is
+        marked replayable when the output is one tensor whose first axis is the sample axis
+        (not, e.g., Swin's attention windows)."""
         events: list[tuple[str, str, bool]] = []
         handles = []
+        x = self.calib[:2]
         for name, mod in self.modules.items():
             if name.startswith(element + "."):
                 handles.append(mod.register_forward_pre_hook(
                     lambda m, a, name=name: events.append(("pre", name, False))))
                 handles.append(mod.register_forward_hook(
                     lambda m, a, o, name=name: events.append(
-                        ("post", name, isinstance(o, torch.Tensor)))))
+                        ("post", name, isinstance(o, torch.Tensor) and o.dim() > 0
+                         and o.shape[0] == x.shape[0]))))
         try:
             with torch.no_grad():
-                self.model(self.calib[:1])
+                self.model(x)
         finally:
             for h in handles:
                 h.remove()
@@ -394,6 +409,14 @@ class MeasuredEngine:
             return t.repeat(k, *([1] * (t.dim() - 1)))
 
         if cut is not None:
+            # Trunk elements before the cut are not computed: their outputs are replaced anyway.
+            stop = self._elements.index(cut.name) + (1 if cut.post else 0)
+            for name in self._elements[:stop]:
+                if name in self._element_shapes and name not in replay:
+                    shape = self._element_shapes[name]
+                    self.modules[name].forward = lambda *a, shape=shape, **kw: self.calib.new_zeros(
+                        (self._dummy_rows, *shape))
+                    patched.append(self.modules[name])
             mod = self.modules[cut.name]
             if cut.post:
                 handles.append(mod.register_forward_hook(lambda m, a, o: repeated("")))
@@ -417,18 +440,24 @@ class MeasuredEngine:
         if cut is None:
             x = self.calib[s]
             return self._flat(self.model(x.repeat(k, *([1] * (x.dim() - 1)))))
-        # The prefix runs on one all-zero dummy sample; its result is replaced at the cut.
-        return self._flat(self.model(torch.zeros_like(self.calib[:1])))
+        # The prefix runs on an empty batch (one zero sample where a model cannot take an empty
+        # batch); its result is replaced at the cut.
+        return self._flat(self.model(torch.zeros_like(self.calib[: self._dummy_rows])))
 
     def _check_cut(self, cut: Cut) -> bool:
         cached = self._capture(cut, [], None)
         t0 = time.perf_counter()
-        try:
-            with torch.no_grad(), self._install(cut, cached, []):
-                y = torch.cat([self._run(cut, s, 1) for s in self._chunks(1)])
-        except RuntimeError as e:
-            log.warning("cut at %s fails (%s); using an earlier cut", cut, e)
-            return False
+        y = None
+        while y is None:
+            try:
+                with torch.no_grad(), self._install(cut, cached, []):
+                    y = torch.cat([self._run(cut, s, 1) for s in self._chunks(1)])
+            except RuntimeError as e:
+                if self._dummy_rows == 0:
+                    self._dummy_rows = 1
+                    continue
+                log.warning("cut at %s fails (%s); using an earlier cut", cut, e)
+                return False
         ok = self._close(y)
         self.seconds["cut_check"] += time.perf_counter() - t0
         if not ok:
@@ -478,7 +507,11 @@ class MeasuredEngine:
                 log.warning("layer %s: the identity pass differs from the full forward; "
                             "retrying without %s", layer,
                             "replay" if fallback is self._no_replay else "the cut")
-            ref = self._pass(layer, k, slots(True))
+            try:
+                ref = self._pass(layer, k, slots(True))
+            except RuntimeError as e:
+                log.warning("layer %s: the identity pass fails (%s)", layer, e)
+                continue
             if all(self._close(ref[i]) for i in range(k)):
                 return ref
         raise RuntimeError(f"layer {layer}: the engine cannot reproduce the model's output "

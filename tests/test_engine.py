@@ -171,3 +171,30 @@ def test_slot_forwards_match_plain_layers():
                                                    layer.padding, layer.dilation, layer.groups)
                 torch.testing.assert_close(out[i * n:(i + 1) * n], ref, rtol=1e-12, atol=1e-12)
         assert "forward" not in layer.__dict__, "slot forward must be removed afterwards"
+
+
+@pytest.mark.parametrize("arch,size", [
+    ("test_efficientnet", None),        # EfficientNet / MobileNet blocks (nested Sequential)
+    ("mobilenetv2_050", (3, 96, 96)),
+    ("test_convnext", None),            # stages with their own forward
+    ("swin_tiny_patch4_window7_224", None),
+])
+def test_prefix_cuts_on_model_families(arch, size):
+    """The trunk cut is found, validated and exact on each supported family."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False).double().eval()
+    shape = size or model.pretrained_cfg["input_size"]
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    engine = MeasuredEngine(model, x, max_rows=8)
+    naive = NaiveEvaluator(model, x, batch_size=2)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    middle = names[len(names) // 2]
+    assert engine.cut_for(middle) is not None, f"no prefix cut for {middle}"
+    job = CurveJob(kind="weight", group_size=8, nr=3, ndz=1, max_steps=4, step_grid=1)
+    plan = next(p for p in plan_layers(model, x[:1], job) if p.name == middle)
+    res = []
+    for be in (measured_backend(engine, plan, job, None), naive_backend(naive, plan, job, None)):
+        chains, _ = make_chains(model, x, plan, job, 8)
+        run_chains(chains[:1], be, 4)
+        res.append(np.array(chains[0].best_dist))
+    np.testing.assert_allclose(res[0], res[1], rtol=1e-9)
