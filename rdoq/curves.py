@@ -154,9 +154,10 @@ def weight_chains(weight: torch.Tensor, plan: LayerPlan, job: CurveJob) -> list[
         w = weight[c0:c1].detach().double()
         rms = float(w.pow(2).mean().sqrt())
         rms_log2 = math.log2(rms) if rms > 0 else -30.0
+        lo, hi = float(w.min()), float(w.max())
         for d in range(job.ndz):
             phi = deadzone_threshold(w, d / job.ndz)
-            chains.append(Chain(g, d, phi, rms_log2, settings))
+            chains.append(Chain(g, d, phi, rms_log2, settings, vmin=lo, vmax=hi))
     return chains
 
 
@@ -166,7 +167,9 @@ def make_chains(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJo
     if job.kind == "weight":
         return weight_chains(dict(model.named_modules())[plan.name].weight, plan, job), None
     stats = act_group_stats(model, x, plan.name, job.act_mode, plan.bounds, rows)
-    chains = [Chain(g, 0, 0.0, float(stats.rms_log2[g]), job.search_settings())
+    chains = [Chain(g, 0, 0.0, float(stats.rms_log2[g]), job.search_settings(),
+                    vmin=float(stats.vmin[g]), vmax=float(stats.vmax[g]),
+                    unsigned=not bool(stats.signed[g]))
               for g in range(len(plan.bounds))]
     return chains, stats
 

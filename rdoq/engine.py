@@ -292,7 +292,7 @@ class MeasuredEngine:
             return None
         for cut in self.cuts_before(layer):
             if cut not in self._valid:
-                self._valid[cut] = self._check_cut(cut)
+                self._valid[cut] = self._check_cut(cut, layer)
             if self._valid[cut]:
                 return cut
         return None
@@ -444,8 +444,9 @@ class MeasuredEngine:
         # batch); its result is replaced at the cut.
         return self._flat(self.model(torch.zeros_like(self.calib[: self._dummy_rows])))
 
-    def _check_cut(self, cut: Cut) -> bool:
-        cached = self._capture(cut, [], None)
+    def _check_cut(self, cut: Cut, layer: str) -> bool:
+        # Capture what the layer's passes will need, so the check costs no extra capture.
+        cached = self._capture(cut, self.replayed(cut, layer), layer)
         t0 = time.perf_counter()
         y = None
         while y is None:
@@ -575,6 +576,8 @@ class ActGroupStats:
     rms_log2: np.ndarray  # (G,)
     signed: np.ndarray  # (G,) bool: False when every calibration value is >= 0
     channels: int
+    vmin: np.ndarray  # (G,) smallest calibration value
+    vmax: np.ndarray  # (G,) largest calibration value
 
 
 def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
@@ -586,13 +589,14 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
 
     def hook(t: torch.Tensor) -> None:
         t = t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()  # (rows, C)
-        sq, mn = (t * t).sum(0), t.min(0).values
+        sq, mn, mx = (t * t).sum(0), t.min(0).values, t.max(0).values
         if acc:
             acc["sq"] += sq
             acc["min"] = torch.minimum(acc["min"], mn)
+            acc["max"] = torch.maximum(acc["max"], mx)
             acc["n"] += t.shape[0]
         else:
-            acc.update(sq=sq, min=mn, n=torch.tensor(t.shape[0]))
+            acc.update(sq=sq, min=mn, max=mx, n=torch.tensor(t.shape[0]))
 
     if mode == "out":
         handle = module.register_forward_hook(lambda m, a, o: hook(o))
@@ -604,13 +608,16 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
                 model(calib[i:i + rows])
     finally:
         handle.remove()
-    rms, signed = [], []
+    rms, signed, vmin, vmax = [], [], [], []
     for c0, c1 in bounds:
         n = float(acc["n"]) * (c1 - c0)
         r = math.sqrt(float(acc["sq"][c0:c1].sum()) / n)
         rms.append(math.log2(r) if r > 0 else -30.0)
-        signed.append(bool((acc["min"][c0:c1] < 0).any()))
-    return ActGroupStats(np.array(rms), np.array(signed), int(acc["sq"].shape[0]))
+        vmin.append(float(acc["min"][c0:c1].min()))
+        vmax.append(float(acc["max"][c0:c1].max()))
+        signed.append(vmin[-1] < 0)
+    return ActGroupStats(np.array(rms), np.array(signed), int(acc["sq"].shape[0]),
+                         np.array(vmin), np.array(vmax))
 
 
 def act_bounds(bits: int, signed: bool) -> tuple[int, int]:

@@ -33,12 +33,17 @@ class Candidate:
     bits: int
     step_log2: float
     deadzone: float = 0.0
+    # Fewest bits that quantize this group identically at this step (no value reaches the extra
+    # levels); 0 when the result is all zeros. -1: unknown, use ``bits``.
+    same_as_bits: int = -1
 
     def key(self) -> tuple:
+        """Identity of the perturbation: equal keys give the same quantized tensor."""
         # Every all-zero candidate is the same perturbation, whatever its step or dead zone.
-        if self.is_zero:
+        if self.is_zero or self.same_as_bits == 0:
             return (self.group, 0, 0.0, 0.0)
-        return (self.group, self.bits, self.step_log2, self.deadzone)
+        bits = self.same_as_bits if self.same_as_bits > 0 else self.bits
+        return (self.group, bits, self.step_log2, self.deadzone)
 
     @property
     def is_zero(self) -> bool:
@@ -77,6 +82,9 @@ class Chain:
     deadzone: float
     rms_log2: float
     settings: SearchSettings
+    vmin: float = -math.inf  # smallest and largest value of the group's data
+    vmax: float = math.inf
+    unsigned: bool = False  # activations on the unsigned grid
     bit_index: int = 0
     best_dist: list[float] = field(default_factory=list)
     best_step: list[float] = field(default_factory=list)
@@ -118,7 +126,36 @@ class Chain:
         if self.bits == 0:
             return Candidate(self.group, 0, math.nan, 0.0)
         step = self._start + s / self.settings.step_grid
-        return Candidate(self.group, self.bits, step, self.deadzone)
+        return Candidate(self.group, self.bits, step, self.deadzone,
+                         self._same_as_bits(self.bits, 2.0**step))
+
+    def _same_as_bits(self, bits: int, step: float) -> int:
+        """Fewest bits ≤ ``bits`` giving the same quantized group at ``step`` (0: all zeros).
+
+        Conservative: a bit width is only reported when no value can reach the levels it lacks,
+        with a margin for rounding, so equal keys always mean equal tensors. The warm start
+        re-evaluates the previous bit width's best step, and at high bits that step usually
+        leaves the new levels unused: the cached result is then reused.
+        """
+        lo, hi = self.vmin / step, self.vmax / step
+        amax = max(abs(self.vmin), abs(self.vmax))
+        if not math.isfinite(amax):
+            return -1
+        if self.deadzone > 0:
+            if amax <= self.deadzone:
+                return 0
+            for b in range(2, bits + 1):
+                if (amax - self.deadzone) / step <= deadzone_magnitudes(b) - 1:
+                    return b
+            return bits
+        if amax / step <= 0.49:
+            return 0
+        for b in range(1, bits + 1):
+            top = 2**b - 1 if self.unsigned else 2 ** (b - 1) - 1
+            bottom = 0 if self.unsigned else -(2 ** (b - 1))
+            if hi <= top and lo >= bottom:
+                return b
+        return bits
 
     def _single_candidate(self) -> bool:
         return self._candidate(0).is_zero

@@ -409,3 +409,38 @@ def test_chains_to_arrays_unfinished_chain_raises():
     run_chains(chains[:-1], Evaluator(smooth), 8)
     with pytest.raises(RuntimeError, match="group 1"):
         chains_to_arrays(chains, 2, len(DEADZONES), len(SMOOTH.bits))
+
+
+def test_equal_keys_mean_equal_quantized_tensors():
+    """Canonical keys (fewest bits that quantize identically) never merge different tensors."""
+    import torch
+
+    from rdoq.quantizers import quantize_uniform, quantize_weight, unsigned_bounds
+
+    settings = SearchSettings(bits=tuple(range(9)), step_grid=4, max_steps=40)
+    merged = 0
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(300, generator=g, dtype=torch.float64) * (0.1 + seed)
+        pos = w.abs()
+        for data, unsigned in ((w, False), (pos, True)):
+            for phi in ((0.0, float(pos.quantile(0.3))) if not unsigned else (0.0,)):
+                chain = Chain(0, 0, phi, 0.0, settings, vmin=float(data.min()),
+                              vmax=float(data.max()), unsigned=unsigned)
+                by_key: dict = {}
+                for bits in range(9):
+                    for s in range(-40, 20):
+                        step = s / 4
+                        cand = Candidate(0, bits, step, phi,
+                                         chain._same_as_bits(bits, 2.0**step) if bits else -1)
+                        if unsigned:
+                            q = quantize_uniform(data, 2.0**step, *unsigned_bounds(bits))
+                        else:
+                            q = quantize_weight(data, bits, step, phi)
+                        key = cand.key()
+                        if key in by_key:
+                            merged += 1
+                            assert torch.equal(by_key[key], q), (seed, unsigned, phi, bits, step)
+                        else:
+                            by_key[key] = q
+    assert merged > 100, "the canonical keys should merge many equivalent candidates"
