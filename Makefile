@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint bench clean-venv
+.PHONY: install test lint bench demo clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,17 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+# Interim main job until the digits default lands (issue 4): measured weight and activation
+# curves of timm's tiny test ViT on explicit synthetic data, CPU, no network.
+DEMO_OUT ?= runs/demo
+demo: $(VENV)/.installed
+	$(PY) classification/generate_RD_curves_batch.py --archname test_vit --random-init \
+		--dataset synthetic --testsize 4 --nchannelbatch 32 --maxrates 6 --maxdeadzones 2 \
+		--outdir $(DEMO_OUT)
+	$(PY) classification/generate_RD_curves_act_out_nchan.py --archname test_vit --random-init \
+		--dataset synthetic --testsize 4 --nchannelbatch 32 --maxrates 6 --outdir $(DEMO_OUT)
+	$(PY) classification/show_curves.py $(DEMO_OUT)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_rd_curves.py --archname deit_tiny_patch16_224 --random-init \

@@ -185,3 +185,30 @@ def _default_budget(on_cuda: bool) -> float:
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
+
+
+def show_main(argv: list[str] | None = None) -> int:
+    """Print a summary of every curve set under the given directories."""
+    p = argparse.ArgumentParser(description="Summarise curve sets (meta.json + layers/).")
+    p.add_argument("paths", nargs="+", type=Path, help="curve-set directories or their parents")
+    args = p.parse_args(argv)
+    from rdoq.store import summarize
+
+    roots = []
+    for path in args.paths:
+        if (path / "meta.json").is_file():
+            roots.append(path)
+        elif path.is_dir():
+            roots += sorted(d for d in path.iterdir() if (d / "meta.json").is_file())
+    if not roots:
+        p.error(f"no curve set (a directory with meta.json) under {[str(x) for x in args.paths]}")
+    for root in roots:
+        s = summarize(root)
+        what = s["kind"] + (f" ({s['act_mode']}put)" if s["act_mode"] else "")
+        print(f"{s['curve_set']}\n  {what}, {s['estimator']}, model {s['model']}, "
+              f"{s['layers']} layers, {s['groups']} groups of {s['group_size']} channels, "
+              f"missing layers: {len(s['missing_layers'])}")
+        print("  bits:                 " + " ".join(f"{b:>8d}" for b in s["median_dist_ratio"]))
+        print("  median dist/dist(0):  " + " ".join(
+            f"{v:8.2e}" if v is not None else "       -" for v in s["median_dist_ratio"].values()))
+    return 0

@@ -15,8 +15,9 @@ k``). Solvers return ``choice (I,)``: the chosen *original* column of every item
   take the same bit width by solving over one merged item per layer.
 
 :func:`solve_lagrangian` returns points on the lower convex hull of the total (rate, dist)
-trade-off (exact breakpoints, no slope bisection tolerance). :func:`solve_dp` / :func:`solve_dp_multi`
-are exact up to a stated budget resolution (rates rounded *up*, so the budget always holds).
+trade-off (exact breakpoints, no slope bisection tolerance). :func:`solve_dp` and
+:func:`solve_dp_multi` are exact up to a stated budget resolution (rates rounded *up*, so the
+budget always holds).
 :func:`solve_ilp` is the exact reference (HiGHS through ``scipy.optimize.milp``).
 """
 
@@ -31,9 +32,9 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
-# Default limit on the DP table: items × budget cells. The argmin table costs one byte per cell
-# (at most, see ``solve_dp_multi``), so this is ≈ 268 MB and a few seconds of numpy per 10⁸ cells.
-DP_MAX_CELLS = 1 << 28
+# Default limit on the DP table, items × budget cells: the argmin table costs at most one byte a
+# cell (≈ 0.5 GB; about 0.3 GB and 5 s on a DeiT-B-sized instance, benchmarks/bench_solvers.py).
+DP_MAX_CELLS = 1 << 29
 
 Solver = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 
@@ -43,7 +44,7 @@ Solver = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 
 
 def _check_table(dist: np.ndarray, rate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validated float64 copies-or-views of ``dist`` and ``rate``; raises ValueError on bad input."""
+    """``dist`` and ``rate`` as float64, or ValueError naming the first bad entry."""
     dist = np.asarray(dist, dtype=np.float64)
     rate = np.asarray(rate, dtype=np.float64)
     if dist.ndim != 2 or dist.shape != rate.shape:
@@ -378,12 +379,13 @@ def solve_dp_multi(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float],
 
     # Per budget: the cell that guarantees the budget, and the last cell whose solutions may
     # still fit once their rounding is undone.
+    top = float(max_units.sum()) * unit  # every rounded combination fits under base + top
     spans = []
     for b in budgets:
-        first = math.floor((b - base) / unit)
+        first = math.floor(min(b - base, top) / unit)
         while first > 0 and first * unit > b - base:
             first -= 1
-        spans.append((max(first - 2, 0), math.floor((b - base + slack) / unit)))
+        spans.append((max(first - 2, 0), math.floor(min(b - base + slack, top) / unit)))
     n_cells = int(min(max(last for _, last in spans), max_units.sum())) + 1
     if n_items * n_cells > max_cells:
         raise ValueError(f"resolution {unit:.6g} needs {n_items} × {n_cells} DP cells, more "
@@ -417,7 +419,7 @@ def solve_dp_multi(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float],
             np.add(prev[:m], dist[i, k], out=tmp[:m])
             np.less(tmp[:m], row[r:], out=better[:m])
             np.copyto(row[r:], tmp[:m], where=better[:m])
-            np.copyto(arg[r:], k, where=better[:m])
+            np.copyto(arg[r:], arg_dtype(k), where=better[:m])
         args.append(arg)
         prev, cur = cur, prev
         prev_cap = n - 1
@@ -426,7 +428,7 @@ def solve_dp_multi(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float],
     choices = []
     idx = np.arange(n_items)
     for b, (lo, hi) in zip(budgets, spans, strict=True):
-        cells = np.arange(lo, min(hi, n_cells - 1) + 1)
+        cells = np.arange(min(lo, n_cells - 1), min(hi, n_cells - 1) + 1)
         cells = cells[np.isfinite(final[np.minimum(cells, prev_cap)])]
         cand = np.empty((n_items, cells.size), dtype=np.int64)  # (I, M)
         j = cells.copy()
@@ -484,12 +486,10 @@ def solve_ilp_result(dist: np.ndarray, rate: np.ndarray, budget: float, *,
     rows, cols = np.nonzero(np.isfinite(dist))
     # HiGHS stops at an absolute gap of 1e-6 too: shift each item's best dist to 0 and scale by
     # a good feasible objective (the Lagrangian's) so that the relative gap is the one that acts.
-    shift = dist[rows, cols].min() if rows.size else 0.0
     row_min = np.where(np.isfinite(dist), dist, np.inf).min(axis=1)
     c = dist[rows, cols] - row_min[rows]
     ref = choice_totals(dist, rate, solve_lagrangian(dist, rate, budget))[1] - row_min.sum()
     scale = ref if ref > 0 else 1.0
-    del shift
     r = rate[rows, cols]
     r_scale = max(float(r.max()), 1.0)
     one_each = csr_array((np.ones(rows.size), (rows, np.arange(rows.size))),
@@ -505,18 +505,16 @@ def solve_ilp_result(dist: np.ndarray, rate: np.ndarray, budget: float, *,
                    options=options)
         if res.x is None:
             raise RuntimeError(f"HiGHS found no solution for budget {budget:.6g}: {res.message}")
-        x = res.x
-        choice = np.zeros(n_items, dtype=np.int64)
-        best = np.full(n_items, -1.0)
-        # The largest x of each item is its choice (x is 0/1 up to HiGHS's tolerance).
-        for pos in np.argsort(x):
-            best[rows[pos]] = x[pos]
-            choice[rows[pos]] = cols[pos]
+        # The largest x of each item is its choice (x is 0/1 up to HiGHS's tolerance); rows are
+        # grouped by item, so the last entry of each group after sorting by (item, x) is it.
+        by_item = np.lexsort((res.x, rows))
+        last = np.searchsorted(rows[by_item], np.arange(n_items), side="right") - 1
+        choice = cols[by_item[last]].astype(np.int64)
         total_rate, total_dist = choice_totals(dist, rate, choice)
         if total_rate <= budget:
             break
         # HiGHS's feasibility tolerance let the rate pass the budget by a hair: tighten, resolve.
-        rhs -= (total_rate - budget) / r_scale * 1.5 + 1e-9
+        rhs -= (total_rate - budget) / r_scale + 1e-7
     else:
         raise RuntimeError(f"HiGHS kept exceeding budget {budget:.6g} by its tolerance")
     optimal = res.status == 0

@@ -181,3 +181,28 @@ class CurveStore:
 def _short(value: Any, limit: int = 120) -> str:
     text = json.dumps(value)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def summarize(root: Path | str) -> dict[str, Any]:
+    """Facts about a curve set for people: settings, completeness, and per bit width the
+    element-weighted median of ``dist(b) / dist(0)`` over groups (best dead zone per group)."""
+    store = CurveStore.load(root)
+    meta = store.meta
+    ratios: list[np.ndarray] = []
+    for name in store.layer_names():
+        if not store.has_layer(name):
+            continue
+        c = store.read_layer(name)
+        best = c.dist.min(axis=1)  # (G, B)
+        live = best[:, 0] > 0
+        ratios.append(best[live] / best[live, :1])
+    table = np.concatenate(ratios) if ratios else np.zeros((0, len(meta["bits"])))  # (G, B)
+    return {
+        "curve_set": Path(root).name, "kind": meta["kind"], "act_mode": meta.get("act_mode"),
+        "estimator": meta.get("estimator"), "model": meta.get("model"),
+        "group_size": meta["group_size"], "layers": len(meta["layers"]),
+        "missing_layers": store.missing_layers(),
+        "groups": int(sum(layer["groups"] for layer in meta["layers"])),
+        "median_dist_ratio": {int(b): float(np.median(table[:, i])) if len(table) else None
+                              for i, b in enumerate(meta["bits"])},
+    }
