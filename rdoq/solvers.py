@@ -9,7 +9,8 @@ k``). Solvers return ``choice (I,)``: the chosen *original* column of every item
 - **Joint weight + activation budget** (the paper): stack weight and activation items into one
   table and call any solver once.
 - **Separate weight / activation budgets**: :func:`solve_separate` solves one independent
-  problem per part.
+  problem per part (for several targets per part from one table each, call
+  :func:`solve_dp_multi` on each part's rows).
 - **Hardware constraints**: :func:`constrain` disallows columns (allowed bit set, min / max bits,
   per item if needed); :func:`merge_layers` / :func:`expand_layers` make every group of a layer
   take the same bit width by solving over one merged item per layer.
@@ -17,8 +18,7 @@ k``). Solvers return ``choice (I,)``: the chosen *original* column of every item
 :func:`solve_lagrangian` returns points on the lower convex hull of the total (rate, dist)
 trade-off (exact breakpoints, no slope bisection tolerance). :func:`solve_dp` and
 :func:`solve_dp_multi` are exact up to a stated budget resolution (rates rounded *up*, so the
-budget always holds).
-:func:`solve_ilp` is the exact reference (HiGHS through ``scipy.optimize.milp``).
+budget always holds). :func:`solve_ilp` is the exact reference (HiGHS via ``scipy.optimize.milp``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from scipy.sparse import csr_array
 # Default limit on the DP table, items × budget cells: the argmin table costs at most one byte a
 # cell (≈ 0.5 GB; about 0.3 GB and 5 s on a DeiT-B-sized instance, benchmarks/bench_solvers.py).
 DP_MAX_CELLS = 1 << 29
+# Budget cells per item at most, whatever the number of items: three float64 rows of this length
+# are live at a time, and a few items need no finer unit than a millionth of their range.
+DP_MAX_ROW = 1 << 20
 
 Solver = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 
@@ -148,12 +151,16 @@ def merge_layers(dist: np.ndarray, rate: np.ndarray,
     if layer.shape != (dist.shape[0],):
         raise ValueError(f"layer must have one label per item ({dist.shape[0]}), got shape "
                          f"{layer.shape}")
-    _, item_layer = np.unique(layer, return_inverse=True)
+    labels, item_layer = np.unique(layer, return_inverse=True)
     n_layers = int(item_layer.max()) + 1
     dist_l = np.zeros((n_layers, dist.shape[1]))  # (L, K)
     rate_l = np.zeros((n_layers, dist.shape[1]))  # (L, K)
     np.add.at(dist_l, item_layer, dist)
     np.add.at(rate_l, item_layer, np.where(np.isfinite(dist), rate, 0.0))
+    none = np.flatnonzero(~np.isfinite(dist_l).any(axis=1))
+    if none.size:
+        raise ValueError(f"layer {labels.tolist()[none[0]]!r} has no bit width allowed for all its "
+                         "groups; relax the constraints or allocate it per group")
     return dist_l, rate_l, item_layer
 
 
@@ -252,8 +259,10 @@ def solve_lagrangian(dist: np.ndarray, rate: np.ndarray, budget: float) -> np.nd
 
     Equivalent to bisecting the slope of ``argmin_k dist + slope × rate`` to the budget, but on
     the exact breakpoints: all hull segments of all items, steepest first, are taken while the
-    total rate fits. Each returned choice is optimal for its own total rate whenever that rate is
-    a hull vertex; the distortion never rises as the budget grows.
+    total rate fits. The choice minimises ``dist + slope × rate`` for the slope at which it stops,
+    so no allocation with at most its total rate has less distortion; it reaches at least the
+    rate of every vertex of the total hull within the budget, and its distortion never rises as
+    the budget grows.
     """
     dist, rate = _check_table(dist, rate)
     budget = _check_budget(budget, float(_min_rates(dist, rate).sum()))
@@ -313,9 +322,10 @@ def dp_resolution(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float] |
                   max_cells: int = DP_MAX_CELLS) -> float:
     """The budget unit :func:`solve_dp` uses by default.
 
-    The gcd of all (integer) rates above each item's minimum when the table ``I × cells`` fits
-    ``max_cells`` — then the DP is exact; otherwise the smallest unit (a multiple of that gcd for
-    integer rates) whose table, including the window that recovers the rounding slack, fits.
+    The gcd of all (integer) rates above each item's minimum when the table fits — ``I × cells
+    <= max_cells`` and ``cells <= DP_MAX_ROW`` — then the DP is exact; otherwise the smallest unit
+    (a multiple of that gcd for integer rates) whose table, including the window of up to ``I + 2``
+    cells that recovers the rounding slack, fits.
     """
     dist, rate = _check_table(dist, rate)
     extra, min_rate = _offset_rates(dist, rate)
@@ -326,10 +336,11 @@ def dp_resolution(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float] |
     if top <= 0 or positive.size == 0:
         return 1.0
     gcd = int(np.gcd.reduce(positive.astype(np.int64))) if _integral(positive) else None
-    if gcd is not None and n_items * (top // gcd + 1) <= max_cells:
+    row = min(max_cells // n_items, DP_MAX_ROW)
+    if gcd is not None and top // gcd + 1 <= row:
         return float(gcd)
-    # Each item may round up by almost one unit: keep I + 2 cells per item for that window.
-    per_item = max_cells // n_items - (n_items + 2)
+    # Each item may round up by almost one unit: keep I + 2 cells of the row for that window.
+    per_item = row - (n_items + 2)
     if per_item < 16:
         raise ValueError(f"max_cells={max_cells} is too small for {n_items} items; allow at "
                          f"least {n_items * (n_items + 18)} cells")
