@@ -85,6 +85,8 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
         g.add_argument("--quant-type", choices=("linear",), default="linear",
                        help="weight quantizer (the paper's log2 quantizer is broken; not offered)")
     else:
+        g.add_argument("--maxdeadzones", type=int, default=1,
+                       help="accepted so paper command lines run; activations have no dead zone")
         g.add_argument("-bca", "--bias_corr_act", action="store_true",
                        help="accepted for paper compatibility: only changed a directory name there")
     g.add_argument("--step-grid", type=int, default=1 if kind == "weight" else 4,
@@ -145,24 +147,25 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     ndz = 1 if kind == "act" or args.disable_deadzone else args.maxdeadzones
-    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     try:
         part = resolve_part(args.part_id, args.num_parts)
+        device = resolve_device(args, part.local_rank)
+        on_cuda = device.type == "cuda"
         job = CurveJob(
             kind=kind, act_mode=act_mode, group_size=args.nchannelbatch, nr=args.maxrates,
             ndz=ndz, max_steps=args.maxsteps, step_grid=args.step_grid, precision=args.precision,
             max_batch=args.max_batch or (64 if on_cuda else 1),
             max_lookahead=args.lookahead or (4 if on_cuda else 1),
-            mem_budget_mb=args.mem_budget_mb or _default_budget(on_cuda),
+            mem_budget_mb=args.mem_budget_mb or _default_budget(device),
             use_cuts=not args.no_prefix_cache, progress=not args.quiet,
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
         job.search_settings()
-        device = resolve_device(args, part.local_rank)
         model, info, calib = load_model_and_calib(args)
     except (InputError, ValueError) as e:
         p.error(str(e))
+    # Named after --archname as given, so later paper commands with the same name find it.
     root = args.pathrdcurve or args.outdir / curve_set_name(
-        Path(info.arch).name, kind, ndz, args.maxrates, args.testsize, args.nchannelbatch,
+        Path(args.archname).name, kind, ndz, args.maxrates, args.testsize, args.nchannelbatch,
         act_mode)
     try:
         summary = generate_curves(model, calib.x, vars(info), calib.meta(), job, root, part,
@@ -175,9 +178,10 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
     return 0
 
 
-def _default_budget(on_cuda: bool) -> float:
-    if on_cuda:
-        free, _ = torch.cuda.mem_get_info()
+def _default_budget(device: torch.device) -> float:
+    """Activation memory per pass in MiB: 40% of the free GPU memory, 2 GiB on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
         return 0.4 * free / 2**20
     return 2048.0
 
