@@ -24,7 +24,14 @@ from rdoq.engine import (
     WeightBackend,
     act_group_stats,
 )
-from rdoq.groups import act_group_numel, act_shapes, find_layers, group_bounds, weight_numel
+from rdoq.groups import (
+    act_group_numel,
+    act_shapes,
+    find_layers,
+    group_bounds,
+    hooked_forward,
+    weight_numel,
+)
 from rdoq.parts import PartSpec, assign_parts, layer_macs, suffix_costs
 from rdoq.quantizers import deadzone_threshold
 from rdoq.search import Chain, SearchSettings, chains_to_arrays, run_chains
@@ -116,16 +123,13 @@ def max_rows_for(model: nn.Module, x1: torch.Tensor, budget_mb: float) -> int:
     """Samples per forward that fit ``budget_mb``: the widest activation of one sample times a
     working-set factor of 8 (attention maps, MLP hidden states and temporaries)."""
     widest = [0]
-    handles = [m.register_forward_hook(
-        lambda m, i, o: widest.__setitem__(0, max(widest[0], o.numel() * o.element_size()))
-        if isinstance(o, torch.Tensor) else None)
-        for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(x1[:1])
-    finally:
-        for h in handles:
-            h.remove()
+
+    def record(m, i, o):
+        if isinstance(o, torch.Tensor):
+            widest[0] = max(widest[0], o.numel() * o.element_size())
+
+    hooked_forward(model, x1[:1], post=[(m, record) for m in model.modules()
+                                        if not list(m.children())])
     return max(int(budget_mb * 2**20 // max(8 * widest[0], 1)), 1)
 
 

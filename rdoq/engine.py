@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdoq.groups import channel_dim
+from rdoq.groups import channel_dim, hooked_forward
 from rdoq.quantizers import quantize_uniform, quantize_weight, signed_bounds, unsigned_bounds
 from rdoq.search import Candidate
 
@@ -246,30 +246,32 @@ class MeasuredEngine:
         self._element_shapes: dict[str, tuple[int, ...]] = {}
         events: list[tuple[str, str]] = []
         calls: dict[str, int] = {}
-        handles = []
-        for name in elements:
-            handles.append(self.modules[name].register_forward_pre_hook(
-                lambda m, a, name=name: events.append(("cut", name))))
-            def shape_of(m, a, o, name=name):
+
+        def cut(name: str) -> Callable:
+            return lambda m, a: events.append(("cut", name))
+
+        def shape_of(name: str) -> Callable:
+            def record(m, a, o):
                 if isinstance(o, torch.Tensor):
                     self._element_shapes[name] = tuple(o.shape[1:])
-            handles.append(self.modules[name].register_forward_hook(shape_of))
+            return record
+
+        def count(name: str) -> Callable:
+            def record(m, a):
+                calls[name] = calls.get(name, 0) + 1
+                if calls[name] == 1:
+                    events.append(("layer", name))
+            return record
+
+        # Pre-hooks fire in registration order: a trunk element's cut comes before its layer.
+        pre = [(self.modules[n], cut(n)) for n in elements]
+        pre += [(m, count(n)) for n, m in self.modules.items()
+                if isinstance(m, nn.Linear | nn.Conv2d)]
+        post = [(self.modules[n], shape_of(n)) for n in elements]
         if elements:
-            handles.append(self.modules[elements[-1]].register_forward_hook(
-                lambda m, a, o: events.append(("post", elements[-1]))))
-        for name, mod in self.modules.items():
-            if isinstance(mod, nn.Linear | nn.Conv2d):
-                def count(m, a, name=name):
-                    calls[name] = calls.get(name, 0) + 1
-                    if calls[name] == 1:
-                        events.append(("layer", name))
-                handles.append(mod.register_forward_pre_hook(count))
-        try:
-            with torch.no_grad():
-                self.model(self.calib[:1])
-        finally:
-            for h in handles:
-                h.remove()
+            post.append((self.modules[elements[-1]],
+                         lambda m, a, o: events.append(("post", elements[-1]))))
+        hooked_forward(self.model, self.calib[:1], post=post, pre=pre)
         return events, calls
 
     def cuts_before(self, layer: str) -> list[Cut]:
@@ -323,22 +325,19 @@ class MeasuredEngine:
         marked replayable when the output is one tensor whose first axis is the sample axis
         (not, e.g., Swin's attention windows)."""
         events: list[tuple[str, str, bool]] = []
-        handles = []
         x = self.calib[:2]
-        for name, mod in self.modules.items():
-            if name.startswith(element + "."):
-                handles.append(mod.register_forward_pre_hook(
-                    lambda m, a, name=name: events.append(("pre", name, False))))
-                handles.append(mod.register_forward_hook(
-                    lambda m, a, o, name=name: events.append(
-                        ("post", name, isinstance(o, torch.Tensor) and o.dim() > 0
-                         and o.shape[0] == x.shape[0]))))
-        try:
-            with torch.no_grad():
-                self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
+
+        def before(name: str) -> Callable:
+            return lambda m, a: events.append(("pre", name, False))
+
+        def after(name: str) -> Callable:
+            return lambda m, a, o: events.append(
+                ("post", name, isinstance(o, torch.Tensor) and o.dim() > 0
+                 and o.shape[0] == x.shape[0]))
+
+        inside = [(n, m) for n, m in self.modules.items() if n.startswith(element + ".")]
+        hooked_forward(self.model, x, post=[(m, after(n)) for n, m in inside],
+                       pre=[(m, before(n)) for n, m in inside])
         return events
 
     # -- forwards

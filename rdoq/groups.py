@@ -9,6 +9,7 @@ last dim for linears.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,21 @@ def weight_numel(shape: tuple[int, ...], bounds: tuple[int, int]) -> int:
     return (bounds[1] - bounds[0]) * per_channel
 
 
+def hooked_forward(model: nn.Module, x: torch.Tensor,
+                   post: Iterable[tuple[nn.Module, Callable]] = (),
+                   pre: Iterable[tuple[nn.Module, Callable]] = ()) -> None:
+    """One no-grad forward of ``x`` with forward (``post``) and pre-forward (``pre``) hooks
+    installed; the hooks are removed whatever happens."""
+    handles = [m.register_forward_pre_hook(fn) for m, fn in pre]
+    handles += [m.register_forward_hook(fn) for m, fn in post]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def act_shapes(model: nn.Module, x: torch.Tensor, names: list[str], mode: str) -> dict[str, tuple]:
     """Per-sample shapes of the input (``mode="in"``) or output (``"out"``) of the named layers.
 
@@ -89,18 +105,13 @@ def act_shapes(model: nn.Module, x: torch.Tensor, names: list[str], mode: str) -
         raise ValueError(f"act_mode must be 'in' or 'out', got {mode!r}")
     modules = dict(model.named_modules())
     shapes: dict[str, tuple] = {}
-    handles = []
-    for name in names:
-        def hook(mod, inp, out, name=name):
-            t = inp[0] if mode == "in" else out
-            shapes[name] = tuple(t.shape[1:])
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
+
+    def hook(name: str) -> Callable:
+        def record(mod, inp, out):
+            shapes[name] = tuple((inp[0] if mode == "in" else out).shape[1:])
+        return record
+
+    hooked_forward(model, x[:1], post=[(modules[n], hook(n)) for n in names])
     missing = [n for n in names if n not in shapes]
     if missing:
         raise ValueError(f"layers never called in forward: {missing}")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rdoq.groups import hooked_forward
+
 
 @dataclass(frozen=True)
 class PartSpec:
@@ -41,19 +43,14 @@ def layer_macs(model: nn.Module, x1: torch.Tensor, names: list[str]) -> dict[str
     """Multiply-accumulates per sample of each named Linear/Conv2d (one hooked forward on x1)."""
     modules = dict(model.named_modules())
     macs: dict[str, int] = {}
-    handles = []
-    for name in names:
-        def hook(m, inp, out, name=name):
-            per_out = m.in_features if isinstance(m, nn.Linear) else \
-                m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
+
+    def hook(name: str):
+        def count(m, inp, out):
+            per_out = m.weight[0].numel()  # MACs per output element (in/groups × kernel)
             macs[name] = macs.get(name, 0) + out[:1].numel() * per_out
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(x1[:1])
-    finally:
-        for h in handles:
-            h.remove()
+        return count
+
+    hooked_forward(model, x1[:1], post=[(modules[n], hook(n)) for n in names])
     return {n: macs.get(n, 0) for n in names}
 
 
