@@ -99,13 +99,13 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
     e.add_argument("--precision", choices=("float64", "float32"), default="float64",
                    help="arithmetic of the distortion measurement; float32 is faster but its "
                         "rounding noise dominates distortions below ~1e-6 of the output power")
-    e.add_argument("--max-batch", type=int, default=None,
+    e.add_argument("--max-batch", type=_positive(int, "--max-batch"), default=None,
                    help="candidates per pass (default: 1 on CPU, where wider passes measured "
                         "slower per sample; 64 on CUDA)")
-    e.add_argument("--lookahead", type=int, default=None,
+    e.add_argument("--lookahead", type=_positive(int, "--lookahead"), default=None,
                    help="speculative steps per search chain when chains are few (default: 1 on "
                         "CPU, 4 on CUDA); never changes the curves")
-    e.add_argument("--mem-budget-mb", type=float, default=None,
+    e.add_argument("--mem-budget-mb", type=_positive(float, "--mem-budget-mb"), default=None,
                    help="activation memory per pass in MiB (default: 2048 CPU, 40%% of free CUDA)")
     e.add_argument("--no-prefix-cache", action="store_true",
                    help="run every candidate from the network input (for checks)")
@@ -116,7 +116,14 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
 def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.device:
     """--device, else torchrun's LOCAL_RANK, else cuda:--gpuid when CUDA exists, else CPU."""
     if args.device:
-        return torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise ValueError(f"--device {args.device!r} is not a torch device ({e}); use e.g. "
+                             f"cpu, cuda or cuda:1") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} but CUDA is not available; use --device cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device(f"cuda:{local_rank if local_rank is not None else args.gpuid}")
     return torch.device("cpu")
@@ -124,6 +131,8 @@ def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.de
 
 def load_model_and_calib(args: argparse.Namespace):
     """Build the model and the calibration set named by the flags."""
+    if args.checkpoint is not None and args.random_init:
+        raise InputError("--checkpoint and --random-init contradict each other; pass one of them")
     model, info = build_model(args.archname, args.checkpoint, args.random_init, args.seed)
     if args.dataset == "synthetic":
         calib = synthetic_calib(args.testsize, model, args.seed)

@@ -110,7 +110,13 @@ def plan_layers(model: nn.Module, x1: torch.Tensor, job: CurveJob) -> list[Layer
             plans.append(LayerPlan(layer.name, layer.type, layer.shape, bounds, numel))
         return plans
     shapes = act_shapes(model, x1, [layer.name for layer in layers], job.act_mode)
+    skipped = [layer.name for layer in layers if layer.name not in shapes]
+    if skipped:
+        log.warning("no activation curves for layers whose forward is never called (their "
+                    "weight is used by a parent module); they stay in full precision: %s", skipped)
     for layer in layers:
+        if layer.name not in shapes:
+            continue
         mod, shape = modules[layer.name], shapes[layer.name]
         channels = shape[0] if isinstance(mod, nn.Conv2d) else shape[-1]
         bounds = group_bounds(channels, job.group_size)

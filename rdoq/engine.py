@@ -223,6 +223,7 @@ class MeasuredEngine:
         self._traces: dict[str, list[tuple[str, str, bool]]] = {}
         self._no_replay: set[str] = set()
         self._no_cut: set[str] = set()
+        self._slot_ok: dict[str, bool] = {}
         self._ctx: tuple[slice, int] = (slice(0, 0), 1)
         self._dummy_rows = 0
         # Seconds spent per activity, for the benchmark's breakdown.
@@ -290,7 +291,7 @@ class MeasuredEngine:
 
     def cut_for(self, layer: str) -> Cut | None:
         """The nearest valid cut before ``layer``; ``None`` means full forwards."""
-        if layer in self._no_cut or self._calls.get(layer, 1) > 1:
+        if layer in self._no_cut or not self.slot_forward_ok(layer):
             return None
         for cut in self.cuts_before(layer):
             if cut not in self._valid:
@@ -444,15 +445,15 @@ class MeasuredEngine:
         return self._flat(self.model(torch.zeros_like(self.calib[: self._dummy_rows])))
 
     def _check_cut(self, cut: Cut, layer: str) -> bool:
-        # Capture what the layer's passes will need, so the check costs no extra capture.
-        cached = self._capture(cut, self.replayed(cut, layer), layer)
         t0 = time.perf_counter()
         y = None
         while y is None:
             try:
+                # Capture what the layer's passes will need: the check costs no extra capture.
+                cached = self._capture(cut, self.replayed(cut, layer), layer)
                 with torch.no_grad(), self._install(cut, cached, []):
                     y = torch.cat([self._run(cut, s, 1) for s in self._chunks(1)])
-            except RuntimeError as e:
+            except Exception as e:  # noqa: BLE001 - a cut that fails in any way is not used
                 if self._dummy_rows == 0:
                     self._dummy_rows = 1
                     continue
@@ -473,6 +474,18 @@ class MeasuredEngine:
     def shares_input(self, layer: str) -> bool:
         """Whether every slot sees the same input at ``layer`` (it runs once per forward)."""
         return self._calls.get(layer, 0) == 1
+
+    def slot_forward_ok(self, layer: str) -> bool:
+        """Whether replacing the layer's forward perturbs every use of its weight: it runs once
+        per forward and no other module holds the same weight. Otherwise (e.g. BEiT/EVA read
+        ``qkv.weight`` inside the attention's own forward; tied weights) the engine swaps the
+        parameter in place and runs full forwards, one candidate at a time."""
+        if layer not in self._slot_ok:
+            weight = getattr(self.modules[layer], "weight", None)
+            holders = [n for n, m in self.modules.items()
+                       if any(p is weight for p in m.parameters(recurse=False))]
+            self._slot_ok[layer] = self._calls.get(layer, 0) == 1 and holders == [layer]
+        return self._slot_ok[layer]
 
     # -- measurement
     def measure(self, layer: str, k: int,
@@ -504,12 +517,15 @@ class MeasuredEngine:
         for fallback in (None, self._no_replay, self._no_cut):
             if fallback is not None:
                 fallback.add(layer)
+                # Cached references and captures of this layer used the abandoned path.
+                self._ref_cache = {kk: v for kk, v in self._ref_cache.items() if kk[0] != layer}
+                self._capture_cache = None
                 log.warning("layer %s: the identity pass differs from the full forward; "
                             "retrying without %s", layer,
                             "replay" if fallback is self._no_replay else "the cut")
             try:
                 ref = self._pass(layer, k, slots(True))
-            except RuntimeError as e:
+            except Exception as e:  # noqa: BLE001 - any failure of a shortcut means: drop it
                 log.warning("layer %s: the identity pass fails (%s)", layer, e)
                 continue
             if all(self._close(ref[i]) for i in range(k)):
@@ -551,6 +567,32 @@ class WeightBackend:
         return quantize_weight(self.weight[c0:c1], cand.bits, cand.step_log2, cand.deadzone)
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
+        if not self.engine.slot_forward_ok(self.layer):
+            out = [self._swapped([c]) for c in cands]
+            return np.concatenate([d for d, _ in out]), np.concatenate([m for _, m in out])
+        return self._slots(cands)
+
+    def _swapped(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
+        """One candidate with the parameter swapped in place (full forwards)."""
+        (cand,) = cands
+        c0, c1 = self.bounds[cand.group]
+        wq = self.quantized_group(cand)
+        mse = np.array([float(((wq - self.weight[c0:c1]).double() ** 2).mean())])
+        weight = self.module.weight
+
+        @contextlib.contextmanager
+        def swap(identity: bool) -> Iterator[None]:
+            orig = weight.data[c0:c1].clone()
+            if not identity:
+                weight.data[c0:c1] = wq
+            try:
+                yield
+            finally:
+                weight.data[c0:c1] = orig
+
+        return self.engine.measure(self.layer, 1, swap), mse
+
+    def _slots(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
         k = pad_slots(len(cands), self.max_batch)
         weights = self.weight.unsqueeze(0).repeat(k, *([1] * self.weight.dim()))  # (K, *W)
         mse = np.empty(len(cands))
@@ -585,8 +627,10 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
     module = dict(model.named_modules())[layer]
     dim = channel_dim(module)
     acc: dict[str, torch.Tensor] = {}
+    calls = [0]
 
     def hook(t: torch.Tensor) -> None:
+        calls[0] += 1
         t = t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()  # (rows, C)
         sq, mn, mx = (t * t).sum(0), t.min(0).values, t.max(0).values
         if acc:
@@ -601,12 +645,16 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
         handle = module.register_forward_hook(lambda m, a, o: hook(o))
     else:
         handle = module.register_forward_pre_hook(lambda m, a: hook(a[0]))
+    passes = 0
     try:
         with torch.no_grad():
             for i in range(0, calib.shape[0], max(rows, 1)):
                 model(calib[i:i + rows])
+                passes += 1
     finally:
         handle.remove()
+    if not acc:
+        raise ValueError(f"layer {layer} is never called in forward; it has no activations")
     rms, signed, vmin, vmax = [], [], [], []
     for c0, c1 in bounds:
         n = float(acc["n"]) * (c1 - c0)
@@ -615,6 +663,10 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
         vmin.append(float(acc["min"][c0:c1].min()))
         vmax.append(float(acc["max"][c0:c1].max()))
         signed.append(vmin[-1] < 0)
+    if calls[0] > passes:
+        # Called several times per forward: quantizing one call changes the next call's values,
+        # so calibration ranges do not bound them and cannot prove two candidates equal.
+        vmin, vmax = [-math.inf] * len(bounds), [math.inf] * len(bounds)
     return ActGroupStats(np.array(rms), np.array(signed), int(acc["sq"].shape[0]),
                          np.array(vmin), np.array(vmax))
 

@@ -27,10 +27,8 @@ def resolve_part(part_id: int | None, num_parts: int | None) -> PartSpec:
     local = os.environ.get("LOCAL_RANK")
     if num_parts is None:
         num_parts = world if world > 1 else 1
-        if part_id is None:
-            part_id = rank if world > 1 else 0
     if part_id is None:
-        part_id = 0
+        part_id = rank if world > 1 else 0
     if num_parts < 1:
         raise ValueError(f"--num_parts must be >= 1, got {num_parts}")
     if not 0 <= part_id < num_parts:

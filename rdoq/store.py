@@ -54,6 +54,23 @@ def _atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
+def _create_json_exclusive(path: Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` only if no file is there; ``FileExistsError`` otherwise.
+
+    The temp file is hard-linked into place, so two parts starting together cannot both create
+    meta.json: the loser re-reads the winner's file and compares settings."""
+    data = (json.dumps(obj, indent=1) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
@@ -104,18 +121,21 @@ class CurveStore:
         root = Path(root)
         meta = {"schema": SCHEMA, **meta}
         path = root / "meta.json"
-        if path.exists():
-            old = cls.read_meta(root)
-            for key in SETTINGS_KEYS:
-                if _canonical(old.get(key)) != _canonical(meta.get(key)):
-                    raise ValueError(
-                        f"{root} already holds curves made with {key}={_short(old.get(key))}, "
-                        f"this run has {key}={_short(meta.get(key))}; use another --outdir or "
-                        f"the same settings to resume")
-            return cls(root, old)
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, meta)
-        return cls(root, meta)
+        if not path.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                _create_json_exclusive(path, meta)
+                return cls(root, meta)
+            except FileExistsError:
+                pass  # another part created it first: compare with its settings below
+        old = cls.read_meta(root)
+        for key in SETTINGS_KEYS:
+            if _canonical(old.get(key)) != _canonical(meta.get(key)):
+                raise ValueError(
+                    f"{root} already holds curves made with {key}={_short(old.get(key))}, "
+                    f"this run has {key}={_short(meta.get(key))}; use another --outdir or "
+                    f"the same settings to resume")
+        return cls(root, old)
 
     @classmethod
     def load(cls, root: Path | str) -> CurveStore:

@@ -198,3 +198,42 @@ def test_prefix_cuts_on_model_families(arch, size):
         run_chains(chains[:1], be, 4)
         res.append(np.array(chains[0].best_dist))
     np.testing.assert_allclose(res[0], res[1], rtol=1e-9)
+
+
+class ParentReadsWeight(nn.Module):
+    """Like timm's BEiT/EVA attention: the parent applies ``qkv.weight`` itself, so the child's
+    forward never runs; and a tied head that shares the embedding weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.qkv = nn.Linear(8, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 6)
+        self.tied = nn.Linear(8, 6)
+        self.tied.weight = self.head.weight
+
+    def forward(self, x):
+        h = torch.tanh(nn.functional.linear(self.embed(x), self.qkv.weight, self.qkv.bias))
+        h = torch.tanh(self.mid(h))
+        return self.head(h) + self.tied(h)
+
+
+def test_weights_read_outside_forward_or_tied_are_measured():
+    torch.manual_seed(0)
+    model = ParentReadsWeight().double().eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    job = CurveJob(kind="weight", group_size=4, nr=4, ndz=2, max_steps=12, step_grid=1)
+    engine = MeasuredEngine(model, x, max_rows=64)
+    naive = NaiveEvaluator(model, x, batch_size=5)
+    assert not engine.slot_forward_ok("qkv") and not engine.slot_forward_ok("head")
+    assert engine.slot_forward_ok("mid")
+    for plan in plan_layers(model, x[:1], job):
+        res = []
+        for be in (measured_backend(engine, plan, job, None),
+                   naive_backend(naive, plan, job, None)):
+            chains, _ = make_chains(model, x, plan, job, 64)
+            run_chains(chains, be, 8)
+            res.append(chains_to_arrays(chains, len(plan.bounds), 2, 4)[0])
+        np.testing.assert_allclose(res[0], res[1], rtol=1e-9, err_msg=plan.name)
+        assert np.all(res[0][:, :, 0] > 0), plan.name

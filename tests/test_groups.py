@@ -215,8 +215,8 @@ def test_act_shapes_bad_mode_and_unused_layer():
     with pytest.raises(ValueError, match="act_mode"):
         act_shapes(model, x, ["conv"], "both")
     model.unused = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="unused"):
-        act_shapes(model, x, ["conv", "unused"], "out")
+    # A layer whose forward never runs (its weight may be read by a parent) has no activations.
+    assert set(act_shapes(model, x, ["conv", "unused"], "out")) == {"conv"}
     assert not model.conv._forward_hooks
 
 

@@ -201,3 +201,27 @@ def test_existing_curve_set_with_other_settings_is_refused(tmp_path, capsys, vit
     err = bad(capsys, tmp_path, "weight", ["--archname", "test_vit", *SMALL_W[:-1], "7"])
     assert "max_steps=6" in err and "max_steps=7" in err
     assert sorted(p.name for p in target.rglob("*")) == before
+
+
+def test_torchrun_rank_picks_the_part_when_only_num_parts_is_given(monkeypatch):
+    from rdoq.parts import resolve_part
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_part(None, 4).part_id == 2
+    assert resolve_part(None, None).num_parts == 4
+    assert resolve_part(1, 3).part_id == 1
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--max-batch", "0"], "--max-batch must be > 0"),
+    (["--mem-budget-mb", "-1"], "--mem-budget-mb must be > 0"),
+    (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+    (["--checkpoint", "x.pth"], "--checkpoint and --random-init contradict"),
+])
+def test_more_bad_flags(tmp_path, capsys, argv, expect):
+    err = bad(capsys, tmp_path, "weight", ["--archname", "test_vit", "--random-init",
+                                           "--dataset", "synthetic", "--quiet", *argv])
+    assert expect in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -84,7 +84,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise InputError(f"--checkpoint {path} cannot be read as a weights-only torch "
                          f"file: {e}") from e
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+    # timm's training checkpoints keep the plain weights under "state_dict" (EMA weights, when
+    # present, under "state_dict_ema"); like timm's own loader we take the plain ones.
+    for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
