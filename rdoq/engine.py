@@ -119,11 +119,24 @@ def weight_slots(module: nn.Module, weights: torch.Tensor,
             finally:
                 module.weight.data = original
             return torch.cat(outs)
+    with patched_forward(module, forward):
+        yield
+
+
+@contextlib.contextmanager
+def patched_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
+    """Give ``module`` an instance-level ``forward`` for the duration; an instance forward it
+    already had (a wrapper installed by other code) is put back afterwards."""
+    had = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
     module.forward = forward
     try:
         yield
     finally:
-        del module.forward
+        if had:
+            module.forward = previous
+        else:
+            del module.forward
 
 
 @dataclass
@@ -401,7 +414,7 @@ class MeasuredEngine:
                  replay: list[str]) -> Iterator[None]:
         """Substitute the cut input and replay modules for the current (chunk, k) context."""
         handles = []
-        patched = []
+        stack = contextlib.ExitStack()
 
         def repeated(name: str) -> torch.Tensor:
             s, k = self._ctx
@@ -414,9 +427,9 @@ class MeasuredEngine:
             for name in self._elements[:stop]:
                 if name in self._element_shapes and name not in replay:
                     shape = self._element_shapes[name]
-                    self.modules[name].forward = lambda *a, shape=shape, **kw: self.calib.new_zeros(
-                        (self._dummy_rows, *shape))
-                    patched.append(self.modules[name])
+                    stack.enter_context(patched_forward(
+                        self.modules[name], lambda *a, shape=shape, **kw: self.calib.new_zeros(
+                            (self._dummy_rows, *shape))))
             mod = self.modules[cut.name]
             if cut.post:
                 handles.append(mod.register_forward_hook(lambda m, a, o: repeated("")))
@@ -424,15 +437,14 @@ class MeasuredEngine:
                 handles.append(mod.register_forward_pre_hook(
                     lambda m, a: (repeated(""), *a[1:])))
         for name in replay:
-            self.modules[name].forward = lambda *a, name=name, **kw: repeated(name)
-            patched.append(self.modules[name])
+            stack.enter_context(patched_forward(
+                self.modules[name], lambda *a, name=name, **kw: repeated(name)))
         try:
-            yield
+            with stack:
+                yield
         finally:
             for h in handles:
                 h.remove()
-            for m in patched:
-                del m.forward
 
     def _run(self, cut: Cut | None, s: slice, k: int) -> torch.Tensor:
         """Output for calibration rows ``s``, each repeated for k slots → (k*n, O)."""

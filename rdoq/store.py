@@ -7,6 +7,7 @@ layers; a re-run with different settings into the same directory is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -164,8 +165,21 @@ class CurveStore:
             raise ValueError(f"layer name {name!r} cannot be a file name")
         return self.root / "layers" / f"{name}.npz"
 
+    @property
+    def settings_digest(self) -> str:
+        """sha256 of the settings keys of meta.json; stamped into every layer file."""
+        settings = {k: self.meta.get(k) for k in SETTINGS_KEYS}
+        return hashlib.sha256(json.dumps(_canonical(settings), sort_keys=True).encode()).hexdigest()
+
     def has_layer(self, name: str) -> bool:
-        return self.layer_path(name).is_file()
+        """Whether a finished layer file made with this curve set's settings exists (a file left
+        by other settings, e.g. after meta.json was replaced, does not count)."""
+        path = self.layer_path(name)
+        if not path.is_file():
+            return False
+        with np.load(path, allow_pickle=False) as z:
+            stamp = str(z["settings_digest"]) if "settings_digest" in z.files else None
+        return stamp == self.settings_digest
 
     def layer_names(self) -> list[str]:
         return [layer["name"] for layer in self.meta["layers"]]
@@ -177,6 +191,7 @@ class CurveStore:
         """Write one layer's curves atomically."""
         curves.validate(name)
         arrays = {k: getattr(curves, k) for k in LAYER_ARRAYS} | curves.extra
+        arrays["settings_digest"] = np.array(self.settings_digest)
         _atomic_write_bytes(self.layer_path(name), lambda f: np.savez(f, **arrays))
 
     def read_layer(self, name: str) -> LayerCurves:
@@ -186,6 +201,10 @@ class CurveStore:
             raise FileNotFoundError(f"curve set {self.root} has no layer {name!r} ({path} missing)")
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+        digest = arrays.pop("settings_digest", None)
+        if digest is None or str(digest) != self.settings_digest:
+            raise ValueError(f"{path} was made with other settings than {self.root}/meta.json; "
+                             f"re-run the curve script into this directory to recompute it")
         missing = [k for k in LAYER_ARRAYS if k not in arrays]
         if missing:
             raise ValueError(f"{path} lacks arrays {missing}")

@@ -222,9 +222,23 @@ def test_read_missing_layer_names_it(tmp_path):
 
 
 def _write_raw(store, name, **arrays):
+    """A layer file bypassing write_layer's checks, stamped with the store's settings."""
     path = store.layer_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    np.savez(path, settings_digest=np.array(store.settings_digest), **arrays)
+
+
+def test_layer_files_of_other_settings_are_not_reused(tmp_path):
+    root = tmp_path / "curves"
+    store = CurveStore.open(root, _meta())
+    store.write_layer("conv1", _curves(2))
+    assert store.has_layer("conv1")
+    (root / "meta.json").unlink()  # someone replaced meta.json, left layers/ behind
+    other = CurveStore.open(root, {**_meta(), "max_steps": 99})
+    assert not other.has_layer("conv1")
+    assert other.missing_layers()[0] == "conv1"
+    with pytest.raises(ValueError, match="other settings"):
+        other.read_layer("conv1")
 
 
 def test_read_layer_with_wrong_shapes_refused(tmp_path):
