@@ -56,6 +56,19 @@ def curves(model, x, job, layer_names, backend_kind, max_batch=8, lookahead=2):
     return out
 
 
+def weight_curves_both(model, x, plan, job, engine, naive, n_chains=None):
+    """Weight curves (G, D, B) of a layer from the engine and from the naive evaluator."""
+    out = []
+    for be in (measured_backend(engine, plan, job, None), naive_backend(naive, plan, job, None)):
+        chains, _ = make_chains(model, x, plan, job, 64)
+        chains = chains[:n_chains] if n_chains else chains
+        run_chains(chains, be, 4)
+        dist = chains_to_arrays(chains, len(plan.bounds), job.ndz, job.nr)[0] if not n_chains \
+            else np.array([c.best_dist for c in chains])
+        out.append(dist)
+    return out
+
+
 @pytest.mark.parametrize("arch,layers", [
     ("test_vit", ["patch_embed.proj", "blocks.2.attn.proj", "blocks.4.mlp.fc2", "head"]),
     ("test_resnet", ["conv1.0", "layer2.0.conv2", "layer3.0.downsample.1", "fc"]),
@@ -135,13 +148,8 @@ def test_invalid_cut_falls_back_and_stays_exact():
     engine = MeasuredEngine(model, x, max_rows=64)
     naive = NaiveEvaluator(model, x, batch_size=5)
     for plan in plan_layers(model, x[:1], job):
-        res = []
-        for be in (measured_backend(engine, plan, job, None), naive_backend(naive, plan, job,
-                                                                            None)):
-            chains, _ = make_chains(model, x, plan, job, 64)
-            run_chains(chains, be, 8)
-            res.append(chains_to_arrays(chains, len(plan.bounds), 2, 4)[0])
-        np.testing.assert_allclose(res[0], res[1], rtol=1e-9, err_msg=plan.name)
+        ours, ref = weight_curves_both(model, x, plan, job, engine, naive)
+        np.testing.assert_allclose(ours, ref, rtol=1e-9, err_msg=plan.name)
     # Cuts inside the trunk would drop the stem skip: they must have been rejected.
     assert engine.cut_for("blocks.2.0") is None
 
@@ -192,12 +200,8 @@ def test_prefix_cuts_on_model_families(arch, size):
     assert engine.cut_for(middle) is not None, f"no prefix cut for {middle}"
     job = CurveJob(kind="weight", group_size=8, nr=3, ndz=1, max_steps=4, step_grid=1)
     plan = next(p for p in plan_layers(model, x[:1], job) if p.name == middle)
-    res = []
-    for be in (measured_backend(engine, plan, job, None), naive_backend(naive, plan, job, None)):
-        chains, _ = make_chains(model, x, plan, job, 8)
-        run_chains(chains[:1], be, 4)
-        res.append(np.array(chains[0].best_dist))
-    np.testing.assert_allclose(res[0], res[1], rtol=1e-9)
+    ours, ref = weight_curves_both(model, x, plan, job, engine, naive, n_chains=1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-9)
 
 
 class ParentReadsWeight(nn.Module):
@@ -229,11 +233,6 @@ def test_weights_read_outside_forward_or_tied_are_measured():
     assert not engine.slot_forward_ok("qkv") and not engine.slot_forward_ok("head")
     assert engine.slot_forward_ok("mid")
     for plan in plan_layers(model, x[:1], job):
-        res = []
-        for be in (measured_backend(engine, plan, job, None),
-                   naive_backend(naive, plan, job, None)):
-            chains, _ = make_chains(model, x, plan, job, 64)
-            run_chains(chains, be, 8)
-            res.append(chains_to_arrays(chains, len(plan.bounds), 2, 4)[0])
-        np.testing.assert_allclose(res[0], res[1], rtol=1e-9, err_msg=plan.name)
-        assert np.all(res[0][:, :, 0] > 0), plan.name
+        ours, ref = weight_curves_both(model, x, plan, job, engine, naive)
+        np.testing.assert_allclose(ours, ref, rtol=1e-9, err_msg=plan.name)
+        assert np.all(ours[:, :, 0] > 0), plan.name
