@@ -1,8 +1,9 @@
-"""Activation rd curves on layer outputs (first order).
+"""Activation RD curves on layer outputs (first order).
 
 The paper's script name; all logic lives in rdoq.cli and rdoq.curves.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,4 +13,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rdoq.cli import curves_main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(curves_main("act", "out"))
+    print(json.dumps(curves_main("act", "out")))

@@ -9,4 +9,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rdoq.cli import show_main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(show_main())
+    print(show_main())

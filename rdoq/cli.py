@@ -6,7 +6,6 @@ The scripts in ``classification/`` are one-line wrappers around the ``main_*`` f
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -146,8 +145,10 @@ def setup_logging(quiet: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None = None) -> int:
-    """Entry point of the measured curve scripts (weights, activations in/out)."""
+def curves_main(kind: str, act_mode: str | None = None,
+                argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of the measured curve scripts (weights, activations in/out); returns the run
+    summary (the script prints it as one JSON line). Bad flags exit via argparse."""
     what = "weight" if kind == "weight" else f"activation ({act_mode}put)"
     p = argparse.ArgumentParser(description=f"Measured (first-order) {what} RD curves, one file "
                                             "per layer, resumable.")
@@ -183,8 +184,7 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
         p.error(str(e))
     atomic_write_json(Path(root) / f"run_part{part.part_id:03d}.json",
                       {"job": job_dict(job), "summary": summary, "args": _jsonable(vars(args))})
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 def _default_budget(device: torch.device) -> float:
@@ -200,8 +200,8 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 
-def show_main(argv: list[str] | None = None) -> int:
-    """Print a summary of every curve set under the given directories."""
+def show_main(argv: list[str] | None = None) -> str:
+    """A human summary of every curve set under the given directories (the script prints it)."""
     p = argparse.ArgumentParser(description="Summarise curve sets (meta.json + layers/).")
     p.add_argument("paths", nargs="+", type=Path, help="curve-set directories or their parents")
     args = p.parse_args(argv)
@@ -215,13 +215,16 @@ def show_main(argv: list[str] | None = None) -> int:
             roots += sorted(d for d in path.iterdir() if (d / "meta.json").is_file())
     if not roots:
         p.error(f"no curve set (a directory with meta.json) under {[str(x) for x in args.paths]}")
+    lines = []
     for root in roots:
         s = summarize(root)
         what = s["kind"] + (f" ({s['act_mode']}put)" if s["act_mode"] else "")
-        print(f"{s['curve_set']}\n  {what}, {s['estimator']}, model {s['model']}, "
-              f"{s['layers']} layers, {s['groups']} groups of {s['group_size']} channels, "
-              f"missing layers: {len(s['missing_layers'])}")
-        print("  bits:                 " + " ".join(f"{b:>8d}" for b in s["median_dist_ratio"]))
-        print("  median dist/dist(0):  " + " ".join(
-            f"{v:8.2e}" if v is not None else "       -" for v in s["median_dist_ratio"].values()))
-    return 0
+        ratios = s["median_dist_ratio"]
+        lines += [s["curve_set"],
+                  f"  {what}, {s['estimator']}, model {s['model']}, {s['layers']} layers, "
+                  f"{s['groups']} groups of {s['group_size']} channels, "
+                  f"missing layers: {len(s['missing_layers'])}",
+                  "  bits:                 " + " ".join(f"{b:>8d}" for b in ratios),
+                  "  median dist/dist(0):  " + " ".join(
+                      f"{v:8.2e}" if v is not None else "       -" for v in ratios.values())]
+    return "\n".join(lines)
