@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from rdoq.adapters.timm_imagenet import InputError, build_model, imagenet_calib, synthetic_calib
 from rdoq.curves import CurveJob, generate_curves, job_dict
@@ -228,3 +230,403 @@ def show_main(argv: list[str] | None = None) -> str:
                   "  median dist/dist(0):  " + " ".join(
                       f"{v:8.2e}" if v is not None else "       -" for v in ratios.values())]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- allocation scripts
+
+# The paper's slope grid of the output-activation frontier: log2 λ = -35 + 0.5 j.
+FRONTIER_SLOPE0, FRONTIER_SLOPE_STEP = -35.0, 0.5
+
+
+def build_any_model(args: argparse.Namespace):
+    """The model named by ``--archname`` (timm, or a bundled digits model with
+    ``--dataset digits``) and its ModelInfo."""
+    if args.checkpoint is not None and args.random_init:
+        raise InputError("--checkpoint and --random-init contradict each other; pass one of them")
+    if args.dataset == "digits":
+        from rdoq.adapters.digits import build_digits_model
+
+        return build_digits_model(args.archname, args.checkpoint, args.random_init, args.seed)
+    return build_model(args.archname, args.checkpoint, args.random_init, args.seed)
+
+
+def calib_for(args: argparse.Namespace, model: torch.nn.Module, size: int, seed: int):
+    """The calibration set of ``--dataset`` with ``size`` samples."""
+    if args.dataset == "synthetic":
+        return synthetic_calib(size, model, seed)
+    if args.dataset == "digits":
+        from rdoq.adapters.digits import digits_calib
+
+        return digits_calib(size, seed)
+    return imagenet_calib(args.datapath, size, model, seed)
+
+
+def eval_data_for(args: argparse.Namespace, model: torch.nn.Module):
+    """The evaluation batches of ``--dataset`` (``--testsize`` samples, -1 = all)."""
+    from rdoq.evaluate import TensorBatches
+
+    if args.dataset == "synthetic":
+        # Unlabelled: only the output MSE is defined. A seed apart from the calibration's.
+        n = 64 if args.testsize == -1 else args.testsize
+        return TensorBatches(synthetic_calib(n, model, args.seed + 10_007).x, None,
+                             args.batchsize, "synthetic:randn")
+    if args.dataset == "digits":
+        from rdoq.adapters.digits import digits_eval
+
+        x, y = digits_eval(args.testsize)
+        return TensorBatches(x, y, args.batchsize, "digits:test")
+    from rdoq.adapters.timm_imagenet import imagenet_eval
+
+    return imagenet_eval(args.datapath, args.testsize, model, args.batchsize, args.workers)
+
+
+def _testsize(text: str) -> int:
+    value = int(text)
+    if value != -1 and value <= 0:
+        raise argparse.ArgumentTypeError(f"--testsize must be -1 (all) or > 0, got {text}")
+    return value
+
+
+def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
+    """Flags of the allocation scripts (paper names first)."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--archname", default="mobilenetv2py",
+                   help="timm model name, or digits_cnn / digits_vit with --dataset digits")
+    g.add_argument("--checkpoint", "--override-checkpoint", dest="checkpoint", type=Path,
+                   default=None, help="state dict / timm checkpoint file (weights only)")
+    g.add_argument("--random-init", action="store_true",
+                   help="seeded random weights (smoke tests only; must match the curves)")
+    g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic"), default="imagenet",
+                   help="imagenet: ImageFolder at --datapath (evaluation on val/); digits: the "
+                        "bundled default; synthetic: unlabelled randn (tests only)")
+    g.add_argument("--datapath", type=Path, default=Path("./ImageNet2012/"),
+                   help="ImageNet root with train/ (calibration) and val/ (evaluation)")
+    g.add_argument("--testsize", type=_testsize, default=-1,
+                   help="evaluation samples (-1 = the whole val/test split; default: -1)")
+    g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
+                   help="samples per evaluation forward (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=4,
+                   help="image-decoding worker processes for ImageNet (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    c = p.add_argument_group("curves")
+    c.add_argument("--pathrdcurve", type=Path, required=True,
+                   help="weight curve set (directory with meta.json)")
+    c.add_argument("--act_curve_root_dir", type=Path, default=None,
+                   help="activation curve set, or a directory holding it (found by model and "
+                        "act mode); omit to keep activations in full precision")
+    c.add_argument("--nchannelbatch", type=int, default=None,
+                   help="checked against the curve sets' group size (read from meta.json)")
+    c.add_argument("--maxrates", type=int, default=None,
+                   help="use bit widths 0..maxrates-1 of the curves (default: all measured)")
+    c.add_argument("--closedeadzone", type=int, choices=(0, 1), default=0,
+                   help="1: uniform weight quantizer only (dead-zone ratio 0)")
+    c.add_argument("--smooth-dists", action="store_true",
+                   help="running minimum of each curve over bits (a group never pays for bits "
+                        "that do not lower its distortion)")
+    c.add_argument("--fp-act-layers", default="ends",
+                   help="activation layers kept in full precision: 'ends' (first and last, as "
+                        "in the paper's DP/LG), 'none', or comma-separated layer names")
+    s = p.add_argument_group("allocation")
+    if method == "frontier":
+        s.add_argument("--maxslopesteps", type=_positive(int, "--maxslopesteps"), default=192,
+                       help="slopes log2 λ = -35 + 0.5 j, j < maxslopesteps (default: 192)")
+        s.add_argument("--slopes", type=float, nargs="+", default=None,
+                       help="explicit log2 λ values (dist per bit) instead of the grid")
+    else:
+        s.add_argument("--target_rates", type=float, nargs="+", default=[4.0, 6.0, 8.0],
+                       help="target average bits (joint over weights and activation elements "
+                            "per sample, as in the paper; default: 4 6 8)")
+        s.add_argument("--act-target-rates", type=float, nargs="+", default=None,
+                       help="separate activation targets (one, or one per --target_rates); "
+                            "--target_rates then holds the weight targets")
+        s.add_argument("--maxslopesteps", type=int, default=None,
+                       help="accepted so the paper's README command runs; no effect here")
+    s.add_argument("--minrate", type=int, default=None, help="smallest bit width allowed")
+    s.add_argument("--maxbits", type=int, default=None, help="largest bit width allowed")
+    s.add_argument("--bit_list", type=int, nargs="+", default=None,
+                   help="allowed bit widths (hardware constraint), e.g. 0 2 4 8")
+    s.add_argument("--layerwise", action="store_true",
+                   help="one bit width per layer (all groups of a tensor alike)")
+    s.add_argument("-bcw", "--bias_corr_weight", action="store_true",
+                   help="per-channel bias correction of weight quantization, estimated on the "
+                        "calibration set and stored in the allocation")
+    s.add_argument("-bca", "--bias_corr_act", action="store_true",
+                   help="per-channel offset correcting the mean activation quantization error, "
+                        "estimated on the calibration set (never on evaluated data)")
+    o = p.add_argument_group("output and device")
+    o.add_argument("--outdir", type=Path, default=None,
+                   help="results directory (default: ./<archname>_<method>_results)")
+    o.add_argument("--save-model", action="store_true",
+                   help="also save model_<target>.pth: fake-quantized weights + activation "
+                        "quantizers")
+    o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
+    o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1)")
+    o.add_argument("--precision", choices=("float32", "float64"), default="float32",
+                   help="arithmetic of the evaluation (default: float32)")
+    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    o.add_argument("--mute-print", "--quiet", dest="quiet", action="store_true",
+                   help="no progress bars")
+
+
+def _fp_act_layers(spec: str, act_store) -> list[str]:
+    if act_store is None:
+        return []
+    names = act_store.layer_names()
+    if spec == "ends":
+        return sorted({names[0], names[-1]})
+    if spec == "none":
+        return []
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def _check_curves_match(args: argparse.Namespace, info, meta: dict[str, Any], root: Path) -> None:
+    if args.nchannelbatch is not None and args.nchannelbatch != meta["group_size"]:
+        raise InputError(f"--nchannelbatch {args.nchannelbatch} contradicts {root}/meta.json "
+                         f"(group_size {meta['group_size']}); drop the flag or use matching "
+                         f"curves")
+    if args.maxrates is not None and args.maxrates > len(meta["bits"]):
+        raise InputError(f"--maxrates {args.maxrates} exceeds the {len(meta['bits'])} bit widths "
+                         f"measured in {root}; use --maxrates <= {len(meta['bits'])}")
+    for key, mine in (("model", info.arch), ("weights_source", info.weights_source),
+                      ("checkpoint_sha256", info.checkpoint_sha256)):
+        if meta.get(key) != mine:
+            raise InputError(f"{root} was measured with {key}={meta.get(key)!r}, this run loads "
+                             f"{key}={mine!r}; pass the same --archname/--checkpoint/"
+                             f"--random-init as the curve scripts")
+
+
+def _rebuild_calib(args: argparse.Namespace, model: torch.nn.Module, meta: dict[str, Any]):
+    """The calibration tensor the curves were measured on (checked by its sha256)."""
+    calib = meta["calib"]
+    c = calib_for(args, model, int(calib["size"]), int(calib["seed"]))
+    found = c.meta()
+    if found["sha256"] != calib.get("sha256"):
+        raise InputError(f"the calibration data rebuilt for -bcw/-bca ({found['source']}, "
+                         f"{found['size']} samples) differs from the curves' (sha256 "
+                         f"{str(calib.get('sha256'))[:12]}…); use the --datapath/--dataset the "
+                         f"curves were measured with")
+    return c.x
+
+
+def _method_name(method: str, args: argparse.Namespace) -> str:
+    tags = [method] + [t for t, on in (("bcw", args.bias_corr_weight),
+                                      ("bca", args.bias_corr_act), ("layerwise", args.layerwise))
+                       if on]
+    return "+".join(tags)
+
+
+def allocate_main(method: str, act_mode: str = "out",
+                  argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of the DP (``method="dp"``), Lagrangian-target (``"lg"``) and slope-sweep
+    (``"frontier"``) scripts: solve, apply, evaluate, write artifacts. Returns the rows and the
+    printed table."""
+    from rdoq.allocation import (
+        ACT,
+        build_table,
+        find_act_curve_set,
+        frontier_choices,
+        make_allocation,
+        open_curve_set,
+        restrict,
+        save_allocation,
+        solve_targets,
+    )
+    from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
+    from rdoq.evaluate import bit_report, evaluate, reference_outputs
+    from rdoq.report import append_results, format_table, plot_allocation, plot_results
+
+    titles = {"dp": "dynamic programming", "lg": "Lagrangian (target rates)",
+              "frontier": "Lagrangian slope sweep"}
+    p = argparse.ArgumentParser(description=f"Bit allocation by {titles[method]} from measured "
+                                            "curves, then apply and evaluate.")
+    add_alloc_flags(p, method)
+    args = p.parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        device = resolve_device(args, None)
+        dtype = getattr(torch, args.precision)
+        model, info = build_any_model(args)
+        wstore = open_curve_set(args.pathrdcurve, "weight")
+        _check_curves_match(args, info, wstore.meta, args.pathrdcurve)
+        astore = None
+        if args.act_curve_root_dir is not None:
+            aroot = find_act_curve_set(args.act_curve_root_dir, info.arch, act_mode)
+            astore = open_curve_set(aroot, "act", act_mode)
+            _check_curves_match(args, info, astore.meta, aroot)
+        table = build_table(wstore, astore, _fp_act_layers(args.fp_act_layers, astore),
+                            uniform_only=bool(args.closedeadzone))
+        max_bits = args.maxbits
+        if args.maxrates is not None:
+            max_bits = min(args.maxrates - 1, max_bits if max_bits is not None else 10**6)
+        table = restrict(table, allowed_bits=args.bit_list, min_bits=args.minrate,
+                         max_bits=max_bits, smooth=args.smooth_dists)
+        if method == "frontier":
+            slopes = args.slopes or [FRONTIER_SLOPE0 + FRONTIER_SLOPE_STEP * j
+                                     for j in range(args.maxslopesteps)]
+            sweep, solve_s = frontier_choices(table, slopes, args.layerwise)
+            points = _distinct_columns(sweep, slopes)
+            solve_s /= max(len(points), 1)
+        else:
+            choices, solve_s = solve_targets(table, args.target_rates, method,
+                                             args.act_target_rates, args.layerwise)
+            solve_s /= len(choices)
+            acts = args.act_target_rates
+            points = [(c, {"target_bits": t,
+                           "act_target_bits": (None if acts is None else
+                                               (acts[0] if len(acts) == 1 else acts[i]))})
+                      for i, (c, t) in enumerate(zip(choices, args.target_rates, strict=True))]
+        calib = None
+        if args.bias_corr_weight or args.bias_corr_act:
+            calib = _rebuild_calib(args, model, wstore.meta).to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=dtype).eval()
+        data = eval_data_for(args, model)
+    except (InputError, ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    outdir = args.outdir or Path(f"{Path(args.archname).name}_{method}_results")
+    outdir.mkdir(parents=True, exist_ok=True)
+    name = _method_name(method, args)
+    log.info("%s: %d items (%d activation groups), %d points to evaluate", name,
+             len(table.kind), int((table.kind == ACT).sum()), len(points))
+    ref = reference_outputs(model, data, device)
+    fp = evaluate(model, data, ref, device)
+    x1 = next(iter(data))[0][:1].to(device=device, dtype=dtype)
+    rows = []
+    for choice, tags in tqdm(points, desc=name, unit="point", disable=args.quiet):
+        alloc = make_allocation(table, choice, target_bits=tags.get("target_bits"),
+                                solver=method, extra={k: v for k, v in tags.items()
+                                                      if k != "target_bits"})
+        if calib is not None:
+            alloc["corrections"] = estimate_corrections(
+                model, alloc, calib, bcw=args.bias_corr_weight, bca=args.bias_corr_act,
+                batch_size=args.batchsize)
+        label = _point_label(tags)
+        apath = outdir / f"allocation_{label}.json"
+        save_allocation(apath, alloc)
+        q_model = apply_allocation(model, alloc)
+        metrics = evaluate(q_model, data, ref, device)
+        if args.save_model:
+            save_quantized(outdir / f"model_{label}.pth", q_model, alloc)
+        bits = bit_report(model, alloc, x1)
+        row = {"model": info.arch, "method": name, **tags, **alloc["summary"],
+               **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb", "fp_size_mb",
+                                       "bops_ratio")},
+               **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"], "solve_s": solve_s,
+               "smooth_dists": args.smooth_dists, "allocation": apath.name,
+               "fp_weight_layers": bits["fp_weight_layers"],
+               "fp_act_layers": bits["fp_act_layers"],
+               "created": datetime.now(timezone.utc).isoformat()}
+        rows.append(row)
+        log.info("%s %s: W %.3f A %s bits, top-1 %s, out MSE %.3e", name, label, row["w_bits"],
+                 "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
+                 "-" if row["top1"] is None else f"{row['top1']:.2f}", row["out_mse"])
+        if not args.no_plots:
+            plot_allocation(alloc, outdir / f"bits_{label}.png")
+        del q_model
+    all_rows = append_results(outdir, rows)
+    if not args.no_plots:
+        plot_results([r for r in all_rows if r.get("model") == info.arch],
+                     outdir / "results.png", info.arch)
+    fp_line = (f"full precision: top-1 {fp['top1']:.2f} %, top-5 {fp['top5']:.2f} % on "
+               f"{fp['n_eval']} samples" if fp["top1"] is not None
+               else f"full precision: {fp['n_eval']} unlabelled samples (output MSE only)")
+    return {"outdir": str(outdir), "rows": rows, "table": fp_line + "\n" + format_table(rows)}
+
+
+def _distinct_columns(sweep, slopes: list[float]) -> list[tuple[Any, dict[str, Any]]]:
+    """One point per distinct allocation of a slope sweep (the slopes that give it listed)."""
+    points: dict[bytes, tuple[Any, dict[str, Any]]] = {}
+    for j, s in enumerate(slopes):
+        col = sweep[:, j]
+        key = col.tobytes()
+        if key in points:
+            points[key][1]["slopes_log2"].append(s)
+        else:
+            points[key] = (col.copy(), {"slope_log2": s, "slopes_log2": [s]})
+    return list(points.values())
+
+
+def _point_label(tags: dict[str, Any]) -> str:
+    if tags.get("target_bits") is None:
+        return f"slope_{tags['slope_log2']:g}"
+    label = f"{tags['target_bits']:g}"
+    if tags.get("act_target_bits") is not None:
+        label += f"_a{tags['act_target_bits']:g}"
+    return label
+
+
+def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``evaluate_allocation.py``: re-apply saved allocation files to the model and
+    evaluate them (corrections stored in the files are used as they are)."""
+    from rdoq.allocation import load_allocation
+    from rdoq.apply import apply_allocation, check_model
+    from rdoq.evaluate import bit_report, evaluate, reference_outputs
+    from rdoq.report import append_results, format_table
+
+    p = argparse.ArgumentParser(description="Evaluate saved allocation files "
+                                            "(allocation_<target>.json).")
+    p.add_argument("allocations", nargs="+", type=Path, help="allocation JSON files")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--archname", default=None,
+                   help="model name (default: the allocation's model)")
+    g.add_argument("--checkpoint", "--override-checkpoint", dest="checkpoint", type=Path,
+                   default=None, help="state dict / timm checkpoint file (weights only)")
+    g.add_argument("--random-init", action="store_true", help="seeded random weights")
+    g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic"), default="imagenet",
+                   help="evaluation data (as in the allocation scripts)")
+    g.add_argument("--datapath", type=Path, default=Path("./ImageNet2012/"),
+                   help="ImageNet root with val/")
+    g.add_argument("--testsize", type=_testsize, default=-1,
+                   help="evaluation samples (-1 = all)")
+    g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
+                   help="samples per forward")
+    g.add_argument("--workers", type=int, default=4, help="ImageNet decoding workers")
+    g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    o = p.add_argument_group("output and device")
+    o.add_argument("--outdir", type=Path, default=None,
+                   help="where results.jsonl/csv go (default: the first allocation's directory)")
+    o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
+    o.add_argument("--device", default=None, help="torch device")
+    o.add_argument("--precision", choices=("float32", "float64"), default="float32",
+                   help="arithmetic of the evaluation")
+    o.add_argument("--mute-print", "--quiet", dest="quiet", action="store_true",
+                   help="no progress bars")
+    args = p.parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        allocs = [(path, load_allocation(path)) for path in args.allocations]
+        models = {a["model"] for _, a in allocs}
+        if args.archname is None:
+            if len(models) != 1:
+                raise InputError(f"the allocations are for several models {sorted(models)}; "
+                                 f"evaluate them separately")
+            args.archname = models.pop()
+        device = resolve_device(args, None)
+        dtype = getattr(torch, args.precision)
+        model, info = build_any_model(args)
+        for path, a in allocs:
+            if a["model"] != info.arch:
+                raise InputError(f"{path} is an allocation for {a['model']}, this run loads "
+                                 f"{info.arch}; pass the matching --archname")
+            check_model(model, a, str(path))
+        model = model.to(device=device, dtype=dtype).eval()
+        data = eval_data_for(args, model)
+    except (InputError, ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    outdir = args.outdir or args.allocations[0].parent
+    ref = reference_outputs(model, data, device)
+    fp = evaluate(model, data, ref, device)
+    x1 = next(iter(data))[0][:1].to(device=device, dtype=dtype)
+    rows = []
+    for path, a in allocs:
+        metrics = evaluate(apply_allocation(model, a), data, ref, device)
+        bits = bit_report(model, a, x1)
+        rows.append({"model": info.arch, "method": f"eval:{a.get('solver')}",
+                     "target_bits": a.get("target_bits"), **a.get("summary", {}),
+                     **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb",
+                                             "fp_size_mb", "bops_ratio")},
+                     **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"],
+                     "allocation": str(path), "fp_weight_layers": bits["fp_weight_layers"],
+                     "fp_act_layers": bits["fp_act_layers"],
+                     "created": datetime.now(timezone.utc).isoformat()})
+    append_results(Path(outdir), rows)
+    return {"outdir": str(outdir), "rows": rows, "table": format_table(rows)}

@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -40,7 +41,9 @@ def curve_set_name(arch: str, kind: str, ndz: int, nr: int, ns: int, nf: int,
     return f"{arch}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}_rdcurves_{where}_opt_dist_act"
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Create ``path`` atomically: ``write(f)`` fills a temp file in the same directory, which
+    then replaces ``path`` (a crash leaves the old file or none, never a partial one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -75,7 +78,7 @@ def _create_json_exclusive(path: Path, obj: Any) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
-    _atomic_write_bytes(Path(path), lambda f: f.write(data))
+    atomic_write_bytes(Path(path), lambda f: f.write(data))
 
 
 def _canonical(value: Any) -> Any:
@@ -192,7 +195,7 @@ class CurveStore:
         curves.validate(name)
         arrays = {k: getattr(curves, k) for k in LAYER_ARRAYS} | curves.extra
         arrays["settings_digest"] = np.array(self.settings_digest)
-        _atomic_write_bytes(self.layer_path(name), lambda f: np.savez(f, **arrays))
+        atomic_write_bytes(self.layer_path(name), lambda f: np.savez(f, **arrays))
 
     def read_layer(self, name: str) -> LayerCurves:
         """Read one layer's curves (no pickles) and check them against ``meta.json``."""

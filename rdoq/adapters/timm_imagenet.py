@@ -198,3 +198,40 @@ def synthetic_calib(count: int, model: nn.Module, seed: int = 0) -> CalibSet:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(count, *shape, generator=g)
     return CalibSet(x, "synthetic:randn", list(range(count)), seed)
+
+
+class LabelledFiles(torch.utils.data.Dataset):
+    """Image files with integer labels, decoded and transformed on access."""
+
+    def __init__(self, files: list[Path], labels: list[int], transform):
+        self.files, self.labels, self.transform = files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as img:
+            return self.transform(img.convert("RGB")), self.labels[i]
+
+
+def imagenet_eval(datapath: Path, count: int, model: nn.Module, batch_size: int,
+                  workers: int = 4) -> torch.utils.data.DataLoader:
+    """Labelled batches of ``datapath/val`` (``count`` = -1: every image; otherwise a
+    deterministic class-spread subset). Labels are the indices of the sorted class folders, the
+    ImageNet class order of timm models."""
+    split_dir = check_imagefolder(datapath, "val")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if count == -1:
+        files = [f for c in classes for f in sorted((split_dir / c).iterdir())
+                 if f.suffix.lower() in IMAGE_EXTENSIONS]
+        if not files:
+            raise InputError(f"{split_dir} holds no images in class folders")
+    else:
+        files = class_spread_files(split_dir, count)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[f.parent.name] for f in files]
+    data = LabelledFiles(files, labels, eval_transform(model))
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
+                                       num_workers=workers)

@@ -1,0 +1,428 @@
+"""From curve sets to allocations: the item table, constraints, targets and the allocation file.
+
+Items are the channel groups of every weight layer (rate = bits × weights, stored once) followed by
+the channel groups of every quantized activation tensor (rate = bits × elements per sample), as in
+the paper's DP and Lagrangian (DESIGN §1, §8). Column ``k`` of the table is bit width ``k``; a
+weight group's distortion at ``k`` bits is the best over its dead-zone ratios, and the step / dead
+zone of that best point is what :mod:`rdoq.apply` uses.
+
+An allocation (DESIGN §5, ``allocation_{target}.json``) is self-contained: per layer the group
+size, channel count, bits, steps and dead zones (and, for activations, the grid sign and the
+``-bca`` offsets), plus the curve sets' digests, so it can be re-applied and re-evaluated without
+the curves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rdoq.groups import group_bounds
+from rdoq.solvers import (
+    constrain,
+    expand_layers,
+    lagrangian_frontier,
+    merge_layers,
+    solve_dp_multi,
+    solve_lagrangian,
+)
+from rdoq.store import CurveStore, LayerCurves, atomic_write_json
+
+ALLOC_SCHEMA = "rdoq.allocation/1"
+SOLVERS = ("dp", "lg")
+WEIGHT, ACT = 0, 1
+
+
+@dataclass
+class LayerEntry:
+    """One quantizable tensor of the table: a weight (``kind`` 0) or an activation (1)."""
+
+    kind: int
+    name: str
+    type: str
+    shape: tuple[int, ...]  # weight shape, or per-sample activation shape
+    channels: int
+    group_size: int
+    rows: slice  # its items in the table
+    signed: np.ndarray | None = None  # (G,) activations: signed grid per group
+
+
+@dataclass
+class ItemTable:
+    """The padded solver table of all items (DESIGN §8) plus what is needed to apply a choice."""
+
+    dist: np.ndarray  # (I, K) float64, inf = not allowed
+    rate: np.ndarray  # (I, K) bits × numel
+    numel: np.ndarray  # (I,)
+    kind: np.ndarray  # (I,) WEIGHT or ACT
+    layer: np.ndarray  # (I,) index into layers
+    step_log2: np.ndarray  # (I, K)
+    deadzone: np.ndarray  # (I, K)
+    source: np.ndarray  # (I, K) column whose quantizer realises each column (smoothing)
+    bits: np.ndarray  # (K,)
+    layers: list[LayerEntry]
+    model: str
+    curve_sets: dict[str, dict[str, Any]]
+    act_mode: str | None
+    fp_acts: list[str] = field(default_factory=list)
+
+    def numel_of(self, kind: int) -> float:
+        return float(self.numel[self.kind == kind].sum())
+
+    def part_numel(self, kind: int | None) -> float:
+        return float(self.numel.sum()) if kind is None else self.numel_of(kind)
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of a curve set's meta.json content (what an allocation was solved from)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def open_curve_set(root: Path | str, kind: str, act_mode: str | None = None) -> CurveStore:
+    """A complete curve set of ``kind`` (``act_mode`` for activations), or an error naming what is
+    missing or different."""
+    store = CurveStore.load(root)
+    meta = store.meta
+    if meta["kind"] != kind:
+        raise ValueError(f"{root} holds {meta['kind']} curves, expected {kind} curves")
+    if kind == "act" and act_mode is not None and meta.get("act_mode") != act_mode:
+        raise ValueError(f"{root} holds activation curves of layer {meta.get('act_mode')}puts, "
+                         f"this script needs {act_mode}put curves")
+    missing = store.missing_layers()
+    if missing:
+        more = f" … ({len(missing)} in all)" if len(missing) > 5 else ""
+        raise ValueError(f"curve set {root} misses layers {missing[:5]}{more}; run the curve "
+                         f"script again with the same settings (and every --part_id) to finish it")
+    return store
+
+
+def find_act_curve_set(root: Path | str, model: str, act_mode: str,
+                       group_size: int | None = None) -> Path:
+    """The activation curve set under ``root`` (the paper's ``--act_curve_root_dir``) for
+    ``model`` and ``act_mode``; ``root`` may also be the curve set itself."""
+    root = Path(root)
+    if (root / "meta.json").is_file():
+        return root
+    if not root.is_dir():
+        raise FileNotFoundError(f"--act_curve_root_dir {root} does not exist")
+    found = []
+    for d in sorted(p for p in root.iterdir() if (p / "meta.json").is_file()):
+        meta = CurveStore.read_meta(d)
+        if (meta["kind"] == "act" and meta.get("act_mode") == act_mode
+                and meta.get("model") == model
+                and (group_size is None or meta["group_size"] == group_size)):
+            found.append(d)
+    if not found:
+        raise FileNotFoundError(f"no {act_mode}put activation curve set of {model} under {root}; "
+                                f"run the activation curve script with --outdir {root}")
+    if len(found) > 1:
+        raise ValueError(f"several activation curve sets of {model} under {root}: "
+                         f"{[d.name for d in found]}; pass one of them as --act_curve_root_dir")
+    return found[0]
+
+
+def _pad(a: np.ndarray, k: int, fill: float) -> np.ndarray:
+    out = np.full((a.shape[0], k), fill, dtype=np.float64)  # (G, K)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def check_same_model(weight_meta: dict[str, Any], act_meta: dict[str, Any]) -> None:
+    """Weight and activation curves must describe the same model and weights."""
+    for key in ("model", "checkpoint_sha256", "weights_source"):
+        if weight_meta.get(key) != act_meta.get(key):
+            raise ValueError(f"the weight and activation curve sets differ in {key}: "
+                             f"{weight_meta.get(key)!r} vs {act_meta.get(key)!r}; use curves of "
+                             f"the same model and checkpoint")
+
+
+def build_table(weights: CurveStore, acts: CurveStore | None,
+                fp_act_layers: list[str] | None = None, uniform_only: bool = False) -> ItemTable:
+    """The item table of a weight curve set and (optionally) an activation curve set.
+
+    ``fp_act_layers`` names activation layers kept in full precision (no items);
+    ``uniform_only`` keeps only dead-zone ratio 0 (the paper's ``--closedeadzone 1``).
+    """
+    if acts is not None:
+        check_same_model(weights.meta, acts.meta)
+    stores = [(WEIGHT, weights)] + ([(ACT, acts)] if acts is not None else [])
+    n_cols = max(len(s.meta["bits"]) for _, s in stores)
+    for _, s in stores:
+        if list(s.meta["bits"]) != list(range(len(s.meta["bits"]))):
+            raise ValueError(f"{s.root}: bits {s.meta['bits']} are not 0..nr-1")
+    skip = set(fp_act_layers or [])
+    act_names = set(acts.layer_names()) if acts is not None else set()
+    unknown = sorted(skip - act_names)
+    if acts is not None and unknown:
+        raise ValueError(f"activation layers {unknown} to keep in full precision are not in "
+                         f"{acts.root}; valid names: {sorted(act_names)[:8]}…")
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in
+                                         ("dist", "step", "dz", "numel", "kind", "layer")}
+    layers: list[LayerEntry] = []
+    start = 0
+    for kind, store in stores:
+        for entry in store.meta["layers"]:
+            name = entry["name"]
+            if kind == ACT and name in skip:
+                continue
+            c = store.read_layer(name)
+            if uniform_only:
+                c = LayerCurves(c.dist[:, :1], c.step_log2[:, :1], c.deadzone[:, :1], c.numel,
+                                c.extra)
+            g = c.dist.shape[0]
+            best = np.argmin(np.where(np.isnan(c.dist), np.inf, c.dist), axis=1)  # (G, B)
+            pick = best[:, None, :]
+
+            def take(a: np.ndarray, pick: np.ndarray = pick) -> np.ndarray:
+                return np.take_along_axis(a, pick, axis=1)[:, 0, :]  # (G, B)
+
+            dist = take(c.dist)  # (G, B)
+            if not np.isfinite(dist[:, 0]).all() or np.isnan(dist).any():
+                raise ValueError(f"{store.layer_path(name)} holds non-finite distortions; "
+                                 f"recompute that layer (delete the file and re-run)")
+            shape = tuple(entry["shape"])
+            if kind == WEIGHT:
+                channels = shape[0]
+            else:
+                channels = shape[0] if entry["type"] == "Conv2d" else shape[-1]
+            signed = None
+            if kind == ACT:
+                signed = np.asarray(c.extra.get("signed", np.ones(g, dtype=bool)), dtype=bool)
+            gs = int(store.meta["group_size"])
+            if len(group_bounds(channels, gs)) != g:
+                raise ValueError(f"{store.layer_path(name)}: {g} groups do not match "
+                                 f"{channels} channels in groups of {gs}")
+            cols["dist"].append(_pad(dist, n_cols, np.inf))
+            cols["step"].append(_pad(take(c.step_log2), n_cols, 0.0))
+            cols["dz"].append(_pad(take(c.deadzone), n_cols, 0.0))
+            cols["numel"].append(np.asarray(c.numel, dtype=np.float64))
+            cols["kind"].append(np.full(g, kind))
+            cols["layer"].append(np.full(g, len(layers)))
+            layers.append(LayerEntry(kind, name, entry["type"], shape, channels, gs,
+                                     slice(start, start + g), signed))
+            start += g
+    bits = np.arange(n_cols)
+    numel = np.concatenate(cols["numel"])  # (I,)
+    dist = np.concatenate(cols["dist"])  # (I, K)
+    curve_sets = {"weight": {"path": str(weights.root), "digest": meta_digest(weights.meta)}}
+    if acts is not None:
+        curve_sets["act"] = {"path": str(acts.root), "digest": meta_digest(acts.meta)}
+    return ItemTable(
+        dist=dist, rate=numel[:, None] * bits[None, :], numel=numel,
+        kind=np.concatenate(cols["kind"]), layer=np.concatenate(cols["layer"]),
+        step_log2=np.concatenate(cols["step"]), deadzone=np.concatenate(cols["dz"]),
+        source=np.broadcast_to(np.arange(n_cols), dist.shape).copy(), bits=bits, layers=layers,
+        model=str(weights.meta["model"]), curve_sets=curve_sets,
+        act_mode=acts.meta.get("act_mode") if acts is not None else None,
+        fp_acts=sorted(skip & act_names))
+
+
+def restrict(table: ItemTable, *, allowed_bits: list[int] | None = None,
+             min_bits: int | None = None, max_bits: int | None = None,
+             smooth: bool = False) -> ItemTable:
+    """Apply hardware constraints (``inf`` where a bit width is not allowed) and, with
+    ``smooth``, a running minimum over bits (the paper's ``--smooth-dists``).
+
+    The running minimum makes every curve non-increasing: a group's distortion at ``b`` bits
+    becomes the best reachable with at most ``b`` bits. The ``source`` column records which width
+    reaches it, and :func:`choice_columns` maps a chosen width back to that width, so an
+    allocation only ever uses measured points (and never pays for bits that do not help).
+    """
+    if allowed_bits is not None:
+        bad = sorted(set(allowed_bits) - set(table.bits.tolist()))
+        if bad:
+            raise ValueError(f"allowed bit widths {bad} are not in the curves (bits "
+                             f"0..{int(table.bits[-1])}); pick from those")
+    dist = constrain(table.dist, table.bits, allowed_bits=allowed_bits, min_bits=min_bits,
+                     max_bits=max_bits)  # (I, K)
+    source = np.broadcast_to(np.arange(dist.shape[1]), dist.shape).copy()  # (I, K)
+    if smooth:
+        best = np.full(dist.shape[0], np.inf)
+        best_col = np.zeros(dist.shape[0], dtype=np.int64)
+        for k in range(dist.shape[1]):
+            ok = np.isfinite(dist[:, k])
+            better = ok & (dist[:, k] < best)
+            best = np.where(better, dist[:, k], best)
+            best_col = np.where(better, k, best_col)
+            # Only allowed columns are smoothed; a disallowed one stays disallowed.
+            dist[ok, k] = best[ok]
+            source[ok, k] = best_col[ok]
+    out = ItemTable(**{**table.__dict__, "dist": dist, "source": source})
+    return out
+
+
+def choice_columns(table: ItemTable, choice: np.ndarray) -> np.ndarray:
+    """The column each item's quantizer really uses (``source`` after smoothing)."""
+    return table.source[np.arange(len(choice)), choice]
+
+
+def target_range(table: ItemTable, kind: int | None) -> tuple[float, float]:
+    """Smallest and largest reachable average bits of items of ``kind`` (None = all)."""
+    rows = np.ones(len(table.kind), bool) if kind is None else table.kind == kind
+    allowed = np.isfinite(table.dist[rows])  # (I, K)
+    rate = table.rate[rows]
+    n = table.part_numel(kind)
+    lo = float(np.where(allowed, rate, np.inf).min(axis=1).sum()) / n
+    hi = float(np.where(allowed, rate, -np.inf).max(axis=1).sum()) / n
+    return lo, hi
+
+
+def check_targets(table: ItemTable, targets: list[float], kind: int | None, flag: str) -> None:
+    """Every target within the reachable range, or an error naming it and the range."""
+    lo, hi = target_range(table, kind)
+    for t in targets:
+        if not math.isfinite(t) or t < lo - 1e-12 or t > hi + 1e-12:
+            raise ValueError(f"{flag} {t} is outside the reachable average bit widths "
+                             f"[{lo:.4g}, {hi:.4g}] under the constraints (bits, --minrate, "
+                             f"--bit_list, --maxbits); choose a target in that range")
+
+
+def _solve_part(dist: np.ndarray, rate: np.ndarray, budgets: list[float], solver: str,
+                layer: np.ndarray | None) -> list[np.ndarray]:
+    item_layer = None
+    if layer is not None:
+        dist, rate, item_layer = merge_layers(dist, rate, layer)
+    if solver == "dp":
+        choices = list(solve_dp_multi(dist, rate, budgets).choices)
+    elif solver == "lg":
+        choices = [solve_lagrangian(dist, rate, b) for b in budgets]
+    else:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    return [expand_layers(c, item_layer) if item_layer is not None else c for c in choices]
+
+
+def solve_targets(table: ItemTable, targets: list[float], solver: str,
+                  act_targets: list[float] | None = None,
+                  layerwise: bool = False) -> tuple[list[np.ndarray], float]:
+    """Choices ``(I,)`` for each target, and the solver seconds.
+
+    Joint budget (the paper): ``target × (weights + activation elements per sample)``. With
+    ``act_targets`` (one per target, or one for all), weights and activations get separate
+    budgets ``target × weights`` and ``act_target × activation elements``.
+    """
+    t0 = time.perf_counter()
+    layer = table.layer if layerwise else None
+    if act_targets is None:
+        check_targets(table, targets, None, "--target_rates")
+        budgets = [t * table.part_numel(None) for t in targets]
+        choices = _solve_part(table.dist, table.rate, budgets, solver, layer)
+    else:
+        if len(act_targets) not in (1, len(targets)):
+            raise ValueError(f"--act-target-rates takes one value or one per --target_rates "
+                             f"({len(targets)}), got {len(act_targets)}")
+        if not (table.kind == ACT).any():
+            raise ValueError("--act-target-rates needs activation curves "
+                             "(--act_curve_root_dir)")
+        act_targets = act_targets * len(targets) if len(act_targets) == 1 else act_targets
+        check_targets(table, targets, WEIGHT, "--target_rates")
+        check_targets(table, act_targets, ACT, "--act-target-rates")
+        choices = [np.zeros(len(table.kind), dtype=np.int64) for _ in targets]
+        for kind, tt in ((WEIGHT, targets), (ACT, act_targets)):
+            rows = np.flatnonzero(table.kind == kind)
+            budgets = [t * table.part_numel(kind) for t in tt]
+            part = _solve_part(table.dist[rows], table.rate[rows], budgets, solver,
+                               None if layer is None else layer[rows])
+            for c, p in zip(choices, part, strict=True):
+                c[rows] = p
+    return [choice_columns(table, c) for c in choices], time.perf_counter() - t0
+
+
+def frontier_choices(table: ItemTable, slopes_log2: list[float],
+                     layerwise: bool = False) -> tuple[np.ndarray, float]:
+    """Choices ``(I, S)`` of the Lagrangian slope sweep ``λ = 2^slope`` (dist per bit)."""
+    t0 = time.perf_counter()
+    lam = np.exp2(np.asarray(slopes_log2, dtype=np.float64))  # (S,)
+    if layerwise:
+        dist, rate, item_layer = merge_layers(table.dist, table.rate, table.layer)
+        out = lagrangian_frontier(dist, rate, lam)[item_layer]  # (I, S)
+    else:
+        out = lagrangian_frontier(table.dist, table.rate, lam)  # (I, S)
+    rows = np.arange(out.shape[0])[:, None]
+    return table.source[rows, out], time.perf_counter() - t0
+
+
+def summarize_choice(table: ItemTable, choice: np.ndarray) -> dict[str, Any]:
+    """Average W / A / joint bits and the predicted distortion (sum of the chosen curve points)."""
+    idx = np.arange(len(choice))
+    rate = table.rate[idx, choice]
+    w, a = table.kind == WEIGHT, table.kind == ACT
+    n_w, n_a = table.numel_of(WEIGHT), table.numel_of(ACT)
+    dist = table.dist[idx, choice]
+    return {
+        "w_bits": float(rate[w].sum() / n_w) if n_w else None,
+        "a_bits": float(rate[a].sum() / n_a) if n_a else None,
+        "avg_bits": float(rate.sum() / table.numel.sum()),
+        "pred_dist": float(dist.sum()),
+        "pred_dist_w": float(dist[w].sum()), "pred_dist_a": float(dist[a].sum()),
+    }
+
+
+def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float | None,
+                    solver: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The allocation file's content (DESIGN §5) for one choice of columns."""
+    weights, acts = {}, {}
+    for layer in table.layers:
+        rows = np.arange(layer.rows.start, layer.rows.stop)
+        cols = choice[rows]
+        entry = {
+            "type": layer.type, "shape": list(layer.shape), "channels": layer.channels,
+            "group_size": layer.group_size,
+            "bits": [int(table.bits[c]) for c in cols],
+            "step_log2": [float(table.step_log2[r, c]) for r, c in zip(rows, cols, strict=True)],
+        }
+        if layer.kind == WEIGHT:
+            entry["deadzone"] = [float(table.deadzone[r, c]) for r, c in zip(rows, cols,
+                                                                             strict=True)]
+            weights[layer.name] = entry
+        else:
+            entry["signed"] = [bool(s) for s in layer.signed]
+            acts[layer.name] = entry
+    return {
+        "schema": ALLOC_SCHEMA, "model": table.model, "target_bits": target_bits,
+        "solver": solver, "act_mode": table.act_mode, "curve_sets": table.curve_sets,
+        "weights": weights, "acts": acts, "fp_acts": table.fp_acts,
+        "summary": summarize_choice(table, choice), **(extra or {}),
+    }
+
+
+def save_allocation(path: Path, alloc: dict[str, Any]) -> None:
+    """Write an allocation file atomically."""
+    atomic_write_json(path, alloc)
+
+
+def load_allocation(path: Path | str) -> dict[str, Any]:
+    """Read and validate an allocation file (no code executed; structure and lengths checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"allocation file {path} does not exist")
+    try:
+        alloc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(alloc, dict) or alloc.get("schema") != ALLOC_SCHEMA:
+        found = alloc.get("schema") if isinstance(alloc, dict) else None
+        raise ValueError(f"{path}: schema {found!r} is not {ALLOC_SCHEMA!r}")
+    for key in ("model", "weights", "acts"):
+        if key not in alloc:
+            raise ValueError(f"{path}: missing key {key!r}")
+    for part in ("weights", "acts"):
+        for name, e in alloc[part].items():
+            try:
+                g = len(group_bounds(int(e["channels"]), int(e["group_size"])))
+                lists = ["bits", "step_log2"] + (["deadzone"] if part == "weights" else ["signed"])
+                bad = [k for k in lists if len(e[k]) != g]
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}: {part} entry {name!r} is malformed ({err})") from err
+            if bad:
+                raise ValueError(f"{path}: {part} entry {name!r} has {bad} of the wrong length "
+                                 f"(expected {g} groups)")
+            if any((not isinstance(b, int)) or b < 0 for b in e["bits"]):
+                raise ValueError(f"{path}: {part} entry {name!r} has invalid bits {e['bits']}")
+    return alloc

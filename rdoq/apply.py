@@ -1,0 +1,259 @@
+"""Apply an allocation to a model (DESIGN §9).
+
+Weights are fake-quantized in place, group by group, with the quantizer the curves were measured
+with (:func:`rdoq.quantizers.quantize_weight`). Activations go through one vectorised quantizer per
+layer: per-channel step and level bounds as tensors, broadcast on the channel axis (no Python loop
+over groups), installed as a forward hook (outputs) or pre-hook (inputs).
+
+Corrections are estimated once on the *calibration* set and stored in the allocation; evaluation
+never looks at the full-precision activations of the data it evaluates (the authors' ``-bca`` did):
+
+- ``-bcw``: per output channel, the mean output error ``E[(W − Ŵ) x]`` of each weight-quantized
+  layer over the calibration inputs is added to the layer's bias (a bias is created if missing).
+  This is foldable into the deployed layer, unlike the paper's per-channel affine weight rescaling.
+- ``-bca``: per channel, the mean quantization error ``E[a − Q(a)]`` of each quantized activation
+  over the calibration set is added after the quantizer (a constant per channel, which the next
+  linear operation can absorb into its bias).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rdoq.groups import channel_dim, group_bounds
+from rdoq.quantizers import quantize_uniform, quantize_weight, signed_bounds, unsigned_bounds
+from rdoq.store import atomic_write_bytes
+
+
+def check_model(model: nn.Module, alloc: dict[str, Any], source: str = "allocation") -> None:
+    """Every layer of ``alloc`` exists in ``model`` with the same type and weight shape."""
+    modules = dict(model.named_modules())
+    for part in ("weights", "acts"):
+        for name, e in alloc[part].items():
+            m = modules.get(name)
+            if m is None:
+                raise ValueError(f"{source} (model {alloc.get('model')}) names layer {name!r}, "
+                                 f"which this model does not have; use the allocation of this "
+                                 f"model")
+            if type(m).__name__ != e["type"]:
+                raise ValueError(f"{source}: layer {name} is a {type(m).__name__} here, "
+                                 f"{e['type']} in the allocation")
+            if part == "weights" and list(m.weight.shape) != list(e["shape"]):
+                raise ValueError(f"{source}: layer {name} has weight shape "
+                                 f"{list(m.weight.shape)} here, {e['shape']} in the allocation")
+
+
+def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
+    """The fake-quantized copy of a layer's weight (float64 arithmetic, returned in its dtype)."""
+    w = weight.detach().double()
+    out = torch.empty_like(w)
+    bounds = group_bounds(int(entry["channels"]), int(entry["group_size"]))
+    for g, (c0, c1) in enumerate(bounds):
+        out[c0:c1] = quantize_weight(w[c0:c1], int(entry["bits"][g]), float(entry["step_log2"][g]),
+                                     float(entry["deadzone"][g]))
+    return out.to(weight.dtype)
+
+
+@dataclass
+class ActQuantizer:
+    """One layer's activation quantizer: per-channel tensors ``(C,)`` on the channel axis."""
+
+    dim: int
+    step: torch.Tensor
+    qmin: torch.Tensor
+    qmax: torch.Tensor
+    offset: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+
+        def b(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=x.device, dtype=x.dtype).reshape(shape)
+
+        q = quantize_uniform(x, b(self.step), b(self.qmin), b(self.qmax))
+        return q if self.offset is None else q + b(self.offset)
+
+    def state(self) -> dict[str, torch.Tensor | int]:
+        s = {"dim": self.dim, "step": self.step, "qmin": self.qmin, "qmax": self.qmax}
+        return s | ({"offset": self.offset} if self.offset is not None else {})
+
+
+def act_quantizer(module: nn.Module, entry: dict[str, Any],
+                  offset: list[float] | None = None) -> ActQuantizer:
+    """The vectorised quantizer of one activation entry of an allocation."""
+    c = int(entry["channels"])
+    step = torch.ones(c, dtype=torch.float64)  # (C,)
+    qmin = torch.zeros(c, dtype=torch.float64)  # (C,)
+    qmax = torch.zeros(c, dtype=torch.float64)  # (C,)
+    for g, (c0, c1) in enumerate(group_bounds(c, int(entry["group_size"]))):
+        bits = int(entry["bits"][g])
+        lo, hi = signed_bounds(bits) if entry["signed"][g] else unsigned_bounds(bits)
+        if bits > 0:
+            step[c0:c1] = 2.0 ** float(entry["step_log2"][g])
+        qmin[c0:c1], qmax[c0:c1] = lo, hi
+    off = torch.tensor(offset, dtype=torch.float64) if offset is not None else None
+    return ActQuantizer(channel_dim(module), step, qmin, qmax, off)
+
+
+def install_act_quantizers(model: nn.Module, quantizers: dict[str, ActQuantizer],
+                           mode: str) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hook each quantizer on its layer's output (``mode="out"``) or input (``"in"``)."""
+    if mode not in ("in", "out"):
+        raise ValueError(f"act_mode must be 'in' or 'out', got {mode!r}")
+    modules = dict(model.named_modules())
+    handles = []
+    for name, q in quantizers.items():
+        m = modules[name]
+        if mode == "out":
+            handles.append(m.register_forward_hook(lambda mod, a, o, q=q: q(o)))
+        else:
+            handles.append(m.register_forward_pre_hook(lambda mod, a, q=q: (q(a[0]), *a[1:])))
+    return handles
+
+
+def _layer_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``module``'s linear map of ``x`` with ``weight`` and no bias."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise ValueError(f"-bcw does not support padding_mode={module.padding_mode!r}")
+        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation,
+                        module.groups)
+    return F.linear(x, weight)
+
+
+def _calib_passes(model: nn.Module, calib: torch.Tensor, batch_size: int,
+                  hooks: list[tuple[nn.Module, str, Callable]]) -> None:
+    handles = []
+    for m, where, fn in hooks:
+        if where == "pre":
+            handles.append(m.register_forward_pre_hook(lambda mod, a, fn=fn: fn(mod, a[0])))
+        else:
+            handles.append(m.register_forward_hook(lambda mod, a, o, fn=fn: fn(mod, o)))
+    try:
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], batch_size):
+                model(calib[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _channel_mean(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    flat = t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()  # (rows, C)
+    return flat.sum(0), flat.shape[0]
+
+
+def estimate_corrections(model: nn.Module, alloc: dict[str, Any], calib: torch.Tensor, *,
+                         bcw: bool, bca: bool, batch_size: int = 32) -> dict[str, Any]:
+    """``-bcw`` / ``-bca`` offsets per layer and channel, from the FP model on ``calib``.
+
+    Returns ``{"bcw": {layer: [C_out]}, "bca": {layer: [C]}}`` (only the requested ones).
+    Layers whose forward is never called (their weight is read by a parent) get no offset.
+    """
+    modules = dict(model.named_modules())
+    sums: dict[tuple[str, str], list] = {}
+    hooks: list[tuple[nn.Module, str, Callable]] = []
+
+    def accumulate(key: tuple[str, str], t: torch.Tensor, dim: int) -> None:
+        s, n = _channel_mean(t, dim)
+        if key in sums:
+            sums[key][0] += s
+            sums[key][1] += n
+        else:
+            sums[key] = [s, n]
+
+    if bcw:
+        for name, e in alloc["weights"].items():
+            m = modules[name]
+            delta = (m.weight.detach() - quantized_weight(m.weight, e)).detach()
+
+            def f(mod, x, name=name, delta=delta):
+                accumulate(("bcw", name), _layer_output(mod, x, delta.to(x.dtype)),
+                           channel_dim(mod))
+            hooks.append((m, "pre", f))
+    if bca:
+        mode = alloc.get("act_mode")
+        for name, e in alloc["acts"].items():
+            m = modules[name]
+            q = act_quantizer(m, e)
+
+            def g(mod, t, name=name, q=q):
+                accumulate(("bca", name), t - q(t), channel_dim(mod))
+            hooks.append((m, "pre" if mode == "in" else "post", g))
+    _calib_passes(model, calib, batch_size, hooks)
+    out: dict[str, Any] = {}
+    for kind, flag in (("bcw", bcw), ("bca", bca)):
+        if flag:
+            out[kind] = {name: (s / n).tolist() for (k, name), (s, n) in sums.items()
+                         if k == kind}
+    return out
+
+
+def apply_allocation(model: nn.Module, alloc: dict[str, Any], in_place: bool = False) -> nn.Module:
+    """A copy of ``model`` (or ``model`` itself) with the allocation applied: weights
+    fake-quantized, ``-bcw`` biases added, activation quantizers (with ``-bca`` offsets) hooked.
+
+    The quantizers are kept on the returned model as ``model.rdoq_act_quantizers``.
+    """
+    check_model(model, alloc)
+    q_model = model if in_place else copy.deepcopy(model)
+    modules = dict(q_model.named_modules())
+    corr = alloc.get("corrections") or {}
+    with torch.no_grad():
+        for name, e in alloc["weights"].items():
+            m = modules[name]
+            m.weight.copy_(quantized_weight(m.weight, e))
+            shift = corr.get("bcw", {}).get(name)
+            if shift is not None:
+                shift = torch.tensor(shift, dtype=m.weight.dtype, device=m.weight.device)
+                if m.bias is None:
+                    m.bias = nn.Parameter(torch.zeros_like(shift))
+                m.bias.add_(shift)
+    quantizers = {name: act_quantizer(modules[name], e, corr.get("bca", {}).get(name))
+                  for name, e in alloc["acts"].items()}
+    if quantizers:
+        install_act_quantizers(q_model, quantizers, alloc.get("act_mode") or "out")
+    q_model.rdoq_act_quantizers = quantizers
+    return q_model
+
+
+def save_quantized(path: Path, q_model: nn.Module, alloc: dict[str, Any]) -> None:
+    """``--save-model``: the fake-quantized state dict, the activation quantizers (per-channel
+    step, level bounds and offsets) and the allocation, loadable with ``weights_only=True``."""
+    quant = getattr(q_model, "rdoq_act_quantizers", {})
+    blob = {"state_dict": q_model.state_dict(),
+            "act_quantizers": {n: q.state() for n, q in quant.items()},
+            "act_mode": alloc.get("act_mode"), "allocation": json.dumps(alloc)}
+    atomic_write_bytes(path, lambda f: torch.save(blob, f))
+
+
+def load_quantized(path: Path, model: nn.Module) -> nn.Module:
+    """Load a ``--save-model`` file into ``model`` (same architecture): weights and biases, and
+    the activation quantizers re-installed. Returns ``model``."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob["state_dict"]
+    modules = dict(model.named_modules())
+    for key in state:
+        mod_name, _, attr = key.rpartition(".")
+        m = modules.get(mod_name)
+        if attr == "bias" and m is not None and getattr(m, "bias", 0) is None:
+            m.bias = nn.Parameter(torch.zeros_like(state[key]))
+    model.load_state_dict(state)
+    quantizers = {}
+    for name, s in blob["act_quantizers"].items():
+        quantizers[name] = ActQuantizer(int(s["dim"]), s["step"], s["qmin"], s["qmax"],
+                                        s.get("offset"))
+    if quantizers:
+        install_act_quantizers(model, quantizers, blob.get("act_mode") or "out")
+    model.rdoq_act_quantizers = quantizers
+    return model.eval()

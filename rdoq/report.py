@@ -1,0 +1,152 @@
+"""Result files and plots of the allocation scripts (DESIGN §5): ``results.jsonl`` (one JSON line
+per evaluated point, appended), ``results.csv`` (rewritten from the JSON lines), a printed table
+and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rdoq.store import atomic_write_bytes
+
+# Columns of the printed table: (key, header, format).
+TABLE_COLUMNS = (
+    ("method", "method", "{}"), ("target_bits", "target", "{:.2f}"), ("w_bits", "W bits", "{:.3f}"),
+    ("a_bits", "A bits", "{:.3f}"), ("top1", "top-1 %", "{:.2f}"), ("top5", "top-5 %", "{:.2f}"),
+    ("out_mse", "out MSE", "{:.3e}"), ("pred_dist", "pred dist", "{:.3e}"),
+    ("size_mb", "size MB", "{:.3f}"),
+)
+
+
+def append_results(outdir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Append ``rows`` to ``outdir/results.jsonl`` and rewrite ``results.csv`` from all lines.
+
+    Returns every row in the file. The JSON file is rewritten atomically with the old lines
+    first, so a crash never leaves half a line."""
+    path = outdir / "results.jsonl"
+    old = read_results(path)
+    lines = old + rows
+    text = "".join(json.dumps(r) + "\n" for r in lines).encode()
+    atomic_write_bytes(path, lambda f: f.write(text))
+    keys: list[str] = []
+    for r in lines:
+        keys += [k for k in r if k not in keys and not isinstance(r[k], (list, dict))]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    w.writeheader()
+    for r in lines:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    data = buf.getvalue().encode()
+    atomic_write_bytes(outdir / "results.csv", lambda f: f.write(data))
+    return lines
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``results.jsonl`` (empty if absent)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i + 1} is not JSON ({e}); move the file away "
+                                 f"or fix that line") from e
+    return rows
+
+
+def _fmt(fmt: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table of result rows (method × target: bits, accuracy, MSE)."""
+    cols = [(k, h, f) for k, h, f in TABLE_COLUMNS if any(r.get(k) is not None for r in rows)]
+    cells = [[h for _, h, _ in cols]] + [[_fmt(f, r.get(k)) for k, _, f in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                       enumerate(zip(row, widths, strict=True))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_results(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Predicted distortion and measured top-1 (or output MSE without labels) against the average
+    bit width, one line per method."""
+    plt = _matplotlib()
+    labelled = any(r.get("top1") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    methods = list(dict.fromkeys(r.get("method", "?") for r in rows))
+    for m in methods:
+        pts = sorted((r for r in rows if r.get("method") == m), key=lambda r: r["avg_bits"])
+        x = [r["avg_bits"] for r in pts]
+        pred = [r.get("pred_dist") for r in pts]
+        if any(p is not None for p in pred):
+            axes[0].semilogy(x, [np.nan if p is None else p for p in pred], "o-", label=m)
+        y = [r.get("top1") if labelled else r.get("out_mse") for r in pts]
+        axes[1].plot(x, [np.nan if v is None else v for v in y], "o-", label=m)
+    axes[0].set(xlabel="average bits", ylabel="predicted output distortion",
+                title="predicted (sum of curve points)")
+    axes[1].set(xlabel="average bits", ylabel="top-1 %" if labelled else "output MSE",
+                title="measured")
+    if not labelled:
+        axes[1].set_yscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_allocation(alloc: dict[str, Any], path: Path) -> None:
+    """Bits per group (columns) per layer (rows; weights then activations) as a heatmap."""
+    plt = _matplotlib()
+    names, rows = [], []
+    for part, tag in (("weights", "W"), ("acts", "A")):
+        for name, e in alloc[part].items():
+            names.append(f"{tag} {name}")
+            rows.append(e["bits"])
+    if not rows:
+        return
+    width = max(len(r) for r in rows)
+    grid = np.full((len(rows), width), np.nan)  # (L, G)
+    for i, r in enumerate(rows):
+        grid[i, : len(r)] = r
+    fig, ax = plt.subplots(figsize=(min(2 + 0.25 * width, 16), min(1.5 + 0.18 * len(rows), 40)))
+    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.set_xlabel("channel group")
+    fig.colorbar(im, ax=ax, label="bits")
+    t = alloc.get("target_bits")
+    ax.set_title(f"{alloc['model']} {alloc.get('solver', '')} "
+                 + (f"target {t}" if t is not None else ""))
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _matplotlib().close(fig)
+    data = buf.getvalue()
+    atomic_write_bytes(path, lambda f: f.write(data))
