@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,9 @@ def add_model_data_flags(p: argparse.ArgumentParser, default_testsize: int = 64)
                    default=None, help="state dict / timm checkpoint file to load (weights only)")
     g.add_argument("--random-init", action="store_true",
                    help="use seeded random weights (smoke tests only; never the default)")
-    g.add_argument("--dataset", choices=("imagenet", "synthetic"), default="imagenet",
-                   help="imagenet: ImageFolder at --datapath; synthetic: seeded randn inputs "
+    g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic"), default="imagenet",
+                   help="imagenet: ImageFolder at --datapath; digits: the bundled default "
+                        "(--archname digits_cnn|digits_vit); synthetic: seeded randn inputs "
                         "(tests/benchmarks only)")
     g.add_argument("--datapath", type=Path, default=Path("./ImageNet2012/"),
                    help="ImageNet root with train/ and val/ (default: %(default)s)")
@@ -132,14 +134,8 @@ def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.de
 
 def load_model_and_calib(args: argparse.Namespace):
     """Build the model and the calibration set named by the flags."""
-    if args.checkpoint is not None and args.random_init:
-        raise InputError("--checkpoint and --random-init contradict each other; pass one of them")
-    model, info = build_model(args.archname, args.checkpoint, args.random_init, args.seed)
-    if args.dataset == "synthetic":
-        calib = synthetic_calib(args.testsize, model, args.seed)
-    else:
-        calib = imagenet_calib(args.datapath, args.testsize, model, args.seed)
-    return model, info, calib
+    model, info = build_any_model(args)
+    return model, info, calib_for(args, model, args.testsize, args.seed)
 
 
 def setup_logging(quiet: bool = False) -> None:
@@ -308,45 +304,63 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
     g.add_argument("--workers", type=int, default=4,
                    help="image-decoding worker processes for ImageNet (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    c = p.add_argument_group("curves")
-    c.add_argument("--pathrdcurve", type=Path, required=True,
-                   help="weight curve set (directory with meta.json)")
-    c.add_argument("--act_curve_root_dir", type=Path, default=None,
-                   help="activation curve set, or a directory holding it (found by model and "
-                        "act mode); omit to keep activations in full precision")
-    c.add_argument("--nchannelbatch", type=int, default=None,
-                   help="checked against the curve sets' group size (read from meta.json)")
-    c.add_argument("--maxrates", type=int, default=None,
-                   help="use bit widths 0..maxrates-1 of the curves (default: all measured)")
-    c.add_argument("--closedeadzone", type=int, choices=(0, 1), default=0,
-                   help="1: uniform weight quantizer only (dead-zone ratio 0)")
-    c.add_argument("--smooth-dists", action="store_true",
-                   help="running minimum of each curve over bits (a group never pays for bits "
-                        "that do not lower its distortion)")
-    c.add_argument("--fp-act-layers", default="ends",
-                   help="activation layers kept in full precision: 'ends' (first and last, as "
-                        "in the paper's DP/LG), 'none', or comma-separated layer names")
-    s = p.add_argument_group("allocation")
-    if method == "frontier":
-        s.add_argument("--maxslopesteps", type=_positive(int, "--maxslopesteps"), default=192,
-                       help="slopes log2 λ = -35 + 0.5 j, j < maxslopesteps (default: 192)")
-        s.add_argument("--slopes", type=float, nargs="+", default=None,
-                       help="explicit log2 λ values (dist per bit) instead of the grid")
+    if method == "uniform":
+        u = p.add_argument_group("uniform baseline")
+        u.add_argument("--target_rates", type=int, nargs="+", default=[4, 6, 8],
+                       help="bit widths of every weight (and activation) (default: 4 6 8)")
+        u.add_argument("--act-target-rates", type=int, nargs="+", default=None,
+                       help="activation bit widths (one, or one per --target_rates; default: "
+                            "the same as the weights)")
+        u.add_argument("--no-acts", action="store_true",
+                       help="keep every activation in full precision (weights only)")
+        u.add_argument("--act-mode", choices=("out", "in"), default="out",
+                       help="quantize layer outputs (as the act_out_nchan curves) or inputs")
+        u.add_argument("--calibsize", type=_positive(int, "--calibsize"), default=64,
+                       help="calibration samples for activation steps and corrections")
+        u.add_argument("--fp-act-layers", default="ends",
+                       help="activation layers kept in full precision: 'ends', 'none', or "
+                            "comma-separated names (as in the allocation scripts)")
+        s = p.add_argument_group("corrections")
     else:
-        s.add_argument("--target_rates", type=float, nargs="+", default=[4.0, 6.0, 8.0],
-                       help="target average bits (joint over weights and activation elements "
-                            "per sample, as in the paper; default: 4 6 8)")
-        s.add_argument("--act-target-rates", type=float, nargs="+", default=None,
-                       help="separate activation targets (one, or one per --target_rates); "
-                            "--target_rates then holds the weight targets")
-        s.add_argument("--maxslopesteps", type=int, default=None,
-                       help="accepted so the paper's README command runs; no effect here")
-    s.add_argument("--minrate", type=int, default=None, help="smallest bit width allowed")
-    s.add_argument("--maxbits", type=int, default=None, help="largest bit width allowed")
-    s.add_argument("--bit_list", type=int, nargs="+", default=None,
-                   help="allowed bit widths (hardware constraint), e.g. 0 2 4 8")
-    s.add_argument("--layerwise", action="store_true",
-                   help="one bit width per layer (all groups of a tensor alike)")
+        c = p.add_argument_group("curves")
+        c.add_argument("--pathrdcurve", type=Path, required=True,
+                       help="weight curve set (directory with meta.json)")
+        c.add_argument("--act_curve_root_dir", type=Path, default=None,
+                       help="activation curve set, or a directory holding it (found by model and "
+                            "act mode); omit to keep activations in full precision")
+        c.add_argument("--nchannelbatch", type=int, default=None,
+                       help="checked against the curve sets' group size (read from meta.json)")
+        c.add_argument("--maxrates", type=int, default=None,
+                       help="use bit widths 0..maxrates-1 of the curves (default: all measured)")
+        c.add_argument("--closedeadzone", type=int, choices=(0, 1), default=0,
+                       help="1: uniform weight quantizer only (dead-zone ratio 0)")
+        c.add_argument("--smooth-dists", action="store_true",
+                       help="running minimum of each curve over bits (a group never pays for bits "
+                            "that do not lower its distortion)")
+        c.add_argument("--fp-act-layers", default="ends",
+                       help="activation layers kept in full precision: 'ends' (first and last, as "
+                            "in the paper's DP/LG), 'none', or comma-separated layer names")
+        s = p.add_argument_group("allocation")
+        if method == "frontier":
+            s.add_argument("--maxslopesteps", type=_positive(int, "--maxslopesteps"), default=192,
+                           help="slopes log2 λ = -35 + 0.5 j, j < maxslopesteps (default: 192)")
+            s.add_argument("--slopes", type=float, nargs="+", default=None,
+                           help="explicit log2 λ values (dist per bit) instead of the grid")
+        else:
+            s.add_argument("--target_rates", type=float, nargs="+", default=[4.0, 6.0, 8.0],
+                           help="target average bits (joint over weights and activation elements "
+                                "per sample, as in the paper; default: 4 6 8)")
+            s.add_argument("--act-target-rates", type=float, nargs="+", default=None,
+                           help="separate activation targets (one, or one per --target_rates); "
+                                "--target_rates then holds the weight targets")
+            s.add_argument("--maxslopesteps", type=int, default=None,
+                           help="accepted so the paper's README command runs; no effect here")
+        s.add_argument("--minrate", type=int, default=None, help="smallest bit width allowed")
+        s.add_argument("--maxbits", type=int, default=None, help="largest bit width allowed")
+        s.add_argument("--bit_list", type=int, nargs="+", default=None,
+                       help="allowed bit widths (hardware constraint), e.g. 0 2 4 8")
+        s.add_argument("--layerwise", action="store_true",
+                       help="one bit width per layer (all groups of a tensor alike)")
     s.add_argument("-bcw", "--bias_corr_weight", action="store_true",
                    help="per-channel bias correction of weight quantization, estimated on the "
                         "calibration set and stored in the allocation")
@@ -368,10 +382,10 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
                    help="no progress bars")
 
 
-def _fp_act_layers(spec: str, act_store) -> list[str]:
-    if act_store is None:
+def _fp_act_layers(spec: str, names: list[str]) -> list[str]:
+    """The activation layers ``--fp-act-layers`` keeps in full precision, of ``names``."""
+    if not names:
         return []
-    names = act_store.layer_names()
     if spec == "ends":
         return sorted({names[0], names[-1]})
     if spec == "none":
@@ -410,7 +424,8 @@ def _rebuild_calib(args: argparse.Namespace, model: torch.nn.Module, meta: dict[
 
 def _method_name(method: str, args: argparse.Namespace) -> str:
     tags = [method] + [t for t, on in (("bcw", args.bias_corr_weight),
-                                      ("bca", args.bias_corr_act), ("layerwise", args.layerwise))
+                                      ("bca", args.bias_corr_act),
+                                      ("layerwise", getattr(args, "layerwise", False)))
                        if on]
     return "+".join(tags)
 
@@ -428,12 +443,8 @@ def allocate_main(method: str, act_mode: str = "out",
         make_allocation,
         open_curve_set,
         restrict,
-        save_allocation,
         solve_targets,
     )
-    from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
-    from rdoq.evaluate import bit_report, evaluate, reference_outputs
-    from rdoq.report import append_results, format_table, plot_allocation, plot_results
 
     titles = {"dp": "dynamic programming", "lg": "Lagrangian (target rates)",
               "frontier": "Lagrangian slope sweep"}
@@ -453,8 +464,8 @@ def allocate_main(method: str, act_mode: str = "out",
             aroot = find_act_curve_set(args.act_curve_root_dir, info.arch, act_mode)
             astore = open_curve_set(aroot, "act", act_mode)
             _check_curves_match(args, info, astore.meta, aroot)
-        table = build_table(wstore, astore, _fp_act_layers(args.fp_act_layers, astore),
-                            uniform_only=bool(args.closedeadzone))
+        fp_acts = _fp_act_layers(args.fp_act_layers, astore.layer_names() if astore else [])
+        table = build_table(wstore, astore, fp_acts, uniform_only=bool(args.closedeadzone))
         max_bits = args.maxbits
         if args.maxrates is not None:
             max_bits = min(args.maxrates - 1, max_bits if max_bits is not None else 10**6)
@@ -483,35 +494,54 @@ def allocate_main(method: str, act_mode: str = "out",
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
     outdir = args.outdir or Path(f"{Path(args.archname).name}_{method}_results")
-    outdir.mkdir(parents=True, exist_ok=True)
-    name = _method_name(method, args)
-    log.info("%s: %d items (%d activation groups), %d points to evaluate", name,
+    log.info("%s: %d items (%d activation groups), %d points to evaluate", method,
              len(table.kind), int((table.kind == ACT).sum()), len(points))
+
+    def allocator(choice, tags: dict[str, Any]):
+        return lambda: make_allocation(table, choice, target_bits=tags.get("target_bits"),
+                                       solver=method, extra={k: v for k, v in tags.items()
+                                                             if k != "target_bits"})
+
+    return _run_points(args, model, info, data, calib, outdir, _method_name(method, args),
+                       [(allocator(c, t), t) for c, t in points], solve_s, device)
+
+
+def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
+                calib: torch.Tensor | None, outdir: Path, name: str,
+                points: list[tuple[Callable[[], dict[str, Any]], dict[str, Any]]],
+                solve_s: float | None, device: torch.device) -> dict[str, Any]:
+    """Make, correct, save, apply and evaluate each allocation; write results and plots."""
+    from rdoq.allocation import save_allocation
+    from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
+    from rdoq.evaluate import bit_report, evaluate, reference_outputs
+    from rdoq.report import append_results, format_table, plot_allocation, plot_results
+
+    outdir.mkdir(parents=True, exist_ok=True)
     ref = reference_outputs(model, data, device)
     fp = evaluate(model, data, ref, device)
-    x1 = next(iter(data))[0][:1].to(device=device, dtype=dtype)
+    x1 = next(iter(data))[0][:1].to(device=device, dtype=next(model.parameters()).dtype)
     rows = []
-    for choice, tags in tqdm(points, desc=name, unit="point", disable=args.quiet):
-        alloc = make_allocation(table, choice, target_bits=tags.get("target_bits"),
-                                solver=method, extra={k: v for k, v in tags.items()
-                                                      if k != "target_bits"})
+    for make, tags in tqdm(points, desc=name, unit="point", disable=args.quiet):
+        alloc = make()
+        alloc["model"] = info.arch
         if calib is not None:
             alloc["corrections"] = estimate_corrections(
                 model, alloc, calib, bcw=args.bias_corr_weight, bca=args.bias_corr_act,
                 batch_size=args.batchsize)
         label = _point_label(tags)
-        apath = outdir / f"allocation_{label}.json"
+        prefix = "uniform_" if alloc["solver"] == "uniform" else ""
+        apath = outdir / f"{prefix}allocation_{label}.json"
         save_allocation(apath, alloc)
         q_model = apply_allocation(model, alloc)
         metrics = evaluate(q_model, data, ref, device)
         if args.save_model:
-            save_quantized(outdir / f"model_{label}.pth", q_model, alloc)
+            save_quantized(outdir / f"{prefix}model_{label}.pth", q_model, alloc)
         bits = bit_report(model, alloc, x1)
         row = {"model": info.arch, "method": name, **tags, **alloc["summary"],
                **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb", "fp_size_mb",
                                        "bops_ratio")},
                **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"], "solve_s": solve_s,
-               "smooth_dists": args.smooth_dists, "allocation": apath.name,
+               "smooth_dists": getattr(args, "smooth_dists", False), "allocation": apath.name,
                "fp_weight_layers": bits["fp_weight_layers"],
                "fp_act_layers": bits["fp_act_layers"],
                "created": datetime.now(timezone.utc).isoformat()}
@@ -519,7 +549,7 @@ def allocate_main(method: str, act_mode: str = "out",
         log.info("%s %s: W %.3f A %s bits, top-1 %s, out MSE %.3e", name, label, row["w_bits"],
                  "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
                  "-" if row["top1"] is None else f"{row['top1']:.2f}", row["out_mse"])
-        if not args.no_plots:
+        if not args.no_plots and alloc["solver"] != "uniform":
             plot_allocation(alloc, outdir / f"bits_{label}.png")
         del q_model
     all_rows = append_results(outdir, rows)
@@ -630,3 +660,86 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
                      "created": datetime.now(timezone.utc).isoformat()})
     append_results(Path(outdir), rows)
     return {"outdir": str(outdir), "rows": rows, "table": format_table(rows)}
+
+
+def uniform_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``uniform_baseline.py``: the same bit width for every weight and
+    activation, per-channel MSE-optimal steps, evaluated exactly like the RDOQ allocations."""
+    from rdoq.baselines import collect_acts, uniform_allocation
+    from rdoq.groups import act_shapes, find_layers
+
+    p = argparse.ArgumentParser(description="Uniform-precision baseline: per-channel steps by "
+                                            "minimum MSE, evaluated like RDOQ allocations.")
+    add_alloc_flags(p, "uniform")
+    args = p.parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        bad = [b for b in args.target_rates + (args.act_target_rates or []) if b < 1]
+        if bad:
+            raise InputError(f"uniform bit widths must be >= 1, got {bad}")
+        act_bits = args.act_target_rates or args.target_rates
+        if len(act_bits) not in (1, len(args.target_rates)):
+            raise InputError(f"--act-target-rates takes one value or one per --target_rates "
+                             f"({len(args.target_rates)}), got {len(act_bits)}")
+        act_bits = act_bits * len(args.target_rates) if len(act_bits) == 1 else act_bits
+        device = resolve_device(args, None)
+        dtype = getattr(torch, args.precision)
+        model, info = build_any_model(args)
+        model = model.to(device=device, dtype=dtype).eval()
+        calib = calib_for(args, model, args.calibsize, args.seed).x.to(device=device, dtype=dtype)
+        data = eval_data_for(args, model)
+        names = [layer.name for layer in find_layers(model)]
+        called = [n for n in names if n in act_shapes(model, calib[:1], names, args.act_mode)]
+        fp_acts = set(_fp_act_layers(args.fp_act_layers, called))
+        unknown = sorted(fp_acts - set(called))
+        if unknown:
+            raise InputError(f"--fp-act-layers names {unknown}, which are not quantizable "
+                             f"layers of {info.arch}")
+        act_layers = [] if args.no_acts else [n for n in called if n not in fp_acts]
+    except (InputError, ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    acts = collect_acts(model, calib, act_layers, args.act_mode) if act_layers else {}
+
+    def allocator(w_bits: int, a_bits: int):
+        return lambda: uniform_allocation(model, calib, w_bits,
+                                          None if args.no_acts else a_bits, act_layers,
+                                          args.act_mode, acts)
+
+    points = [(allocator(w, a), {"target_bits": float(w),
+                                 "act_target_bits": None if args.no_acts else float(a)})
+              for w, a in zip(args.target_rates, act_bits, strict=True)]
+    outdir = args.outdir or Path(f"{Path(args.archname).name}_uniform_results")
+    use_calib = calib if (args.bias_corr_weight or args.bias_corr_act) else None
+    return _run_points(args, model, info, data, use_calib, outdir,
+                       _method_name("uniform", args), points, None, device)
+
+
+def results_main(argv: list[str] | None = None) -> str:
+    """Entry point of ``show_results.py``: one table of every results.jsonl under the paths
+    (latest row per model, method and target), and optionally a combined plot."""
+    from rdoq.report import collect_results, format_table, plot_results
+
+    p = argparse.ArgumentParser(description="Tabulate results.jsonl files (method × target).")
+    p.add_argument("paths", nargs="+", type=Path, help="results.jsonl files or directories")
+    p.add_argument("--all", action="store_true",
+                   help="every row (default: the latest row per model, method and target)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also write a PNG of all methods of each model (one file per model: "
+                        "PLOT with the model name appended)")
+    args = p.parse_args(argv)
+    try:
+        rows = collect_results(args.paths)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    if not args.all:
+        latest: dict[tuple, dict[str, Any]] = {}
+        for r in rows:
+            latest[(r.get("model"), r.get("method"), r.get("target_bits"),
+                    r.get("act_target_bits"), r.get("slope_log2"))] = r
+        rows = [r for r in rows if latest[(r.get("model"), r.get("method"), r.get("target_bits"),
+                                           r.get("act_target_bits"), r.get("slope_log2"))] is r]
+    if args.plot is not None:
+        for model in dict.fromkeys(r.get("model") for r in rows):
+            path = args.plot.with_name(f"{args.plot.stem}_{model}{args.plot.suffix or '.png'}")
+            plot_results([r for r in rows if r.get("model") == model], path, str(model))
+    return format_table(rows)

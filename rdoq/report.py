@@ -17,7 +17,8 @@ from rdoq.store import atomic_write_bytes
 
 # Columns of the printed table: (key, header, format).
 TABLE_COLUMNS = (
-    ("method", "method", "{}"), ("target_bits", "target", "{:.2f}"), ("w_bits", "W bits", "{:.3f}"),
+    ("model", "model", "{}"), ("method", "method", "{}"), ("target_bits", "target", "{:.2f}"),
+    ("slope_log2", "log2 λ", "{:.1f}"), ("w_bits", "W bits", "{:.3f}"),
     ("a_bits", "A bits", "{:.3f}"), ("top1", "top-1 %", "{:.2f}"), ("top5", "top-5 %", "{:.2f}"),
     ("out_mse", "out MSE", "{:.3e}"), ("pred_dist", "pred dist", "{:.3e}"),
     ("size_mb", "size MB", "{:.3f}"),
@@ -70,7 +71,8 @@ def _fmt(fmt: str, value: Any) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of result rows (method × target: bits, accuracy, MSE)."""
-    cols = [(k, h, f) for k, h, f in TABLE_COLUMNS if any(r.get(k) is not None for r in rows)]
+    cols = [(k, h, f) for k, h, f in TABLE_COLUMNS if any(r.get(k) is not None for r in rows)
+            and (k != "model" or len({r.get("model") for r in rows}) > 1)]
     cells = [[h for _, h, _ in cols]] + [[_fmt(f, r.get(k)) for k, _, f in cols] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
@@ -150,3 +152,23 @@ def _save(fig, path: Path) -> None:
     _matplotlib().close(fig)
     data = buf.getvalue()
     atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def collect_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """Rows of every ``results.jsonl`` found under ``paths`` (files or directories), sorted by
+    model, target and method."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files += sorted(p.rglob("results.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no results.jsonl under {[str(p) for p in paths]}")
+    rows = [r for f in files for r in read_results(f)]
+
+    def key(r: dict[str, Any]) -> tuple:
+        t = r.get("target_bits")
+        return (str(r.get("model")), math.inf if t is None else t, str(r.get("method")))
+
+    return sorted(rows, key=key)

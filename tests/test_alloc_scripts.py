@@ -148,3 +148,15 @@ def test_evaluate_allocation_refuses_another_model(tmp_path, curves, capsys):
         evaluate_main([str(path), "--archname", "test_resnet", "--random-init", "--dataset",
                        "synthetic", "--quiet"])
     assert "allocation for test_vit" in capsys.readouterr().err
+
+
+def test_uniform_baseline_script(tmp_path):
+    out = tmp_path / "u"
+    proc = run_script("classification/uniform_baseline.py", *MODEL, "--testsize", "8",
+                      "--calibsize", "2", "--target_rates", "3", "6", "--act-target-rates", "8",
+                      "--quiet", "--outdir", str(out), "--no-plots")
+    assert "uniform" in proc.stdout
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["w_bits"], r["a_bits"]) for r in rows] == [(3.0, 8.0), (6.0, 8.0)]
+    assert rows[1]["out_mse"] < rows[0]["out_mse"]
+    assert (out / "uniform_allocation_3_a8.json").is_file()

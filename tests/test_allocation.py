@@ -339,3 +339,39 @@ def test_quantized_weight_matches_the_curve_quantizer_with_dead_zone():
     q = quantized_weight(w, e)
     assert torch.equal(q[3:], torch.zeros(1, 10))
     assert torch.equal(q[:3], quantize_weight(w[:3].double(), 3, -3.0, 0.2).float())
+
+
+def test_uniform_baseline_steps_are_mse_optimal():
+    from rdoq.baselines import mse_steps
+
+    torch.manual_seed(1)
+    x = torch.cat([torch.randn(1, 3000), torch.rand(1, 3000) * 5])  # (C, n)
+    signed = torch.tensor([True, False])
+    for bits in (2, 4, 6):
+        steps = mse_steps(x, bits, signed)
+        for c in range(2):
+            lo, hi = signed_bounds(bits) if signed[c] else unsigned_bounds(bits)
+
+            def mse(step, c=c, lo=lo, hi=hi):
+                return float((quantize_uniform(x[c].double(), step, lo, hi) - x[c]).pow(2).mean())
+
+            dense = min(mse(s) for s in np.geomspace(1e-4, 10, 3000))
+            assert mse(2.0 ** float(steps[c])) <= dense * 1.01, (bits, c)
+
+
+def test_uniform_allocation_is_an_ordinary_allocation(net):
+    from rdoq.baselines import uniform_allocation
+
+    calib = torch.randn(8, 3, 8, 8)
+    alloc = uniform_allocation(net, calib, 3, 4, ["c2", "f1"], "out")
+    alloc["model"] = "tinynet"
+    assert set(alloc["weights"]) == {"c1", "c2", "f1", "f2"} and set(alloc["acts"]) == {"c2",
+                                                                                        "f1"}
+    for e in alloc["weights"].values():
+        assert e["group_size"] == 1 and set(e["bits"]) == {3}
+    assert set(alloc["acts"]["f1"]["bits"]) == {4} and len(alloc["acts"]["f1"]["signed"]) == 7
+    r = bit_report(net, alloc, calib[:1])
+    assert r["w_bits"] == 3 and r["a_bits"] == 4
+    q = apply_allocation(net, alloc)
+    with torch.no_grad():
+        assert not torch.equal(q(calib), net(calib))
