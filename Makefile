@@ -23,16 +23,11 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-# Interim main job until the digits default lands (issue 4): measured weight and activation
-# curves of timm's tiny test ViT on explicit synthetic data, CPU, no network.
+# The main job on the embedded default: curves, DP / Lagrangian allocation, evaluation and the
+# uniform baseline for the bundled digits models (CPU, no network); variables in the driver.
 DEMO_OUT ?= runs/demo
 demo: $(VENV)/.installed
-	$(PY) classification/generate_RD_curves_batch.py --archname test_vit --random-init \
-		--dataset synthetic --testsize 4 --nchannelbatch 32 --maxrates 6 --maxdeadzones 2 \
-		--outdir $(DEMO_OUT)
-	$(PY) classification/generate_RD_curves_act_out_nchan.py --archname test_vit --random-init \
-		--dataset synthetic --testsize 4 --nchannelbatch 32 --maxrates 6 --outdir $(DEMO_OUT)
-	$(PY) classification/show_curves.py $(DEMO_OUT)
+	PY=$(abspath $(PY)) OUT=$(DEMO_OUT) bash scripts/run_digits_demo.sh
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_rd_curves.py --archname deit_tiny_patch16_224 --random-init \

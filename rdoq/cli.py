@@ -513,12 +513,12 @@ def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
     """Make, correct, save, apply and evaluate each allocation; write results and plots."""
     from rdoq.allocation import save_allocation
     from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
-    from rdoq.evaluate import bit_report, evaluate, reference_outputs
+    from rdoq.evaluate import bit_report, evaluate, reference_outputs, topk_scores
     from rdoq.report import append_results, format_table, plot_allocation, plot_results
 
     outdir.mkdir(parents=True, exist_ok=True)
-    ref = reference_outputs(model, data, device)
-    fp = evaluate(model, data, ref, device)
+    ref, labels = reference_outputs(model, data, device)
+    fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
     x1 = next(iter(data))[0][:1].to(device=device, dtype=next(model.parameters()).dtype)
     rows = []
     for make, tags in tqdm(points, desc=name, unit="point", disable=args.quiet):
@@ -529,19 +529,22 @@ def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
                 model, alloc, calib, bcw=args.bias_corr_weight, bca=args.bias_corr_act,
                 batch_size=args.batchsize)
         label = _point_label(tags)
-        prefix = "uniform_" if alloc["solver"] == "uniform" else ""
-        apath = outdir / f"{prefix}allocation_{label}.json"
+        # One subdirectory per method, so that methods sharing --outdir never overwrite each
+        # other's allocations (results.jsonl names the file relative to --outdir).
+        adir = outdir / name
+        apath = adir / f"allocation_{label}.json"
         save_allocation(apath, alloc)
         q_model = apply_allocation(model, alloc)
         metrics = evaluate(q_model, data, ref, device)
         if args.save_model:
-            save_quantized(outdir / f"{prefix}model_{label}.pth", q_model, alloc)
+            save_quantized(adir / f"model_{label}.pth", q_model, alloc)
         bits = bit_report(model, alloc, x1)
         row = {"model": info.arch, "method": name, **tags, **alloc["summary"],
                **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb", "fp_size_mb",
                                        "bops_ratio")},
                **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"], "solve_s": solve_s,
-               "smooth_dists": getattr(args, "smooth_dists", False), "allocation": apath.name,
+               "smooth_dists": getattr(args, "smooth_dists", False),
+               "allocation": str(apath.relative_to(outdir)),
                "fp_weight_layers": bits["fp_weight_layers"],
                "fp_act_layers": bits["fp_act_layers"],
                "created": datetime.now(timezone.utc).isoformat()}
@@ -550,7 +553,7 @@ def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
                  "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
                  "-" if row["top1"] is None else f"{row['top1']:.2f}", row["out_mse"])
         if not args.no_plots and alloc["solver"] != "uniform":
-            plot_allocation(alloc, outdir / f"bits_{label}.png")
+            plot_allocation(alloc, adir / f"bits_{label}.png")
         del q_model
     all_rows = append_results(outdir, rows)
     if not args.no_plots:
@@ -589,7 +592,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     evaluate them (corrections stored in the files are used as they are)."""
     from rdoq.allocation import load_allocation
     from rdoq.apply import apply_allocation, check_model
-    from rdoq.evaluate import bit_report, evaluate, reference_outputs
+    from rdoq.evaluate import bit_report, evaluate, reference_outputs, topk_scores
     from rdoq.report import append_results, format_table
 
     p = argparse.ArgumentParser(description="Evaluate saved allocation files "
@@ -643,8 +646,8 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
     outdir = args.outdir or args.allocations[0].parent
-    ref = reference_outputs(model, data, device)
-    fp = evaluate(model, data, ref, device)
+    ref, labels = reference_outputs(model, data, device)
+    fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
     x1 = next(iter(data))[0][:1].to(device=device, dtype=dtype)
     rows = []
     for path, a in allocs:

@@ -39,47 +39,47 @@ class TensorBatches:
         return int(self.x.shape[0])
 
 
-def reference_outputs(model: nn.Module, data: Iterable, device: torch.device) -> torch.Tensor:
-    """The full-precision model's outputs ``(N, K)`` on ``data`` (kept on the CPU; computed once
-    and shared by every evaluated allocation)."""
-    outs = []
+def reference_outputs(model: nn.Module, data: Iterable,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full-precision model's outputs ``(N, K)`` on ``data`` and the labels ``(N,)`` (None
+    if unlabelled), kept on the CPU: computed once and shared by every evaluated allocation."""
+    return _outputs(model, data, device)
+
+
+def _outputs(model: nn.Module, data: Iterable,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    outs, labels = [], []
     with torch.no_grad():
-        for x, _ in data:
+        for x, y in data:
             outs.append(model(x.to(device)).float().cpu())
-    return torch.cat(outs)  # (N, K)
+            labels.append(y)
+    lab = None if any(y is None for y in labels) else torch.cat([torch.as_tensor(y)
+                                                                 for y in labels])
+    return torch.cat(outs), lab  # (N, K), (N,)
+
+
+def topk_scores(out: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float | None]:
+    """Top-1 / top-5 in % of ``out (N, K)`` against ``labels (N,)`` (None without labels)."""
+    if labels is None:
+        return {"top1": None, "top5": None}
+    top = out.topk(min(5, out.shape[1]), dim=1).indices  # (N, 5)
+    hit = top == labels.view(-1, 1)
+    n = out.shape[0]
+    return {"top1": 100.0 * float(hit[:, 0].sum()) / n, "top5": 100.0 * float(hit.any(1).sum()) / n}
 
 
 def evaluate(model: nn.Module, data: Iterable, ref: torch.Tensor,
              device: torch.device) -> dict[str, Any]:
-    """Top-1/top-5 (% of labelled samples; None without labels) and the mean squared error of
-    the outputs against ``ref`` (the FP model's outputs on the same data)."""
+    """Top-1/top-5 (% of samples; None without labels) and the mean squared error of the
+    outputs against ``ref`` (the FP model's outputs on the same data)."""
     t0 = time.perf_counter()
-    n = correct1 = correct5 = 0
-    sq = 0.0
-    labelled = True
-    with torch.no_grad():
-        for x, y in data:
-            out = model(x.to(device)).float().cpu()  # (n, K)
-            r = ref[n:n + out.shape[0]]
-            if r.shape != out.shape:
-                raise ValueError(f"reference outputs {tuple(ref.shape)} do not match the data "
-                                 f"(batch at sample {n} gives {tuple(out.shape)})")
-            sq += float(((out.double() - r.double()) ** 2).sum())
-            if y is None:
-                labelled = False
-            else:
-                top = out.topk(min(5, out.shape[1]), dim=1).indices  # (n, 5)
-                hit = top == y.view(-1, 1)
-                correct1 += int(hit[:, 0].sum())
-                correct5 += int(hit.any(dim=1).sum())
-            n += out.shape[0]
-    if n != ref.shape[0]:
-        raise ValueError(f"data gave {n} samples, the reference has {ref.shape[0]}")
-    return {
-        "top1": 100.0 * correct1 / n if labelled else None,
-        "top5": 100.0 * correct5 / n if labelled else None,
-        "out_mse": sq / ref.numel(), "n_eval": n, "eval_s": time.perf_counter() - t0,
-    }
+    out, lab = _outputs(model, data, device)  # (N, K), (N,)
+    if out.shape != ref.shape:
+        raise ValueError(f"the data gave outputs {tuple(out.shape)}, the reference has "
+                         f"{tuple(ref.shape)}; evaluate on the data the reference was made on")
+    sq = float(((out.double() - ref.double()) ** 2).mean())
+    return {**topk_scores(out, lab), "out_mse": sq, "n_eval": int(out.shape[0]),
+            "eval_s": time.perf_counter() - t0}
 
 
 def _prod(shape: Iterable[int]) -> int:

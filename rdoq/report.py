@@ -91,29 +91,36 @@ def _matplotlib():
 
 
 def plot_results(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Predicted distortion and measured top-1 (or output MSE without labels) against the average
-    bit width, one line per method."""
+    """Output distortion (measured solid, predicted by the curves dashed) and top-1 against the
+    average bit width, one colour per method (without labels: the distortion panel only)."""
     plt = _matplotlib()
     labelled = any(r.get("top1") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2 if labelled else 1, figsize=(10 if labelled else 5.5, 4),
+                             squeeze=False)
+    ax_d = axes[0, 0]
     methods = list(dict.fromkeys(r.get("method", "?") for r in rows))
-    for m in methods:
+    for i, m in enumerate(methods):
+        color = f"C{i % 10}"
         pts = sorted((r for r in rows if r.get("method") == m), key=lambda r: r["avg_bits"])
         x = [r["avg_bits"] for r in pts]
+        ax_d.semilogy(x, [r["out_mse"] for r in pts], "o-", color=color, label=f"{m} measured")
         pred = [r.get("pred_dist") for r in pts]
         if any(p is not None for p in pred):
-            axes[0].semilogy(x, [np.nan if p is None else p for p in pred], "o-", label=m)
-        y = [r.get("top1") if labelled else r.get("out_mse") for r in pts]
-        axes[1].plot(x, [np.nan if v is None else v for v in y], "o-", label=m)
-    axes[0].set(xlabel="average bits", ylabel="predicted output distortion",
-                title="predicted (sum of curve points)")
-    axes[1].set(xlabel="average bits", ylabel="top-1 %" if labelled else "output MSE",
-                title="measured")
-    if not labelled:
-        axes[1].set_yscale("log")
-    for ax in axes:
+            ax_d.semilogy(x, [np.nan if p is None else p for p in pred], "x--", color=color,
+                          label=f"{m} predicted")
+        if labelled:
+            axes[0, 1].plot(x, [np.nan if r.get("top1") is None else r["top1"] for r in pts],
+                            "o-", color=color, label=m)
+    ax_d.set(xlabel="average bits", ylabel="output MSE vs full precision",
+             title="output distortion")
+    if labelled:
+        fp = next((r.get("fp_top1") for r in rows if r.get("fp_top1") is not None), None)
+        if fp is not None:
+            axes[0, 1].axhline(fp, color="grey", ls=":", label="full precision")
+        axes[0, 1].set(xlabel="average bits", ylabel="top-1 %", title="accuracy")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

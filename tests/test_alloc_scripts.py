@@ -55,9 +55,9 @@ def test_dp_script_writes_allocations_results_and_plots(tmp_path, curves):
     assert rows[1]["out_mse"] < rows[0]["out_mse"]
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"target_bits", "w_bits", "a_bits", "out_mse", "size_mb"} <= set(header)
-    for f in ("results.png", "bits_2.png", "bits_3.5.png", "model_2.pth"):
+    for f in ("results.png", "dp/bits_2.png", "dp/bits_3.5.png", "dp/model_2.pth"):
         assert (out / f).stat().st_size > 0, f
-    blob = torch.load(out / "model_2.pth", weights_only=True)
+    blob = torch.load(out / "dp/model_2.pth", weights_only=True)
     assert blob["act_quantizers"] and blob["act_mode"] == "out"
 
 
@@ -159,4 +159,4 @@ def test_uniform_baseline_script(tmp_path):
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["w_bits"], r["a_bits"]) for r in rows] == [(3.0, 8.0), (6.0, 8.0)]
     assert rows[1]["out_mse"] < rows[0]["out_mse"]
-    assert (out / "uniform_allocation_3_a8.json").is_file()
+    assert (out / "uniform/allocation_3_a8.json").is_file()

@@ -30,7 +30,7 @@ from rdoq.apply import (
     save_quantized,
 )
 from rdoq.curves import CurveJob, build_meta, plan_layers
-from rdoq.evaluate import TensorBatches, bit_report, evaluate, reference_outputs
+from rdoq.evaluate import TensorBatches, bit_report, evaluate, reference_outputs, topk_scores
 from rdoq.groups import group_bounds
 from rdoq.quantizers import quantize_uniform, quantize_weight, signed_bounds, unsigned_bounds
 from rdoq.solvers import solve_ilp
@@ -307,7 +307,8 @@ def test_evaluate_and_bit_report(stores, net):
     with torch.no_grad():
         y = net(x).argmax(1)
     data = TensorBatches(x, y, 4)
-    ref = reference_outputs(net, data, torch.device("cpu"))
+    ref, labels = reference_outputs(net, data, torch.device("cpu"))
+    assert torch.equal(labels, y) and topk_scores(ref, labels)["top1"] == 100.0
     fp = evaluate(net, data, ref, torch.device("cpu"))
     assert fp["top1"] == 100.0 and fp["top5"] == 100.0 and fp["out_mse"] == 0.0
     m = evaluate(apply_allocation(net, alloc), data, ref, torch.device("cpu"))
