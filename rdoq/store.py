@@ -41,12 +41,20 @@ def curve_set_name(arch: str, kind: str, ndz: int, nr: int, ns: int, nf: int,
     return f"{arch}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}_rdcurves_{where}_opt_dist_act"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Create ``path`` atomically: ``write(f)`` fills a temp file in the same directory, which
     then replaces ``path`` (a crash leaves the old file or none, never a partial one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -66,6 +74,7 @@ def _create_json_exclusive(path: Path, obj: Any) -> None:
     data = (json.dumps(obj, indent=1) + "\n").encode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -369,3 +369,16 @@ def test_curve_set_name_activations():
 def test_curve_set_name_bad_kind():
     with pytest.raises(ValueError, match="bias"):
         curve_set_name("resnet18", "bias", 1, 2, 3, 4)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from rdoq.store import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
