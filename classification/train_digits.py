@@ -30,9 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archname", default="all", choices=[*DIGITS_ARCHS, "all"],
                    help="model to train, or all of them (default: %(default)s)")
-    p.add_argument("--outdir", type=Path, default=ROOT / "rdoq" / "adapters" / "digits_models",
-                   help="directory the <archname>.pt state dicts are written to "
-                        "(default: the bundled rdoq/adapters/digits_models)")
+    p.add_argument("--outdir", type=Path, default=Path("runs/digits_models"),
+                   help="directory the <archname>.pt state dicts are written to (default: "
+                        "%(default)s, created; pass rdoq/adapters/digits_models to replace the "
+                        "bundled weights, then copy the printed sha256 into WEIGHTS_SHA256)")
     p.add_argument("--epochs", type=int, default=None,
                    help="passes over the 1257 train images (default per model: "
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items()) + ")")
@@ -43,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.outdir == Path("runs/digits_models"):
+        args.outdir.mkdir(parents=True, exist_ok=True)
     if not args.outdir.is_dir():
         raise SystemExit(f"--outdir {args.outdir} does not exist; create it or pass another one")
     torch.manual_seed(args.seed)

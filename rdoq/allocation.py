@@ -144,11 +144,15 @@ def check_same_model(weight_meta: dict[str, Any], act_meta: dict[str, Any]) -> N
 
 
 def build_table(weights: CurveStore, acts: CurveStore | None,
-                fp_act_layers: list[str] | None = None, uniform_only: bool = False) -> ItemTable:
+                fp_act_layers: list[str] | None = None, uniform_only: bool = False,
+                act_channel_dims: dict[str, int] | None = None) -> ItemTable:
     """The item table of a weight curve set and (optionally) an activation curve set.
 
     ``fp_act_layers`` names activation layers kept in full precision (no items);
-    ``uniform_only`` keeps only dead-zone ratio 0 (the paper's ``--closedeadzone 1``).
+    ``uniform_only`` keeps only dead-zone ratio 0 (the paper's ``--closedeadzone 1``);
+    ``act_channel_dims`` gives each activation layer's channel axis in the per-sample shape
+    (from the model: ``rdoq.groups.channel_dim``); without it, layers whose type name contains
+    "Conv" have channels first, others last.
     """
     if acts is not None:
         check_same_model(weights.meta, acts.meta)
@@ -190,8 +194,11 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
             shape = tuple(entry["shape"])
             if kind == WEIGHT:
                 channels = shape[0]
+            elif act_channel_dims is not None and name in act_channel_dims:
+                dim = act_channel_dims[name]
+                channels = shape[dim - 1] if dim > 0 else shape[dim]
             else:
-                channels = shape[0] if entry["type"] == "Conv2d" else shape[-1]
+                channels = shape[0] if "Conv" in entry["type"] else shape[-1]
             signed = None
             if kind == ACT:
                 signed = np.asarray(c.extra.get("signed", np.ones(g, dtype=bool)), dtype=bool)
@@ -298,6 +305,13 @@ def _solve_part(dist: np.ndarray, rate: np.ndarray, budgets: list[float], solver
     return [expand_layers(c, item_layer) if item_layer is not None else c for c in choices]
 
 
+def _check_layerwise(table: ItemTable, layerwise: bool) -> None:
+    # Smoothing maps each group to its own source width, which would split a layer again.
+    if layerwise and (table.source != np.arange(table.source.shape[1])).any():
+        raise ValueError("--smooth-dists cannot be combined with --layerwise (smoothing moves "
+                         "single groups to other bit widths); drop one of them")
+
+
 def solve_targets(table: ItemTable, targets: list[float], solver: str,
                   act_targets: list[float] | None = None,
                   layerwise: bool = False) -> tuple[list[np.ndarray], float]:
@@ -308,6 +322,7 @@ def solve_targets(table: ItemTable, targets: list[float], solver: str,
     budgets ``target × weights`` and ``act_target × activation elements``.
     """
     t0 = time.perf_counter()
+    _check_layerwise(table, layerwise)
     layer = table.layer if layerwise else None
     if act_targets is None:
         check_targets(table, targets, None, "--target_rates")
@@ -338,6 +353,7 @@ def frontier_choices(table: ItemTable, slopes_log2: list[float],
                      layerwise: bool = False) -> tuple[np.ndarray, float]:
     """Choices ``(I, S)`` of the Lagrangian slope sweep ``λ = 2^slope`` (dist per bit)."""
     t0 = time.perf_counter()
+    _check_layerwise(table, layerwise)
     lam = np.exp2(np.asarray(slopes_log2, dtype=np.float64))  # (S,)
     if layerwise:
         dist, rate, item_layer = merge_layers(table.dist, table.rate, table.layer)
@@ -364,6 +380,11 @@ def summarize_choice(table: ItemTable, choice: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _step(value: float) -> float | None:
+    # No step exists where a group is all zeros (0 bits, 1-bit dead zone): JSON null, not NaN.
+    return float(value) if math.isfinite(value) else None
+
+
 def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float | None,
                     solver: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The allocation file's content (DESIGN §5) for one choice of columns."""
@@ -375,7 +396,7 @@ def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float 
             "type": layer.type, "shape": list(layer.shape), "channels": layer.channels,
             "group_size": layer.group_size,
             "bits": [int(table.bits[c]) for c in cols],
-            "step_log2": [float(table.step_log2[r, c]) for r, c in zip(rows, cols, strict=True)],
+            "step_log2": [_step(table.step_log2[r, c]) for r, c in zip(rows, cols, strict=True)],
         }
         if layer.kind == WEIGHT:
             entry["deadzone"] = [float(table.deadzone[r, c]) for r, c in zip(rows, cols,
@@ -425,4 +446,11 @@ def load_allocation(path: Path | str) -> dict[str, Any]:
                                  f"(expected {g} groups)")
             if any((not isinstance(b, int)) or b < 0 for b in e["bits"]):
                 raise ValueError(f"{path}: {part} entry {name!r} has invalid bits {e['bits']}")
+            # A step may be missing only where the group is all zeros: 0 bits, or the 1-bit
+            # dead-zone quantizer of a weight group.
+            floor = 1 if part == "acts" else 2
+            if any(s is None and b >= floor for b, s in zip(e["bits"], e["step_log2"],
+                                                            strict=True)):
+                raise ValueError(f"{path}: {part} entry {name!r} lacks a step for a group "
+                                 f"with {floor} or more bits")
     return alloc

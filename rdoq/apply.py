@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rdoq.groups import channel_dim, group_bounds
@@ -58,7 +58,9 @@ def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tenso
     out = torch.empty_like(w)
     bounds = group_bounds(int(entry["channels"]), int(entry["group_size"]))
     for g, (c0, c1) in enumerate(bounds):
-        out[c0:c1] = quantize_weight(w[c0:c1], int(entry["bits"][g]), float(entry["step_log2"][g]),
+        step = entry["step_log2"][g]
+        out[c0:c1] = quantize_weight(w[c0:c1], int(entry["bits"][g]),
+                                     math.nan if step is None else float(step),
                                      float(entry["deadzone"][g]))
     return out.to(weight.dtype)
 
@@ -102,7 +104,10 @@ def act_quantizer(module: nn.Module, entry: dict[str, Any],
             step[c0:c1] = 2.0 ** float(entry["step_log2"][g])
         qmin[c0:c1], qmax[c0:c1] = lo, hi
     off = torch.tensor(offset, dtype=torch.float64) if offset is not None else None
-    return ActQuantizer(channel_dim(module), step, qmin, qmax, off)
+    # On the layer's device and dtype once, not at every forward.
+    w = module.weight
+    return ActQuantizer(channel_dim(module), *(t.to(device=w.device, dtype=w.dtype) if t is not None
+                                               else None for t in (step, qmin, qmax, off)))
 
 
 def install_act_quantizers(model: nn.Module, quantizers: dict[str, ActQuantizer],
@@ -121,14 +126,19 @@ def install_act_quantizers(model: nn.Module, quantizers: dict[str, ActQuantizer]
     return handles
 
 
-def _layer_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``module``'s linear map of ``x`` with ``weight`` and no bias."""
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            raise ValueError(f"-bcw does not support padding_mode={module.padding_mode!r}")
-        return F.conv2d(x, weight, None, module.stride, module.padding, module.dilation,
-                        module.groups)
-    return F.linear(x, weight)
+def _weight_error(module: nn.Module, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """``module(x; W) − module(x; Ŵ)`` through the module's own forward (so weight
+    standardisation, dynamic padding etc. of Conv2d/Linear subclasses are honoured)."""
+    weight = module.weight
+    with torch.no_grad():
+        y = type(module).forward(module, x)
+        orig = weight.data.clone()
+        weight.data.copy_(wq)
+        try:
+            y_q = type(module).forward(module, x)
+        finally:
+            weight.data.copy_(orig)
+    return y - y_q
 
 
 def _calib_passes(model: nn.Module, calib: torch.Tensor, batch_size: int,
@@ -175,11 +185,10 @@ def estimate_corrections(model: nn.Module, alloc: dict[str, Any], calib: torch.T
     if bcw:
         for name, e in alloc["weights"].items():
             m = modules[name]
-            delta = (m.weight.detach() - quantized_weight(m.weight, e)).detach()
+            wq = quantized_weight(m.weight, e)
 
-            def f(mod, x, name=name, delta=delta):
-                accumulate(("bcw", name), _layer_output(mod, x, delta.to(x.dtype)),
-                           channel_dim(mod))
+            def f(mod, x, name=name, wq=wq):
+                accumulate(("bcw", name), _weight_error(mod, x, wq), channel_dim(mod))
             hooks.append((m, "pre", f))
     if bca:
         mode = alloc.get("act_mode")

@@ -72,8 +72,12 @@ def collect_acts(model: nn.Module, calib: torch.Tensor, names: list[str], mode: 
     def hook(name: str):
         def record(m, a, o=None):
             t = a[0] if mode == "in" else o
-            entry = found.setdefault(name, {"rows": [], "shape": tuple(t.shape[1:])})
-            entry["rows"].append(_rows(t, channel_dim(m), max_rows).double())
+            entry = found.setdefault(name, {"rows": [], "min": [], "shape": tuple(t.shape[1:])})
+            dim = channel_dim(m)
+            entry["rows"].append(_rows(t, dim, max_rows).double())
+            # The grid's sign from every value, not only the subsample used for the steps.
+            entry["min"].append(t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).min(0)
+                                .values.double())
         return record
 
     hooks = [(modules[n], hook(n)) for n in names]
@@ -82,7 +86,8 @@ def collect_acts(model: nn.Module, calib: torch.Tensor, names: list[str], mode: 
             hooked_forward(model, calib[i:i + batch_size], pre=hooks)
         else:
             hooked_forward(model, calib[i:i + batch_size], post=hooks)
-    return {n: {"x": torch.cat(e["rows"]).T.contiguous(), "shape": e["shape"]}
+    return {n: {"x": torch.cat(e["rows"]).T.contiguous(),
+                "min": torch.stack(e["min"]).min(0).values, "shape": e["shape"]}
             for n, e in found.items()}
 
 
@@ -112,7 +117,7 @@ def uniform_allocation(model: nn.Module, calib: torch.Tensor, w_bits: int, a_bit
             if name not in acts:
                 continue  # never called in forward: stays in full precision
             x = acts[name]["x"]  # (C, n)
-            signed = x.min(1).values < 0  # (C,)
+            signed = acts[name]["min"] < 0  # (C,)
             steps = mse_steps(x, a_bits, signed)
             act_entries[name] = {
                 "type": type(modules[name]).__name__, "shape": list(acts[name]["shape"]),

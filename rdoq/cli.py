@@ -6,9 +6,9 @@ The scripts in ``classification/`` are one-line wrappers around the ``main_*`` f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,8 @@ from tqdm import tqdm
 
 from rdoq.adapters.timm_imagenet import InputError, build_model, imagenet_calib, synthetic_calib
 from rdoq.curves import CurveJob, generate_curves, job_dict
+from rdoq.groups import channel_dim
+from rdoq.hessian import HessianSettings
 from rdoq.parts import resolve_part
 from rdoq.store import atomic_write_json, curve_set_name
 
@@ -117,7 +119,10 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.device:
-    """--device, else torchrun's LOCAL_RANK, else cuda:--gpuid when CUDA exists, else CPU."""
+    """--device, else torchrun's LOCAL_RANK, else cuda:--gpuid when CUDA exists, else CPU.
+
+    On CUDA, TF32 is switched off for this process: its matmuls and convolutions err by about
+    1e-3 relative, as much as an 8-bit quantizer, which would swamp high-bit distortions."""
     if args.device:
         try:
             device = torch.device(args.device)
@@ -126,10 +131,14 @@ def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.de
                              f"cpu, cuda or cuda:1") from e
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device} but CUDA is not available; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank if local_rank is not None else args.gpuid}")
-    return torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device(f"cuda:{local_rank if local_rank is not None else args.gpuid}")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
 
 
 def load_model_and_calib(args: argparse.Namespace):
@@ -143,15 +152,29 @@ def setup_logging(quiet: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def curves_main(kind: str, act_mode: str | None = None,
-                argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of the measured curve scripts (weights, activations in/out); returns the run
-    summary (the script prints it as one JSON line). Bad flags exit via argparse."""
+def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None = None,
+                estimator: str = "measured") -> dict[str, Any]:
+    """Entry point of the curve scripts (weights, activations in/out; measured or second-order
+    estimator); returns the run summary (the script prints it as one JSON line). Bad flags exit
+    via argparse."""
     what = "weight" if kind == "weight" else f"activation ({act_mode}put)"
-    p = argparse.ArgumentParser(description=f"Measured (first-order) {what} RD curves, one file "
-                                            "per layer, resumable.")
+    how = "Measured (first-order)" if estimator == "measured" else "Second-order (Hessian)"
+    p = argparse.ArgumentParser(description=f"{how} {what} RD curves, one file per layer, "
+                                            "resumable.")
     add_model_data_flags(p)
     add_curve_flags(p, kind)
+    if estimator == "hessian":
+        h = p.add_argument_group("second-order estimator")
+        h.add_argument("--probe", choices=("random", "norm"), default="random",
+                       help="gradient rows: random output probes (unbiased output-MSE estimate) "
+                            "or the paper's per-sample output norm (default: random)")
+        h.add_argument("--nprobes", type=_positive(int, "--nprobes"), default=4,
+                       help="random probes per calibration sample (default: 4)")
+        h.add_argument("--kappa", type=float, default=0.0,
+                       help="weight of the κ/2·‖Δ‖² term (default: 0)")
+        h.add_argument("--first-order", action="store_true",
+                       help="add the first-order term 1ᵀP/N (with --probe norm)")
+        p.set_defaults(outdir=Path("hessian_curves"))
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     ndz = 1 if kind == "act" or args.disable_deadzone else args.maxdeadzones
@@ -166,7 +189,10 @@ def curves_main(kind: str, act_mode: str | None = None,
             max_lookahead=args.lookahead or (4 if on_cuda else 1),
             mem_budget_mb=args.mem_budget_mb or _default_budget(device),
             use_cuts=not args.no_prefix_cache, progress=not args.quiet,
-            argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+            argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
+            estimator=estimator, sweep_batch=args.batchsize,
+            hessian=HessianSettings(args.probe, args.nprobes, args.kappa, args.first_order,
+                                    args.seed) if estimator == "hessian" else None)
         job.search_settings()
         model, info, calib = load_model_and_calib(args)
     except (InputError, ValueError) as e:
@@ -461,11 +487,16 @@ def allocate_main(method: str, act_mode: str = "out",
         _check_curves_match(args, info, wstore.meta, args.pathrdcurve)
         astore = None
         if args.act_curve_root_dir is not None:
-            aroot = find_act_curve_set(args.act_curve_root_dir, info.arch, act_mode)
+            aroot = find_act_curve_set(args.act_curve_root_dir, info.arch, act_mode,
+                                       args.nchannelbatch)
             astore = open_curve_set(aroot, "act", act_mode)
             _check_curves_match(args, info, astore.meta, aroot)
         fp_acts = _fp_act_layers(args.fp_act_layers, astore.layer_names() if astore else [])
-        table = build_table(wstore, astore, fp_acts, uniform_only=bool(args.closedeadzone))
+        modules = dict(model.named_modules())
+        dims = {n: channel_dim(modules[n]) for n in (astore.layer_names() if astore else [])
+                if n in modules}
+        table = build_table(wstore, astore, fp_acts, uniform_only=bool(args.closedeadzone),
+                            act_channel_dims=dims)
         max_bits = args.maxbits
         if args.maxrates is not None:
             max_bits = min(args.maxrates - 1, max_bits if max_bits is not None else 10**6)
@@ -491,48 +522,54 @@ def allocate_main(method: str, act_mode: str = "out",
             calib = _rebuild_calib(args, model, wstore.meta).to(device=device, dtype=dtype)
         model = model.to(device=device, dtype=dtype).eval()
         data = eval_data_for(args, model)
+        outdir = args.outdir or Path(f"{Path(args.archname).name}_{method}_results")
+        name = _method_name(method, args)
+        allocs = [(make_allocation(table, c, target_bits=t.get("target_bits"), solver=method,
+                                   extra={k: v for k, v in t.items() if k != "target_bits"}), t)
+                  for c, t in points]
+        log.info("%s: %d items (%d activation groups), %d points to evaluate", name,
+                 len(table.kind), int((table.kind == ACT).sum()), len(points))
+        return _run_points(args, model, info, data, calib, outdir, name, allocs, solve_s, device)
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    outdir = args.outdir or Path(f"{Path(args.archname).name}_{method}_results")
-    log.info("%s: %d items (%d activation groups), %d points to evaluate", method,
-             len(table.kind), int((table.kind == ACT).sum()), len(points))
-
-    def allocator(choice, tags: dict[str, Any]):
-        return lambda: make_allocation(table, choice, target_bits=tags.get("target_bits"),
-                                       solver=method, extra={k: v for k, v in tags.items()
-                                                             if k != "target_bits"})
-
-    return _run_points(args, model, info, data, calib, outdir, _method_name(method, args),
-                       [(allocator(c, t), t) for c, t in points], solve_s, device)
 
 
 def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
                 calib: torch.Tensor | None, outdir: Path, name: str,
-                points: list[tuple[Callable[[], dict[str, Any]], dict[str, Any]]],
+                points: list[tuple[dict[str, Any], dict[str, Any]]],
                 solve_s: float | None, device: torch.device) -> dict[str, Any]:
-    """Make, correct, save, apply and evaluate each allocation; write results and plots."""
-    from rdoq.allocation import save_allocation
+    """Correct, save, apply and evaluate each allocation; write results (one line as each point
+    finishes) and plots. Refuses, before any work, to overwrite an allocation file that holds a
+    different allocation (made with other settings) — use another --outdir."""
+    from rdoq.allocation import load_allocation, save_allocation
     from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
     from rdoq.evaluate import bit_report, evaluate, reference_outputs, topk_scores
     from rdoq.report import append_results, format_table, plot_allocation, plot_results
 
+    adir = outdir / name  # one subdirectory per method: methods may share --outdir
+    planned = []
+    for alloc, tags in points:
+        alloc.update(model=info.arch, method=name, weights_source=info.weights_source,
+                     checkpoint_sha256=info.checkpoint_sha256)
+        apath = adir / f"allocation_{_point_label(tags)}.json"
+        if apath.is_file():
+            old = {k: v for k, v in load_allocation(apath).items() if k != "corrections"}
+            if old != json.loads(json.dumps(alloc)):
+                diff = sorted(k for k in set(old) | set(alloc) if old.get(k) != alloc.get(k))
+                raise InputError(f"{apath} holds another allocation (differs in {diff}); use "
+                                 f"another --outdir to keep both")
+        planned.append((alloc, tags, apath))
     outdir.mkdir(parents=True, exist_ok=True)
     ref, labels = reference_outputs(model, data, device)
     fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
     x1 = next(iter(data))[0][:1].to(device=device, dtype=next(model.parameters()).dtype)
     rows = []
-    for make, tags in tqdm(points, desc=name, unit="point", disable=args.quiet):
-        alloc = make()
-        alloc["model"] = info.arch
+    for alloc, tags, apath in tqdm(planned, desc=name, unit="point", disable=args.quiet):
         if calib is not None:
             alloc["corrections"] = estimate_corrections(
                 model, alloc, calib, bcw=args.bias_corr_weight, bca=args.bias_corr_act,
                 batch_size=args.batchsize)
         label = _point_label(tags)
-        # One subdirectory per method, so that methods sharing --outdir never overwrite each
-        # other's allocations (results.jsonl names the file relative to --outdir).
-        adir = outdir / name
-        apath = adir / f"allocation_{label}.json"
         save_allocation(apath, alloc)
         q_model = apply_allocation(model, alloc)
         metrics = evaluate(q_model, data, ref, device)
@@ -549,14 +586,14 @@ def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
                "fp_act_layers": bits["fp_act_layers"],
                "created": datetime.now(timezone.utc).isoformat()}
         rows.append(row)
+        all_rows = append_results(outdir, [row])
         log.info("%s %s: W %.3f A %s bits, top-1 %s, out MSE %.3e", name, label, row["w_bits"],
                  "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
                  "-" if row["top1"] is None else f"{row['top1']:.2f}", row["out_mse"])
         if not args.no_plots and alloc["solver"] != "uniform":
             plot_allocation(alloc, adir / f"bits_{label}.png")
         del q_model
-    all_rows = append_results(outdir, rows)
-    if not args.no_plots:
+    if not args.no_plots and rows:
         plot_results([r for r in all_rows if r.get("model") == info.arch],
                      outdir / "results.png", info.arch)
     fp_line = (f"full precision: top-1 {fp['top1']:.2f} %, top-5 {fp['top5']:.2f} % on "
@@ -640,6 +677,11 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
             if a["model"] != info.arch:
                 raise InputError(f"{path} is an allocation for {a['model']}, this run loads "
                                  f"{info.arch}; pass the matching --archname")
+            for key in ("weights_source", "checkpoint_sha256"):
+                if key in a and a[key] != getattr(info, key):
+                    raise InputError(f"{path} was made for weights {key}={a[key]!r}, this run "
+                                     f"loads {key}={getattr(info, key)!r}; pass the same "
+                                     f"--checkpoint/--random-init as when it was made")
             check_model(model, a, str(path))
         model = model.to(device=device, dtype=dtype).eval()
         data = eval_data_for(args, model)
@@ -653,12 +695,13 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     for path, a in allocs:
         metrics = evaluate(apply_allocation(model, a), data, ref, device)
         bits = bit_report(model, a, x1)
-        rows.append({"model": info.arch, "method": f"eval:{a.get('solver')}",
+        rows.append({"model": info.arch, "method": f"eval:{a.get('method', a.get('solver'))}",
                      "target_bits": a.get("target_bits"), **a.get("summary", {}),
                      **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb",
                                              "fp_size_mb", "bops_ratio")},
                      **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"],
-                     "allocation": str(path), "fp_weight_layers": bits["fp_weight_layers"],
+                     "allocation": str(path.resolve()),
+                     "fp_weight_layers": bits["fp_weight_layers"],
                      "fp_act_layers": bits["fp_act_layers"],
                      "created": datetime.now(timezone.utc).isoformat()})
     append_results(Path(outdir), rows)
@@ -702,19 +745,17 @@ def uniform_main(argv: list[str] | None = None) -> dict[str, Any]:
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
     acts = collect_acts(model, calib, act_layers, args.act_mode) if act_layers else {}
-
-    def allocator(w_bits: int, a_bits: int):
-        return lambda: uniform_allocation(model, calib, w_bits,
-                                          None if args.no_acts else a_bits, act_layers,
-                                          args.act_mode, acts)
-
-    points = [(allocator(w, a), {"target_bits": float(w),
-                                 "act_target_bits": None if args.no_acts else float(a)})
+    points = [(uniform_allocation(model, calib, w, None if args.no_acts else a, act_layers,
+                                  args.act_mode, acts),
+               {"target_bits": float(w), "act_target_bits": None if args.no_acts else float(a)})
               for w, a in zip(args.target_rates, act_bits, strict=True)]
     outdir = args.outdir or Path(f"{Path(args.archname).name}_uniform_results")
     use_calib = calib if (args.bias_corr_weight or args.bias_corr_act) else None
-    return _run_points(args, model, info, data, use_calib, outdir,
-                       _method_name("uniform", args), points, None, device)
+    try:
+        return _run_points(args, model, info, data, use_calib, outdir,
+                           _method_name("uniform", args), points, None, device)
+    except (InputError, ValueError) as e:
+        p.error(str(e))
 
 
 def results_main(argv: list[str] | None = None) -> str:

@@ -32,12 +32,15 @@ from rdoq.groups import (
     hooked_forward,
     weight_numel,
 )
+from rdoq.hessian import GradientSweep, HessianActBackend, HessianSettings, HessianWeightBackend
 from rdoq.parts import PartSpec, assign_parts, layer_macs, suffix_costs
 from rdoq.quantizers import deadzone_threshold
 from rdoq.search import Chain, SearchSettings, chains_to_arrays, run_chains
 from rdoq.store import CurveStore, LayerCurves
 
 log = logging.getLogger(__name__)
+
+ESTIMATORS = ("measured", "hessian")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class CurveJob:
     use_cuts: bool = True
     progress: bool = True
     argv: list[str] = field(default_factory=list)
+    hessian: HessianSettings | None = None  # estimator="hessian" only
+    sweep_batch: int = 16  # samples per forward/backward of the gradient sweep
 
     def __post_init__(self) -> None:
         if self.kind not in ("weight", "act"):
@@ -73,6 +78,10 @@ class CurveJob:
             raise ValueError(f"--maxdeadzones must be >= 1, got {self.ndz}")
         if self.precision not in ("float32", "float64"):
             raise ValueError(f"--precision must be float32 or float64, got {self.precision!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if (self.estimator == "hessian") != (self.hessian is not None):
+            raise ValueError("estimator='hessian' needs HessianSettings (and only it)")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -150,7 +159,7 @@ def build_meta(job: CurveJob, model_info: dict[str, Any], calib: dict[str, Any],
         "group_size": job.group_size, "bits": list(range(job.nr)),
         "ndz": job.ndz if job.kind == "weight" else 1,
         "step_grid": job.step_grid, "max_steps": job.max_steps, "precision": job.precision,
-        "estimator_params": estimator_params or {},
+        "estimator_params": estimator_params or (job.hessian.params() if job.hessian else {}),
         "calib": calib, "layers": [p.meta() for p in plans],
         "argv": job.argv or sys.argv, "created": datetime.now(timezone.utc).isoformat(),
     }
@@ -227,12 +236,24 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         summary["seconds"] = time.perf_counter() - t0
         return summary
     max_rows = max_rows_for(model, x[:1], job.mem_budget_mb)
-    engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts)
+    if job.estimator == "hessian":
+        # One gradient sweep for all of this part's layers (split only if memory demands it).
+        sweep = GradientSweep(model, x, [p.name for p in todo], job.kind, job.hessian,
+                              job.act_mode, batch_size=job.sweep_batch,
+                              mem_budget_mb=job.mem_budget_mb)
+        log.info("gradient sweep: %d layers, %d sweep(s), %.1fs", len(todo), sweep.sweeps,
+                 time.perf_counter() - t0)
+    else:
+        engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts)
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
     for plan in bar:
         lt = time.perf_counter()
         chains, stats = make_chains(model, x, plan, job, max_rows)
-        backend = measured_backend(engine, plan, job, stats)
+        if job.estimator == "hessian":
+            backend = (HessianWeightBackend(sweep, plan.name, plan.bounds) if job.kind == "weight"
+                       else HessianActBackend(sweep, plan.name, plan.bounds, stats))
+        else:
+            backend = measured_backend(engine, plan, job, stats)
         extra = {"signed": stats.signed} if stats is not None else {}
         inner = tqdm(total=len(chains), desc=plan.name, unit="chain", leave=False,
                      disable=not job.progress)
@@ -248,9 +269,10 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
                                                  {**extra, "n_evals": n_evals}))
         summary["layers_written"] += 1
         summary["candidates"] += n
-        log.info("layer %s: %d groups, %d candidates, cut %s, %.1fs", plan.name,
-                 len(plan.bounds), n, engine.cut_for(plan.name) or "none (full forward)",
-                 time.perf_counter() - lt)
+        where = ("second-order" if job.estimator == "hessian"
+                 else f"cut {engine.cut_for(plan.name) or 'none (full forward)'}")
+        log.info("layer %s: %d groups, %d candidates, %s, %.1fs", plan.name,
+                 len(plan.bounds), n, where, time.perf_counter() - lt)
     summary["seconds"] = time.perf_counter() - t0
     summary["missing_layers"] = len(store.missing_layers())
     return summary

@@ -48,10 +48,13 @@ def reference_outputs(model: nn.Module, data: Iterable,
 
 def _outputs(model: nn.Module, data: Iterable,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    dtype = next(model.parameters()).dtype
     outs, labels = [], []
     with torch.no_grad():
         for x, y in data:
-            outs.append(model(x.to(device)).float().cpu())
+            # Kept in float64: the output MSE of high bit widths is far below float32's
+            # resolution of the outputs.
+            outs.append(model(x.to(device=device, dtype=dtype)).double().cpu())
             labels.append(y)
     lab = None if any(y is None for y in labels) else torch.cat([torch.as_tensor(y)
                                                                  for y in labels])
@@ -77,7 +80,7 @@ def evaluate(model: nn.Module, data: Iterable, ref: torch.Tensor,
     if out.shape != ref.shape:
         raise ValueError(f"the data gave outputs {tuple(out.shape)}, the reference has "
                          f"{tuple(ref.shape)}; evaluate on the data the reference was made on")
-    sq = float(((out.double() - ref.double()) ** 2).mean())
+    sq = float(((out - ref) ** 2).mean())
     return {**topk_scores(out, lab), "out_mse": sq, "n_eval": int(out.shape[0]),
             "eval_s": time.perf_counter() - t0}
 

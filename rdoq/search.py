@@ -111,6 +111,13 @@ class Chain:
                 return step
         return None
 
+    def _previous_helped(self) -> bool:
+        """Whether the last searched width beat pruning (its distortion below 0 bits')."""
+        bits = list(self.settings.bits[: len(self.best_dist)])
+        if 0 not in bits or not self.best_dist:
+            return True
+        return self.best_dist[-1] < self.best_dist[bits.index(0)]
+
     def _begin_bit(self) -> None:
         self._dists, self._aux = [], []
         if self.done:
@@ -118,9 +125,20 @@ class Chain:
         cfg = self.settings
         back = cfg.back_octaves * cfg.step_grid
         prev = self._previous_step()
-        anchor = prev if prev is not None else grid_floor(self.rms_log2, cfg.step_grid)
+        rms_anchor = grid_floor(self.rms_log2, cfg.step_grid)
+        anchor = prev if prev is not None else rms_anchor
         self._start = anchor - cfg.back_octaves
         self._min_steps = back  # index of the anchor step: always evaluated
+        if prev is not None and not self._previous_helped():
+            # The previous width did no better than pruning (e.g. the signed 1-bit grid
+            # {-Δ, 0}, whose best step is then the smallest one tried), so its step says
+            # nothing about this width: warm-starting from it walks every later width down
+            # into steps that zero the group. Search from two octaves below the lower of it
+            # and the RMS anchor up through the higher one: the previous step is still
+            # evaluated and the useful region is reached.
+            lo, hi = min(prev, rms_anchor), max(prev, rms_anchor)
+            self._start = lo - cfg.back_octaves
+            self._min_steps = round((hi - self._start) * cfg.step_grid)
 
     def _candidate(self, s: int) -> Candidate:
         if self.bits == 0:

@@ -83,7 +83,8 @@ def test_lg_and_frontier_agree_with_dp(tmp_path, curves):
 def test_separate_budgets_layerwise_and_corrections(tmp_path, curves):
     res = allocate_main("dp", argv=flags(curves, tmp_path / "s", "--target_rates", "3",
                                          "--act-target-rates", "4", "--layerwise", "-bcw",
-                                         "-bca", "--bit_list", "0", "2", "3", "4", "--no-plots"))
+                                         "-bca", "--bit_list", "0", "2", "3", "4", "--no-plots",
+                                         "--precision", "float64"))
     r = res["rows"][0]
     assert r["method"] == "dp+bcw+bca+layerwise"
     assert r["w_bits"] <= 3 + 1e-9 and r["a_bits"] <= 4 + 1e-9
@@ -148,6 +149,25 @@ def test_evaluate_allocation_refuses_another_model(tmp_path, curves, capsys):
         evaluate_main([str(path), "--archname", "test_resnet", "--random-init", "--dataset",
                        "synthetic", "--quiet"])
     assert "allocation for test_vit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate_main([str(path), "--random-init", "--seed", "1", "--dataset", "synthetic",
+                       "--quiet"])
+    assert "weights_source='random-init:seed=0'" in capsys.readouterr().err
+
+
+def test_another_allocation_is_never_overwritten(tmp_path, curves, capsys):
+    out = tmp_path / "dp"
+    allocate_main("dp", argv=flags(curves, out, "--target_rates", "3", "--no-plots"))
+    path = out / "dp" / "allocation_3.json"
+    before = path.read_text()
+    # The same settings again: allowed (same allocation), results appended.
+    allocate_main("dp", argv=flags(curves, out, "--target_rates", "3", "--no-plots"))
+    with pytest.raises(SystemExit):
+        allocate_main("dp", argv=flags(curves, out, "--target_rates", "3", "--minrate", "2",
+                                       "--no-plots"))
+    assert "holds another allocation" in capsys.readouterr().err
+    assert path.read_text() == before
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
 
 
 def test_uniform_baseline_script(tmp_path):

@@ -376,3 +376,68 @@ def test_uniform_allocation_is_an_ordinary_allocation(net):
     q = apply_allocation(net, alloc)
     with torch.no_grad():
         assert not torch.equal(q(calib), net(calib))
+
+
+def test_layerwise_and_smoothing_are_refused_together(stores):
+    w, a = stores
+    t = build_table(w, a)
+    c = w.read_layer("c1")
+    t.dist[0, 3] = t.dist[0, 2] * 2  # a rising point, so smoothing moves that group
+    s = restrict(t, smooth=True)
+    with pytest.raises(ValueError, match="--smooth-dists cannot be combined with --layerwise"):
+        solve_targets(s, [3.0], "dp", layerwise=True)
+    assert c.dist.shape[0] == 3
+
+
+class Blur(nn.Conv2d):
+    """A Conv2d subclass whose name does not say so, with weight standardisation in forward
+    (like timm's StdConv2d)."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class BlurNet(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.c1 = Blur(3, 6, 3, padding=1)
+
+
+def test_conv_subclasses_use_the_model_channel_axis_and_their_own_forward(tmp_path):
+    torch.manual_seed(0)
+    net = BlurNet().eval()
+    w = fake_curve_set(tmp_path / "w", net, "weight")
+    a = fake_curve_set(tmp_path / "a", net, "act", act_mode="out", group_size=4)
+    net = net.double()
+    from rdoq.groups import channel_dim
+
+    dims = {n: channel_dim(m) for n, m in net.named_modules() if n in a.layer_names()}
+    t = build_table(w, a, act_channel_dims=dims)
+    blur = next(lay for lay in t.layers if lay.kind == ACT and lay.name == "c1")
+    assert blur.channels == 6 and blur.rows.stop - blur.rows.start == 2
+    # -bcw through the module's own forward: the standardised layer's mean output is restored.
+    (c,), _ = solve_targets(t, [2.0], "dp")
+    alloc = make_allocation(t, c, target_bits=2.0, solver="dp")
+    alloc["acts"] = {}
+    calib = torch.randn(12, 3, 8, 8, dtype=torch.float64)
+    alloc["corrections"] = estimate_corrections(net, alloc, calib, bcw=True, bca=False)
+    q = apply_allocation(net, alloc)
+    torch.testing.assert_close(q.c1(calib).mean((0, 2, 3)), net.c1(calib).mean((0, 2, 3)),
+                               atol=1e-10, rtol=0)
+
+
+def test_allocation_files_are_strict_json(tmp_path, stores, net):
+    import json
+
+    t, _ = alloc_for(stores, net)
+    choice = np.zeros(len(t.kind), dtype=np.int64)  # everything pruned: no steps at all
+    alloc = make_allocation(t, choice, target_bits=0.0, solver="dp")
+    save_allocation(tmp_path / "a.json", alloc)
+
+    def refuse(token):
+        raise ValueError(token)
+
+    json.loads((tmp_path / "a.json").read_text(), parse_constant=refuse)
+    q = apply_allocation(net, load_allocation(tmp_path / "a.json"))
+    assert all(not m.weight.detach().any() for m in (q.c1, q.c2, q.f1, q.f2))

@@ -444,3 +444,25 @@ def test_equal_keys_mean_equal_quantized_tensors():
                         else:
                             by_key[key] = q
     assert merged > 100, "the canonical keys should merge many equivalent candidates"
+
+
+def test_warm_start_restarts_when_the_previous_width_did_not_beat_pruning():
+    # 1 bit is worse than pruning at every step and best at the smallest step tried; 2 bits has
+    # its optimum near the group's RMS (2^0). Warm-starting from the 1-bit step alone would walk
+    # the 2-bit search down into steps that zero the group.
+    def fn(c):
+        if c.is_zero:
+            return 1.0, 1.0
+        if c.bits == 1:
+            return 1.2 + 0.01 * (c.step_log2 + 20), 1.0
+        if c.step_log2 < -1:  # small steps clip everything: worse as the step grows
+            return 0.9 + 0.01 * (c.step_log2 + 20), 1.0
+        return 0.01 + c.step_log2**2 / 10, 1.0
+
+    settings = SearchSettings(bits=(0, 1, 2, 3), step_grid=4, max_steps=40, stop_on_aux=False)
+    chain = RecordingChain(0, 0, 0.0, 0.0, settings)
+    run_chains([chain], Evaluator(fn), max_batch=1)
+    assert chain.best_dist[1] > chain.best_dist[0]  # 1 bit did not help
+    assert chain.best_dist[2] == pytest.approx(0.01) and chain.best_step[2] == 0.0
+    # The 1-bit best step was still evaluated at 2 bits.
+    assert any(c.bits == 2 and c.step_log2 == chain.best_step[1] for c in chain.consumed)

@@ -1,0 +1,155 @@
+"""The second-order estimator: quadratic form, per-sample pairing, exactness on linear models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rdoq.engine import ActGroupStats
+from rdoq.groups import group_bounds
+from rdoq.hessian import GradientSweep, HessianActBackend, HessianSettings, HessianWeightBackend
+from rdoq.search import Candidate
+
+
+class Linear2(nn.Module):
+    """Two linear layers without a nonlinearity: the linearisation is exact."""
+
+    def __init__(self, k_out: int = 1):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, k_out)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class Gated(nn.Module):
+    """F(x) = Σ_c h_c · x_c with h = a(x): ∂F/∂h differs per sample (= x_n), and F is linear in
+    h, so the quadratic model of an activation perturbation is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return (self.a(x) * x).sum(-1, keepdim=True)
+
+
+@pytest.fixture(autouse=True)
+def _double():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def seeded(cls, *args):
+    torch.manual_seed(0)
+    return cls(*args).eval()
+
+
+def test_weight_estimate_is_exact_on_a_linear_model_with_scalar_output():
+    model = seeded(Linear2)
+    x = torch.randn(7, 6)
+    sweep = GradientSweep(model, x, ["a"], "weight", HessianSettings(nprobes=3), batch_size=3)
+    bounds = group_bounds(5, 2)
+    be = HessianWeightBackend(sweep, "a", bounds)
+    delta = torch.randn(2, 6) * 0.1
+    est = be.dist_of(0, delta.reshape(-1, 1))[0]
+    with torch.no_grad():
+        y0 = model(x)
+        model.a.weight[0:2] += delta
+        y1 = model(x)
+    assert est == pytest.approx(float(((y1 - y0) ** 2).mean()), rel=1e-10)
+
+
+def test_random_probes_estimate_the_output_mse_for_vector_outputs():
+    model = seeded(Linear2, 8)
+    x = torch.randn(10, 6)
+    sweep = GradientSweep(model, x, ["a"], "weight", HessianSettings(nprobes=400), batch_size=4)
+    be = HessianWeightBackend(sweep, "a", group_bounds(5, 5))
+    delta = torch.randn(5, 6) * 0.1
+    est = be.dist_of(0, delta.reshape(-1, 1))[0]
+    with torch.no_grad():
+        y0 = model(x)
+        model.a.weight += delta
+        true = float(((model(x) - y0) ** 2).mean())
+    assert est == pytest.approx(true, rel=0.15)
+
+
+def test_quadratic_in_the_perturbation_and_zero_at_zero():
+    model = seeded(Linear2, 3)
+    x = torch.randn(6, 6)
+    for settings in (HessianSettings(nprobes=2, kappa=0.3),
+                     HessianSettings(probe="norm", kappa=0.1)):
+        be = HessianWeightBackend(GradientSweep(model, x, ["a", "b"], "weight", settings),
+                                  "a", group_bounds(5, 3))
+        d = torch.randn(3 * 6, 1)
+        one, two, zero = (be.dist_of(0, d * s)[0] for s in (1.0, 2.0, 0.0))
+        assert zero == 0.0 and one > 0 and two == pytest.approx(4 * one, rel=1e-12)
+    # With the paper's first-order term: linear part doubles, quadratic part quadruples.
+    sweep = GradientSweep(model, x, ["a"], "weight", HessianSettings(probe="norm",
+                                                                     first_order=True))
+    be = HessianWeightBackend(sweep, "a", group_bounds(5, 3))
+    d = torch.randn(18, 1)
+    f1, f2, fm = (be.dist_of(0, d * s)[0] for s in (1.0, 2.0, -1.0))
+    lin, quad = (f1 - fm) / 2, (f1 + fm) / 2
+    assert f2 == pytest.approx(2 * lin + 4 * quad, rel=1e-10)
+
+
+def test_rows_are_per_sample_not_per_batch():
+    # F = w·x with samples of opposite sign: a per-batch gradient (Σ_n x_n = 0) would predict no
+    # distortion at all.
+    model = nn.Linear(2, 1, bias=False).eval()
+    x = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [3.0, 1.0], [-3.0, -1.0]])
+    sweep = GradientSweep(model, x, [""], "weight", HessianSettings(nprobes=1), batch_size=4)
+    be = HessianWeightBackend(sweep, "", group_bounds(1, 1))
+    delta = torch.tensor([[0.5], [-0.25]])
+    expected = float(((x @ delta) ** 2).mean())
+    assert be.dist_of(0, delta)[0] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 6])
+def test_activation_perturbations_meet_their_own_sample(batch_size):
+    model = seeded(Gated)
+    x = torch.randn(6, 4)
+    sweep = GradientSweep(model, x, ["a"], "act", HessianSettings(nprobes=2), mode="out",
+                          batch_size=batch_size)
+    stats = ActGroupStats(np.zeros(2), np.array([True, True]), 4, np.full(2, -np.inf),
+                          np.full(2, np.inf))
+    be = HessianActBackend(sweep, "a", group_bounds(4, 2), stats)
+    with torch.no_grad():
+        h = model.a(x)
+    delta = torch.randn(6, 2) * 0.1  # a different perturbation per sample
+    true = float(((delta * x[:, 0:2]).sum(-1) ** 2).mean())
+    assert be.dist_of(0, delta) == pytest.approx(true, rel=1e-10)
+    # The same through a quantization candidate.
+    cand = Candidate(1, 3, -4.0, 0.0)
+    from rdoq.quantizers import quantize_uniform, signed_bounds
+
+    dq = quantize_uniform(h[:, 2:4], 2.0**-4, *signed_bounds(3)) - h[:, 2:4]
+    true_q = float(((dq * x[:, 2:4]).sum(-1) ** 2).mean())
+    assert be([cand])[0][0] == pytest.approx(true_q, rel=1e-10)
+
+
+def test_conv_per_sample_gradients_match_autograd():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).eval()
+    model = nn.Sequential(conv, nn.Flatten()).eval()
+    x = torch.randn(3, 4, 7, 7)
+    sweep = GradientSweep(model, x, ["0"], "weight", HessianSettings(probe="norm"),
+                          batch_size=2)
+    for n in range(3):
+        w = conv.weight
+        (g,) = torch.autograd.grad(model(x[n:n + 1]).norm(), [w])
+        torch.testing.assert_close(sweep.rows["0"][n], g.reshape(6, -1), rtol=1e-10, atol=1e-12)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="--first-order needs --probe norm"):
+        HessianSettings(first_order=True)
+    with pytest.raises(ValueError, match="--nprobes must be >= 1"):
+        HessianSettings(nprobes=0)
+    with pytest.raises(ValueError, match="--probe must be one of"):
+        HessianSettings(probe="fisher")
