@@ -185,8 +185,10 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
         job = CurveJob(
             kind=kind, act_mode=act_mode, group_size=args.nchannelbatch, nr=args.maxrates,
             ndz=ndz, max_steps=args.maxsteps, step_grid=args.step_grid, precision=args.precision,
-            max_batch=args.max_batch or (64 if on_cuda else 1),
-            max_lookahead=args.lookahead or (4 if on_cuda else 1),
+            # The quadratic model prices a batch of candidates at one matmul, on any device.
+            max_batch=args.max_batch or (256 if estimator == "hessian" else 64 if on_cuda else 1),
+            max_lookahead=args.lookahead or (8 if estimator == "hessian" else 4 if on_cuda
+                                             else 1),
             mem_budget_mb=args.mem_budget_mb or _default_budget(device),
             use_cuts=not args.no_prefix_cache, progress=not args.quiet,
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],

@@ -23,10 +23,12 @@ from rdoq.engine import (
     NaiveEvaluator,
     WeightBackend,
     act_group_stats,
+    act_group_stats_of,
 )
 from rdoq.groups import (
     act_group_numel,
     act_shapes,
+    channel_dim,
     find_layers,
     group_bounds,
     hooked_forward,
@@ -181,11 +183,17 @@ def weight_chains(weight: torch.Tensor, plan: LayerPlan, job: CurveJob) -> list[
 
 
 def make_chains(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJob,
-                rows: int) -> tuple[list[Chain], ActGroupStats | None]:
-    """The search chains of one layer (and, for activations, its group statistics)."""
+                rows: int, values: torch.Tensor | None = None
+                ) -> tuple[list[Chain], ActGroupStats | None]:
+    """The search chains of one layer (and, for activations, its group statistics, from the
+    layer's stored calibration activations ``values`` when given, else from forwards)."""
+    modules = dict(model.named_modules())
     if job.kind == "weight":
-        return weight_chains(dict(model.named_modules())[plan.name].weight, plan, job), None
-    stats = act_group_stats(model, x, plan.name, job.act_mode, plan.bounds, rows)
+        return weight_chains(modules[plan.name].weight, plan, job), None
+    if values is not None:
+        stats = act_group_stats_of(values, channel_dim(modules[plan.name]), plan.bounds)
+    else:
+        stats = act_group_stats(model, x, plan.name, job.act_mode, plan.bounds, rows)
     chains = [Chain(g, 0, 0.0, float(stats.rms_log2[g]), job.search_settings(),
                     vmin=float(stats.vmin[g]), vmax=float(stats.vmax[g]),
                     unsigned=not bool(stats.signed[g]))
@@ -248,7 +256,8 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
     for plan in bar:
         lt = time.perf_counter()
-        chains, stats = make_chains(model, x, plan, job, max_rows)
+        values = sweep.acts.get(plan.name) if job.estimator == "hessian" else None
+        chains, stats = make_chains(model, x, plan, job, max_rows, values)
         if job.estimator == "hessian":
             backend = (HessianWeightBackend(sweep, plan.name, plan.bounds) if job.kind == "weight"
                        else HessianActBackend(sweep, plan.name, plan.bounds, stats))

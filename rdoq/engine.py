@@ -633,18 +633,17 @@ class ActGroupStats:
     vmax: np.ndarray  # (G,) largest calibration value
 
 
-def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
-                    bounds: Sequence[tuple[int, int]], rows: int) -> ActGroupStats:
-    """RMS and sign of every channel group of ``layer``'s input/output over the calibration set."""
-    module = dict(model.named_modules())[layer]
-    dim = channel_dim(module)
-    acc: dict[str, torch.Tensor] = {}
-    calls = [0]
+class _StatsAccumulator:
+    """Per-channel sum of squares, min, max and count of activation tensors seen so far."""
 
-    def hook(t: torch.Tensor) -> None:
-        calls[0] += 1
-        t = t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()  # (rows, C)
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.acc: dict[str, torch.Tensor] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        t = t.detach().movedim(self.dim, -1).reshape(-1, t.shape[self.dim]).double()  # (rows, C)
         sq, mn, mx = (t * t).sum(0), t.min(0).values, t.max(0).values
+        acc = self.acc
         if acc:
             acc["sq"] += sq
             acc["min"] = torch.minimum(acc["min"], mn)
@@ -652,6 +651,36 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
             acc["n"] += t.shape[0]
         else:
             acc.update(sq=sq, min=mn, max=mx, n=torch.tensor(t.shape[0]))
+
+    def stats(self, bounds: Sequence[tuple[int, int]], repeated: bool) -> ActGroupStats:
+        acc = self.acc
+        rms, signed, vmin, vmax = [], [], [], []
+        for c0, c1 in bounds:
+            n = float(acc["n"]) * (c1 - c0)
+            r = math.sqrt(float(acc["sq"][c0:c1].sum()) / n)
+            rms.append(math.log2(r) if r > 0 else -30.0)
+            vmin.append(float(acc["min"][c0:c1].min()))
+            vmax.append(float(acc["max"][c0:c1].max()))
+            signed.append(vmin[-1] < 0)
+        if repeated:
+            # Called several times per forward: quantizing one call changes the next call's
+            # values, so calibration ranges do not bound them and cannot prove two candidates
+            # equal.
+            vmin, vmax = [-math.inf] * len(bounds), [math.inf] * len(bounds)
+        return ActGroupStats(np.array(rms), np.array(signed), int(acc["sq"].shape[0]),
+                             np.array(vmin), np.array(vmax))
+
+
+def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
+                    bounds: Sequence[tuple[int, int]], rows: int) -> ActGroupStats:
+    """RMS and sign of every channel group of ``layer``'s input/output over the calibration set."""
+    module = dict(model.named_modules())[layer]
+    acc = _StatsAccumulator(channel_dim(module))
+    calls = [0]
+
+    def hook(t: torch.Tensor) -> None:
+        calls[0] += 1
+        acc.add(t)
 
     if mode == "out":
         handle = module.register_forward_hook(lambda m, a, o: hook(o))
@@ -665,22 +694,18 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
                 passes += 1
     finally:
         handle.remove()
-    if not acc:
+    if not acc.acc:
         raise ValueError(f"layer {layer} is never called in forward; it has no activations")
-    rms, signed, vmin, vmax = [], [], [], []
-    for c0, c1 in bounds:
-        n = float(acc["n"]) * (c1 - c0)
-        r = math.sqrt(float(acc["sq"][c0:c1].sum()) / n)
-        rms.append(math.log2(r) if r > 0 else -30.0)
-        vmin.append(float(acc["min"][c0:c1].min()))
-        vmax.append(float(acc["max"][c0:c1].max()))
-        signed.append(vmin[-1] < 0)
-    if calls[0] > passes:
-        # Called several times per forward: quantizing one call changes the next call's values,
-        # so calibration ranges do not bound them and cannot prove two candidates equal.
-        vmin, vmax = [-math.inf] * len(bounds), [math.inf] * len(bounds)
-    return ActGroupStats(np.array(rms), np.array(signed), int(acc["sq"].shape[0]),
-                         np.array(vmin), np.array(vmax))
+    return acc.stats(bounds, calls[0] > passes)
+
+
+def act_group_stats_of(values: torch.Tensor, dim: int,
+                       bounds: Sequence[tuple[int, int]]) -> ActGroupStats:
+    """The same statistics from a layer's stored calibration activations ``(N, …)`` with the
+    channel on axis ``dim`` (``rdoq.groups.channel_dim``)."""
+    acc = _StatsAccumulator(dim)
+    acc.add(values)
+    return acc.stats(bounds, False)
 
 
 def act_bounds(bits: int, signed: bool) -> tuple[int, int]:

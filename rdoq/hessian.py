@@ -301,23 +301,41 @@ class HessianActBackend:
         # Channels last: A (N, …, C), D (N, M, …, C).
         self.acts = sweep.acts[layer].movedim(dim if dim < 0 else dim, -1)
         self.grads = sweep.grads[layer].movedim(dim if dim < 0 else dim + 1, -1)
+        self._group_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _group(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous ``A_g (N, n_g)`` and ``D_g (N, M, n_g)`` of group ``g`` (its chains ask
+        for it in every round)."""
+        if g not in self._group_cache:
+            c0, c1 = self.bounds[g]
+            n, m = self.grads.shape[:2]
+            self._group_cache[g] = (self.acts[..., c0:c1].reshape(n, -1),
+                                    self.grads[..., c0:c1].reshape(n, m, -1))
+        return self._group_cache[g]
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, None]:
         dist = np.empty(len(cands))
-        n, m = self.grads.shape[:2]
+        by_group: dict[int, list[int]] = {}
         for i, c in enumerate(cands):
-            c0, c1 = self.bounds[c.group]
-            a = self.acts[..., c0:c1]  # (N, …, c_g)
-            lo, hi = act_bounds(c.bits, bool(self.stats.signed[c.group]))
-            step = 2.0**c.step_log2 if c.bits > 0 else 1.0
-            dist[i] = self.dist_of(c.group, quantize_uniform(a, step, lo, hi) - a)
+            by_group.setdefault(c.group, []).append(i)
+        for g, idx in by_group.items():
+            a, _ = self._group(g)  # (N, n_g)
+            bounds = [act_bounds(cands[i].bits, bool(self.stats.signed[g])) for i in idx]
+            # All candidates of the group in one broadcast quantization: (K, 1, 1) parameters.
+            step = torch.tensor([2.0**cands[i].step_log2 if cands[i].bits > 0 else 1.0
+                                 for i in idx], dtype=a.dtype, device=a.device).view(-1, 1, 1)
+            lo = torch.tensor([b[0] for b in bounds], dtype=a.dtype, device=a.device)
+            hi = torch.tensor([b[1] for b in bounds], dtype=a.dtype, device=a.device)
+            delta = quantize_uniform(a, step, lo.view(-1, 1, 1), hi.view(-1, 1, 1)) - a
+            dist[idx] = self.dist_of(g, delta.permute(1, 2, 0))  # (N, n_g, K)
         return dist, None
 
-    def dist_of(self, group: int, delta: torch.Tensor) -> float:
-        """δ̂ of one perturbation ``delta (N, …, c_g)`` of group ``group`` (channels last):
-        sample n's perturbation meets sample n's gradients only."""
-        c0, c1 = self.bounds[group]
-        n, m = self.grads.shape[:2]
-        d = self.grads[..., c0:c1]  # (N, M, …, c_g)
-        p = (d * delta.unsqueeze(1)).reshape(n, m, -1).sum(-1)  # (N, M)
-        return float(self.sweep.combine(p.reshape(-1, 1), delta.pow(2).sum().reshape(1))[0])
+    def dist_of(self, group: int, delta: torch.Tensor) -> np.ndarray:
+        """δ̂ of perturbations ``delta (N, …, c_g, K)`` of group ``group`` (channels, then
+        candidates last): sample n's perturbation meets sample n's gradients only."""
+        _, d = self._group(group)  # (N, M, n_g)
+        n, m = d.shape[:2]
+        k = delta.shape[-1]
+        dl = delta.reshape(n, -1, k)  # (N, n_g, K)
+        p = torch.bmm(d, dl).reshape(n * m, k)  # (N·M, K)
+        return self.sweep.combine(p, dl.pow(2).sum((0, 1)))

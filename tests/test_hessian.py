@@ -124,7 +124,7 @@ def test_activation_perturbations_meet_their_own_sample(batch_size):
         h = model.a(x)
     delta = torch.randn(6, 2) * 0.1  # a different perturbation per sample
     true = float(((delta * x[:, 0:2]).sum(-1) ** 2).mean())
-    assert be.dist_of(0, delta) == pytest.approx(true, rel=1e-10)
+    assert be.dist_of(0, delta.unsqueeze(-1))[0] == pytest.approx(true, rel=1e-10)
     # The same through a quantization candidate.
     cand = Candidate(1, 3, -4.0, 0.0)
     from rdoq.quantizers import quantize_uniform, signed_bounds
@@ -153,3 +153,25 @@ def test_settings_are_validated():
         HessianSettings(nprobes=0)
     with pytest.raises(ValueError, match="--probe must be one of"):
         HessianSettings(probe="fisher")
+
+
+@pytest.mark.parametrize("arch", ["conv", "linear"])
+def test_stats_from_stored_activations_equal_the_hooked_ones(arch):
+    from rdoq.engine import act_group_stats, act_group_stats_of
+    from rdoq.groups import channel_dim
+
+    if arch == "conv":
+        model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten()).eval()
+        x, name = torch.randn(6, 3, 6, 6), "0"
+    else:
+        model = seeded(Gated)
+        x, name = torch.randn(6, 4), "a"
+    module = dict(model.named_modules())[name]
+    with torch.no_grad():
+        values = module(x if arch == "linear" else x)
+    bounds = group_bounds(values.shape[channel_dim(module)], 2)
+    a = act_group_stats(model, x, name, "out", bounds, rows=4)
+    b = act_group_stats_of(values, channel_dim(module), bounds)
+    for key in ("rms_log2", "signed", "vmin", "vmax"):
+        np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-12)
+    assert a.channels == b.channels
