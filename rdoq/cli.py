@@ -38,22 +38,29 @@ def _positive(kind: type, name: str):
     return parse
 
 
-def add_model_data_flags(p: argparse.ArgumentParser, default_testsize: int = 64) -> None:
-    """Model, data and device flags shared by every classification script."""
-    g = p.add_argument_group("model and data")
-    g.add_argument("--archname", default="mobilenetv2py",
-                   help="timm model name (paper zoo names such as resnet50py are mapped); "
-                        "default: %(default)s")
+def add_model_flags(g: argparse._ArgumentGroup, archname_default: str | None = "mobilenetv2py",
+                    archname_help: str = "timm model name (paper zoo names such as resnet50py "
+                                         "are mapped), or digits_cnn / digits_vit with "
+                                         "--dataset digits") -> None:
+    """--archname --checkpoint --random-init --dataset --datapath: the same in every script."""
+    g.add_argument("--archname", default=archname_default,
+                   help=f"{archname_help} (default: %(default)s)")
     g.add_argument("--checkpoint", "--override-checkpoint", dest="checkpoint", type=Path,
                    default=None, help="state dict / timm checkpoint file to load (weights only)")
     g.add_argument("--random-init", action="store_true",
                    help="use seeded random weights (smoke tests only; never the default)")
     g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic"), default="imagenet",
-                   help="imagenet: ImageFolder at --datapath; digits: the bundled default "
-                        "(--archname digits_cnn|digits_vit); synthetic: seeded randn inputs "
-                        "(tests/benchmarks only)")
+                   help="imagenet: ImageFolder at --datapath (calibration from train/, "
+                        "evaluation on val/); digits: the bundled default; synthetic: seeded "
+                        "randn inputs without labels (tests/benchmarks only)")
     g.add_argument("--datapath", type=Path, default=Path("./ImageNet2012/"),
                    help="ImageNet root with train/ and val/ (default: %(default)s)")
+
+
+def add_model_data_flags(p: argparse.ArgumentParser, default_testsize: int = 64) -> None:
+    """Model, data and device flags shared by every classification script."""
+    g = p.add_argument_group("model and data")
+    add_model_flags(g)
     g.add_argument("--testsize", type=_positive(int, "--testsize"), default=default_testsize,
                    help="calibration images, drawn class-spread from train/ (default: %(default)s)")
     g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
@@ -187,7 +194,7 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
             ndz=ndz, max_steps=args.maxsteps, step_grid=args.step_grid, precision=args.precision,
             # The quadratic model prices a batch of candidates at one matmul, on any device.
             max_batch=args.max_batch or (256 if estimator == "hessian" else 64 if on_cuda else 1),
-            max_lookahead=args.lookahead or (8 if estimator == "hessian" else 4 if on_cuda
+            max_lookahead=args.lookahead or (2 if estimator == "hessian" else 4 if on_cuda
                                              else 1),
             mem_budget_mb=args.mem_budget_mb or _default_budget(device),
             use_cuts=not args.no_prefix_cache, progress=not args.quiet,
@@ -314,17 +321,7 @@ def _testsize(text: str) -> int:
 def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
     """Flags of the allocation scripts (paper names first)."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--archname", default="mobilenetv2py",
-                   help="timm model name, or digits_cnn / digits_vit with --dataset digits")
-    g.add_argument("--checkpoint", "--override-checkpoint", dest="checkpoint", type=Path,
-                   default=None, help="state dict / timm checkpoint file (weights only)")
-    g.add_argument("--random-init", action="store_true",
-                   help="seeded random weights (smoke tests only; must match the curves)")
-    g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic"), default="imagenet",
-                   help="imagenet: ImageFolder at --datapath (evaluation on val/); digits: the "
-                        "bundled default; synthetic: unlabelled randn (tests only)")
-    g.add_argument("--datapath", type=Path, default=Path("./ImageNet2012/"),
-                   help="ImageNet root with train/ (calibration) and val/ (evaluation)")
+    add_model_flags(g)
     g.add_argument("--testsize", type=_testsize, default=-1,
                    help="evaluation samples (-1 = the whole val/test split; default: -1)")
     g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
@@ -638,15 +635,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
                                             "(allocation_<target>.json).")
     p.add_argument("allocations", nargs="+", type=Path, help="allocation JSON files")
     g = p.add_argument_group("model and data")
-    g.add_argument("--archname", default=None,
-                   help="model name (default: the allocation's model)")
-    g.add_argument("--checkpoint", "--override-checkpoint", dest="checkpoint", type=Path,
-                   default=None, help="state dict / timm checkpoint file (weights only)")
-    g.add_argument("--random-init", action="store_true", help="seeded random weights")
-    g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic"), default="imagenet",
-                   help="evaluation data (as in the allocation scripts)")
-    g.add_argument("--datapath", type=Path, default=Path("./ImageNet2012/"),
-                   help="ImageNet root with val/")
+    add_model_flags(g, None, "model name; None = the allocation's model")
     g.add_argument("--testsize", type=_testsize, default=-1,
                    help="evaluation samples (-1 = all)")
     g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,

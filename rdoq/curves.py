@@ -249,14 +249,17 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         sweep = GradientSweep(model, x, [p.name for p in todo], job.kind, job.hessian,
                               job.act_mode, batch_size=job.sweep_batch,
                               mem_budget_mb=job.mem_budget_mb)
-        log.info("gradient sweep: %d layers, %d sweep(s), %.1fs", len(todo), sweep.sweeps,
-                 time.perf_counter() - t0)
+        log.info("second-order estimator: %d layers in %d gradient sweep(s)", len(todo),
+                 sweep.n_sweeps)
     else:
         engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts)
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
     for plan in bar:
         lt = time.perf_counter()
-        values = sweep.acts.get(plan.name) if job.estimator == "hessian" else None
+        values = None
+        if job.estimator == "hessian":
+            sweep.ensure(plan.name)
+            values = sweep.acts.get(plan.name)
         chains, stats = make_chains(model, x, plan, job, max_rows, values)
         if job.estimator == "hessian":
             backend = (HessianWeightBackend(sweep, plan.name, plan.bounds) if job.kind == "weight"
@@ -284,6 +287,8 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
                  len(plan.bounds), n, where, time.perf_counter() - lt)
     summary["seconds"] = time.perf_counter() - t0
     summary["missing_layers"] = len(store.missing_layers())
+    if job.estimator == "hessian":
+        summary["gradient_sweeps"] = sweep.sweeps
     return summary
 
 

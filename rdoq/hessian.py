@@ -34,7 +34,12 @@ from torch import nn
 
 from rdoq.engine import ActGroupStats, act_bounds
 from rdoq.groups import channel_dim
-from rdoq.quantizers import quantize_uniform, quantize_weight
+from rdoq.quantizers import (
+    deadzone_magnitudes,
+    quantize_deadzone,
+    quantize_uniform,
+    signed_bounds,
+)
 from rdoq.search import Candidate
 
 log = logging.getLogger(__name__)
@@ -132,9 +137,24 @@ class GradientSweep:
         if len(chunks) > 1:
             log.info("gradient rows of %d layers need %.0f MiB > --mem-budget-mb %.0f: %d sweeps",
                      len(layers), sum(sizes.values()) / 2**20, mem_budget_mb, len(chunks))
-        for chunk in chunks:
-            if chunk:
-                self._sweep(chunk, shapes)
+        self._chunks = [c for c in chunks if c]
+        self.n_sweeps = len(self._chunks)
+        self._shapes_of = shapes
+        self._loaded: list[str] = []
+
+    def ensure(self, name: str) -> None:
+        """Make ``name``'s rows available: sweep its chunk of layers (all layers at once unless
+        memory demanded several chunks), releasing the previous chunk's rows first."""
+        if name in self._loaded:
+            return
+        chunk = next((c for c in self._chunks if name in c), None)
+        if chunk is None:
+            raise ValueError(f"layer {name!r} is not part of this gradient sweep")
+        self.rows.clear()
+        self.acts.clear()
+        self.grads.clear()
+        self._sweep(chunk, self._shapes_of)
+        self._loaded = list(chunk)
 
     def _shapes(self, layers: Sequence[str]) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -258,10 +278,29 @@ class GradientSweep:
         return dist.cpu().numpy()
 
 
+def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate]) -> torch.Tensor:
+    """``quantize_weight`` of ``w (1, n)`` for every candidate at once: ``(K, n)``, the same
+    values as one call per candidate (uniform and dead-zone rules selected per row)."""
+    def col(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=w.dtype, device=w.device).view(-1, 1)  # (K, 1)
+
+    steps = [2.0**c.step_log2 if c.bits > 0 and math.isfinite(c.step_log2) else 1.0
+             for c in cands]
+    bounds = [signed_bounds(c.bits) for c in cands]
+    step = col(steps)
+    uniform = quantize_uniform(w, step, col([b[0] for b in bounds]), col([b[1] for b in bounds]))
+    if not any(c.deadzone > 0 for c in cands):
+        return uniform
+    dz = col([c.deadzone for c in cands])
+    mags = col([deadzone_magnitudes(c.bits) for c in cands])
+    return torch.where(dz > 0, quantize_deadzone(w, step, dz, mags), uniform)
+
+
 class HessianWeightBackend:
     """Evaluates weight candidates of one layer with the quadratic model (``Evaluate``)."""
 
     def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]]):
+        sweep.ensure(layer)
         self.sweep, self.bounds = sweep, bounds
         self.weight = sweep.modules[layer].weight.detach()
         self.rows = sweep.rows[layer]  # (R, out, in/out)
@@ -274,10 +313,8 @@ class HessianWeightBackend:
             by_group.setdefault(c.group, []).append(i)
         for g, idx in by_group.items():
             c0, c1 = self.bounds[g]
-            w = self.weight[c0:c1]
-            deltas = torch.stack([(quantize_weight(w, cands[i].bits, cands[i].step_log2,
-                                                   cands[i].deadzone) - w).reshape(-1)
-                                  for i in idx], dim=1)  # (n_g, K)
+            w = self.weight[c0:c1].reshape(1, -1)  # (1, n_g)
+            deltas = (quantize_weights_batched(w, [cands[i] for i in idx]) - w).T  # (n_g, K)
             dist[idx] = self.dist_of(g, deltas)
             mse[idx] = deltas.double().pow(2).mean(0).cpu().numpy()
         return dist, mse
@@ -296,6 +333,7 @@ class HessianActBackend:
 
     def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]],
                  stats: ActGroupStats):
+        sweep.ensure(layer)
         self.sweep, self.bounds, self.stats = sweep, bounds, stats
         dim = channel_dim(sweep.modules[layer])
         # Channels last: A (N, …, C), D (N, M, …, C).

@@ -140,6 +140,7 @@ def test_conv_per_sample_gradients_match_autograd():
     x = torch.randn(3, 4, 7, 7)
     sweep = GradientSweep(model, x, ["0"], "weight", HessianSettings(probe="norm"),
                           batch_size=2)
+    sweep.ensure("0")
     for n in range(3):
         w = conv.weight
         (g,) = torch.autograd.grad(model(x[n:n + 1]).norm(), [w])
@@ -175,3 +176,30 @@ def test_stats_from_stored_activations_equal_the_hooked_ones(arch):
     for key in ("rms_log2", "signed", "vmin", "vmax"):
         np.testing.assert_allclose(getattr(a, key), getattr(b, key), rtol=1e-12)
     assert a.channels == b.channels
+
+
+def test_batched_weight_quantization_equals_one_call_per_candidate():
+    from rdoq.hessian import quantize_weights_batched
+    from rdoq.quantizers import quantize_weight
+
+    torch.manual_seed(3)
+    w = torch.randn(1, 50)
+    cands = [Candidate(0, b, s, dz) for b in (0, 1, 2, 3, 5) for s in (-4.0, -2.5, 0.0)
+             for dz in (0.0, 0.3)] + [Candidate(0, 0, float("nan"), 0.0)]
+    out = quantize_weights_batched(w, cands)
+    for k, c in enumerate(cands):
+        assert torch.equal(out[k], quantize_weight(w[0], c.bits, c.step_log2, c.deadzone)), c
+
+
+def test_sweeps_split_by_memory_give_the_same_rows():
+    model = seeded(Linear2, 3)
+    x = torch.randn(5, 6)
+    one = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=2))
+    split = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=2),
+                          mem_budget_mb=1e-6)
+    assert one.n_sweeps == 1 and split.n_sweeps == 2
+    for name in ("a", "b"):
+        one.ensure(name)
+        split.ensure(name)
+        assert set(split.rows) == {name}  # the other chunk's rows were released
+        torch.testing.assert_close(split.rows[name], one.rows[name], rtol=0, atol=0)
