@@ -304,6 +304,7 @@ class HessianWeightBackend:
         self.sweep, self.bounds = sweep, bounds
         self.weight = sweep.modules[layer].weight.detach()
         self.rows = sweep.rows[layer]  # (R, out, in/out)
+        self._group_rows: dict[int, torch.Tensor] = {}  # (R, n_g) per group
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
         dist = np.empty(len(cands))
@@ -321,9 +322,12 @@ class HessianWeightBackend:
 
     def dist_of(self, group: int, deltas: torch.Tensor) -> np.ndarray:
         """δ̂ of perturbations ``deltas (n_g, K)`` of group ``group`` (flattened rows)."""
-        c0, c1 = self.bounds[group]
+        if group not in self._group_rows:
+            # Contiguous once per group: its chains come back to it in every round.
+            c0, c1 = self.bounds[group]
+            self._group_rows[group] = self.rows[:, c0:c1].reshape(self.rows.shape[0], -1)
         deltas = deltas.to(self.rows.dtype)
-        p = self.rows[:, c0:c1].reshape(self.rows.shape[0], -1) @ deltas  # (R, K)
+        p = self._group_rows[group] @ deltas  # (R, K)
         return self.sweep.combine(p, deltas.pow(2).sum(0))
 
 
