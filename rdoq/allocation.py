@@ -33,7 +33,7 @@ from rdoq.solvers import (
     solve_dp_multi,
     solve_lagrangian,
 )
-from rdoq.store import CurveStore, LayerCurves, atomic_write_json
+from rdoq.store import CurveStore, LayerCurves, atomic_write_json, read_json_artifact
 
 ALLOC_SCHEMA = "rdoq.allocation/1"
 SOLVERS = ("dp", "lg")
@@ -73,11 +73,10 @@ class ItemTable:
     act_mode: str | None
     fp_acts: list[str] = field(default_factory=list)
 
-    def numel_of(self, kind: int) -> float:
-        return float(self.numel[self.kind == kind].sum())
-
     def part_numel(self, kind: int | None) -> float:
-        return float(self.numel.sum()) if kind is None else self.numel_of(kind)
+        """Elements of the items of ``kind`` (None: all items)."""
+        rows = self.numel if kind is None else self.numel[self.kind == kind]
+        return float(rows.sum())
 
 
 def meta_digest(meta: dict[str, Any]) -> str:
@@ -369,7 +368,7 @@ def summarize_choice(table: ItemTable, choice: np.ndarray) -> dict[str, Any]:
     idx = np.arange(len(choice))
     rate = table.rate[idx, choice]
     w, a = table.kind == WEIGHT, table.kind == ACT
-    n_w, n_a = table.numel_of(WEIGHT), table.numel_of(ACT)
+    n_w, n_a = table.part_numel(WEIGHT), table.part_numel(ACT)
     dist = table.dist[idx, choice]
     return {
         "w_bits": float(rate[w].sum() / n_w) if n_w else None,
@@ -423,16 +422,7 @@ def load_allocation(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"allocation file {path} does not exist")
-    try:
-        alloc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(alloc, dict) or alloc.get("schema") != ALLOC_SCHEMA:
-        found = alloc.get("schema") if isinstance(alloc, dict) else None
-        raise ValueError(f"{path}: schema {found!r} is not {ALLOC_SCHEMA!r}")
-    for key in ("model", "weights", "acts"):
-        if key not in alloc:
-            raise ValueError(f"{path}: missing key {key!r}")
+    alloc = read_json_artifact(path, ALLOC_SCHEMA, ("model", "weights", "acts"))
     for part in ("weights", "acts"):
         for name, e in alloc[part].items():
             try:

@@ -243,7 +243,8 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
     if not todo:
         summary["seconds"] = time.perf_counter() - t0
         return summary
-    max_rows = max_rows_for(model, x[:1], job.mem_budget_mb)
+    # Samples per forward of the measured engine (the second-order one needs no forwards here).
+    max_rows = 1
     if job.estimator == "hessian":
         # One gradient sweep for all of this part's layers (split only if memory demands it).
         sweep = GradientSweep(model, x, [p.name for p in todo], job.kind, job.hessian,
@@ -252,6 +253,7 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         log.info("second-order estimator: %d layers in %d gradient sweep(s)", len(todo),
                  sweep.n_sweeps)
     else:
+        max_rows = max_rows_for(model, x[:1], job.mem_budget_mb)
         engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts)
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
     for plan in bar:

@@ -120,8 +120,9 @@ def bit_report(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor) -> dic
     total_params = sum(p.numel() for p in model.parameters())
     size_bits = w_bits + 32.0 * (total_params - w_numel)
     # -bcw creates a bias where a layer had none: charged at 32 bits.
+    modules = dict(model.named_modules())
     added_bias = sum(len(v) for k, v in (alloc.get("corrections") or {}).get("bcw", {}).items()
-                     if getattr(dict(model.named_modules())[k], "bias", None) is None)
+                     if getattr(modules[k], "bias", None) is None)
     size_bits += 32.0 * added_bias
     names = [layer.name for layer in layers]
     macs = layer_macs(model, x1, names)

@@ -84,6 +84,22 @@ def _create_json_exclusive(path: Path, obj: Any) -> None:
         os.unlink(tmp)
 
 
+def read_json_artifact(path: Path, schema: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A JSON artifact (no code executed) whose ``schema`` and top-level ``keys`` are checked;
+    ValueError names the file and what is wrong."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(obj, dict) or obj.get("schema") != schema:
+        found = obj.get("schema") if isinstance(obj, dict) else None
+        raise ValueError(f"{path}: schema {found!r} is not {schema!r}")
+    for key in keys:
+        if key not in obj:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return obj
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
@@ -160,17 +176,7 @@ class CurveStore:
         path = Path(root) / "meta.json"
         if not path.is_file():
             raise FileNotFoundError(f"no curve set at {root}: {path} is missing")
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
-            found = meta.get("schema") if isinstance(meta, dict) else None
-            raise ValueError(f"{path}: schema {found!r} is not {SCHEMA!r}")
-        for key in ("kind", "group_size", "bits", "layers"):
-            if key not in meta:
-                raise ValueError(f"{path}: missing key {key!r}")
-        return meta
+        return read_json_artifact(path, SCHEMA, ("kind", "group_size", "bits", "layers"))
 
     def layer_path(self, name: str) -> Path:
         if "/" in name or name.startswith("."):

@@ -104,7 +104,7 @@ def test_table_takes_best_dead_zone_and_counts_elements(stores, net):
                                   np.take_along_axis(first.step_log2, best[:, None], 1)[:, 0])
     # Rates: bits × elements; weights first, then activation groups per sample.
     np.testing.assert_array_equal(t.rate[:, 3], 3 * t.numel)
-    assert t.numel_of(WEIGHT) == sum(m.weight.numel() for m in (net.c1, net.c2, net.f1, net.f2))
+    assert t.part_numel(WEIGHT) == sum(m.weight.numel() for m in (net.c1, net.c2, net.f1, net.f2))
     assert (t.kind[: t.layers[4].rows.start] == WEIGHT).all() and (t.kind[t.layers[4].rows]
                                                                    == ACT).all()
     # f1 output: 7 channels in groups of 3 → 3, 3, 1.
@@ -182,8 +182,8 @@ def test_joint_and_separate_budgets_hold(stores, solver):
     sep, _ = solve_targets(t, [2.0, 3.0], solver, act_targets=[4.0])
     for c, tw in zip(sep, [2.0, 3.0], strict=True):
         w_rows, a_rows = t.kind == WEIGHT, t.kind == ACT
-        assert t.rate[idx, c][w_rows].sum() <= tw * t.numel_of(WEIGHT) + 1e-9
-        assert t.rate[idx, c][a_rows].sum() <= 4.0 * t.numel_of(ACT) + 1e-9
+        assert t.rate[idx, c][w_rows].sum() <= tw * t.part_numel(WEIGHT) + 1e-9
+        assert t.rate[idx, c][a_rows].sum() <= 4.0 * t.part_numel(ACT) + 1e-9
     if solver == "dp":
         # Exact: the DP reaches the ILP optimum of the joint problem.
         best = solve_ilp(t.dist, t.rate, 3.5 * t.numel.sum())
