@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -59,30 +60,44 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timm-nchannelbatch", type=int, default=32,
                    help="channels per group of the timm model")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--min-seconds", type=float, default=3.0,
+                   help="repeat each side's curve generation until it has run this long and "
+                        "report the mean (only sub-second runs repeat)")
     return p.parse_args(argv)
 
 
 def make_curves(model, x, info, calib_meta, root: Path, estimator: str, args,
                 group_size: int) -> float:
-    """Weight + output-activation curves into ``root``; returns seconds."""
-    seconds = 0.0
-    for kind in ("weight", "act"):
-        job = CurveJob(kind=kind, act_mode="out" if kind == "act" else None,
-                       group_size=group_size, nr=args.maxrates,
-                       ndz=args.maxdeadzones if kind == "weight" else 1,
-                       max_steps=48 if kind == "weight" else 32,
-                       step_grid=1 if kind == "weight" else 4,
-                       # The scripts' CPU defaults of each estimator.
-                       max_batch=256 if estimator == "hessian" else 1,
-                       max_lookahead=2 if estimator == "hessian" else 1,
-                       progress=False, argv=["bench_hessian"], estimator=estimator,
-                       hessian=HessianSettings(nprobes=args.nprobes)
-                       if estimator == "hessian" else None)
-        t0 = time.perf_counter()
-        generate_curves(model, x, info, calib_meta, job, root / kind, PartSpec(0, 1),
-                        torch.device("cpu"))
-        seconds += time.perf_counter() - t0
-    return seconds
+    """Weight + output-activation curves into ``root``; returns seconds per generation.
+
+    Timed like ``timeit``'s autorange: generations from scratch are repeated until they have
+    taken ``--min-seconds`` in all, and the mean is returned — a sub-second run is otherwise
+    dominated by one scheduler hiccup or first-call warm-up, while a long run averages them out.
+    """
+    seconds, runs = 0.0, 0
+    while runs == 0 or seconds < args.min_seconds:
+        run_root = root if runs == 0 else root.with_name(f"{root.name}_rep{runs}")
+        for kind in ("weight", "act"):
+            job = CurveJob(kind=kind, act_mode="out" if kind == "act" else None,
+                           group_size=group_size, nr=args.maxrates,
+                           ndz=args.maxdeadzones if kind == "weight" else 1,
+                           max_steps=48 if kind == "weight" else 32,
+                           step_grid=1 if kind == "weight" else 4,
+                           # The scripts' CPU defaults of each estimator.
+                           max_batch=256 if estimator == "hessian" else 1,
+                           max_lookahead=4 if estimator == "hessian" else 1,
+                           sweep_batch=64, progress=False, argv=["bench_hessian"],
+                           estimator=estimator,
+                           hessian=HessianSettings(nprobes=args.nprobes)
+                           if estimator == "hessian" else None)
+            t0 = time.perf_counter()
+            generate_curves(model, x, info, calib_meta, job, run_root / kind, PartSpec(0, 1),
+                            torch.device("cpu"))
+            seconds += time.perf_counter() - t0
+        if run_root != root:
+            shutil.rmtree(run_root)
+        runs += 1
+    return seconds / runs
 
 
 def curve_points(root: Path) -> dict[str, np.ndarray]:

@@ -116,7 +116,7 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
                         "slower per sample; 64 on CUDA)")
     e.add_argument("--lookahead", type=_positive(int, "--lookahead"), default=None,
                    help="speculative steps per search chain when chains are few (default: 1 on "
-                        "CPU, 4 on CUDA); never changes the curves")
+                        "CPU, 4 on CUDA and for second-order curves); never changes the curves")
     e.add_argument("--mem-budget-mb", type=_positive(float, "--mem-budget-mb"), default=None,
                    help="activation memory per pass in MiB (default: 2048 CPU, 40%% of free CUDA)")
     e.add_argument("--no-prefix-cache", action="store_true",
@@ -194,8 +194,7 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
             ndz=ndz, max_steps=args.maxsteps, step_grid=args.step_grid, precision=args.precision,
             # The quadratic model prices a batch of candidates at one matmul, on any device.
             max_batch=args.max_batch or (256 if estimator == "hessian" else 64 if on_cuda else 1),
-            max_lookahead=args.lookahead or (2 if estimator == "hessian" else 4 if on_cuda
-                                             else 1),
+            max_lookahead=args.lookahead or (4 if estimator == "hessian" or on_cuda else 1),
             mem_budget_mb=args.mem_budget_mb or _default_budget(device),
             use_cuts=not args.no_prefix_cache, progress=not args.quiet,
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
@@ -216,7 +215,8 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
     except ValueError as e:
         p.error(str(e))
     atomic_write_json(Path(root) / f"run_part{part.part_id:03d}.json",
-                      {"job": job_dict(job), "summary": summary, "args": _jsonable(vars(args))})
+                      {"job": job_dict(job), "device": str(device), "summary": summary,
+                       "args": _jsonable(vars(args))})
     return summary
 
 

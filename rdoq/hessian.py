@@ -37,7 +37,6 @@ from rdoq.groups import channel_dim
 from rdoq.quantizers import (
     deadzone_magnitudes,
     quantize_deadzone,
-    quantize_uniform,
     signed_bounds,
 )
 from rdoq.search import Candidate
@@ -78,11 +77,14 @@ class HessianSettings:
 
 def _per_sample_weight_grad(module: nn.Module, x: torch.Tensor,
                             dy: torch.Tensor) -> torch.Tensor:
-    """``(B, out, in_per_out)``: the gradient of the weight for each sample separately."""
+    """``(B·M, out, in_per_out)``: the gradient of the weight for each (sample, probe) pair,
+    from the layer input of each sample ``x (B, …)`` and the output gradients of its ``M``
+    probes ``dy (B, M, …)`` (inputs are not repeated: the probes share the forward)."""
+    b, m = dy.shape[:2]
     if isinstance(module, nn.Linear):
-        x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        dy = dy.reshape(dy.shape[0], -1, dy.shape[-1])  # (B, T, out)
-        return torch.einsum("bto,bti->boi", dy, x)
+        x = x.reshape(b, -1, x.shape[-1])  # (B, T, in)
+        dy = dy.reshape(b, m, -1, dy.shape[-1])  # (B, M, T, out)
+        return torch.einsum("bmto,bti->bmoi", dy, x).reshape(b * m, dy.shape[-1], -1)
     if isinstance(module, nn.Conv2d):
         padding = module.padding
         if module.padding_mode != "zeros" or (isinstance(padding, str) and padding != "valid"):
@@ -92,10 +94,10 @@ def _per_sample_weight_grad(module: nn.Module, x: torch.Tensor,
         padding = 0 if padding == "valid" else padding
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
                         stride=module.stride)  # (B, in·kh·kw, L)
-        b, g = x.shape[0], module.groups
+        g = module.groups
         cols = cols.reshape(b, g, -1, cols.shape[-1])  # (B, g, in/g·kh·kw, L)
-        d = dy.reshape(b, g, -1, cols.shape[-1])  # (B, g, out/g, L)
-        return torch.einsum("bgol,bgil->bgoi", d, cols).reshape(b, module.out_channels, -1)
+        d = dy.reshape(b, m, g, -1, cols.shape[-1])  # (B, M, g, out/g, L)
+        return torch.einsum("bmgol,bgil->bmgoi", d, cols).reshape(b * m, module.out_channels, -1)
     raise ValueError(f"no per-sample gradient for {type(module).__name__}")
 
 
@@ -194,13 +196,14 @@ class GradientSweep:
         if self.kind == "weight":
             for name in layers:
                 w = self.modules[name].weight
-                self.rows[name] = torch.zeros(n_total * m_rows, w.shape[0], w[0].numel(),
+                # Every row is written by the sweep (zeros where a layer gets no gradient).
+                self.rows[name] = torch.empty(n_total * m_rows, w.shape[0], w[0].numel(),
                                               dtype=dt, device=w.device)  # (R, out, in/out)
         else:
             for name in layers:
-                self.acts[name] = torch.zeros(n_total, *shapes[name], dtype=dt,
+                self.acts[name] = torch.empty(n_total, *shapes[name], dtype=dt,
                                               device=self.calib.device)  # (N, …)
-                self.grads[name] = torch.zeros(n_total, m_rows, *shapes[name], dtype=dt,
+                self.grads[name] = torch.empty(n_total, m_rows, *shapes[name], dtype=dt,
                                                device=self.calib.device)  # (N, M, …)
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -210,34 +213,39 @@ class GradientSweep:
                 captured.setdefault(name, []).append((a[0], o))
             return record
 
+        # Each sample enters the forward once per probe (row b·M + j = sample b, probe j), so a
+        # single backward gives every probe's rows; --batchsize counts these rows.
+        per_forward = max(1, self.batch_size // m_rows)
         handles = [self.modules[n].register_forward_hook(hook(n)) for n in layers]
         try:
-            for b0 in range(0, n_total, self.batch_size):
+            for b0 in range(0, n_total, per_forward):
                 captured.clear()
-                x = self.calib[b0:b0 + self.batch_size].detach().clone().requires_grad_(True)
+                x = self.calib[b0:b0 + per_forward]
+                b = x.shape[0]
+                x = x.repeat_interleave(m_rows, 0).detach().clone().requires_grad_(True)
                 with torch.enable_grad():
                     y = self.model(x)
-                    y = y.reshape(y.shape[0], -1)  # (B, K)
+                    y = y.reshape(y.shape[0], -1)  # (B·M, K)
                     self.out_numel = y.shape[1]
-                    b = y.shape[0]
-                    for j in range(m_rows):
-                        if cfg.probe == "random":
-                            z = torch.randint(0, 2, y.shape, generator=gen).to(y) * 2 - 1
-                            s = (z * y).sum()
-                        else:
-                            s = y.norm(dim=1).sum()
-                        self._accumulate(s, layers, captured, b0, b, j, last=j == m_rows - 1)
+                    if cfg.probe == "random":
+                        # Probe j of every sample: the draws of one (B, K) tensor per j.
+                        z = torch.stack([torch.randint(0, 2, (b, y.shape[1]), generator=gen)
+                                         for _ in range(m_rows)], 1)  # (B, M, K)
+                        s = (z.reshape(y.shape).to(y) * 2 - 1).mul(y).sum()
+                    else:
+                        s = y.norm(dim=1).sum()
+                    self._accumulate(s, layers, captured, b0, b)
         finally:
             for h in handles:
                 h.remove()
 
     def _accumulate(self, s: torch.Tensor, layers: list[str],
-                    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], b0: int, b: int,
-                    j: int, last: bool) -> None:
+                    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], b0: int,
+                    b: int) -> None:
         m_rows = self.settings.rows_per_sample
         use_input = self.kind == "act" and self.mode == "in"
         targets = [t[0] if use_input else t[1] for n in layers for t in captured[n]]
-        grads = torch.autograd.grad(s, targets, retain_graph=not last, allow_unused=True)
+        grads = torch.autograd.grad(s, targets, allow_unused=True)
         k = 0
         for name in layers:
             calls = captured[name]
@@ -248,17 +256,18 @@ class GradientSweep:
                 for (inp, _), g in zip(calls, grads[k:k + len(calls)], strict=True):
                     if g is None:
                         continue
-                    ps = _per_sample_weight_grad(module, inp.detach(), g.detach())
+                    # The M copies of a sample have the same (eval-mode) layer input.
+                    x = inp.detach().reshape(b, m_rows, *inp.shape[1:])[:, 0]  # (B, …)
+                    dy = g.detach().reshape(b, m_rows, *g.shape[1:])  # (B, M, …)
+                    ps = _per_sample_weight_grad(module, x, dy)
                     total = ps if total is None else total + ps
-                if total is not None:
-                    # Row of (sample n, probe j) = n·M + j.
-                    rows[b0 * m_rows + j:(b0 + b) * m_rows:m_rows] = total.to(rows.dtype)
+                rows[b0 * m_rows:(b0 + b) * m_rows] = 0.0 if total is None else total  # (B·M, …)
             else:
                 (inp, out), g = calls[0], grads[k]
-                if j == 0:
-                    self.acts[name][b0:b0 + b] = (inp if use_input else out).detach()
-                if g is not None:
-                    self.grads[name][b0:b0 + b, j] = g.detach()
+                value = (inp if use_input else out).detach()
+                self.acts[name][b0:b0 + b] = value.reshape(b, m_rows, *value.shape[1:])[:, 0]
+                self.grads[name][b0:b0 + b] = (0.0 if g is None else
+                                               g.detach().reshape(b, m_rows, *g.shape[1:]))
             k += len(calls)
 
     @property
@@ -269,65 +278,153 @@ class GradientSweep:
             return 1.0 / (n * self.settings.nprobes * self.out_numel)
         return 1.0 / (2.0 * n)
 
-    def combine(self, p: torch.Tensor, delta_sq: torch.Tensor) -> np.ndarray:
-        """δ̂ per candidate from ``P (R, K)`` and ``‖Δ‖² (K,)``."""
+    def combine(self, p: torch.Tensor, delta_sq: torch.Tensor | None) -> np.ndarray:
+        """δ̂ per candidate from ``P (…, R, K)`` and ``‖Δ‖² (…, K)`` (needed only when
+        κ ≠ 0): ``(…, K)``."""
         cfg = self.settings
-        dist = self.scale * p.double().pow(2).sum(0) + 0.5 * cfg.kappa * delta_sq.double()
+        p = p.double()
+        dist = self.scale * p.pow(2).sum(-2)
+        if cfg.kappa:
+            if delta_sq is None:
+                raise ValueError("κ ≠ 0 needs ‖Δ‖² of every candidate")
+            dist = dist + 0.5 * cfg.kappa * delta_sq.double()
         if cfg.first_order:
-            dist = dist + p.double().sum(0) / self.calib.shape[0]
+            dist = dist + p.sum(-2) / self.calib.shape[0]
         return dist.cpu().numpy()
 
 
-def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate]) -> torch.Tensor:
-    """``quantize_weight`` of ``w (1, n)`` for every candidate at once: ``(K, n)``, the same
-    values as one call per candidate (uniform and dead-zone rules selected per row)."""
-    def col(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=w.dtype, device=w.device).view(-1, 1)  # (K, 1)
+# Elements of the perturbation tensor of one batched evaluation (candidates × group elements ×
+# samples); larger batches are split over runs of groups. 2^24 float64 = 128 MiB.
+_MAX_DELTA_ELEMENTS = 2**24
 
+
+@dataclass(frozen=True)
+class SlotGrid:
+    """Candidates laid out as a ``(groups, width)`` grid: row ``r`` holds the candidates of
+    group ``groups[r]`` (sorted), padded to the widest row."""
+
+    groups: np.ndarray  # (Gu,) sorted group indices
+    rows: np.ndarray  # (K,) row of each candidate
+    cols: np.ndarray  # (K,) column of each candidate
+    width: int
+
+    @classmethod
+    def of(cls, cands: Sequence[Candidate]) -> SlotGrid:
+        counts: dict[int, int] = {}
+        cols = np.empty(len(cands), dtype=np.int64)
+        for i, c in enumerate(cands):  # column = rank among the group's candidates
+            cols[i] = counts.get(c.group, 0)
+            counts[c.group] = cols[i] + 1
+        groups = np.array(sorted(counts), dtype=np.int64)
+        row_of = {g: r for r, g in enumerate(groups.tolist())}
+        rows = np.fromiter((row_of[c.group] for c in cands), dtype=np.int64, count=len(cands))
+        return cls(groups, rows, cols, max(counts.values()))
+
+    def grid(self, values: Sequence[float], fill: float, like: torch.Tensor,
+             rows: slice = slice(None)) -> torch.Tensor:
+        """``values`` per candidate as a ``(Gu, width)`` tensor (``fill`` in the padding),
+        restricted to the grid rows ``rows``."""
+        a = np.full((len(self.groups), self.width), fill, dtype=np.float64)
+        a[self.rows, self.cols] = values
+        return torch.from_numpy(a[rows]).to(dtype=like.dtype, device=like.device)
+
+    def runs(self, per_group_elements: int) -> list[slice]:
+        """Slices of grid rows whose groups are consecutive (views of stacked group tensors,
+        no copies), each within the memory cap of one evaluation."""
+        cap = max(_MAX_DELTA_ELEMENTS // max(per_group_elements * self.width, 1), 1)
+        out, r0 = [], 0
+        for r in range(1, len(self.groups) + 1):
+            if (r == len(self.groups) or self.groups[r] != self.groups[r - 1] + 1
+                    or r - r0 >= cap):
+                out.append(slice(r0, r))
+                r0 = r
+        return out
+
+    def group_range(self, rows: slice) -> slice:
+        """The stacked-group slice of the grid rows ``rows`` (consecutive groups)."""
+        return slice(int(self.groups[rows.start]), int(self.groups[rows.stop - 1]) + 1)
+
+
+def quantize_uniform_fast(x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor,
+                          hi: torch.Tensor) -> torch.Tensor:
+    """``quantize_uniform(x, step, lo, hi)`` (same operations, same values) in one buffer: the
+    broadcast candidate tensors are large, and fresh allocations of that size cost more than
+    the arithmetic."""
+    q = x / step
+    # clamp_min_/clamp_max_ rather than clamp_(lo, hi): the same values, but the two-tensor
+    # clamp is not vectorised on CPU and costs three times as much.
+    return q.round_().clamp_min_(lo).clamp_max_(hi).mul_(step)
+
+
+def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate], slots: SlotGrid,
+                             rows: slice = slice(None)) -> torch.Tensor:
+    """Quantized weights ``(g, width, n)`` of the grid rows ``rows`` of ``slots``, from the
+    stacked group weights ``w (g, 1, n)``: entry ``[r, k]`` holds ``quantize_weight`` of that
+    group for its k-th candidate (the uniform or dead-zone rule per candidate; zeros in the
+    padding). Candidates are an outer axis so that every elementwise pass runs along ``n``."""
     steps = [2.0**c.step_log2 if c.bits > 0 and math.isfinite(c.step_log2) else 1.0
              for c in cands]
     bounds = [signed_bounds(c.bits) for c in cands]
-    step = col(steps)
-    uniform = quantize_uniform(w, step, col([b[0] for b in bounds]), col([b[1] for b in bounds]))
+
+    def grid(values: list[float], fill: float) -> torch.Tensor:
+        return slots.grid(values, fill, w, rows).unsqueeze(-1)  # (g, width, 1)
+
+    step = grid(steps, 1.0)
+    uniform = quantize_uniform_fast(w, step, grid([b[0] for b in bounds], 0.0),
+                                    grid([b[1] for b in bounds], 0.0))
     if not any(c.deadzone > 0 for c in cands):
         return uniform
-    dz = col([c.deadzone for c in cands])
-    mags = col([deadzone_magnitudes(c.bits) for c in cands])
+    dz = grid([c.deadzone for c in cands], 0.0)
+    mags = grid([deadzone_magnitudes(c.bits) for c in cands], 0.0)
     return torch.where(dz > 0, quantize_deadzone(w, step, dz, mags), uniform)
 
 
+def _stack_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-group tensors ``(…, n_g)`` into ``(G, …, n_max)``, zero-padding the last
+    axis (a zero weight or activation quantizes to zero: the padding never perturbs)."""
+    n_max = max(t.shape[-1] for t in parts)
+    out = parts[0].new_zeros(len(parts), *parts[0].shape[:-1], n_max)
+    for g, t in enumerate(parts):
+        out[g, ..., : t.shape[-1]] = t
+    return out
+
+
 class HessianWeightBackend:
-    """Evaluates weight candidates of one layer with the quadratic model (``Evaluate``)."""
+    """Evaluates weight candidates of one layer with the quadratic model (``Evaluate``), all
+    groups of a batch in one product."""
 
     def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]]):
         sweep.ensure(layer)
         self.sweep, self.bounds = sweep, bounds
-        self.weight = sweep.modules[layer].weight.detach()
-        self.rows = sweep.rows[layer]  # (R, out, in/out)
-        self._group_rows: dict[int, torch.Tensor] = {}  # (R, n_g) per group
+        weight = sweep.modules[layer].weight.detach()
+        rows = sweep.rows[layer]  # (R, out, in/out)
+        r = rows.shape[0]
+        self.numel = [(c1 - c0) * weight[0].numel() for c0, c1 in bounds]
+        # Per group, contiguous and zero-padded: its chains come back to it in every round.
+        self.w = _stack_groups([weight[c0:c1].reshape(1, -1).to(rows.dtype)
+                                for c0, c1 in bounds])  # (G, 1, n)
+        self.rows = _stack_groups([rows[:, c0:c1].reshape(r, -1)
+                                   for c0, c1 in bounds])  # (G, R, n)
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
-        dist = np.empty(len(cands))
-        mse = np.empty(len(cands))
-        by_group: dict[int, list[int]] = {}
-        for i, c in enumerate(cands):
-            by_group.setdefault(c.group, []).append(i)
-        for g, idx in by_group.items():
-            c0, c1 = self.bounds[g]
-            w = self.weight[c0:c1].reshape(1, -1)  # (1, n_g)
-            deltas = (quantize_weights_batched(w, [cands[i] for i in idx]) - w).T  # (n_g, K)
-            dist[idx] = self.dist_of(g, deltas)
-            mse[idx] = deltas.double().pow(2).mean(0).cpu().numpy()
-        return dist, mse
+        slots = SlotGrid.of(cands)
+        dist = np.empty((len(slots.groups), slots.width))  # (Gu, width)
+        mse = np.empty_like(dist)
+        numel = np.array(self.numel, dtype=np.float64)[slots.groups]  # (Gu,)
+        for run in slots.runs(self.w.shape[-1]):
+            gs = slots.group_range(run)
+            w = self.w[gs]  # (g, 1, n)
+            deltas = quantize_weights_batched(w, cands, slots, run).sub_(w)  # (g, width, n)
+            sq = deltas.pow(2).sum(-1)  # (g, width)
+            p = torch.bmm(self.rows[gs], deltas.transpose(1, 2))  # (g, R, width)
+            dist[run] = self.sweep.combine(p, sq)
+            mse[run] = sq.double().cpu().numpy() / numel[run, None]
+        return dist[slots.rows, slots.cols], mse[slots.rows, slots.cols]
 
     def dist_of(self, group: int, deltas: torch.Tensor) -> np.ndarray:
         """δ̂ of perturbations ``deltas (n_g, K)`` of group ``group`` (flattened rows)."""
-        if group not in self._group_rows:
-            # Contiguous once per group: its chains come back to it in every round.
-            c0, c1 = self.bounds[group]
-            self._group_rows[group] = self.rows[:, c0:c1].reshape(self.rows.shape[0], -1)
         deltas = deltas.to(self.rows.dtype)
-        p = self._group_rows[group] @ deltas  # (R, K)
+        p = self.rows[group, :, : self.numel[group]] @ deltas  # (R, K)
         return self.sweep.combine(p, deltas.pow(2).sum(0))
 
 
@@ -341,43 +438,47 @@ class HessianActBackend:
         self.sweep, self.bounds, self.stats = sweep, bounds, stats
         dim = channel_dim(sweep.modules[layer])
         # Channels last: A (N, …, C), D (N, M, …, C).
-        self.acts = sweep.acts[layer].movedim(dim if dim < 0 else dim, -1)
-        self.grads = sweep.grads[layer].movedim(dim if dim < 0 else dim + 1, -1)
-        self._group_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _group(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Contiguous ``A_g (N, n_g)`` and ``D_g (N, M, n_g)`` of group ``g`` (its chains ask
-        for it in every round)."""
-        if g not in self._group_cache:
-            c0, c1 = self.bounds[g]
-            n, m = self.grads.shape[:2]
-            self._group_cache[g] = (self.acts[..., c0:c1].reshape(n, -1),
-                                    self.grads[..., c0:c1].reshape(n, m, -1))
-        return self._group_cache[g]
+        acts = sweep.acts[layer].movedim(dim if dim < 0 else dim, -1)
+        grads = sweep.grads[layer].movedim(dim if dim < 0 else dim + 1, -1)
+        n, m = grads.shape[:2]
+        self.numel = [acts[..., c0:c1][0].numel() for c0, c1 in bounds]
+        # Per group, contiguous and zero-padded: A (G, N, 1, n), D (G, N, M, n).
+        self.acts = _stack_groups([acts[..., c0:c1].reshape(n, -1)
+                                   for c0, c1 in bounds]).unsqueeze(2)
+        self.grads = _stack_groups([grads[..., c0:c1].reshape(n, m, -1) for c0, c1 in bounds])
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, None]:
-        dist = np.empty(len(cands))
-        by_group: dict[int, list[int]] = {}
-        for i, c in enumerate(cands):
-            by_group.setdefault(c.group, []).append(i)
-        for g, idx in by_group.items():
-            a, _ = self._group(g)  # (N, n_g)
-            bounds = [act_bounds(cands[i].bits, bool(self.stats.signed[g])) for i in idx]
-            # All candidates of the group in one broadcast quantization: (K, 1, 1) parameters.
-            step = torch.tensor([2.0**cands[i].step_log2 if cands[i].bits > 0 else 1.0
-                                 for i in idx], dtype=a.dtype, device=a.device).view(-1, 1, 1)
-            lo = torch.tensor([b[0] for b in bounds], dtype=a.dtype, device=a.device)
-            hi = torch.tensor([b[1] for b in bounds], dtype=a.dtype, device=a.device)
-            delta = quantize_uniform(a, step, lo.view(-1, 1, 1), hi.view(-1, 1, 1)) - a
-            dist[idx] = self.dist_of(g, delta.permute(1, 2, 0))  # (N, n_g, K)
-        return dist, None
+        slots = SlotGrid.of(cands)
+        dist = np.empty((len(slots.groups), slots.width))  # (Gu, width)
+        signed = self.stats.signed
+        bounds = [act_bounds(c.bits, bool(signed[c.group])) for c in cands]
+        steps = [2.0**c.step_log2 if c.bits > 0 else 1.0 for c in cands]
+        _, n, m, n_g = self.grads.shape
+        for run in slots.runs(n * n_g):
+            gs = slots.group_range(run)
+            a = self.acts[gs]  # (g, N, 1, n)
+
+            def grid(values: list[float], fill: float, run: slice = run) -> torch.Tensor:
+                return slots.grid(values, fill, a, run).view(-1, 1, slots.width, 1)
+
+            # All candidates of these groups in one broadcast quantization, candidates outside
+            # the group's elements so that every pass runs along n: (g, N, width, n).
+            delta = quantize_uniform_fast(a, grid(steps, 1.0), grid([b[0] for b in bounds], 0.0),
+                                          grid([b[1] for b in bounds], 0.0)).sub_(a)
+            g = delta.shape[0]
+            p = torch.bmm(delta.view(g * n, slots.width, n_g),
+                          self.grads[gs].view(g * n, m, n_g).transpose(1, 2))  # (g·N, width, M)
+            sq = delta.pow(2).sum((1, 3)) if self.sweep.settings.kappa else None
+            p = p.view(g, n, slots.width, m).transpose(2, 3)  # (g, N, M, width)
+            dist[run] = self.sweep.combine(p.reshape(g, n * m, slots.width), sq)
+        return dist[slots.rows, slots.cols], None
 
     def dist_of(self, group: int, delta: torch.Tensor) -> np.ndarray:
         """δ̂ of perturbations ``delta (N, …, c_g, K)`` of group ``group`` (channels, then
         candidates last): sample n's perturbation meets sample n's gradients only."""
-        _, d = self._group(group)  # (N, M, n_g)
-        n, m = d.shape[:2]
+        d = self.grads[group, ..., : self.numel[group]]  # (N, M, n_g)
+        n = d.shape[0]
         k = delta.shape[-1]
-        dl = delta.reshape(n, -1, k)  # (N, n_g, K)
-        p = torch.bmm(d, dl).reshape(n * m, k)  # (N·M, K)
+        dl = delta.reshape(n, -1, k).to(d.dtype)  # (N, n_g, K)
+        p = torch.bmm(d, dl).reshape(n * d.shape[1], k)  # (N·M, K)
         return self.sweep.combine(p, dl.pow(2).sum((0, 1)))

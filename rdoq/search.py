@@ -176,7 +176,9 @@ class Chain:
         return bits
 
     def _single_candidate(self) -> bool:
-        return self._candidate(0).is_zero
+        """Whether this bit width has only the all-zero candidate (``Candidate.is_zero``)."""
+        bits = self.bits
+        return bits == 0 or (self.deadzone > 0 and deadzone_magnitudes(bits) == 0)
 
     def propose(self, lookahead: int) -> list[Candidate]:
         """The next ``lookahead`` candidates of the current bit width (fewer at its end)."""

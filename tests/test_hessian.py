@@ -179,16 +179,75 @@ def test_stats_from_stored_activations_equal_the_hooked_ones(arch):
 
 
 def test_batched_weight_quantization_equals_one_call_per_candidate():
-    from rdoq.hessian import quantize_weights_batched
+    from rdoq.hessian import SlotGrid, quantize_weights_batched
     from rdoq.quantizers import quantize_weight
 
     torch.manual_seed(3)
-    w = torch.randn(1, 50)
-    cands = [Candidate(0, b, s, dz) for b in (0, 1, 2, 3, 5) for s in (-4.0, -2.5, 0.0)
-             for dz in (0.0, 0.3)] + [Candidate(0, 0, float("nan"), 0.0)]
-    out = quantize_weights_batched(w, cands)
+    w = torch.randn(3, 50)  # three groups
+    cands = [Candidate(g, b, s, dz) for b in (0, 1, 2, 3, 5) for s in (-4.0, -2.5, 0.0)
+             for dz in (0.0, 0.3) for g in (2, 0)] + [Candidate(2, 0, float("nan"), 0.0)]
+    slots = SlotGrid.of(cands)
+    assert list(slots.groups) == [0, 2] and slots.width == 31
+    out = quantize_weights_batched(w[slots.groups].unsqueeze(1), cands, slots)  # (2, 31, 50)
     for k, c in enumerate(cands):
-        assert torch.equal(out[k], quantize_weight(w[0], c.bits, c.step_log2, c.deadzone)), c
+        got = out[slots.rows[k], slots.cols[k]]
+        assert torch.equal(got, quantize_weight(w[c.group], c.bits, c.step_log2, c.deadzone)), c
+
+
+def test_slot_runs_are_consecutive_groups_within_the_memory_cap(monkeypatch):
+    from rdoq import hessian
+    from rdoq.hessian import SlotGrid
+
+    cands = [Candidate(g, 2, -1.0) for g in (5, 0, 1, 2, 7, 6, 1)]
+    slots = SlotGrid.of(cands)
+    assert list(slots.groups) == [0, 1, 2, 5, 6, 7] and slots.width == 2
+    runs = slots.runs(per_group_elements=10)
+    assert [(r.start, r.stop) for r in runs] == [(0, 3), (3, 6)]
+    assert slots.group_range(runs[1]) == slice(5, 8)
+    monkeypatch.setattr(hessian, "_MAX_DELTA_ELEMENTS", 40)  # two groups of 10×2 per run
+    assert [(r.start, r.stop) for r in slots.runs(10)] == [(0, 2), (2, 3), (3, 5), (5, 6)]
+
+
+@pytest.mark.parametrize("kind", ["weight", "act"])
+def test_batched_backend_equals_one_group_at_a_time(kind):
+    # Uneven groups (7 channels in groups of 3: the last is padded), candidates of several
+    # groups and widths in one call, against the single-group estimate of each candidate.
+    from rdoq.quantizers import quantize_uniform, quantize_weight, signed_bounds, unsigned_bounds
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
+    x = torch.randn(9, 5)
+    bounds = group_bounds(7, 3)
+    cands = [Candidate(g, b, s, dz if kind == "weight" else 0.0)
+             for g in (2, 0, 1) for b in (0, 2, 3) for s in (-3.0, -1.5) for dz in (0.0, 0.2)]
+    cands = list({c.key(): c for c in cands}.values())
+    layer = "0" if kind == "weight" else "1"
+    sweep = GradientSweep(model, x, [layer], kind, HessianSettings(nprobes=3),
+                          mode="out" if kind == "act" else None, batch_size=4)
+    if kind == "weight":
+        be = HessianWeightBackend(sweep, layer, bounds)
+        w = model[0].weight.detach()
+        dist, mse = be(cands)
+        for k, c in enumerate(cands):
+            c0, c1 = bounds[c.group]
+            d = (quantize_weight(w[c0:c1], c.bits, c.step_log2, c.deadzone) - w[c0:c1])
+            assert dist[k] == pytest.approx(be.dist_of(c.group, d.reshape(-1, 1))[0],
+                                            rel=1e-12, abs=1e-300)
+            assert mse[k] == pytest.approx(float(d.pow(2).mean()), rel=1e-12, abs=1e-300)
+    else:
+        with torch.no_grad():
+            h = model[1](model[0](x))
+        signed = np.array([False, True, False])  # one group on the signed grid
+        stats = ActGroupStats(np.zeros(3), signed, 7, np.zeros(3), np.ones(3))
+        be = HessianActBackend(sweep, layer, bounds, stats)
+        dist, _ = be(cands)
+        for k, c in enumerate(cands):
+            c0, c1 = bounds[c.group]
+            lo, hi = (signed_bounds if signed[c.group] else unsigned_bounds)(c.bits)
+            step = 2.0**c.step_log2 if c.bits else 1.0
+            d = quantize_uniform(h[:, c0:c1], step, lo, hi) - h[:, c0:c1]
+            assert dist[k] == pytest.approx(be.dist_of(c.group, d.unsqueeze(-1))[0],
+                                            rel=1e-12, abs=1e-300)
 
 
 def test_sweeps_split_by_memory_give_the_same_rows():
@@ -203,3 +262,38 @@ def test_sweeps_split_by_memory_give_the_same_rows():
         split.ensure(name)
         assert set(split.rows) == {name}  # the other chunk's rows were released
         torch.testing.assert_close(split.rows[name], one.rows[name], rtol=0, atol=0)
+
+
+def test_fast_uniform_quantizer_is_bitwise_the_reference_one():
+    from rdoq.hessian import quantize_uniform_fast
+    from rdoq.quantizers import quantize_uniform
+
+    torch.manual_seed(4)
+    x = torch.randn(3, 1, 40) * 3  # (G, 1, n), candidates broadcast on the middle axis
+    x[0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 2.0]) * 2.0**-1.25  # ties at one step
+    step = 2.0 ** torch.tensor([-1.25, -0.5, 0.0, 1.0]).repeat(3, 1).unsqueeze(-1)  # (3, 4, 1)
+    lo = torch.tensor([-4.0, 0.0, -1.0, -128.0]).repeat(3, 1).unsqueeze(-1)
+    hi = torch.tensor([3.0, 0.0, 0.0, 127.0]).repeat(3, 1).unsqueeze(-1)
+    assert torch.equal(quantize_uniform_fast(x, step, lo, hi), quantize_uniform(x, step, lo, hi))
+
+
+@pytest.mark.parametrize("batch_size", [3, 8, 64])
+def test_random_probe_rows_are_signed_per_sample_gradients(batch_size):
+    # Scalar output: a Rademacher probe makes row (n, j) = ±∂F(x_n)/∂W, whatever batching of
+    # samples × probes the sweep used; a row paired with the wrong sample would not match.
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 1)).eval()
+    x = torch.randn(5, 2, 5, 5)
+    m = 3
+    sweep = GradientSweep(model, x, ["0", "3"], "weight", HessianSettings(nprobes=m),
+                          batch_size=batch_size)
+    sweep.ensure("0")
+    for name, w in (("0", conv.weight), ("3", model[3].weight)):
+        for n in range(5):
+            (g,) = torch.autograd.grad(model(x[n:n + 1]).sum(), [w])
+            for j in range(m):
+                row = sweep.rows[name][n * m + j]
+                sign = 1.0 if torch.dot(row.flatten(), g.flatten()) > 0 else -1.0
+                torch.testing.assert_close(row, sign * g.reshape(row.shape), rtol=1e-10,
+                                           atol=1e-12)
