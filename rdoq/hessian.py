@@ -36,7 +36,6 @@ from rdoq.engine import ActGroupStats, act_bounds
 from rdoq.groups import channel_dim
 from rdoq.quantizers import (
     deadzone_magnitudes,
-    quantize_deadzone,
     signed_bounds,
 )
 from rdoq.search import Candidate
@@ -75,16 +74,18 @@ class HessianSettings:
         return asdict(self)
 
 
-def _per_sample_weight_grad(module: nn.Module, x: torch.Tensor,
-                            dy: torch.Tensor) -> torch.Tensor:
-    """``(B·M, out, in_per_out)``: the gradient of the weight for each (sample, probe) pair,
-    from the layer input of each sample ``x (B, …)`` and the output gradients of its ``M``
-    probes ``dy (B, M, …)`` (inputs are not repeated: the probes share the forward)."""
+def _per_sample_weight_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor,
+                            out: torch.Tensor, accumulate: bool = False) -> None:
+    """Write (or add) the weight gradient of each (sample, probe) pair into ``out (B·M, out,
+    in_per_out)``, from the layer input of each sample ``x (B, …)`` and the output gradients of
+    its ``M`` probes ``dy (B, M, …)`` (the probes share one forward, so inputs are not
+    repeated). One batched product straight into the rows where the layout allows."""
     b, m = dy.shape[:2]
     if isinstance(module, nn.Linear):
         x = x.reshape(b, -1, x.shape[-1])  # (B, T, in)
-        dy = dy.reshape(b, m, -1, dy.shape[-1])  # (B, M, T, out)
-        return torch.einsum("bmto,bti->bmoi", dy, x).reshape(b * m, dy.shape[-1], -1)
+        d = dy.reshape(b, m, -1, dy.shape[-1]).transpose(2, 3)  # (B, M, out, T)
+        _bmm_into(d.reshape(b, -1, x.shape[1]), x, out.view(b, -1, x.shape[-1]), accumulate)
+        return
     if isinstance(module, nn.Conv2d):
         padding = module.padding
         if module.padding_mode != "zeros" or (isinstance(padding, str) and padding != "valid"):
@@ -95,10 +96,27 @@ def _per_sample_weight_grad(module: nn.Module, x: torch.Tensor,
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
                         stride=module.stride)  # (B, in·kh·kw, L)
         g = module.groups
+        if g == 1:
+            d = dy.reshape(b, -1, cols.shape[-1])  # (B, M·out, L)
+            _bmm_into(d, cols.transpose(1, 2), out.view(b, d.shape[1], -1), accumulate)
+            return
         cols = cols.reshape(b, g, -1, cols.shape[-1])  # (B, g, in/g·kh·kw, L)
         d = dy.reshape(b, m, g, -1, cols.shape[-1])  # (B, M, g, out/g, L)
-        return torch.einsum("bmgol,bgil->bmgoi", d, cols).reshape(b * m, module.out_channels, -1)
+        ps = torch.einsum("bmgol,bgil->bmgoi", d, cols).reshape(out.shape)
+        if accumulate:
+            out.add_(ps)
+        else:
+            out.copy_(ps)
+        return
     raise ValueError(f"no per-sample gradient for {type(module).__name__}")
+
+
+def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` or ``out += a @ b`` (batched), without a temporary."""
+    if accumulate:
+        out.baddbmm_(a, b)
+    else:
+        torch.bmm(a, b, out=out)
 
 
 class GradientSweep:
@@ -213,61 +231,58 @@ class GradientSweep:
                 captured.setdefault(name, []).append((a[0], o))
             return record
 
-        # Each sample enters the forward once per probe (row b·M + j = sample b, probe j), so a
-        # single backward gives every probe's rows; --batchsize counts these rows.
-        per_forward = max(1, self.batch_size // m_rows)
+        use_input = self.kind == "act" and self.mode == "in"
         handles = [self.modules[n].register_forward_hook(hook(n)) for n in layers]
         try:
-            for b0 in range(0, n_total, per_forward):
+            for b0 in range(0, n_total, self.batch_size):
                 captured.clear()
-                x = self.calib[b0:b0 + per_forward]
-                b = x.shape[0]
-                x = x.repeat_interleave(m_rows, 0).detach().clone().requires_grad_(True)
+                x = self.calib[b0:b0 + self.batch_size].detach().clone().requires_grad_(True)
                 with torch.enable_grad():
                     y = self.model(x)
-                    y = y.reshape(y.shape[0], -1)  # (B·M, K)
+                    y = y.reshape(y.shape[0], -1)  # (B, K)
                     self.out_numel = y.shape[1]
-                    if cfg.probe == "random":
-                        # Probe j of every sample: the draws of one (B, K) tensor per j.
-                        z = torch.stack([torch.randint(0, 2, (b, y.shape[1]), generator=gen)
-                                         for _ in range(m_rows)], 1)  # (B, M, K)
-                        s = (z.reshape(y.shape).to(y) * 2 - 1).mul(y).sum()
-                    else:
-                        s = y.norm(dim=1).sum()
-                    self._accumulate(s, layers, captured, b0, b)
+                    targets = [t[0] if use_input else t[1] for n in layers for t in captured[n]]
+                    # One forward, one backward per probe: (B, M, …) gradients of each target.
+                    per_probe = []
+                    for j in range(m_rows):
+                        if cfg.probe == "random":
+                            z = torch.randint(0, 2, y.shape, generator=gen).to(y) * 2 - 1
+                            s = (z * y).sum()
+                        else:
+                            s = y.norm(dim=1).sum()
+                        per_probe.append(torch.autograd.grad(
+                            s, targets, retain_graph=j < m_rows - 1, allow_unused=True))
+                    grads = [None if gs[0] is None else torch.stack(gs, 1)
+                             for gs in zip(*per_probe, strict=True)]
+                self._accumulate(layers, captured, grads, b0, y.shape[0], use_input)
         finally:
             for h in handles:
                 h.remove()
 
-    def _accumulate(self, s: torch.Tensor, layers: list[str],
-                    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], b0: int,
-                    b: int) -> None:
+    def _accumulate(self, layers: list[str],
+                    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+                    grads: list[torch.Tensor | None], b0: int, b: int, use_input: bool) -> None:
+        """Store the rows of samples ``b0 … b0+b`` from each target's gradients ``(B, M, …)``."""
         m_rows = self.settings.rows_per_sample
-        use_input = self.kind == "act" and self.mode == "in"
-        targets = [t[0] if use_input else t[1] for n in layers for t in captured[n]]
-        grads = torch.autograd.grad(s, targets, allow_unused=True)
         k = 0
         for name in layers:
             calls = captured[name]
             module = self.modules[name]
             if self.kind == "weight":
-                rows = self.rows[name]
-                total = None
+                # Row of (sample n, probe j) = n·M + j; a layer called several times per
+                # forward sums its calls' gradients.
+                block = self.rows[name][b0 * m_rows:(b0 + b) * m_rows]  # (B·M, out, …)
+                written = False
                 for (inp, _), g in zip(calls, grads[k:k + len(calls)], strict=True):
-                    if g is None:
-                        continue
-                    # The M copies of a sample have the same (eval-mode) layer input.
-                    x = inp.detach().reshape(b, m_rows, *inp.shape[1:])[:, 0]  # (B, …)
-                    dy = g.detach().reshape(b, m_rows, *g.shape[1:])  # (B, M, …)
-                    ps = _per_sample_weight_grad(module, x, dy)
-                    total = ps if total is None else total + ps
-                rows[b0 * m_rows:(b0 + b) * m_rows] = 0.0 if total is None else total  # (B·M, …)
+                    if g is not None:
+                        _per_sample_weight_grad(module, inp.detach(), g, block, written)
+                        written = True
+                if not written:
+                    block.zero_()
             else:
                 (inp, out), g = calls[0], grads[k]
-                value = (inp if use_input else out).detach()
-                self.acts[name][b0:b0 + b] = value.reshape(b, m_rows, *value.shape[1:])[:, 0]
-                self.grads[name][b0:b0 + b] = (0.0 if g is None else
-                                               g.detach().reshape(b, m_rows, *g.shape[1:]))
+                self.acts[name][b0:b0 + b] = (inp if use_input else out).detach()
+                self.grads[name][b0:b0 + b] = 0.0 if g is None else g
             k += len(calls)
 
     @property
@@ -301,24 +316,32 @@ _MAX_DELTA_ELEMENTS = 2**24
 @dataclass(frozen=True)
 class SlotGrid:
     """Candidates laid out as a ``(groups, width)`` grid: row ``r`` holds the candidates of
-    group ``groups[r]`` (sorted), padded to the widest row."""
+    group ``groups[r]`` (sorted), padded to the widest row. With ``split``, every row holds the
+    candidates without the flag in columns ``[0, split_col)`` and those with it from
+    ``split_col`` on, so a rule that only the flagged candidates need runs on those columns."""
 
     groups: np.ndarray  # (Gu,) sorted group indices
     rows: np.ndarray  # (K,) row of each candidate
     cols: np.ndarray  # (K,) column of each candidate
     width: int
+    split_col: int = 0
 
     @classmethod
-    def of(cls, cands: Sequence[Candidate]) -> SlotGrid:
-        counts: dict[int, int] = {}
+    def of(cls, cands: Sequence[Candidate], split: Sequence[bool] | None = None) -> SlotGrid:
+        flags = split if split is not None else [False] * len(cands)
+        counts: tuple[dict[int, int], dict[int, int]] = ({}, {})
         cols = np.empty(len(cands), dtype=np.int64)
-        for i, c in enumerate(cands):  # column = rank among the group's candidates
-            cols[i] = counts.get(c.group, 0)
-            counts[c.group] = cols[i] + 1
-        groups = np.array(sorted(counts), dtype=np.int64)
+        for i, (c, f) in enumerate(zip(cands, flags, strict=True)):
+            # Column = rank among the group's candidates of the same block.
+            block = counts[bool(f)]
+            cols[i] = block.get(c.group, 0)
+            block[c.group] = cols[i] + 1
+        split_col = max(counts[0].values(), default=0)
+        cols[np.asarray(flags, dtype=bool)] += split_col
+        groups = np.array(sorted(counts[0].keys() | counts[1].keys()), dtype=np.int64)
         row_of = {g: r for r, g in enumerate(groups.tolist())}
         rows = np.fromiter((row_of[c.group] for c in cands), dtype=np.int64, count=len(cands))
-        return cls(groups, rows, cols, max(counts.values()))
+        return cls(groups, rows, cols, split_col + max(counts[1].values(), default=0), split_col)
 
     def grid(self, values: Sequence[float], fill: float, like: torch.Tensor,
              rows: slice = slice(None)) -> torch.Tensor:
@@ -356,36 +379,63 @@ def quantize_uniform_fast(x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor,
     return q.round_().clamp_min_(lo).clamp_max_(hi).mul_(step)
 
 
+def quantize_deadzone_fast(x: torch.Tensor, step: torch.Tensor, deadzone: torch.Tensor,
+                           magnitudes: torch.Tensor) -> torch.Tensor:
+    """``quantize_deadzone(x, step, deadzone, magnitudes)`` (the same values) in one buffer,
+    for small ``x`` broadcast against many candidates' parameters."""
+    mag = x.abs()
+    q = (mag - deadzone).div_(step).floor_().clamp_min_(0.0).clamp_max_(magnitudes - 1.0)
+    q = q.add_(0.5).mul_(step).add_(deadzone).mul_(torch.sign(x))
+    return q.masked_fill_((mag <= deadzone) | (magnitudes <= 0), 0.0)
+
+
 def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate], slots: SlotGrid,
                              rows: slice = slice(None)) -> torch.Tensor:
     """Quantized weights ``(g, width, n)`` of the grid rows ``rows`` of ``slots``, from the
     stacked group weights ``w (g, 1, n)``: entry ``[r, k]`` holds ``quantize_weight`` of that
-    group for its k-th candidate (the uniform or dead-zone rule per candidate; zeros in the
-    padding). Candidates are an outer axis so that every elementwise pass runs along ``n``."""
+    group for its k-th candidate (zeros in the padding). Candidates are an outer axis so that
+    every elementwise pass runs along ``n``. With a grid split by ``deadzone > 0`` each rule
+    runs on its own columns only; otherwise both run on all and are selected per candidate."""
     steps = [2.0**c.step_log2 if c.bits > 0 and math.isfinite(c.step_log2) else 1.0
              for c in cands]
     bounds = [signed_bounds(c.bits) for c in cands]
 
-    def grid(values: list[float], fill: float) -> torch.Tensor:
-        return slots.grid(values, fill, w, rows).unsqueeze(-1)  # (g, width, 1)
+    def grid(values: list[float], fill: float, cols: slice = slice(None)) -> torch.Tensor:
+        return slots.grid(values, fill, w, rows)[:, cols].unsqueeze(-1)  # (g, width, 1)
 
-    step = grid(steps, 1.0)
-    uniform = quantize_uniform_fast(w, step, grid([b[0] for b in bounds], 0.0),
-                                    grid([b[1] for b in bounds], 0.0))
+    def uniform(cols: slice) -> torch.Tensor:
+        return quantize_uniform_fast(w, grid(steps, 1.0, cols),
+                                     grid([b[0] for b in bounds], 0.0, cols),
+                                     grid([b[1] for b in bounds], 0.0, cols))
+
+    def deadzone(cols: slice) -> torch.Tensor:
+        return quantize_deadzone_fast(w, grid(steps, 1.0, cols),
+                                      grid([c.deadzone for c in cands], 0.0, cols),
+                                      grid([deadzone_magnitudes(c.bits) for c in cands], 0.0,
+                                           cols))
+
     if not any(c.deadzone > 0 for c in cands):
-        return uniform
+        return uniform(slice(None))
+    k = slots.split_col
+    if k and all((c.deadzone > 0) == (col >= k) for c, col in zip(cands, slots.cols,
+                                                                   strict=True)):
+        return torch.cat([uniform(slice(None, k)), deadzone(slice(k, None))], dim=1)
+    if k == 0 and all(c.deadzone > 0 for c in cands):
+        return deadzone(slice(None))
     dz = grid([c.deadzone for c in cands], 0.0)
-    mags = grid([deadzone_magnitudes(c.bits) for c in cands], 0.0)
-    return torch.where(dz > 0, quantize_deadzone(w, step, dz, mags), uniform)
+    return torch.where(dz > 0, deadzone(slice(None)), uniform(slice(None)))
 
 
 def _stack_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack per-group tensors ``(…, n_g)`` into ``(G, …, n_max)``, zero-padding the last
     axis (a zero weight or activation quantizes to zero: the padding never perturbs)."""
     n_max = max(t.shape[-1] for t in parts)
-    out = parts[0].new_zeros(len(parts), *parts[0].shape[:-1], n_max)
+    if all(t.shape[-1] == n_max for t in parts):
+        return torch.stack(list(parts))  # nothing to pad: no zero fill
+    out = parts[0].new_empty(len(parts), *parts[0].shape[:-1], n_max)
     for g, t in enumerate(parts):
         out[g, ..., : t.shape[-1]] = t
+        out[g, ..., t.shape[-1]:] = 0.0
     return out
 
 
@@ -407,7 +457,9 @@ class HessianWeightBackend:
                                    for c0, c1 in bounds])  # (G, R, n)
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
-        slots = SlotGrid.of(cands)
+        # Dead-zone candidates in their own columns: each quantization rule runs once per
+        # candidate rather than both on all.
+        slots = SlotGrid.of(cands, split=[c.deadzone > 0 for c in cands])
         dist = np.empty((len(slots.groups), slots.width))  # (Gu, width)
         mse = np.empty_like(dist)
         numel = np.array(self.numel, dtype=np.float64)[slots.groups]  # (Gu,)

@@ -241,21 +241,22 @@ def run_chains(chains: list[Chain], evaluate: Evaluate, max_batch: int,
     while active:
         lookahead = min(max(1, max_batch // len(active)), max(max_lookahead, 1))
         proposals = [c.propose(lookahead) for c in active]
+        keys = [[cand.key() for cand in props] for props in proposals]
         unique: dict[tuple, Candidate] = {}
-        for props in proposals:
-            for cand in props:
-                if cand.key() not in results:
-                    unique.setdefault(cand.key(), cand)
-        cands = list(unique.values())
-        for i in range(0, len(cands), max_batch):
-            chunk = cands[i:i + max_batch]
-            dist, aux = evaluate(chunk)
-            for j, cand in enumerate(chunk):
+        for props, pkeys in zip(proposals, keys, strict=True):
+            for cand, key in zip(props, pkeys, strict=True):
+                if key not in results:
+                    unique.setdefault(key, cand)
+        todo = list(unique.items())
+        for i in range(0, len(todo), max_batch):
+            chunk = todo[i:i + max_batch]
+            dist, aux = evaluate([cand for _, cand in chunk])
+            for j, (key, _) in enumerate(chunk):
                 a = float(aux[j]) if aux is not None else math.nan
-                results[cand.key()] = (float(dist[j]), a)
+                results[key] = (float(dist[j]), a)
         still = []
-        for chain, props in zip(active, proposals, strict=True):
-            got = [results[c.key()] for c in props]
+        for chain, pkeys in zip(active, keys, strict=True):
+            got = [results[k] for k in pkeys]
             chain.consume([g[0] for g in got], [g[1] for g in got])
             if chain.done:
                 if on_chain_done is not None:

@@ -178,7 +178,8 @@ def test_stats_from_stored_activations_equal_the_hooked_ones(arch):
     assert a.channels == b.channels
 
 
-def test_batched_weight_quantization_equals_one_call_per_candidate():
+@pytest.mark.parametrize("split", [False, True])
+def test_batched_weight_quantization_equals_one_call_per_candidate(split):
     from rdoq.hessian import SlotGrid, quantize_weights_batched
     from rdoq.quantizers import quantize_weight
 
@@ -186,8 +187,10 @@ def test_batched_weight_quantization_equals_one_call_per_candidate():
     w = torch.randn(3, 50)  # three groups
     cands = [Candidate(g, b, s, dz) for b in (0, 1, 2, 3, 5) for s in (-4.0, -2.5, 0.0)
              for dz in (0.0, 0.3) for g in (2, 0)] + [Candidate(2, 0, float("nan"), 0.0)]
-    slots = SlotGrid.of(cands)
-    assert list(slots.groups) == [0, 2] and slots.width == 31
+    slots = SlotGrid.of(cands, split=[c.deadzone > 0 for c in cands] if split else None)
+    assert list(slots.groups) == [0, 2]
+    # Split: group 2 has 16 uniform candidates (15 + the NaN-step one) then 15 dead-zone ones.
+    assert (slots.width, slots.split_col) == ((31, 16) if split else (31, 31))
     out = quantize_weights_batched(w[slots.groups].unsqueeze(1), cands, slots)  # (2, 31, 50)
     for k, c in enumerate(cands):
         got = out[slots.rows[k], slots.cols[k]]
@@ -297,3 +300,53 @@ def test_random_probe_rows_are_signed_per_sample_gradients(batch_size):
                 sign = 1.0 if torch.dot(row.flatten(), g.flatten()) > 0 else -1.0
                 torch.testing.assert_close(row, sign * g.reshape(row.shape), rtol=1e-10,
                                            atol=1e-12)
+
+
+def test_fast_deadzone_quantizer_is_bitwise_the_reference_one():
+    from rdoq.hessian import quantize_deadzone_fast
+    from rdoq.quantizers import quantize_deadzone
+
+    torch.manual_seed(5)
+    x = torch.randn(2, 1, 60) * 2  # (G, 1, n)
+    x[0, 0, :5] = torch.tensor([0.0, -0.0, 0.3, -0.3, 0.3 + 0.25 * 3])  # zero, at φ, on a cell edge
+    step = torch.tensor([0.25, 0.5, 1.0, 2.0]).repeat(2, 1).unsqueeze(-1)  # (2, 4, 1)
+    dz = torch.tensor([0.3, 0.0, 0.1, 5.0]).repeat(2, 1).unsqueeze(-1)
+    mags = torch.tensor([3.0, 7.0, 0.0, 1.0]).repeat(2, 1).unsqueeze(-1)
+    got = quantize_deadzone_fast(x, step, dz, mags)
+    want = quantize_deadzone(x, step, dz, mags)
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
+
+
+class Twice(nn.Module):
+    """One Linear applied twice (weight sharing): its rows sum both calls' gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("probe", ["norm", "random"])
+def test_rows_of_a_layer_called_twice_sum_both_calls(probe):
+    model = seeded(Twice)
+    x = torch.randn(5, 4)
+    m = 1 if probe == "norm" else 2
+    sweep = GradientSweep(model, x, ["a"], "weight", HessianSettings(probe=probe, nprobes=m),
+                          batch_size=2)
+    sweep.ensure("a")
+    for n in range(5):
+        y = model(x[n:n + 1])
+        if probe == "norm":
+            (g,) = torch.autograd.grad(y.norm(), [model.a.weight])
+            torch.testing.assert_close(sweep.rows["a"][n], g, rtol=1e-10, atol=1e-12)
+        else:
+            # Each row is the gradient of z·F for some z in {±1}²: match one of the four.
+            grads = [torch.autograd.grad((torch.tensor(z) * y).sum(), [model.a.weight],
+                                         retain_graph=True)[0]
+                     for z in ([1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0])]
+            for j in range(m):
+                row = sweep.rows["a"][n * m + j]
+                assert any(torch.allclose(row, g, rtol=1e-10, atol=1e-12) for g in grads)
