@@ -55,6 +55,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0, 6.0],
                    help="DP targets (weights and activations alike)")
     p.add_argument("--nprobes", type=int, default=4, help="random probes per sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random output probes")
     p.add_argument("--timm-testsize", type=int, default=8,
                    help="calibration samples of the timm model (synthetic data)")
     p.add_argument("--timm-nchannelbatch", type=int, default=32,
@@ -88,7 +89,7 @@ def make_curves(model, x, info, calib_meta, root: Path, estimator: str, args,
                            max_lookahead=4 if estimator == "hessian" else 1,
                            sweep_batch=64, progress=False, argv=["bench_hessian"],
                            estimator=estimator,
-                           hessian=HessianSettings(nprobes=args.nprobes)
+                           hessian=HessianSettings(nprobes=args.nprobes, seed=args.seed)
                            if estimator == "hessian" else None)
             t0 = time.perf_counter()
             generate_curves(model, x, info, calib_meta, job, run_root / kind, PartSpec(0, 1),

@@ -113,7 +113,7 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
                         "rounding noise dominates distortions below ~1e-6 of the output power")
     e.add_argument("--max-batch", type=_positive(int, "--max-batch"), default=None,
                    help="candidates per pass (default: 1 on CPU, where wider passes measured "
-                        "slower per sample; 64 on CUDA)")
+                        "slower per sample; 64 on CUDA; 256 for second-order curves)")
     e.add_argument("--lookahead", type=_positive(int, "--lookahead"), default=None,
                    help="speculative steps per search chain when chains are few (default: 1 on "
                         "CPU, 4 on CUDA and for second-order curves); never changes the curves")

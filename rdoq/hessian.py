@@ -254,6 +254,7 @@ class GradientSweep:
                             s, targets, retain_graph=j < m_rows - 1, allow_unused=True))
                     grads = [None if gs[0] is None else torch.stack(gs, 1)
                              for gs in zip(*per_probe, strict=True)]
+                    per_probe.clear()  # the stacked copies replace them
                 self._accumulate(layers, captured, grads, b0, y.shape[0], use_input)
         finally:
             for h in handles:
