@@ -326,6 +326,7 @@ class SlotGrid:
     cols: np.ndarray  # (K,) column of each candidate
     width: int
     split_col: int = 0
+    split: bool = False
 
     @classmethod
     def of(cls, cands: Sequence[Candidate], split: Sequence[bool] | None = None) -> SlotGrid:
@@ -342,7 +343,8 @@ class SlotGrid:
         groups = np.array(sorted(counts[0].keys() | counts[1].keys()), dtype=np.int64)
         row_of = {g: r for r, g in enumerate(groups.tolist())}
         rows = np.fromiter((row_of[c.group] for c in cands), dtype=np.int64, count=len(cands))
-        return cls(groups, rows, cols, split_col + max(counts[1].values(), default=0), split_col)
+        return cls(groups, rows, cols, split_col + max(counts[1].values(), default=0), split_col,
+                   split is not None)
 
     def grid(self, values: Sequence[float], fill: float, like: torch.Tensor,
              rows: slice = slice(None)) -> torch.Tensor:
@@ -417,12 +419,9 @@ def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate], slots:
 
     if not any(c.deadzone > 0 for c in cands):
         return uniform(slice(None))
-    k = slots.split_col
-    if k and all((c.deadzone > 0) == (col >= k) for c, col in zip(cands, slots.cols,
-                                                                   strict=True)):
+    if slots.split:  # dead-zone candidates in columns [split_col, width)
+        k = slots.split_col
         return torch.cat([uniform(slice(None, k)), deadzone(slice(k, None))], dim=1)
-    if k == 0 and all(c.deadzone > 0 for c in cands):
-        return deadzone(slice(None))
     dz = grid([c.deadzone for c in cands], 0.0)
     return torch.where(dz > 0, deadzone(slice(None)), uniform(slice(None)))
 
@@ -446,7 +445,7 @@ class HessianWeightBackend:
 
     def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]]):
         sweep.ensure(layer)
-        self.sweep, self.bounds = sweep, bounds
+        self.sweep = sweep
         weight = sweep.modules[layer].weight.detach()
         rows = sweep.rows[layer]  # (R, out, in/out)
         r = rows.shape[0]
@@ -488,7 +487,7 @@ class HessianActBackend:
     def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]],
                  stats: ActGroupStats):
         sweep.ensure(layer)
-        self.sweep, self.bounds, self.stats = sweep, bounds, stats
+        self.sweep, self.stats = sweep, stats
         dim = channel_dim(sweep.modules[layer])
         # Channels last: A (N, …, C), D (N, M, …, C).
         acts = sweep.acts[layer].movedim(dim if dim < 0 else dim, -1)

@@ -195,6 +195,13 @@ def test_batched_weight_quantization_equals_one_call_per_candidate(split):
     for k, c in enumerate(cands):
         got = out[slots.rows[k], slots.cols[k]]
         assert torch.equal(got, quantize_weight(w[c.group], c.bits, c.step_log2, c.deadzone)), c
+    # Only dead-zone candidates (an empty uniform block when split).
+    dz_only = [c for c in cands if c.deadzone > 0]
+    slots = SlotGrid.of(dz_only, split=[True] * len(dz_only) if split else None)
+    out = quantize_weights_batched(w[slots.groups].unsqueeze(1), dz_only, slots)
+    for k, c in enumerate(dz_only):
+        got = out[slots.rows[k], slots.cols[k]]
+        assert torch.equal(got, quantize_weight(w[c.group], c.bits, c.step_log2, c.deadzone)), c
 
 
 def test_slot_runs_are_consecutive_groups_within_the_memory_cap(monkeypatch):
