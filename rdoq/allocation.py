@@ -33,9 +33,10 @@ from rdoq.solvers import (
     solve_dp_multi,
     solve_lagrangian,
 )
+from rdoq.steps import STEP_MODES
 from rdoq.store import CurveStore, LayerCurves, atomic_write_json, read_json_artifact
 
-ALLOC_SCHEMA = "rdoq.allocation/1"
+ALLOC_SCHEMA = "rdoq.allocation/2"
 SOLVERS = ("dp", "lg")
 WEIGHT, ACT = 0, 1
 
@@ -52,6 +53,10 @@ class LayerEntry:
     group_size: int
     rows: slice  # its items in the table
     signed: np.ndarray | None = None  # (G,) activations: signed grid per group
+    # Weights with per-channel steps: base step per (channel, dead zone, bits) and φ per
+    # (channel, dead zone); None: one step per group (the paper's quantizer).
+    channel_step_log2: np.ndarray | None = None  # (C, D, B)
+    channel_deadzone: np.ndarray | None = None  # (C, D)
 
 
 @dataclass
@@ -66,6 +71,7 @@ class ItemTable:
     step_log2: np.ndarray  # (I, K)
     deadzone: np.ndarray  # (I, K)
     source: np.ndarray  # (I, K) column whose quantizer realises each column (smoothing)
+    dz_index: np.ndarray  # (I, K) dead-zone ratio index of each column's quantizer
     bits: np.ndarray  # (K,)
     layers: list[LayerEntry]
     model: str
@@ -167,7 +173,7 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
         raise ValueError(f"activation layers {unknown} to keep in full precision are not in "
                          f"{acts.root}; valid names: {sorted(act_names)[:8]}…")
     cols: dict[str, list[np.ndarray]] = {k: [] for k in
-                                         ("dist", "step", "dz", "numel", "kind", "layer")}
+                                         ("dist", "step", "dz", "dzi", "numel", "kind", "layer")}
     layers: list[LayerEntry] = []
     start = 0
     for kind, store in stores:
@@ -208,11 +214,18 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
             cols["dist"].append(_pad(dist, n_cols, np.inf))
             cols["step"].append(_pad(take(c.step_log2), n_cols, 0.0))
             cols["dz"].append(_pad(take(c.deadzone), n_cols, 0.0))
+            cols["dzi"].append(_pad(best, n_cols, 0).astype(np.int64))
             cols["numel"].append(np.asarray(c.numel, dtype=np.float64))
             cols["kind"].append(np.full(g, kind))
             cols["layer"].append(np.full(g, len(layers)))
+            per_channel = kind == WEIGHT and store.meta.get("steps") == "channel"
+            if per_channel and "channel_step_log2" not in c.extra:
+                raise ValueError(f"{store.layer_path(name)} lacks the per-channel steps its "
+                                 f"curve set's meta.json promises; recompute that layer")
             layers.append(LayerEntry(kind, name, entry["type"], shape, channels, gs,
-                                     slice(start, start + g), signed))
+                                     slice(start, start + g), signed,
+                                     c.extra["channel_step_log2"] if per_channel else None,
+                                     c.extra["channel_deadzone"] if per_channel else None))
             start += g
     bits = np.arange(n_cols)
     numel = np.concatenate(cols["numel"])  # (I,)
@@ -224,7 +237,8 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
         dist=dist, rate=numel[:, None] * bits[None, :], numel=numel,
         kind=np.concatenate(cols["kind"]), layer=np.concatenate(cols["layer"]),
         step_log2=np.concatenate(cols["step"]), deadzone=np.concatenate(cols["dz"]),
-        source=np.broadcast_to(np.arange(n_cols), dist.shape).copy(), bits=bits, layers=layers,
+        source=np.broadcast_to(np.arange(n_cols), dist.shape).copy(),
+        dz_index=np.concatenate(cols["dzi"]), bits=bits, layers=layers,
         model=str(weights.meta["model"]), curve_sets=curve_sets,
         act_mode=acts.meta.get("act_mode") if acts is not None else None,
         fp_acts=sorted(skip & act_names))
@@ -384,6 +398,22 @@ def _step(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _channel_entry(table: ItemTable, layer: LayerEntry, rows: np.ndarray,
+                   cols: np.ndarray) -> dict[str, Any]:
+    """Per-channel ``step_log2`` and ``deadzone`` of a weight layer with per-channel steps: each
+    channel's base step at its group's width and dead zone, plus the group's scale."""
+    steps: list[float | None] = []
+    phis: list[float] = []
+    for g, (c0, c1) in enumerate(group_bounds(layer.channels, layer.group_size)):
+        r, c = rows[g], cols[g]
+        bits, d, scale = int(table.bits[c]), int(table.dz_index[r, c]), table.step_log2[r, c]
+        base = layer.channel_step_log2[c0:c1, d, bits] if bits > 0 else np.full(c1 - c0, np.nan)
+        steps += [_step(float(b) + float(scale)) for b in base]
+        phis += [float(v) if table.deadzone[r, c] > 0 else 0.0
+                 for v in layer.channel_deadzone[c0:c1, d]]
+    return {"steps": "channel", "step_log2": steps, "deadzone": phis}
+
+
 def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float | None,
                     solver: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The allocation file's content (DESIGN §5) for one choice of columns."""
@@ -395,11 +425,14 @@ def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float 
             "type": layer.type, "shape": list(layer.shape), "channels": layer.channels,
             "group_size": layer.group_size,
             "bits": [int(table.bits[c]) for c in cols],
+            "steps": "group",
             "step_log2": [_step(table.step_log2[r, c]) for r, c in zip(rows, cols, strict=True)],
         }
         if layer.kind == WEIGHT:
             entry["deadzone"] = [float(table.deadzone[r, c]) for r, c in zip(rows, cols,
                                                                              strict=True)]
+            if layer.channel_step_log2 is not None:
+                entry |= _channel_entry(table, layer, rows, cols)
             weights[layer.name] = entry
         else:
             entry["signed"] = [bool(s) for s in layer.signed]
@@ -426,21 +459,29 @@ def load_allocation(path: Path | str) -> dict[str, Any]:
     for part in ("weights", "acts"):
         for name, e in alloc[part].items():
             try:
-                g = len(group_bounds(int(e["channels"]), int(e["group_size"])))
-                lists = ["bits", "step_log2"] + (["deadzone"] if part == "weights" else ["signed"])
-                bad = [k for k in lists if len(e[k]) != g]
+                bounds = group_bounds(int(e["channels"]), int(e["group_size"]))
+                g = len(bounds)
+                per_channel = e.get("steps", "group") == "channel"
+                if e.get("steps", "group") not in STEP_MODES or (per_channel and part == "acts"):
+                    raise ValueError(f"steps {e.get('steps')!r}")
+                steps_len = int(e["channels"]) if per_channel else g
+                lists = ([("bits", g), ("step_log2", steps_len)]
+                         + ([("deadzone", steps_len)] if part == "weights" else [("signed", g)]))
+                bad = [k for k, n in lists if len(e[k]) != n]
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{path}: {part} entry {name!r} is malformed ({err})") from err
             if bad:
                 raise ValueError(f"{path}: {part} entry {name!r} has {bad} of the wrong length "
-                                 f"(expected {g} groups)")
+                                 f"({g} groups, {e['channels']} channels)")
             if any((not isinstance(b, int)) or b < 0 for b in e["bits"]):
                 raise ValueError(f"{path}: {part} entry {name!r} has invalid bits {e['bits']}")
             # A step may be missing only where the group is all zeros: 0 bits, or the 1-bit
             # dead-zone quantizer of a weight group.
             floor = 1 if part == "acts" else 2
-            if any(s is None and b >= floor for b, s in zip(e["bits"], e["step_log2"],
-                                                            strict=True)):
+            group_steps = ([e["step_log2"][c0:c1] for c0, c1 in bounds] if per_channel
+                           else [[s] for s in e["step_log2"]])
+            if any(s is None and b >= floor for b, ss in zip(e["bits"], group_steps, strict=True)
+                   for s in ss):
                 raise ValueError(f"{path}: {part} entry {name!r} lacks a step for a group "
                                  f"with {floor} or more bits")
     return alloc

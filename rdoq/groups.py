@@ -83,13 +83,15 @@ def weight_numel(shape: tuple[int, ...], bounds: tuple[int, int]) -> int:
 
 def hooked_forward(model: nn.Module, x: torch.Tensor,
                    post: Iterable[tuple[nn.Module, Callable]] = (),
-                   pre: Iterable[tuple[nn.Module, Callable]] = ()) -> None:
-    """One no-grad forward of ``x`` with forward (``post``) and pre-forward (``pre``) hooks
-    installed; the hooks are removed whatever happens."""
+                   pre: Iterable[tuple[nn.Module, Callable]] = (),
+                   grad: bool = False) -> None:
+    """One forward of ``x`` with forward (``post``) and pre-forward (``pre``) hooks installed;
+    the hooks are removed whatever happens. No-grad unless ``grad`` (hooks that inspect the
+    autograd graph, as BatchNorm folding does, need it)."""
     handles = [m.register_forward_pre_hook(fn) for m, fn in pre]
     handles += [m.register_forward_hook(fn) for m, fn in post]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             model(x)
     finally:
         for h in handles:

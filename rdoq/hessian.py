@@ -31,14 +31,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, vjp, vmap
+from tqdm import tqdm
 
-from rdoq.engine import ActGroupStats, act_bounds
+from rdoq.engine import ActGroupStats, act_bounds, input_sum
 from rdoq.groups import channel_dim
 from rdoq.quantizers import (
     deadzone_magnitudes,
     signed_bounds,
 )
 from rdoq.search import Candidate
+from rdoq.steps import ChannelSteps, candidate_params
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +82,19 @@ def _per_sample_weight_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor
     """Write (or add) the weight gradient of each (sample, probe) pair into ``out (B·M, out,
     in_per_out)``, from the layer input of each sample ``x (B, …)`` and the output gradients of
     its ``M`` probes ``dy (B, M, …)`` (the probes share one forward, so inputs are not
-    repeated). One batched product straight into the rows where the layout allows."""
+    repeated). Stock ``nn.Linear`` / zero-padded ``nn.Conv2d``: one batched product straight
+    into the rows. Any other layer (a subclass that pads or transforms inside ``forward``, e.g.
+    timm's ``Conv2dSame``): :func:`_per_sample_weight_grad_func`."""
     b, m = dy.shape[:2]
-    if isinstance(module, nn.Linear):
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
         x = x.reshape(b, -1, x.shape[-1])  # (B, T, in)
         d = dy.reshape(b, m, -1, dy.shape[-1]).transpose(2, 3)  # (B, M, out, T)
         _bmm_into(d.reshape(b, -1, x.shape[1]), x, out.view(b, -1, x.shape[-1]), accumulate)
         return
-    if isinstance(module, nn.Conv2d):
-        padding = module.padding
-        if module.padding_mode != "zeros" or (isinstance(padding, str) and padding != "valid"):
-            raise ValueError(f"the Hessian estimator supports zero-padded convolutions with "
-                             f"explicit padding, not padding={padding!r}, padding_mode="
-                             f"{module.padding_mode!r}")
+    padding = getattr(module, "padding", None)
+    if (forward is nn.Conv2d.forward and module.padding_mode == "zeros"
+            and not (isinstance(padding, str) and padding != "valid")):
         padding = 0 if padding == "valid" else padding
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
                         stride=module.stride)  # (B, in·kh·kw, L)
@@ -108,7 +111,29 @@ def _per_sample_weight_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor
         else:
             out.copy_(ps)
         return
-    raise ValueError(f"no per-sample gradient for {type(module).__name__}")
+    ps = _per_sample_weight_grad_func(module, x, dy).reshape(out.shape)
+    if accumulate:
+        out.add_(ps)
+    else:
+        out.copy_(ps)
+
+
+def _per_sample_weight_grad_func(module: nn.Module, x: torch.Tensor,
+                                 dy: torch.Tensor) -> torch.Tensor:
+    """Per-sample, per-probe weight gradients ``(B, M, *W.shape)`` of any layer through its own
+    ``forward`` (``torch.func``: a vector-Jacobian product per sample, vmapped over samples and
+    probes), from inputs ``x (B, …)`` and output gradients ``dy (B, M, …)``."""
+    weight = module.weight.detach()
+
+    def one_sample(xn: torch.Tensor, dyn: torch.Tensor) -> torch.Tensor:
+        def out_of(w: torch.Tensor) -> torch.Tensor:
+            return functional_call(module, {"weight": w}, (xn.unsqueeze(0),)).squeeze(0)
+
+        _, pull = vjp(out_of, weight)
+        return vmap(lambda d: pull(d)[0])(dyn)  # (M, *W)
+
+    with torch.no_grad():
+        return vmap(one_sample)(x.detach(), dy.detach())
 
 
 def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
@@ -128,9 +153,15 @@ class GradientSweep:
 
     def __init__(self, model: nn.Module, calib: torch.Tensor, layers: Sequence[str], kind: str,
                  settings: HessianSettings, mode: str | None = None, batch_size: int = 16,
-                 mem_budget_mb: float = 2048.0):
+                 mem_budget_mb: float = 2048.0, progress: bool = False,
+                 bias_corr: bool = False):
         self.model, self.calib, self.kind, self.mode = model, calib, kind, mode
-        self.settings, self.batch_size = settings, batch_size
+        self.settings, self.batch_size, self.progress = settings, batch_size, progress
+        # -bcw inside the curves (weights): per-sample output-gradient sums per channel
+        # ``bias_rows (R, out)`` and the mean input of each weight ``input_means (out, in)``.
+        self.bias_corr = bias_corr and kind == "weight"
+        self.bias_rows: dict[str, torch.Tensor] = {}
+        self.input_means: dict[str, torch.Tensor] = {}
         self.modules = dict(model.named_modules())
         self.rows: dict[str, torch.Tensor] = {}
         self.acts: dict[str, torch.Tensor] = {}
@@ -159,6 +190,14 @@ class GradientSweep:
                      len(layers), sum(sizes.values()) / 2**20, mem_budget_mb, len(chunks))
         self._chunks = [c for c in chunks if c]
         self.n_sweeps = len(self._chunks)
+        # The forward/backward of a sweep batch must fit the budget too (the rows above are
+        # held beside it): samples per batch from the per-sample working set.
+        fits = max(int(budget // max(self._per_sample_bytes, 1)), 1)
+        if fits < batch_size:
+            log.info("sweep batch %d -> %d samples: a forward/backward needs ~%.0f MiB per "
+                     "sample, --mem-budget-mb %.0f", batch_size, fits,
+                     self._per_sample_bytes / 2**20, mem_budget_mb)
+            self.batch_size = fits
         self._shapes_of = shapes
         self._loaded: list[str] = []
 
@@ -170,30 +209,53 @@ class GradientSweep:
         chunk = next((c for c in self._chunks if name in c), None)
         if chunk is None:
             raise ValueError(f"layer {name!r} is not part of this gradient sweep")
-        self.rows.clear()
-        self.acts.clear()
-        self.grads.clear()
+        for store in (self.rows, self.acts, self.grads, self.bias_rows, self.input_means):
+            store.clear()
         self._sweep(chunk, self._shapes_of)
         self._loaded = list(chunk)
 
     def _shapes(self, layers: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        """Per-sample shapes of the layers' targets (one forward of one sample), and the
+        per-sample working set of a sweep (``_per_sample_bytes``): the tensors autograd keeps
+        (~2× every distinct leaf output), the probes' gradients of every target, and the widest
+        per-sample gradient temporary (a convolution's unfolded input)."""
         shapes: dict[str, tuple[int, ...]] = {}
         calls: dict[str, int] = {}
+        sizes = {"leaves": 0, "targets": 0, "unfold": 0}
+        wanted = set(layers)
+        # Storages counted once (Identity and in-place outputs share one); the outputs are kept
+        # alive for the forward so that no freed storage is reused under a counted address.
+        seen: dict[int, torch.Tensor] = {}
 
         def hook(name: str):
             def record(m, a, o):
+                if isinstance(o, torch.Tensor) and o.data_ptr() not in seen:
+                    seen[o.data_ptr()] = o
+                    sizes["leaves"] += o.numel()
+                if name not in wanted:
+                    return
                 t = a[0] if self.mode == "in" else o
                 shapes[name] = tuple(t.shape[1:])
                 calls[name] = calls.get(name, 0) + 1
+                sizes["targets"] += t.numel() * 2
+                if self.kind == "weight" and isinstance(m, nn.Conv2d):
+                    positions = o.numel() // max(o.shape[1], 1)
+                    sizes["unfold"] = max(sizes["unfold"],
+                                          m.weight[0].numel() * m.groups * positions)
             return record
 
-        handles = [self.modules[n].register_forward_hook(hook(n)) for n in layers]
+        leaves = {n for n, m in self.modules.items() if not list(m.children())} | wanted
+        handles = [self.modules[n].register_forward_hook(hook(n)) for n in leaves]
         try:
             with torch.no_grad():
-                self.model(self.calib[:1])
+                self.out_numel = self.model(self.calib[:1])[0].numel()
         finally:
             for h in handles:
                 h.remove()
+        seen.clear()
+        m_rows = self.settings.rows_per_sample
+        self._per_sample_bytes = self.calib.element_size() * (
+            2 * sizes["leaves"] + m_rows * sizes["targets"] + 2 * sizes["unfold"])
         missing = [n for n in layers if n not in shapes]
         if missing:
             raise ValueError(f"layers {missing} are never called in forward (their weight is "
@@ -217,22 +279,36 @@ class GradientSweep:
                 # Every row is written by the sweep (zeros where a layer gets no gradient).
                 self.rows[name] = torch.empty(n_total * m_rows, w.shape[0], w[0].numel(),
                                               dtype=dt, device=w.device)  # (R, out, in/out)
+                if self.bias_corr:
+                    self.bias_rows[name] = torch.zeros(n_total * m_rows, w.shape[0], dtype=dt,
+                                                       device=w.device)  # (R, out)
         else:
             for name in layers:
                 self.acts[name] = torch.empty(n_total, *shapes[name], dtype=dt,
                                               device=self.calib.device)  # (N, …)
                 self.grads[name] = torch.empty(n_total, m_rows, *shapes[name], dtype=dt,
                                                device=self.calib.device)  # (N, M, …)
+        # Every (sample, probe) has its own Rademacher vector, drawn up front in sample order:
+        # the rows do not depend on how the sweep is batched or split.
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        probes = (torch.randint(0, 2, (n_total, m_rows, self.out_numel), generator=gen,
+                                dtype=torch.int8) if cfg.probe == "random" else None)
         captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+        # Only the sweep's own forward is recorded: computing the rows may call a layer again
+        # (torch.func through its forward), and those calls must not join the captures.
+        recording = [True]
 
         def hook(name: str):
             def record(m, a, o):
-                captured.setdefault(name, []).append((a[0], o))
+                if recording[0]:
+                    captured.setdefault(name, []).append((a[0], o))
             return record
 
         use_input = self.kind == "act" and self.mode == "in"
         handles = [self.modules[n].register_forward_hook(hook(n)) for n in layers]
+        bar = tqdm(total=n_total, unit="sample", leave=False, disable=not self.progress,
+                   desc=f"gradient sweep {self.sweeps}/{self.n_sweeps}")
         try:
             for b0 in range(0, n_total, self.batch_size):
                 captured.clear()
@@ -246,7 +322,7 @@ class GradientSweep:
                     per_probe = []
                     for j in range(m_rows):
                         if cfg.probe == "random":
-                            z = torch.randint(0, 2, y.shape, generator=gen).to(y) * 2 - 1
+                            z = probes[b0:b0 + y.shape[0], j].to(y) * 2 - 1  # (B, K)
                             s = (z * y).sum()
                         else:
                             s = y.norm(dim=1).sum()
@@ -255,10 +331,18 @@ class GradientSweep:
                     grads = [None if gs[0] is None else torch.stack(gs, 1)
                              for gs in zip(*per_probe, strict=True)]
                     per_probe.clear()  # the stacked copies replace them
+                recording[0] = False
                 self._accumulate(layers, captured, grads, b0, y.shape[0], use_input)
+                recording[0] = True
+                bar.update(y.shape[0])
         finally:
+            bar.close()
             for h in handles:
                 h.remove()
+        if self.bias_corr:
+            for name in layers:
+                total, count = self.input_means[name]
+                self.input_means[name] = total / count
 
     def _accumulate(self, layers: list[str],
                     captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
@@ -278,6 +362,8 @@ class GradientSweep:
                     if g is not None:
                         _per_sample_weight_grad(module, inp.detach(), g, block, written)
                         written = True
+                    if self.bias_corr:
+                        self._add_bias_rows(name, module, inp, g, b0, b)
                 if not written:
                     block.zero_()
             else:
@@ -285,6 +371,23 @@ class GradientSweep:
                 self.acts[name][b0:b0 + b] = (inp if use_input else out).detach()
                 self.grads[name][b0:b0 + b] = 0.0 if g is None else g
             k += len(calls)
+
+    def _add_bias_rows(self, name: str, module: nn.Module, inp: torch.Tensor,
+                       g: torch.Tensor | None, b0: int, b: int) -> None:
+        """-bcw: add this call's per-sample output-gradient sums per channel (the gradient of a
+        bias shift) and its input sums (for the mean input of each weight)."""
+        m_rows = self.settings.rows_per_sample
+        if g is not None:
+            dim = channel_dim(module)
+            axis = dim + 1 if dim >= 0 else g.dim() + dim  # channel axis of (B, M, …)
+            other = [a for a in range(2, g.dim()) if a != axis]
+            gb = g.sum(other) if other else g  # (B, M, out)
+            self.bias_rows[name][b0 * m_rows:(b0 + b) * m_rows] += gb.reshape(b * m_rows, -1)
+        total, count = input_sum(module, inp)
+        if name in self.input_means:
+            prev, n = self.input_means[name]
+            total, count = prev + total, n + count
+        self.input_means[name] = (total, count)
 
     @property
     def scale(self) -> float:
@@ -393,37 +496,51 @@ def quantize_deadzone_fast(x: torch.Tensor, step: torch.Tensor, deadzone: torch.
 
 
 def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate], slots: SlotGrid,
-                             rows: slice = slice(None)) -> torch.Tensor:
+                             rows: slice, bounds: Sequence[tuple[int, int]],
+                             steps: ChannelSteps | None = None) -> torch.Tensor:
     """Quantized weights ``(g, width, n)`` of the grid rows ``rows`` of ``slots``, from the
-    stacked group weights ``w (g, 1, n)``: entry ``[r, k]`` holds ``quantize_weight`` of that
-    group for its k-th candidate (zeros in the padding). Candidates are an outer axis so that
-    every elementwise pass runs along ``n``. With a grid split by ``deadzone > 0`` each rule
-    runs on its own columns only; otherwise both run on all and are selected per candidate."""
-    steps = [2.0**c.step_log2 if c.bits > 0 and math.isfinite(c.step_log2) else 1.0
-             for c in cands]
-    bounds = [signed_bounds(c.bits) for c in cands]
+    stacked group weights ``w (g, 1, n)`` (``n = channels × elements per channel``, zero-padded
+    channels in a final partial group): entry ``[r, k]`` holds ``quantize_weight`` of that group
+    for its k-th candidate (zeros in the padding), with per-channel steps (``steps``) or the
+    candidate's one step. Candidates are an outer axis so that every elementwise pass runs along
+    the group's elements. With a grid split by ``deadzone > 0`` each rule runs on its own columns
+    only; otherwise both run on all and are selected per candidate."""
+    cg = max(c1 - c0 for c0, c1 in bounds)
+    g, _, n = w.shape
+    wc = w.view(g, 1, cg, n // cg)  # (g, 1, cg, e)
+    step_k, phi_k = candidate_params(cands, bounds, cg, steps)  # (K, cg) each
+    levels = [signed_bounds(c.bits) for c in cands]
 
-    def grid(values: list[float], fill: float, cols: slice = slice(None)) -> torch.Tensor:
-        return slots.grid(values, fill, w, rows)[:, cols].unsqueeze(-1)  # (g, width, 1)
+    def per_channel(values: np.ndarray, fill: float, cols: slice) -> torch.Tensor:
+        a = np.full((len(slots.groups), slots.width, cg), fill)
+        a[slots.rows, slots.cols] = values
+        t = torch.from_numpy(a[rows, cols])
+        return t.to(dtype=w.dtype, device=w.device).unsqueeze(-1)  # (g, width, cg, 1)
+
+    def per_cand(values: list[float], fill: float, cols: slice) -> torch.Tensor:
+        return slots.grid(values, fill, w, rows)[:, cols, None, None]  # (g, width, 1, 1)
 
     def uniform(cols: slice) -> torch.Tensor:
-        return quantize_uniform_fast(w, grid(steps, 1.0, cols),
-                                     grid([b[0] for b in bounds], 0.0, cols),
-                                     grid([b[1] for b in bounds], 0.0, cols))
+        return quantize_uniform_fast(wc, per_channel(step_k, 1.0, cols),
+                                     per_cand([b[0] for b in levels], 0.0, cols),
+                                     per_cand([b[1] for b in levels], 0.0, cols))
 
     def deadzone(cols: slice) -> torch.Tensor:
-        return quantize_deadzone_fast(w, grid(steps, 1.0, cols),
-                                      grid([c.deadzone for c in cands], 0.0, cols),
-                                      grid([deadzone_magnitudes(c.bits) for c in cands], 0.0,
-                                           cols))
+        return quantize_deadzone_fast(wc, per_channel(step_k, 1.0, cols),
+                                      per_channel(phi_k, 0.0, cols),
+                                      per_cand([deadzone_magnitudes(c.bits) for c in cands],
+                                               0.0, cols))
+
+    def flat(q: torch.Tensor) -> torch.Tensor:
+        return q.reshape(q.shape[0], q.shape[1], n)
 
     if not any(c.deadzone > 0 for c in cands):
-        return uniform(slice(None))
+        return flat(uniform(slice(None)))
     if slots.split:  # dead-zone candidates in columns [split_col, width)
         k = slots.split_col
-        return torch.cat([uniform(slice(None, k)), deadzone(slice(k, None))], dim=1)
-    dz = grid([c.deadzone for c in cands], 0.0)
-    return torch.where(dz > 0, deadzone(slice(None)), uniform(slice(None)))
+        return flat(torch.cat([uniform(slice(None, k)), deadzone(slice(k, None))], dim=1))
+    dz = per_cand([c.deadzone for c in cands], 0.0, slice(None))
+    return flat(torch.where(dz > 0, deadzone(slice(None)), uniform(slice(None))))
 
 
 def _stack_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -443,9 +560,10 @@ class HessianWeightBackend:
     """Evaluates weight candidates of one layer with the quadratic model (``Evaluate``), all
     groups of a batch in one product."""
 
-    def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]]):
+    def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]],
+                 steps: ChannelSteps | None = None):
         sweep.ensure(layer)
-        self.sweep = sweep
+        self.sweep, self.bounds, self.steps = sweep, bounds, steps
         weight = sweep.modules[layer].weight.detach()
         rows = sweep.rows[layer]  # (R, out, in/out)
         r = rows.shape[0]
@@ -453,8 +571,15 @@ class HessianWeightBackend:
         # Per group, contiguous and zero-padded: its chains come back to it in every round.
         self.w = _stack_groups([weight[c0:c1].reshape(1, -1).to(rows.dtype)
                                 for c0, c1 in bounds])  # (G, 1, n)
-        self.rows = _stack_groups([rows[:, c0:c1].reshape(r, -1)
-                                   for c0, c1 in bounds])  # (G, R, n)
+        if sweep.bias_corr:
+            # -bcw shifts each output channel's bias by -(ΔW·mean input), so a weight's row
+            # becomes G_w − G_b·mean: the output change of the corrected layer.
+            gb, mean = sweep.bias_rows[layer], sweep.input_means[layer].to(rows.dtype)
+            self.rows = _stack_groups([(rows[:, c0:c1] - gb[:, c0:c1, None] * mean[c0:c1])
+                                       .reshape(r, -1) for c0, c1 in bounds])  # (G, R, n)
+        else:
+            self.rows = _stack_groups([rows[:, c0:c1].reshape(r, -1)
+                                       for c0, c1 in bounds])  # (G, R, n)
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
         # Dead-zone candidates in their own columns: each quantization rule runs once per
@@ -466,7 +591,8 @@ class HessianWeightBackend:
         for run in slots.runs(self.w.shape[-1]):
             gs = slots.group_range(run)
             w = self.w[gs]  # (g, 1, n)
-            deltas = quantize_weights_batched(w, cands, slots, run).sub_(w)  # (g, width, n)
+            deltas = quantize_weights_batched(w, cands, slots, run, self.bounds,
+                                              self.steps).sub_(w)  # (g, width, n)
             sq = deltas.pow(2).sum(-1)  # (g, width)
             p = torch.bmm(self.rows[gs], deltas.transpose(1, 2))  # (g, R, width)
             dist[run] = self.sweep.combine(p, sq)

@@ -8,6 +8,7 @@ in one call, never in a Python loop over groups.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -75,18 +76,175 @@ def quantize_deadzone(
     return torch.where(keep, rec, torch.zeros_like(x))
 
 
-def quantize_weight(x: torch.Tensor, bits: int, step_log2: float, deadzone: float) -> torch.Tensor:
+def quantize_weight(x: torch.Tensor, bits: int, step_log2: float | torch.Tensor,
+                    deadzone: float | torch.Tensor) -> torch.Tensor:
     """Quantize one weight group with the rule the curves were measured with.
 
-    ``deadzone > 0`` selects the dead-zone quantizer, ``deadzone == 0`` the signed uniform one.
+    ``step_log2`` and ``deadzone`` are scalars (one step for the group, the paper's quantizer) or
+    tensors ``(c,)`` with one value per channel (axis 0 of ``x``). A channel with ``deadzone > 0``
+    uses the dead-zone quantizer, one with ``deadzone == 0`` the signed uniform one.
     """
     if bits == 0:
         return torch.zeros_like(x)
-    step = 2.0**step_log2
-    if deadzone > 0:
-        return quantize_deadzone(x, step, deadzone, deadzone_magnitudes(bits))
+    step = (2.0**step_log2 if not isinstance(step_log2, torch.Tensor)
+            else channel_steps(step_log2))
+    return quantize_weight_steps(x, bits, step, deadzone)
+
+
+def quantize_weight_steps(x: torch.Tensor, bits: int, step: float | torch.Tensor,
+                          deadzone: float | torch.Tensor) -> torch.Tensor:
+    """:func:`quantize_weight` given the steps themselves (scalar or per channel ``(c,)``)."""
+    if bits == 0:
+        return torch.zeros_like(x)
+    step = _per_channel(step, x)
+    phi = _per_channel(deadzone, x)
     lo, hi = signed_bounds(bits)
-    return quantize_uniform(x, step, lo, hi)
+    if not isinstance(phi, torch.Tensor):  # one rule for the group
+        if phi > 0:
+            return quantize_deadzone(x, step, phi, deadzone_magnitudes(bits))
+        return quantize_uniform(x, step, lo, hi)
+    dz = phi > 0
+    if not bool(dz.any()):
+        return quantize_uniform(x, step, lo, hi)
+    q_dz = quantize_deadzone(x, step, phi, deadzone_magnitudes(bits))
+    if bool(dz.all()):
+        return q_dz
+    return torch.where(dz, q_dz, quantize_uniform(x, step, lo, hi))
+
+
+def channel_steps(step_log2: torch.Tensor) -> torch.Tensor:
+    """Steps ``2**step_log2`` of per-channel exponents, in float64 (the one conversion used by
+    the curves and by applying an allocation, so both quantize identically)."""
+    return torch.pow(2.0, step_log2.double())
+
+
+def _per_channel(t: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    """A Python scalar as is (the arithmetic the paper's quantizer always used); a tensor ``(c,)``
+    in ``x``'s dtype and device, shaped to broadcast along axis 0 of ``x``."""
+    if not isinstance(t, torch.Tensor):
+        return float(t)
+    t = t.to(dtype=x.dtype, device=x.device)
+    return t if t.dim() == 0 else t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+# Per-channel MSE-optimal steps, relative to the range-fitting step: 2^-6 … 1 in 1/8 octave (a
+# larger step never helps: nothing is clipped and rounding gets coarser), then a refinement of
+# ±1/8 octave around each channel's best in 1/128 octave: the MSE near the clipping point is sharp.
+_COARSE_LOG2 = [r / 8 for r in range(-48, 1)]
+_FINE_LOG2 = [r / 128 for r in range(-16, 17)]
+
+
+def mse_steps(x: torch.Tensor, bits: int, signed: torch.Tensor,
+              deadzone: torch.Tensor | None = None) -> torch.Tensor:
+    """``step_log2 (C,)`` minimising each channel's quantization MSE at ``bits`` bits.
+
+    ``x (C, n)`` holds each channel's values; ``signed (C,)`` picks the signed or unsigned grid of
+    the uniform quantizer. With ``deadzone (C,)`` the channels whose threshold is > 0 use the
+    dead-zone quantizer instead (NaN where it has no non-zero level, i.e. ``bits <= 1``). The
+    uniform baseline and RDOQ's per-channel steps both come from here, so RDOQ's search always
+    holds the baseline's candidate. The search runs on each channel divided by its range-fitting
+    step (scale-free, so float32 suffices even for channels of 1e-8).
+    """
+    if bits < 1:
+        raise ValueError(f"a step needs bits >= 1, got {bits}")
+    x = x.detach().double()
+    c = x.shape[0]
+    phi = (torch.zeros(c, dtype=torch.float64, device=x.device) if deadzone is None
+           else deadzone.double().to(x.device))  # (C,)
+    dz = phi > 0  # (C,)
+    lo_s, hi_s = signed_bounds(bits)
+    lo_u, hi_u = unsigned_bounds(bits)
+    signed = signed.to(x.device)
+    qmin = torch.where(signed, float(lo_s), float(lo_u))  # (C,)
+    qmax = torch.where(signed, float(hi_s), float(hi_u))  # (C,)
+    mags = deadzone_magnitudes(bits)
+    # The step that fits the channel's range into the levels (the dead-zone quantizer's top
+    # level is φ + (M - ½)Δ).
+    reach_u = torch.maximum(x.max(1).values.clamp(min=0) / qmax.clamp(min=1),
+                            (-x.min(1).values).clamp(min=0) / (-qmin).clamp(min=1))
+    reach_dz = (x.abs().max(1).values - phi).clamp(min=0) / max(mags - 0.5, 0.5)
+    reach = torch.where(dz, reach_dz, reach_u)  # (C,)
+    reach = torch.where(reach > 0, reach, torch.ones_like(reach))
+    best_log2 = torch.zeros(c, dtype=torch.float64, device=x.device)  # relative to reach
+    rows = [(~dz, _uniform_error), (dz, _deadzone_error)]
+    for mask, error in rows:
+        if not bool(mask.any()) or (error is _deadzone_error and mags == 0):
+            continue
+        xn = (x[mask] / reach[mask, None]).float()  # (c, n) in units of the range-fitting step
+        ctx = _ErrorContext(xn, qmin[mask, None].float(), qmax[mask, None].float(),
+                            (phi[mask] / reach[mask])[:, None].float(), float(mags))
+        best = torch.full((xn.shape[0],), math.inf, device=x.device)
+        rel = torch.zeros(xn.shape[0], dtype=torch.float64, device=x.device)
+        for r in _COARSE_LOG2:
+            err = error(ctx, 2.0**r)
+            better = err < best
+            best = torch.where(better, err, best)
+            rel = torch.where(better, r, rel)
+        center = rel.clone()
+        for r in _FINE_LOG2:
+            cand = (center + r).clamp(max=0.0)  # (c,) never beyond the range-fitting step
+            err = error(ctx, torch.pow(2.0, cand).float()[:, None])
+            better = err < best
+            best = torch.where(better, err, best)
+            rel = torch.where(better, cand, rel)
+        best_log2[mask] = rel
+    out = torch.log2(reach) + best_log2
+    if mags == 0:
+        out = torch.where(dz, torch.full_like(out, math.nan), out)
+    return out.cpu()
+
+
+@dataclass
+class _ErrorContext:
+    """One channel set of :func:`mse_steps`, normalised, with what every candidate reuses."""
+
+    x: torch.Tensor  # (c, n)
+    qmin: torch.Tensor  # (c, 1)
+    qmax: torch.Tensor  # (c, 1)
+    phi: torch.Tensor  # (c, 1)
+    mags: float
+
+    def __post_init__(self) -> None:
+        self.mag = self.x.abs()
+        self.sign = torch.sign(self.x)
+        self.over = self.mag - self.phi  # (c, n) distance beyond the dead zone
+        self.dead = self.mag <= self.phi
+
+
+def _uniform_error(ctx: _ErrorContext, step: float | torch.Tensor) -> torch.Tensor:
+    """Per-channel MSE of :func:`quantize_uniform` at ``step`` (in place, one buffer)."""
+    q = ctx.x / step
+    q = q.round_().clamp_min_(ctx.qmin).clamp_max_(ctx.qmax).mul_(step).sub_(ctx.x)
+    return q.square_().mean(1)
+
+
+def _deadzone_error(ctx: _ErrorContext, step: float | torch.Tensor) -> torch.Tensor:
+    """Per-channel MSE of :func:`quantize_deadzone` at ``step`` (in place, one buffer)."""
+    q = ctx.over / step
+    q = q.floor_().clamp_(0.0, ctx.mags - 1.0).add_(0.5).mul_(step).add_(ctx.phi).mul_(ctx.sign)
+    q = q.masked_fill_(ctx.dead, 0.0).sub_(ctx.x)
+    return q.square_().mean(1)
+
+
+def channel_deadzones(w: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Per output channel (axis 0), the φ that puts a fraction ``ratio`` of ``|w|`` in the dead
+    zone (the same exact quantile as :func:`deadzone_threshold`), ``(C,)``.
+
+    ``ratio == 0`` → zeros. For ``ratio > 0`` every φ is > 0, so a dead-zone group never mixes in
+    uniform channels: a channel whose quantile is 0 (that many exact zeros) gets half its
+    smallest non-zero magnitude (its zeros stay in the dead zone, nothing else joins them), an
+    all-zero channel gets 1.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"dead-zone ratio must be in [0, 1), got {ratio}")
+    mag = w.detach().reshape(w.shape[0], -1).abs().double().cpu()  # (C, n)
+    if ratio == 0.0:
+        return torch.zeros(mag.shape[0], dtype=torch.float64)
+    k = max(int(math.ceil(ratio * mag.shape[1])), 1)
+    phi = torch.kthvalue(mag, k, dim=1).values  # (C,)
+    smallest = torch.where(mag > 0, mag, torch.full_like(mag, math.inf)).min(1).values
+    fallback = torch.where(torch.isfinite(smallest), smallest / 2, torch.ones_like(smallest))
+    return torch.where(phi > 0, phi, fallback)
 
 
 def deadzone_threshold(x: torch.Tensor, ratio: float) -> float:

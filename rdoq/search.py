@@ -36,6 +36,9 @@ class Candidate:
     # Fewest bits that quantize this group identically at this step (no value reaches the extra
     # levels); 0 when the result is all zeros. -1: unknown, use ``bits``.
     same_as_bits: int = -1
+    # Per-channel steps (rdoq.steps): the dead-zone ratio's index, and ``step_log2`` is the
+    # group's scale on its channels' base steps. -1: the paper's quantizer (absolute step).
+    dz_index: int = -1
 
     def key(self) -> tuple:
         """Identity of the perturbation: equal keys give the same quantized tensor."""
@@ -222,7 +225,77 @@ class Chain:
         self._begin_bit()
 
 
-def run_chains(chains: list[Chain], evaluate: Evaluate, max_batch: int,
+@dataclass(frozen=True)
+class ScaleSettings:
+    """Search of the per-channel-step quantizer: ``bits`` as in :class:`SearchSettings`, and the
+    group scales (log2) tried at every width — always including 0, the baseline's steps."""
+
+    bits: tuple[int, ...]
+    scales_log2: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if 0.0 not in self.scales_log2:
+            raise ValueError(f"the scales {self.scales_log2} must include 0 (the per-channel "
+                             f"MSE-optimal steps)")
+
+
+def scale_grid(octaves: float, per_octave: int) -> tuple[float, ...]:
+    """Scales ``j/per_octave`` for ``|j/per_octave| <= octaves``, 0 first (ties keep it)."""
+    if per_octave < 1 or octaves < 0 or not math.isfinite(octaves):
+        raise ValueError(f"scale grid needs per_octave >= 1 and octaves >= 0, got "
+                         f"{per_octave} and {octaves}")
+    n = int(math.floor(octaves * per_octave + 1e-9))
+    return (0.0, *[j / per_octave for j in range(-n, n + 1) if j != 0])
+
+
+@dataclass
+class ScaleChain:
+    """Search state of one (group, dead zone) pair with per-channel steps: at every bit width
+    all scales are evaluated (one batch) and the best kept. Exhaustive on a small grid around the
+    MSE-optimal steps, so a distortion that is not unimodal in the step cannot trap it."""
+
+    group: int
+    dz_index: int
+    ratio: float  # the dead-zone ratio (0: uniform quantizer); the candidates' ``deadzone``
+    settings: ScaleSettings
+    bit_index: int = 0
+    best_dist: list[float] = field(default_factory=list)
+    best_step: list[float] = field(default_factory=list)
+    n_evals: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.bit_index >= len(self.settings.bits)
+
+    @property
+    def bits(self) -> int:
+        return self.settings.bits[self.bit_index]
+
+    def _candidates(self) -> list[Candidate]:
+        bits = self.bits
+        zero = Candidate(self.group, bits, math.nan, self.ratio, dz_index=self.dz_index)
+        if zero.is_zero:
+            return [zero]
+        return [Candidate(self.group, bits, s, self.ratio, dz_index=self.dz_index)
+                for s in self.settings.scales_log2]
+
+    def propose(self, lookahead: int) -> list[Candidate]:
+        """Every candidate of the current bit width (``lookahead`` is not needed here)."""
+        return [] if self.done else self._candidates()
+
+    def consume(self, dists: Sequence[float], aux: Sequence[float] | None) -> None:
+        """Results for all candidates last proposed, in order."""
+        cands = self._candidates()
+        if len(dists) != len(cands):
+            raise ValueError(f"expected {len(cands)} results, got {len(dists)}")
+        self.n_evals += len(dists)
+        best = int(np.argmin(np.asarray(dists, dtype=np.float64)))
+        self.best_dist.append(float(dists[best]))
+        self.best_step.append(cands[best].step_log2)
+        self.bit_index += 1
+
+
+def run_chains(chains: list[Chain] | list[ScaleChain], evaluate: Evaluate, max_batch: int,
                on_chain_done: Callable[[Chain], None] | None = None,
                max_lookahead: int = 1) -> int:
     """Drive all chains to completion; returns the number of distinct candidates evaluated.
@@ -267,7 +340,7 @@ def run_chains(chains: list[Chain], evaluate: Evaluate, max_batch: int,
     return len(results)
 
 
-def chains_to_arrays(chains: list[Chain], n_groups: int, n_dz: int,
+def chains_to_arrays(chains: list[Chain] | list[ScaleChain], n_groups: int, n_dz: int,
                      n_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Collect finished chains into ``dist, step_log2, deadzone`` arrays of shape (G, D, B)."""
     dist = np.full((n_groups, n_dz, n_bits), np.inf)  # (G, D, B)
@@ -278,5 +351,5 @@ def chains_to_arrays(chains: list[Chain], n_groups: int, n_dz: int,
             raise RuntimeError(f"chain (group {c.group}, dz {c.dz_index}) did not finish")
         dist[c.group, c.dz_index] = c.best_dist
         step[c.group, c.dz_index] = c.best_step
-        dz[c.group, c.dz_index] = c.deadzone
+        dz[c.group, c.dz_index] = c.deadzone if isinstance(c, Chain) else c.ratio
     return dist, step, dz

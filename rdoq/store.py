@@ -18,13 +18,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-SCHEMA = "rdoq.curves/1"
+SCHEMA = "rdoq.curves/2"
 # Keys of meta.json that describe *how* curves were made; two runs may share a directory only if
 # all of them agree. ``argv``/``created``/``part`` describe one invocation and may differ.
 SETTINGS_KEYS = (
     "schema", "kind", "estimator", "act_mode", "model", "checkpoint_sha256", "weights_source",
     "group_size", "bits", "ndz", "step_grid", "max_steps", "precision", "calib", "layers",
-    "estimator_params",
+    "estimator_params", "steps", "scales_log2",
 )
 LAYER_ARRAYS = ("dist", "step_log2", "deadzone", "numel")
 
@@ -93,7 +93,8 @@ def read_json_artifact(path: Path, schema: str, keys: tuple[str, ...]) -> dict[s
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(obj, dict) or obj.get("schema") != schema:
         found = obj.get("schema") if isinstance(obj, dict) else None
-        raise ValueError(f"{path}: schema {found!r} is not {schema!r}")
+        raise ValueError(f"{path}: schema {found!r} is not {schema!r}; re-create it with this "
+                         f"version of rdoq")
     for key in keys:
         if key not in obj:
             raise ValueError(f"{path}: missing key {key!r}")

@@ -61,7 +61,8 @@ def fake_curve_set(root, model, kind, nr=5, ndz=2, group_size=2, act_mode=None, 
     """A complete curve set with random decreasing curves for ``model``."""
     rng = np.random.default_rng(seed)
     job = CurveJob(kind=kind, act_mode=act_mode, group_size=group_size, nr=nr,
-                   ndz=ndz if kind == "weight" else 1, max_steps=4, step_grid=1)
+                   ndz=ndz if kind == "weight" else 1, max_steps=4, step_grid=1,
+                   step_mode="group")
     x1 = torch.randn(1, 3, 8, 8)
     plans = plan_layers(model, x1, job)
     store = CurveStore.open(root, build_meta(job, {**INFO, "arch": model_name}, CALIB, plans))
@@ -160,8 +161,8 @@ def test_smoothing_never_pays_for_useless_bits():
     t = ItemTable(dist=dist, rate=np.arange(4.0)[None] * 10, numel=np.array([10.0]),
                   kind=np.array([WEIGHT]), layer=np.array([0]), step_log2=np.zeros((1, 4)),
                   deadzone=np.zeros((1, 4)), source=np.arange(4)[None].copy(),
-                  bits=np.arange(4), layers=[LayerEntry(WEIGHT, "x", "Linear", (1, 10), 1, 1,
-                                                        slice(0, 1))],
+                  dz_index=np.zeros((1, 4), dtype=np.int64), bits=np.arange(4),
+                  layers=[LayerEntry(WEIGHT, "x", "Linear", (1, 10), 1, 1, slice(0, 1))],
                   model="m", curve_sets={}, act_mode=None)
     s = restrict(t, smooth=True)
     np.testing.assert_array_equal(s.dist[0], [1.0, 0.3, 0.3, 0.1])
@@ -273,7 +274,7 @@ def test_allocation_for_another_model_is_refused(tmp_path, stores, net):
     with pytest.raises(ValueError, match="'ghost'"):
         apply_allocation(net, alloc)
     path = tmp_path / "bad.json"
-    path.write_text('{"schema": "rdoq.allocation/1", "model": "m", "weights": {"f1": '
+    path.write_text('{"schema": "rdoq.allocation/2", "model": "m", "weights": {"f1": '
                     '{"channels": 7, "group_size": 2, "bits": [1], "step_log2": [0], '
                     '"deadzone": [0]}}, "acts": {}}')
     with pytest.raises(ValueError, match="wrong length"):

@@ -201,7 +201,9 @@ def test_prefix_cuts_on_model_families(arch, size):
     job = CurveJob(kind="weight", group_size=8, nr=3, ndz=1, max_steps=4, step_grid=1)
     plan = next(p for p in plan_layers(model, x[:1], job) if p.name == middle)
     ours, ref = weight_curves_both(model, x, plan, job, engine, naive, n_chains=1)
-    np.testing.assert_allclose(ours, ref, rtol=1e-9)
+    # Per-channel steps reach distortions near float64 rounding of the output: compare those
+    # with an absolute floor.
+    np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-8 * np.abs(ref).max())
 
 
 class ParentReadsWeight(nn.Module):

@@ -147,6 +147,36 @@ def test_conv_per_sample_gradients_match_autograd():
         torch.testing.assert_close(sweep.rows["0"][n], g.reshape(6, -1), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("layer", ["same", "subclass"])
+def test_convs_that_pad_inside_forward_get_exact_per_sample_gradients(layer):
+    # timm's Conv2dSame pads inside forward (every tf_* model); a subclass with its own forward
+    # is differentiated through that forward (torch.func), not through the stock conv formula.
+    from timm.layers import Conv2dSame
+
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x * 2.0)
+
+    torch.manual_seed(5)
+    conv = (Conv2dSame(3, 4, 3, stride=2, groups=1) if layer == "same"
+            else Scaled(3, 4, 3, padding=1)).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+    model(x[:1])
+    model.eval()
+    m = 2
+    sweep = GradientSweep(model, x, ["0"], "weight", HessianSettings(nprobes=m, seed=1),
+                          batch_size=3)
+    sweep.ensure("0")
+    gen = torch.Generator().manual_seed(1)
+    zs = torch.randint(0, 2, (5, m, 2), generator=gen, dtype=torch.int8).double() * 2 - 1
+    for n in range(5):
+        for j in range(m):
+            (g,) = torch.autograd.grad((zs[n, j] * model(x[n:n + 1])[0]).sum(), [conv.weight])
+            row = sweep.rows["0"][n * m + j]
+            torch.testing.assert_close(row, g.reshape(row.shape), rtol=1e-10, atol=1e-12)
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="--first-order needs --probe norm"):
         HessianSettings(first_order=True)
@@ -191,14 +221,17 @@ def test_batched_weight_quantization_equals_one_call_per_candidate(split):
     assert list(slots.groups) == [0, 2]
     # Split: group 2 has 16 uniform candidates (15 + the NaN-step one) then 15 dead-zone ones.
     assert (slots.width, slots.split_col) == ((31, 16) if split else (31, 31))
-    out = quantize_weights_batched(w[slots.groups].unsqueeze(1), cands, slots)  # (2, 31, 50)
+    bounds = group_bounds(3, 1)  # one 50-element channel per group
+    out = quantize_weights_batched(w[slots.groups].unsqueeze(1), cands, slots, slice(None),
+                                   bounds)  # (2, 31, 50)
     for k, c in enumerate(cands):
         got = out[slots.rows[k], slots.cols[k]]
         assert torch.equal(got, quantize_weight(w[c.group], c.bits, c.step_log2, c.deadzone)), c
     # Only dead-zone candidates (an empty uniform block when split).
     dz_only = [c for c in cands if c.deadzone > 0]
     slots = SlotGrid.of(dz_only, split=[True] * len(dz_only) if split else None)
-    out = quantize_weights_batched(w[slots.groups].unsqueeze(1), dz_only, slots)
+    out = quantize_weights_batched(w[slots.groups].unsqueeze(1), dz_only, slots, slice(None),
+                                   bounds)
     for k, c in enumerate(dz_only):
         got = out[slots.rows[k], slots.cols[k]]
         assert torch.equal(got, quantize_weight(w[c.group], c.bits, c.step_log2, c.deadzone)), c
@@ -271,7 +304,27 @@ def test_sweeps_split_by_memory_give_the_same_rows():
         one.ensure(name)
         split.ensure(name)
         assert set(split.rows) == {name}  # the other chunk's rows were released
-        torch.testing.assert_close(split.rows[name], one.rows[name], rtol=0, atol=0)
+        # The budget also shrinks the sweep batch: equal up to the rounding of other batching.
+        torch.testing.assert_close(split.rows[name], one.rows[name], rtol=1e-12, atol=1e-15)
+
+
+def test_sweep_batch_fits_the_memory_budget_and_never_changes_the_rows():
+    # A budget below one batch's forward/backward shrinks the sweep batch (down to one sample);
+    # the random probes belong to (sample, probe), so the rows are identical.
+    model = seeded(Linear2, 4)
+    x = torch.randn(6, 6)
+    big = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=3), batch_size=4)
+    small = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=3),
+                          batch_size=4, mem_budget_mb=big._per_sample_bytes * 2.5 / 2**20)
+    assert big.batch_size == 4 and small.batch_size == 2
+    tiny = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=3),
+                         batch_size=4, mem_budget_mb=1e-9)
+    assert tiny.batch_size == 1
+    for name in ("a", "b"):
+        for sweep in (big, small, tiny):
+            sweep.ensure(name)
+        for sweep in (small, tiny):
+            torch.testing.assert_close(sweep.rows[name], big.rows[name], rtol=1e-12, atol=1e-15)
 
 
 def test_fast_uniform_quantizer_is_bitwise_the_reference_one():

