@@ -82,6 +82,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outdir", type=Path, default=Path("runs/bench_real"),
                    help="curve sets and results go under OUTDIR/<estimator>/ (default: "
                         "%(default)s); a re-run resumes the curves")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="fold BatchNorm into the convolutions first (curves, allocation and "
+                        "evaluation of the folded model)")
+    p.add_argument("--weight-flags", nargs=argparse.REMAINDER, default=[],
+                   help="extra flags for the weight curve scripts, e.g. --group-step (last)")
     p.add_argument("--quick", action="store_true", help="smoke run with tiny counts")
     p.add_argument("--quiet", action="store_true", help="no progress bars or INFO logs")
     args = p.parse_args(argv)
@@ -103,7 +108,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def common_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--archname", args.archname, "--dataset", "natural", "--batchsize",
-             str(args.batchsize)]
+             str(args.batchsize), *(["--fold-bn"] if args.fold_bn else [])]
     if args.device:
         flags += ["--device", args.device]
     if args.quiet:
@@ -112,25 +117,32 @@ def common_flags(args: argparse.Namespace) -> list[str]:
 
 
 def make_curves(args: argparse.Namespace,
-                root: Path) -> tuple[Path, Path | None, dict[str, float]]:
-    """Weight and (when W+A points are asked for) output-activation curve sets under ``root``
-    (resumed if present) and the seconds each took in this run."""
+                root: Path) -> tuple[Path, Path, Path | None, dict[str, float]]:
+    """Weight curve sets without and with ``-bcw`` (the latter measured after the correction the
+    ``-bcw`` rows deploy), and, when W+A points are asked for, output-activation curves, under
+    ``root`` (resumed if present); and the seconds each took in this run."""
     flags = [*common_flags(args), "--testsize", str(args.calib), "--nchannelbatch",
              str(args.nchannelbatch), "--maxrates", str(args.maxrates), "--precision",
-             args.precision, "--outdir", str(root)]
+             args.precision]
     if args.maxsteps is not None:
         flags += ["--maxsteps", str(args.maxsteps)]
+    wflags = [*flags, "--maxdeadzones", str(args.maxdeadzones), *args.weight_flags]
     seconds = {}
     t0 = time.perf_counter()
-    w = curves_main("weight", argv=[*flags, "--maxdeadzones", str(args.maxdeadzones)],
+    w = curves_main("weight", argv=[*wflags, "--outdir", str(root / "plain")],
                     estimator=args.estimator)
     seconds["weight_curves_s"] = time.perf_counter() - t0
-    if not args.wa_targets:
-        return Path(w["curve_set"]), None, seconds
     t0 = time.perf_counter()
-    a = curves_main("act", "out", argv=flags, estimator=args.estimator)
+    wb = curves_main("weight", argv=[*wflags, "-bcw", "--outdir", str(root / "bcw")],
+                     estimator=args.estimator)
+    seconds["weight_curves_bcw_s"] = time.perf_counter() - t0
+    if not args.wa_targets:
+        return Path(w["curve_set"]), Path(wb["curve_set"]), None, seconds
+    t0 = time.perf_counter()
+    a = curves_main("act", "out", argv=[*flags, "--outdir", str(root / "plain")],
+                    estimator=args.estimator)
     seconds["act_curves_s"] = time.perf_counter() - t0
-    return Path(w["curve_set"]), Path(a["curve_set"]), seconds
+    return Path(w["curve_set"]), Path(wb["curve_set"]), Path(a["curve_set"]), seconds
 
 
 def bench_row(r: dict[str, Any]) -> dict[str, Any]:
@@ -162,16 +174,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     t_start = time.perf_counter()
     root = args.outdir / args.estimator
-    wroot, aroot, timings = make_curves(args, root / "curves")
+    wroot, wroot_bcw, aroot, timings = make_curves(args, root / "curves")
     base = [*common_flags(args), "--testsize", str(args.eval), "--outdir", str(root / "results"),
             "--no-plots"]
     wtargets = [f"{t:g}" for t in args.targets]
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for extra in ([], ["--layerwise"]):
-        for bcw in ([], ["-bcw"]):
+        for curves, bcw in ((wroot, []), (wroot_bcw, ["-bcw"])):
             # No activation curves: the allocation is weights-only, activations stay FP.
-            results += allocate_main("dp", argv=[*base, "--pathrdcurve", str(wroot),
+            results += allocate_main("dp", argv=[*base, "--pathrdcurve", str(curves),
                                                  "--target_rates", *wtargets, *extra, *bcw])["rows"]
     for bcw in ([], ["-bcw"]):
         results += uniform_main([*base, "--calibsize", str(args.calib), "--no-acts",
@@ -194,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     first = load_allocation(root / "results" / results[0]["allocation"])
     return {"model": results[0]["model"], "weights_source": first.get("weights_source"),
-            "estimator": args.estimator, "calib": args.calib, "eval": args.eval,
+            "estimator": args.estimator, "fold_bn": args.fold_bn,
+            "weight_flags": args.weight_flags, "calib": args.calib, "eval": args.eval,
             "group_size": args.nchannelbatch, "rows": rows,
             "timings": {k: round(v, 1) for k, v in timings.items()},
             "seconds": round(time.perf_counter() - t_start, 1), "peak_rss_mb": round(peak, 1)}

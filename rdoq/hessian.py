@@ -301,8 +301,13 @@ class GradientSweep:
 
         def hook(name: str):
             def record(m, a, o):
-                if recording[0]:
-                    captured.setdefault(name, []).append((a[0], o))
+                if not recording[0]:
+                    return None
+                captured.setdefault(name, []).append((a[0], o))
+                # The network goes on with a copy: an in-place op after the layer (ReLU with
+                # inplace=True) would otherwise overwrite the captured output, its stored
+                # values and the gradients taken with respect to it.
+                return o.clone()
             return record
 
         use_input = self.kind == "act" and self.mode == "in"

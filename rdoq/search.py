@@ -76,8 +76,23 @@ class SearchSettings:
                              f"--maxsteps >= {self.back_octaves * self.step_grid + 1}")
 
 
+class _BitWalk:
+    """What every chain shares: it walks ``settings.bits`` in order, ``bit_index`` the current."""
+
+    settings: SearchSettings | ScaleSettings
+    bit_index: int
+
+    @property
+    def done(self) -> bool:
+        return self.bit_index >= len(self.settings.bits)
+
+    @property
+    def bits(self) -> int:
+        return self.settings.bits[self.bit_index]
+
+
 @dataclass
-class Chain:
+class Chain(_BitWalk):
     """Search state of one (group, dead zone) pair across all bit widths."""
 
     group: int
@@ -99,14 +114,6 @@ class Chain:
 
     def __post_init__(self) -> None:
         self._begin_bit()
-
-    @property
-    def done(self) -> bool:
-        return self.bit_index >= len(self.settings.bits)
-
-    @property
-    def bits(self) -> int:
-        return self.settings.bits[self.bit_index]
 
     def _previous_step(self) -> float | None:
         for step in reversed(self.best_step):
@@ -249,7 +256,7 @@ def scale_grid(octaves: float, per_octave: int) -> tuple[float, ...]:
 
 
 @dataclass
-class ScaleChain:
+class ScaleChain(_BitWalk):
     """Search state of one (group, dead zone) pair with per-channel steps: at every bit width
     all scales are evaluated (one batch) and the best kept. Exhaustive on a small grid around the
     MSE-optimal steps, so a distortion that is not unimodal in the step cannot trap it."""
@@ -262,14 +269,6 @@ class ScaleChain:
     best_dist: list[float] = field(default_factory=list)
     best_step: list[float] = field(default_factory=list)
     n_evals: int = 0
-
-    @property
-    def done(self) -> bool:
-        return self.bit_index >= len(self.settings.bits)
-
-    @property
-    def bits(self) -> int:
-        return self.settings.bits[self.bit_index]
 
     def _candidates(self) -> list[Candidate]:
         bits = self.bits

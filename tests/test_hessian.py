@@ -177,6 +177,31 @@ def test_convs_that_pad_inside_forward_get_exact_per_sample_gradients(layer):
             torch.testing.assert_close(row, g.reshape(row.shape), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["weight", "act"])
+def test_in_place_op_after_the_layer_changes_nothing(kind):
+    # Conv → ReLU(inplace=True) → Linear: the ReLU must not overwrite what the sweep captured
+    # (before the fix the conv's rows were off by a relative 1.56 and its stored outputs were the
+    # rectified ones).
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(3 * 3 * 3, 2)).double().eval()
+    ref = nn.Sequential(model[0], nn.ReLU(), model[2], model[3]).eval()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    sweep = GradientSweep(model, x, ["0"], kind, HessianSettings(probe="norm"),
+                          mode="out" if kind == "act" else None, batch_size=3)
+    sweep.ensure("0")
+    for n in range(4):
+        if kind == "weight":
+            (g,) = torch.autograd.grad(ref(x[n:n + 1]).norm(), [model[0].weight])
+            torch.testing.assert_close(sweep.rows["0"][n], g.reshape(3, -1), rtol=1e-10,
+                                       atol=1e-12)
+        else:
+            h = model[0](x[n:n + 1]).detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(ref[1:](h).norm(), [h])
+            torch.testing.assert_close(sweep.acts["0"][n], h[0].detach(), rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(sweep.grads["0"][n, 0], g[0], rtol=1e-10, atol=1e-12)
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="--first-order needs --probe norm"):
         HessianSettings(first_order=True)
