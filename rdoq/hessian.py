@@ -311,7 +311,36 @@ class GradientSweep:
             return record
 
         use_input = self.kind == "act" and self.mode == "in"
-        handles = [self.modules[n].register_forward_hook(hook(n)) for n in layers]
+        pending: dict[str, list[torch.Tensor]] = {}
+
+        def own_input(name: str):
+            # The layer reads a copy of its input, and the gradient is taken with respect to
+            # that copy: it then flows only through this layer, not through the other consumers
+            # of the tensor (a residual identity, a downsample), which quantizing this layer's
+            # input does not touch.
+            def swap(m, a):
+                if not recording[0]:
+                    return None
+                t = a[0].clone()
+                pending.setdefault(name, []).append(t)
+                return (t, *a[1:])
+            return swap
+
+        def hook_in(name: str):
+            record = hook(name)
+
+            def take(m, a, o):
+                if not recording[0]:
+                    return None
+                return record(m, (pending[name].pop(0), *a[1:]), o)
+            return take
+
+        if use_input:
+            handles = [h for n in layers for h in (
+                self.modules[n].register_forward_pre_hook(own_input(n)),
+                self.modules[n].register_forward_hook(hook_in(n)))]
+        else:
+            handles = [self.modules[n].register_forward_hook(hook(n)) for n in layers]
         bar = tqdm(total=n_total, unit="sample", leave=False, disable=not self.progress,
                    desc=f"gradient sweep {self.sweeps}/{self.n_sweeps}")
         try:

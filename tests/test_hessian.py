@@ -202,6 +202,40 @@ def test_in_place_op_after_the_layer_changes_nothing(kind):
             torch.testing.assert_close(sweep.grads["0"][n, 0], g[0], rtol=1e-10, atol=1e-12)
 
 
+def test_input_activation_estimate_excludes_the_skip_path():
+    # y = head(x + lin(x)), exactly linear, one output: with random ±1 probes the second-order
+    # estimate of quantizing lin's input is exact — if only lin sees the perturbation. Through
+    # the identity too the estimate was 13× the truth on such a toy.
+    from rdoq.quantizers import quantize_uniform, signed_bounds
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 1)
+
+        def forward(self, x):
+            return self.head(x + self.lin(x))
+
+    torch.manual_seed(8)
+    model = Res().double().eval()
+    with torch.no_grad():
+        model.lin.weight.mul_(0.1)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    sweep = GradientSweep(model, x, ["lin"], "act", HessianSettings(nprobes=2), mode="in",
+                          batch_size=3)
+    bounds = group_bounds(6, 3)
+    stats = ActGroupStats(np.zeros(2), np.array([True, True]), 6, -np.ones(2), np.ones(2))
+    be = HessianActBackend(sweep, "lin", bounds, stats)
+    cand = Candidate(1, 2, -1.0)
+    est = be([cand])[0][0]
+    xq = x.clone()
+    xq[:, 3:] = quantize_uniform(x[:, 3:], 0.5, *signed_bounds(2))
+    with torch.no_grad():
+        true = float(((model.head(x + model.lin(xq)) - model(x)) ** 2).mean())
+    assert est == pytest.approx(true, rel=1e-10)
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="--first-order needs --probe norm"):
         HessianSettings(first_order=True)
