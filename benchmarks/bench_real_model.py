@@ -82,6 +82,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outdir", type=Path, default=Path("runs/bench_real"),
                    help="curve sets and results go under OUTDIR/<estimator>/ (default: "
                         "%(default)s); a re-run resumes the curves")
+    p.add_argument("--mem-budget-mb", type=float, default=None,
+                   help="memory budget of the curve scripts (default: theirs)")
     p.add_argument("--fold-bn", action="store_true",
                    help="fold BatchNorm into the convolutions first (curves, allocation and "
                         "evaluation of the folded model)")
@@ -126,6 +128,8 @@ def make_curves(args: argparse.Namespace,
              args.precision]
     if args.maxsteps is not None:
         flags += ["--maxsteps", str(args.maxsteps)]
+    if args.mem_budget_mb is not None:
+        flags += ["--mem-budget-mb", str(args.mem_budget_mb)]
     wflags = [*flags, "--maxdeadzones", str(args.maxdeadzones), *args.weight_flags]
     seconds = {}
     t0 = time.perf_counter()
