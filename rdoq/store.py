@@ -24,7 +24,7 @@ SCHEMA = "rdoq.curves/2"
 SETTINGS_KEYS = (
     "schema", "kind", "estimator", "act_mode", "model", "checkpoint_sha256", "weights_source",
     "group_size", "bits", "ndz", "step_grid", "max_steps", "precision", "calib", "layers",
-    "estimator_params", "steps", "scales_log2",
+    "estimator_params", "steps", "scales_log2", "bias_corr",
 )
 LAYER_ARRAYS = ("dist", "step_log2", "deadzone", "numel")
 

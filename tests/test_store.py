@@ -125,6 +125,17 @@ def test_reopen_with_other_group_size_refused(tmp_path):
     assert (root / "meta.json").read_text() == before
 
 
+@pytest.mark.parametrize("key, a, b", [("bias_corr", False, True), ("steps", "group", "channel"),
+                                       ("scales_log2", [0.0], [0.0, -0.25])])
+def test_reopen_with_other_quantizer_settings_refused(tmp_path, key, a, b):
+    # Curves measured with and without -bcw, or with other step rules, share a directory name:
+    # a resume must never mix their layer files.
+    root = tmp_path / "curves"
+    CurveStore.open(root, _meta(**{key: a}))
+    with pytest.raises(ValueError, match=key):
+        CurveStore.open(root, _meta(**{key: b}))
+
+
 def test_reopen_with_other_calibration_refused(tmp_path):
     root = tmp_path / "curves"
     CurveStore.open(root, _meta())
