@@ -622,8 +622,7 @@ class WeightBackend:
         if self.input_mean is None:
             return None
         c0, c1 = self.bounds[cand.group]
-        err = (self.weight[c0:c1] - wq).reshape(c1 - c0, -1)
-        return (err * self.input_mean[c0:c1].to(err)).sum(1)
+        return bcw_shift(self.weight[c0:c1], wq, self.input_mean[c0:c1])
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
         if not self.engine.slot_forward_ok(self.layer):
@@ -816,6 +815,13 @@ class ActBackend:
         return dist[: len(cands)], None
 
 
+def bcw_shift(w: torch.Tensor, wq: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """The ``-bcw`` bias shift ``E[(W − Ŵ)x] (c,)`` of ``c`` output channels, from their weights,
+    quantized weights and mean inputs (:func:`weight_input_means`, ``(c, in_per_out)``)."""
+    err = (w - wq).reshape(w.shape[0], -1)
+    return (err * mean.to(err)).sum(1)
+
+
 def input_sum(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``∂ Σ y / ∂W (out, in_per_out)`` of ``y = module(x)`` through the layer's own forward
     (the sum over samples and positions of the input each weight multiplies), and the number
@@ -900,8 +906,7 @@ class NaiveEvaluator:
                 handle = None
                 if input_mean is not None:
                     shift = torch.zeros(1, weight.shape[0], dtype=weight.dtype)
-                    shift[0, c0:c1] = ((orig - wq).reshape(c1 - c0, -1)
-                                       * input_mean[c0:c1].to(orig)).sum(1)
+                    shift[0, c0:c1] = bcw_shift(orig, wq, input_mean[c0:c1])
                     handle = module.register_forward_hook(
                         lambda m, a, y, s=shift: add_slot_offsets(y, s, dim))
                 with torch.no_grad():

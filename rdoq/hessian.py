@@ -38,6 +38,8 @@ from rdoq.engine import ActGroupStats, act_bounds, input_sum
 from rdoq.groups import channel_dim
 from rdoq.quantizers import (
     deadzone_magnitudes,
+    quantize_deadzone_fast,
+    quantize_uniform_fast,
     signed_bounds,
 )
 from rdoq.search import Candidate
@@ -506,27 +508,6 @@ class SlotGrid:
     def group_range(self, rows: slice) -> slice:
         """The stacked-group slice of the grid rows ``rows`` (consecutive groups)."""
         return slice(int(self.groups[rows.start]), int(self.groups[rows.stop - 1]) + 1)
-
-
-def quantize_uniform_fast(x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor,
-                          hi: torch.Tensor) -> torch.Tensor:
-    """``quantize_uniform(x, step, lo, hi)`` (same operations, same values) in one buffer: the
-    broadcast candidate tensors are large, and fresh allocations of that size cost more than
-    the arithmetic."""
-    q = x / step
-    # clamp_min_/clamp_max_ rather than clamp_(lo, hi): the same values, but the two-tensor
-    # clamp is not vectorised on CPU and costs three times as much.
-    return q.round_().clamp_min_(lo).clamp_max_(hi).mul_(step)
-
-
-def quantize_deadzone_fast(x: torch.Tensor, step: torch.Tensor, deadzone: torch.Tensor,
-                           magnitudes: torch.Tensor) -> torch.Tensor:
-    """``quantize_deadzone(x, step, deadzone, magnitudes)`` (the same values) in one buffer,
-    for small ``x`` broadcast against many candidates' parameters."""
-    mag = x.abs()
-    q = (mag - deadzone).div_(step).floor_().clamp_min_(0.0).clamp_max_(magnitudes - 1.0)
-    q = q.add_(0.5).mul_(step).add_(deadzone).mul_(torch.sign(x))
-    return q.masked_fill_((mag <= deadzone) | (magnitudes <= 0), 0.0)
 
 
 def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate], slots: SlotGrid,

@@ -8,7 +8,6 @@ in one call, never in a Python loop over groups.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -171,19 +170,19 @@ def mse_steps(x: torch.Tensor, bits: int, signed: torch.Tensor,
         if not bool(mask.any()) or (error is _deadzone_error and mags == 0):
             continue
         xn = (x[mask] / reach[mask, None]).float()  # (c, n) in units of the range-fitting step
-        ctx = _ErrorContext(xn, qmin[mask, None].float(), qmax[mask, None].float(),
-                            (phi[mask] / reach[mask])[:, None].float(), float(mags))
+        args = (qmin[mask, None].float(), qmax[mask, None].float(),
+                (phi[mask] / reach[mask])[:, None].float(), float(mags))
         best = torch.full((xn.shape[0],), math.inf, device=x.device)
         rel = torch.zeros(xn.shape[0], dtype=torch.float64, device=x.device)
         for r in _COARSE_LOG2:
-            err = error(ctx, 2.0**r)
+            err = error(xn, 2.0**r, *args)
             better = err < best
             best = torch.where(better, err, best)
             rel = torch.where(better, r, rel)
         center = rel.clone()
         for r in _FINE_LOG2:
             cand = (center + r).clamp(max=0.0)  # (c,) never beyond the range-fitting step
-            err = error(ctx, torch.pow(2.0, cand).float()[:, None])
+            err = error(xn, torch.pow(2.0, cand).float()[:, None], *args)
             better = err < best
             best = torch.where(better, err, best)
             rel = torch.where(better, cand, rel)
@@ -194,36 +193,37 @@ def mse_steps(x: torch.Tensor, bits: int, signed: torch.Tensor,
     return out.cpu()
 
 
-@dataclass
-class _ErrorContext:
-    """One channel set of :func:`mse_steps`, normalised, with what every candidate reuses."""
-
-    x: torch.Tensor  # (c, n)
-    qmin: torch.Tensor  # (c, 1)
-    qmax: torch.Tensor  # (c, 1)
-    phi: torch.Tensor  # (c, 1)
-    mags: float
-
-    def __post_init__(self) -> None:
-        self.mag = self.x.abs()
-        self.sign = torch.sign(self.x)
-        self.over = self.mag - self.phi  # (c, n) distance beyond the dead zone
-        self.dead = self.mag <= self.phi
+def quantize_uniform_fast(x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor,
+                          hi: torch.Tensor) -> torch.Tensor:
+    """``quantize_uniform(x, step, lo, hi)`` (same operations, same values) in one buffer: the
+    broadcast candidate tensors are large, and fresh allocations of that size cost more than
+    the arithmetic."""
+    q = x / step
+    # clamp_min_/clamp_max_ rather than clamp_(lo, hi): the same values, but the two-tensor
+    # clamp is not vectorised on CPU and costs three times as much.
+    return q.round_().clamp_min_(lo).clamp_max_(hi).mul_(step)
 
 
-def _uniform_error(ctx: _ErrorContext, step: float | torch.Tensor) -> torch.Tensor:
-    """Per-channel MSE of :func:`quantize_uniform` at ``step`` (in place, one buffer)."""
-    q = ctx.x / step
-    q = q.round_().clamp_min_(ctx.qmin).clamp_max_(ctx.qmax).mul_(step).sub_(ctx.x)
-    return q.square_().mean(1)
+def quantize_deadzone_fast(x: torch.Tensor, step: torch.Tensor, deadzone: torch.Tensor,
+                           magnitudes: torch.Tensor) -> torch.Tensor:
+    """``quantize_deadzone(x, step, deadzone, magnitudes)`` (the same values) in one buffer,
+    for small ``x`` broadcast against many candidates' parameters."""
+    mag = x.abs()
+    q = (mag - deadzone).div_(step).floor_().clamp_min_(0.0).clamp_max_(magnitudes - 1.0)
+    q = q.add_(0.5).mul_(step).add_(deadzone).mul_(torch.sign(x))
+    return q.masked_fill_((mag <= deadzone) | (magnitudes <= 0), 0.0)
 
 
-def _deadzone_error(ctx: _ErrorContext, step: float | torch.Tensor) -> torch.Tensor:
-    """Per-channel MSE of :func:`quantize_deadzone` at ``step`` (in place, one buffer)."""
-    q = ctx.over / step
-    q = q.floor_().clamp_(0.0, ctx.mags - 1.0).add_(0.5).mul_(step).add_(ctx.phi).mul_(ctx.sign)
-    q = q.masked_fill_(ctx.dead, 0.0).sub_(ctx.x)
-    return q.square_().mean(1)
+def _uniform_error(x: torch.Tensor, step: float | torch.Tensor, qmin: torch.Tensor,
+                   qmax: torch.Tensor, phi: torch.Tensor, mags: float) -> torch.Tensor:
+    """Per-channel MSE of the uniform quantizer at ``step`` (``phi``, ``mags`` unused)."""
+    return quantize_uniform_fast(x, step, qmin, qmax).sub_(x).square_().mean(1)
+
+
+def _deadzone_error(x: torch.Tensor, step: float | torch.Tensor, qmin: torch.Tensor,
+                    qmax: torch.Tensor, phi: torch.Tensor, mags: float) -> torch.Tensor:
+    """Per-channel MSE of the dead-zone quantizer at ``step`` (``qmin``, ``qmax`` unused)."""
+    return quantize_deadzone_fast(x, step, phi, mags).sub_(x).square_().mean(1)
 
 
 def channel_deadzones(w: torch.Tensor, ratio: float) -> torch.Tensor:

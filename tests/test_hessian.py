@@ -387,8 +387,7 @@ def test_sweep_batch_fits_the_memory_budget_and_never_changes_the_rows():
 
 
 def test_fast_uniform_quantizer_is_bitwise_the_reference_one():
-    from rdoq.hessian import quantize_uniform_fast
-    from rdoq.quantizers import quantize_uniform
+    from rdoq.quantizers import quantize_uniform, quantize_uniform_fast
 
     torch.manual_seed(4)
     x = torch.randn(3, 1, 40) * 3  # (G, 1, n), candidates broadcast on the middle axis
@@ -422,8 +421,7 @@ def test_random_probe_rows_are_signed_per_sample_gradients(batch_size):
 
 
 def test_fast_deadzone_quantizer_is_bitwise_the_reference_one():
-    from rdoq.hessian import quantize_deadzone_fast
-    from rdoq.quantizers import quantize_deadzone
+    from rdoq.quantizers import quantize_deadzone, quantize_deadzone_fast
 
     torch.manual_seed(5)
     x = torch.randn(2, 1, 60) * 2  # (G, 1, n)
