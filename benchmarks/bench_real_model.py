@@ -186,9 +186,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     for extra in ([], ["--layerwise"]):
         for curves, bcw in ((wroot, []), (wroot_bcw, ["-bcw"])):
-            # No activation curves: the allocation is weights-only, activations stay FP.
+            # Weights-only on purpose: activations stay FP.
             results += allocate_main("dp", argv=[*base, "--pathrdcurve", str(curves),
-                                                 "--target_rates", *wtargets, *extra, *bcw])["rows"]
+                                                 "--weights-only", "--target_rates", *wtargets,
+                                                 *extra, *bcw])["rows"]
     for bcw in ([], ["-bcw"]):
         results += uniform_main([*base, "--calibsize", str(args.calib), "--no-acts",
                                  "--target_rates", *wtargets, *bcw])["rows"]

@@ -24,6 +24,7 @@ from rdoq.adapters.digits import (  # noqa: E402
     save_weights,
     train_digits_model,
 )
+from rdoq.cli import script_entry  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@script_entry("interrupted; the models finished so far are written to --outdir")
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.outdir == Path("runs/digits_models"):

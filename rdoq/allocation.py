@@ -26,10 +26,14 @@ import numpy as np
 
 from rdoq.groups import group_bounds
 from rdoq.solvers import (
+    DP_MAX_CELLS,
+    choice_totals,
     constrain,
     expand_layers,
+    fill_budget,
     lagrangian_frontier,
     merge_layers,
+    monotone_fit,
     solve_dp_multi,
     solve_lagrangian,
 )
@@ -246,9 +250,13 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
 
 def restrict(table: ItemTable, *, allowed_bits: list[int] | None = None,
              min_bits: int | None = None, max_bits: int | None = None,
-             smooth: bool = False) -> ItemTable:
+             smooth: bool = False, monotone: bool | np.ndarray = False) -> ItemTable:
     """Apply hardware constraints (``inf`` where a bit width is not allowed) and, with
-    ``smooth``, a running minimum over bits (the paper's ``--smooth-dists``).
+    ``smooth``, a running minimum over bits (the paper's ``--smooth-dists``), or, with
+    ``monotone`` (all items, or a mask ``(I,)`` from :func:`monotone_items`), each curve's
+    least-squares non-increasing fit over its allowed widths (:func:`rdoq.solvers.monotone_fit`:
+    every width keeps its own quantizer; a run of widths whose estimates rise is replaced by its
+    mean).
 
     The running minimum makes every curve non-increasing: a group's distortion at ``b`` bits
     becomes the best reachable with at most ``b`` bits. The ``source`` column records which width
@@ -274,8 +282,36 @@ def restrict(table: ItemTable, *, allowed_bits: list[int] | None = None,
             # Only allowed columns are smoothed; a disallowed one stays disallowed.
             dist[ok, k] = best[ok]
             source[ok, k] = best_col[ok]
+    rows = np.broadcast_to(np.asarray(monotone, dtype=bool), (dist.shape[0],))  # (I,)
+    if rows.any():
+        dist[rows] = monotone_fit(dist[rows], table.rate[rows])
     out = ItemTable(**{**table.__dict__, "dist": dist, "source": source})
     return out
+
+
+MONOTONE_MODES = ("auto", "on", "off")
+
+
+def monotone_items(table: ItemTable, mode: str, weights_bias_corrected: bool) -> np.ndarray:
+    """Which items' curves get the monotone fit (``--monotone``), ``(I,)`` bool.
+
+    ``on``: all; ``off``: none (the paper's raw curves); ``auto``: the weight groups when their
+    curves were measured after ``-bcw``, else none. Why: without the correction, a group's
+    output error keeps its mean part ``E[(W - Ŵ) x]``, which follows the rounding of a few
+    weights, is not monotone in the width and carries over to other data (on EfficientNet-Lite1
+    the raw curves' 7-bit choices beat 8 bits on the evaluation images too); after ``-bcw`` the
+    mean part is gone, what remains shrinks with the step in expectation, and a rise from one
+    width to the next is calibration noise (the raw 7-bit choices lost 7 % output MSE on the
+    evaluation images). Activation curves are never measured after ``-bca``, so ``auto`` leaves
+    them as estimated.
+    """
+    if mode not in MONOTONE_MODES:
+        raise ValueError(f"--monotone must be one of {MONOTONE_MODES}, got {mode!r}")
+    if mode == "on":
+        return np.ones(len(table.kind), dtype=bool)
+    if mode == "off" or not weights_bias_corrected:
+        return np.zeros(len(table.kind), dtype=bool)
+    return table.kind == WEIGHT
 
 
 def choice_columns(table: ItemTable, choice: np.ndarray) -> np.ndarray:
@@ -305,17 +341,35 @@ def check_targets(table: ItemTable, targets: list[float], kind: int | None, flag
 
 
 def _solve_part(dist: np.ndarray, rate: np.ndarray, budgets: list[float], solver: str,
-                layer: np.ndarray | None) -> list[np.ndarray]:
+                layer: np.ndarray | None, max_cells: int,
+                fill: bool = False) -> tuple[list[np.ndarray], list[dict[str, float]]]:
+    """Choices ``(I,)`` per budget and, per budget, what the solver did (see
+    :class:`Solved`); with ``fill``, what the solver leaves of each budget goes to upgrades that
+    do not raise a distortion (:func:`rdoq.solvers.fill_budget`, on whole layers when
+    ``layer`` is given)."""
     item_layer = None
     if layer is not None:
         dist, rate, item_layer = merge_layers(dist, rate, layer)
     if solver == "dp":
-        choices = list(solve_dp_multi(dist, rate, budgets).choices)
+        res = solve_dp_multi(dist, rate, budgets, max_cells=max_cells)
+        choices = list(res.choices)
+        dp = {"dp_resolution_bits": res.resolution, "dp_slack_bits": res.slack,
+              "dp_cells": res.cells}
     elif solver == "lg":
         choices = [solve_lagrangian(dist, rate, b) for b in budgets]
+        dp = {}
     else:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    return [expand_layers(c, item_layer) if item_layer is not None else c for c in choices]
+    solved_rates = [choice_totals(dist, rate, c)[0] for c in choices]
+    if fill:
+        choices = [fill_budget(dist, rate, c, b) for c, b in zip(choices, budgets, strict=True)]
+    records = []
+    for b, c, r0 in zip(budgets, choices, solved_rates, strict=True):
+        r = choice_totals(dist, rate, c)[0]
+        records.append({"budget_bits": float(b), "rate_bits": r, **dp,
+                        **({"fill_bits": r - r0} if fill else {})})
+    return ([expand_layers(c, item_layer) if item_layer is not None else c for c in choices],
+            records)
 
 
 def _check_layerwise(table: ItemTable, layerwise: bool) -> None:
@@ -325,14 +379,43 @@ def _check_layerwise(table: ItemTable, layerwise: bool) -> None:
                          "single groups to other bit widths); drop one of them")
 
 
+@dataclass(frozen=True)
+class Solved:
+    """Result of :func:`solve_recorded`: the choice ``(I,)`` per target, the solver seconds,
+    and per target a flat record of what the solver did, for the allocation's ``summary``.
+
+    A record holds ``budget_bits`` (the rate budget, bits) and ``rate_bits`` (the rate the
+    choice spends, at most the budget) and, for the DP, ``dp_resolution_bits`` (one budget cell:
+    rates are rounded *up* to whole cells), ``dp_slack_bits`` (the most that rounding can cost:
+    the choice is at least as good as the exact optimum at ``budget_bits - dp_slack_bits``; 0 =
+    exact) and ``dp_cells``. With separate weight / activation budgets every key comes twice,
+    suffixed ``_w`` and ``_a``.
+    """
+
+    choices: list[np.ndarray]
+    seconds: float
+    records: list[dict[str, float]]
+
+
 def solve_targets(table: ItemTable, targets: list[float], solver: str,
                   act_targets: list[float] | None = None,
                   layerwise: bool = False) -> tuple[list[np.ndarray], float]:
-    """Choices ``(I,)`` for each target, and the solver seconds.
+    """Choices ``(I,)`` for each target, and the solver seconds (:func:`solve_recorded`
+    without the records)."""
+    solved = solve_recorded(table, targets, solver, act_targets, layerwise)
+    return solved.choices, solved.seconds
+
+
+def solve_recorded(table: ItemTable, targets: list[float], solver: str,
+                   act_targets: list[float] | None = None, layerwise: bool = False,
+                   max_cells: int = DP_MAX_CELLS, fill: bool = False) -> Solved:
+    """Choices for each target, the solver seconds and what the solver did (:class:`Solved`).
 
     Joint budget (the paper): ``target × (weights + activation elements per sample)``. With
     ``act_targets`` (one per target, or one for all), weights and activations get separate
-    budgets ``target × weights`` and ``act_target × activation elements``.
+    budgets ``target × weights`` and ``act_target × activation elements``. ``max_cells`` bounds
+    the DP table (:func:`rdoq.solvers.dp_resolution`). ``fill`` spends what the solver leaves
+    of a budget on upgrades that raise no distortion (``fill_bits`` in the record).
     """
     t0 = time.perf_counter()
     _check_layerwise(table, layerwise)
@@ -340,7 +423,8 @@ def solve_targets(table: ItemTable, targets: list[float], solver: str,
     if act_targets is None:
         check_targets(table, targets, None, "--target_rates")
         budgets = [t * table.part_numel(None) for t in targets]
-        choices = _solve_part(table.dist, table.rate, budgets, solver, layer)
+        choices, records = _solve_part(table.dist, table.rate, budgets, solver, layer, max_cells,
+                                       fill)
     else:
         if len(act_targets) not in (1, len(targets)):
             raise ValueError(f"--act-target-rates takes one value or one per --target_rates "
@@ -352,14 +436,17 @@ def solve_targets(table: ItemTable, targets: list[float], solver: str,
         check_targets(table, targets, WEIGHT, "--target_rates")
         check_targets(table, act_targets, ACT, "--act-target-rates")
         choices = [np.zeros(len(table.kind), dtype=np.int64) for _ in targets]
-        for kind, tt in ((WEIGHT, targets), (ACT, act_targets)):
+        records = [{} for _ in targets]
+        for kind, tt, suffix in ((WEIGHT, targets, "_w"), (ACT, act_targets, "_a")):
             rows = np.flatnonzero(table.kind == kind)
             budgets = [t * table.part_numel(kind) for t in tt]
-            part = _solve_part(table.dist[rows], table.rate[rows], budgets, solver,
-                               None if layer is None else layer[rows])
-            for c, p in zip(choices, part, strict=True):
+            part, part_records = _solve_part(table.dist[rows], table.rate[rows], budgets, solver,
+                                             None if layer is None else layer[rows], max_cells,
+                                             fill)
+            for c, p, rec, prec in zip(choices, part, records, part_records, strict=True):
                 c[rows] = p
-    return [choice_columns(table, c) for c in choices], time.perf_counter() - t0
+                rec.update({k + suffix: v for k, v in prec.items()})
+    return Solved([choice_columns(table, c) for c in choices], time.perf_counter() - t0, records)
 
 
 def frontier_choices(table: ItemTable, slopes_log2: list[float],
@@ -415,8 +502,10 @@ def _channel_entry(table: ItemTable, layer: LayerEntry, rows: np.ndarray,
 
 
 def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float | None,
-                    solver: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The allocation file's content (DESIGN §5) for one choice of columns."""
+                    solver: str, extra: dict[str, Any] | None = None,
+                    record: dict[str, float] | None = None) -> dict[str, Any]:
+    """The allocation file's content (DESIGN §5) for one choice of columns; ``record`` (one of
+    :attr:`Solved.records`: budget, DP resolution and slack) goes into its ``summary``."""
     weights, acts = {}, {}
     for layer in table.layers:
         rows = np.arange(layer.rows.start, layer.rows.stop)
@@ -441,7 +530,7 @@ def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float 
         "schema": ALLOC_SCHEMA, "model": table.model, "target_bits": target_bits,
         "solver": solver, "act_mode": table.act_mode, "curve_sets": table.curve_sets,
         "weights": weights, "acts": acts, "fp_acts": table.fp_acts,
-        "summary": summarize_choice(table, choice), **(extra or {}),
+        "summary": summarize_choice(table, choice) | (record or {}), **(extra or {}),
     }
 
 

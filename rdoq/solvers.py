@@ -23,6 +23,7 @@ budget always holds). :func:`solve_ilp` is the exact reference (HiGHS via ``scip
 
 from __future__ import annotations
 
+import heapq
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -134,6 +135,93 @@ def constrain(dist: np.ndarray, bits: np.ndarray, *, allowed_bits: Iterable[int]
                          f"{sorted(set(bits[i].tolist()))}, allowed_bits={allowed_bits}, "
                          f"min_bits={min_bits}, max_bits={max_bits}); relax them")
     return out
+
+
+def monotone_fit(dist: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Each item's least-squares fit that never rises with the rate (pool adjacent violators).
+
+    A finer quantizer of the same kind never distorts more *in expectation*; an estimated curve
+    that rises from one width to the next (calibration noise: a few weights whose rounding
+    happens to suit the calibration data, second-order probe noise) would let the solver buy
+    distortion that does not carry over to other data. The fit replaces each run of violating
+    columns by its mean, over the finite (allowed) columns in order of rate; ``inf`` columns
+    stay ``inf``. Rows already non-increasing are returned unchanged, bit for bit.
+    """
+    dist, rate = _check_table(dist, rate)
+    out = dist.copy()  # (I, K)
+    order = np.argsort(rate, axis=1, kind="stable")  # (I, K) columns by rate
+    d_sorted = np.take_along_axis(dist, order, axis=1)  # (I, K)
+    finite = np.isfinite(d_sorted)
+    # A rise between consecutive finite columns: compare each finite value with the last finite
+    # value before it (inf columns skipped), found by a running maximum of positions.
+    pos = np.where(finite, np.arange(dist.shape[1]), -1)  # (I, K)
+    prev = np.maximum.accumulate(pos, axis=1)  # (I, K) last finite column at or before k
+    prev = np.concatenate([np.full((dist.shape[0], 1), -1), prev[:, :-1]], axis=1)
+    prev_val = np.take_along_axis(d_sorted, np.maximum(prev, 0), axis=1)
+    rises = finite & (prev >= 0) & (d_sorted > prev_val)  # (I, K)
+    for i in np.flatnonzero(rises.any(axis=1)):
+        cols = order[i][finite[i]]
+        out[i, cols] = _pool_non_increasing(dist[i, cols])
+    return out
+
+
+def _pool_non_increasing(y: np.ndarray) -> np.ndarray:
+    """The least-squares non-increasing sequence closest to ``y`` (equal weights)."""
+    means: list[float] = []
+    sizes: list[int] = []
+    for v in y.tolist():
+        means.append(v)
+        sizes.append(1)
+        while len(means) > 1 and means[-2] < means[-1]:
+            m, n = means.pop(), sizes.pop()
+            means[-1] = (means[-1] * sizes[-1] + m * n) / (sizes[-1] + n)
+            sizes[-1] += n
+    return np.repeat(np.asarray(means), sizes)
+
+
+def fill_budget(dist: np.ndarray, rate: np.ndarray, choice: np.ndarray,
+                budget: float) -> np.ndarray:
+    """Spend what a solution leaves of ``budget`` on upgrades that do not raise any distortion.
+
+    Greedy: while some item can move to a costlier column whose distortion is not higher and
+    whose extra rate fits in what is left, take the move with the largest distortion drop per
+    extra bit (ties: the smaller extra rate, then the lower item index). The total distortion
+    never rises and the budget still holds. This recovers the rate a DP leaves in its rounding
+    slack, and, after :func:`monotone_fit` (which ties a violating run of widths), gives a group
+    the wider of two tied widths when the budget allows: a user who asks for 8 bits gets 8 bits
+    wherever the estimates cannot tell 7 from 8.
+    """
+    dist, rate = _check_table(dist, rate)
+    choice = np.asarray(choice, dtype=np.int64).copy()
+    idx = np.arange(len(choice))
+    left = float(budget) - float(rate[idx, choice].sum())
+    if left < 0:
+        raise ValueError(f"the choice spends {float(rate[idx, choice].sum()):.6g} bits, over "
+                         f"the budget {budget:.6g}")
+    finite = np.isfinite(dist)
+    heap: list[tuple[float, float, int, int, int]] = []
+
+    def push(rows: np.ndarray) -> None:
+        cur = choice[rows]
+        extra = rate[rows] - rate[rows, cur][:, None]  # (n, K)
+        d0 = dist[rows, cur][:, None]  # (n, 1)
+        ok = finite[rows] & (extra > 0) & (extra <= left) & (dist[rows] <= d0)
+        for r, k in np.argwhere(ok).tolist():
+            e = float(extra[r, k])
+            heapq.heappush(heap, (-float(d0[r, 0] - dist[rows[r], k]) / e, e, int(rows[r]),
+                                  int(k), int(cur[r])))
+
+    push(idx)
+    # Pop the best move; a stale one (its item moved since) or one that no longer fits (what is
+    # left only shrinks) is dropped; after a move, the item's next moves are pushed.
+    while heap:
+        _, e, i, k, c = heapq.heappop(heap)
+        if choice[i] != c or e > left:
+            continue
+        choice[i] = k
+        left -= e
+        push(np.array([i]))
+    return choice
 
 
 def merge_layers(dist: np.ndarray, rate: np.ndarray,

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,11 @@ SETTINGS_KEYS = (
     "estimator_params", "steps", "scales_log2", "bias_corr",
 )
 LAYER_ARRAYS = ("dist", "step_log2", "deadzone", "numel")
+# What reading a damaged .npz raises (a copy or a full disk that stopped half way, flipped bytes):
+# numpy and zipfile report it as any of these.
+DAMAGED_FILE_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+
+log = logging.getLogger("rdoq")
 
 
 def curve_set_name(arch: str, kind: str, ndz: int, nr: int, ns: int, nf: int,
@@ -112,6 +120,42 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, no pickles. A damaged file raises one of
+    ``DAMAGED_FILE_ERRORS``."""
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError("not an .npz archive")
+    with z:
+        # Reading each member to its end makes zipfile check its CRC: flipped bytes inside an
+        # array are caught here, not only a truncated archive.
+        return {k: z[k] for k in z.files}
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """The parts of a curve set's meta.json that readers index into; ValueError names the file."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what}; re-create the curve set with the curve script")
+
+    if meta["kind"] not in ("weight", "act"):
+        raise bad(f"kind {meta['kind']!r} is not 'weight' or 'act'")
+    if not isinstance(meta["group_size"], int) or meta["group_size"] < 1:
+        raise bad(f"group_size {meta['group_size']!r} is not a positive integer")
+    bits = meta["bits"]
+    if not isinstance(bits, list) or not bits or not all(isinstance(b, int) for b in bits):
+        raise bad(f"bits {_short(bits)} is not a list of integers")
+    if not isinstance(meta["layers"], list):
+        raise bad("layers is not a list")
+    for i, entry in enumerate(meta["layers"]):
+        if not isinstance(entry, dict):
+            raise bad(f"layers[{i}] is not an object")
+        for key, kind in (("name", str), ("type", str), ("shape", list), ("groups", int),
+                          ("numel", int)):
+            if not isinstance(entry.get(key), kind):
+                raise bad(f"layers[{i}] ({entry.get('name', '?')}) has no {kind.__name__} "
+                          f"{key!r}")
+
+
 @dataclass
 class LayerCurves:
     """Curves of one layer. Shapes: ``dist/step_log2/deadzone (G, D, B)``, ``numel (G,)``."""
@@ -177,7 +221,9 @@ class CurveStore:
         path = Path(root) / "meta.json"
         if not path.is_file():
             raise FileNotFoundError(f"no curve set at {root}: {path} is missing")
-        return read_json_artifact(path, SCHEMA, ("kind", "group_size", "bits", "layers"))
+        meta = read_json_artifact(path, SCHEMA, ("kind", "group_size", "bits", "layers"))
+        _check_meta(path, meta)
+        return meta
 
     def layer_path(self, name: str) -> Path:
         if "/" in name or name.startswith("."):
@@ -192,13 +238,19 @@ class CurveStore:
 
     def has_layer(self, name: str) -> bool:
         """Whether a finished layer file made with this curve set's settings exists (a file left
-        by other settings, e.g. after meta.json was replaced, does not count)."""
+        by other settings, e.g. after meta.json was replaced, does not count, nor does a damaged
+        file: a resuming curve run recomputes both)."""
         path = self.layer_path(name)
         if not path.is_file():
             return False
-        with np.load(path, allow_pickle=False) as z:
-            stamp = str(z["settings_digest"]) if "settings_digest" in z.files else None
-        return stamp == self.settings_digest
+        try:
+            arrays = _load_npz(path)
+        except DAMAGED_FILE_ERRORS as e:
+            log.warning("%s is unreadable (%s: %s): counted as missing; a curve run into %s "
+                        "recomputes it", path, type(e).__name__, e, self.root)
+            return False
+        stamp = arrays.get("settings_digest")
+        return stamp is not None and str(stamp) == self.settings_digest
 
     def layer_names(self) -> list[str]:
         return [layer["name"] for layer in self.meta["layers"]]
@@ -218,8 +270,11 @@ class CurveStore:
         path = self.layer_path(name)
         if not path.is_file():
             raise FileNotFoundError(f"curve set {self.root} has no layer {name!r} ({path} missing)")
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        try:
+            arrays = _load_npz(path)
+        except DAMAGED_FILE_ERRORS as e:
+            raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}); re-run the curve "
+                             f"script into {self.root} to recompute it") from e
         digest = arrays.pop("settings_digest", None)
         if digest is None or str(digest) != self.settings_digest:
             raise ValueError(f"{path} was made with other settings than {self.root}/meta.json; "
@@ -246,9 +301,10 @@ def summarize(root: Path | str) -> dict[str, Any]:
     element-weighted median of ``dist(b) / dist(0)`` over groups (best dead zone per group)."""
     store = CurveStore.load(root)
     meta = store.meta
+    missing = store.missing_layers()
     ratios: list[np.ndarray] = []
     for name in store.layer_names():
-        if not store.has_layer(name):
+        if name in missing:
             continue
         c = store.read_layer(name)
         best = c.dist.min(axis=1)  # (G, B)
@@ -259,7 +315,7 @@ def summarize(root: Path | str) -> dict[str, Any]:
         "curve_set": Path(root).name, "kind": meta["kind"], "act_mode": meta.get("act_mode"),
         "estimator": meta.get("estimator"), "model": meta.get("model"),
         "group_size": meta["group_size"], "layers": len(meta["layers"]),
-        "missing_layers": store.missing_layers(),
+        "missing_layers": missing,
         "groups": int(sum(layer["groups"] for layer in meta["layers"])),
         "median_dist_ratio": {int(b): float(np.median(table[:, i])) if len(table) else None
                               for i, b in enumerate(meta["bits"])},

@@ -18,6 +18,7 @@ export EVALSIZE=${EVALSIZE:--1}                     # evaluation images (-1 = al
 export OUTDIR=${OUTDIR:-hessian_curves}             # everything is written under this directory
 export EXTRA_SOLVER_FLAGS=${EXTRA_SOLVER_FLAGS:-"--minrate 3 --smooth-dists -bcw -bca"}
 export MODEL_FLAGS=${MODEL_FLAGS:-}                 # e.g. "--checkpoint deit_b.pth"
+export HESSIAN_FLAGS=${HESSIAN_FLAGS:-"--paper-hessian"}  # the paper's eq. 18/21 probe and κ
 export DATAKIND=${DATAKIND:-imagenet}              # imagenet (synthetic: smoke tests only)
 export ESTIMATOR=hessian
 

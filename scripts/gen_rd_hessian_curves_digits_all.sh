@@ -17,6 +17,7 @@ export TARGET_RATES=${TARGET_RATES:-"3 4 6"}        # joint average bits
 export EVALSIZE=${EVALSIZE:--1}                     # evaluation images (-1 = the test split)
 export CPU_PARTS=${CPU_PARTS:-1}                    # curve processes when no GPU is visible
 export OUTDIR=${OUTDIR:-runs/digits_hessian}
+export HESSIAN_FLAGS=${HESSIAN_FLAGS:-}             # e.g. --paper-hessian (the paper's probe and κ)
 export ESTIMATOR=hessian DATAKIND=digits
 
 exec bash "$(dirname "$0")/lib/rd_pipeline.sh"

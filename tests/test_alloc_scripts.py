@@ -160,14 +160,14 @@ def test_another_allocation_is_never_overwritten(tmp_path, curves, capsys):
     allocate_main("dp", argv=flags(curves, out, "--target_rates", "3", "--no-plots"))
     path = out / "dp" / "allocation_3.json"
     before = path.read_text()
-    # The same settings again: allowed (same allocation), results appended.
+    # The same settings again: allowed (same allocation); its result row replaces the old one.
     allocate_main("dp", argv=flags(curves, out, "--target_rates", "3", "--no-plots"))
     with pytest.raises(SystemExit):
         allocate_main("dp", argv=flags(curves, out, "--target_rates", "3", "--minrate", "2",
                                        "--no-plots"))
     assert "holds another allocation" in capsys.readouterr().err
     assert path.read_text() == before
-    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
 
 
 def test_uniform_baseline_script(tmp_path):

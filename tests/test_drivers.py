@@ -60,3 +60,7 @@ def test_paper_driver_runs_on_a_tiny_timm_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["method"] == "lg+bcw+bca" and rows[0]["avg_bits"] <= 3
+    # The paper's run makes its curves with the paper's eq. 18/21 settings.
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "curves").glob("*/meta.json")]
+    assert len(metas) == 2
+    assert all(m["estimator_params"]["preset"] == "paper" for m in metas)

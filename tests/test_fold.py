@@ -233,8 +233,8 @@ def test_curve_script_with_fold_bn_records_it(digits_curves):
 def test_allocation_refuses_a_fold_mismatch(tmp_path, digits_curves, capsys, curves, flag, expect):
     with pytest.raises(SystemExit):
         allocate_main("dp", argv=[*DIGITS, "--pathrdcurve", str(digits_curves[curves]),
-                                  "--target_rates", "2", "--testsize", "8", "--quiet",
-                                  "--no-plots", "--outdir", str(tmp_path), *flag])
+                                  "--weights-only", "--target_rates", "2", "--testsize", "8",
+                                  "--quiet", "--no-plots", "--outdir", str(tmp_path), *flag])
     err = capsys.readouterr().err
     assert expect in err and "--fold-bn" in err
     assert not any(tmp_path.iterdir())
@@ -242,8 +242,9 @@ def test_allocation_refuses_a_fold_mismatch(tmp_path, digits_curves, capsys, cur
 
 def test_evaluate_allocation_folds_like_the_allocation(tmp_path, digits_curves):
     res = allocate_main("dp", argv=[*DIGITS, "--pathrdcurve", str(digits_curves["folded"]),
-                                    "--target_rates", "2", "--testsize", "16", "--quiet",
-                                    "--no-plots", "--outdir", str(tmp_path), "--fold-bn"])
+                                    "--weights-only", "--target_rates", "2", "--testsize", "16",
+                                    "--quiet", "--no-plots", "--outdir", str(tmp_path),
+                                    "--fold-bn"])
     row = res["rows"][0]
     path = tmp_path / row["allocation"]  # relative to --outdir
     assert json.loads(path.read_text())["weights_source"].endswith("+fold-bn")

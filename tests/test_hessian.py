@@ -467,3 +467,73 @@ def test_rows_of_a_layer_called_twice_sum_both_calls(probe):
             for j in range(m):
                 row = sweep.rows["a"][n * m + j]
                 assert any(torch.allclose(row, g, rtol=1e-10, atol=1e-12) for g in grads)
+
+
+
+def test_activation_kappa_term_does_not_grow_with_the_calibration_size():
+    # The calibration set twice over is the same data distribution: every per-sample mean, and
+    # so every term of δ̂ (κ/2·‖Δ‖² included), must come out as from the set once.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    x = torch.randn(8, 5)
+    bounds = group_bounds(6, 3)
+    stats = ActGroupStats(np.zeros(2), np.array([True, True]), 6, np.full(2, -np.inf),
+                          np.full(2, np.inf))
+    cands = [Candidate(g, b, s, 0.0) for g in (0, 1) for b in (0, 2, 4) for s in (-3.0, -1.0)]
+    dist, single = {}, {}
+    for copies in (1, 2):
+        xs = torch.cat([x] * copies)
+        for kappa in (0.0, 0.5):
+            sweep = GradientSweep(model, xs, ["1"], "act",
+                                  HessianSettings(probe="norm", kappa=kappa), mode="out",
+                                  batch_size=4)
+            be = HessianActBackend(sweep, "1", bounds, stats)
+            dist[copies, kappa] = be(cands)[0]
+            delta = torch.full((xs.shape[0], 3, 1), 0.1)  # 0.1 on every element of group 0
+            single[copies, kappa] = be.dist_of(0, delta)[0]
+    np.testing.assert_allclose(dist[2, 0.5], dist[1, 0.5], rtol=1e-10)
+    # The κ term alone is κ/2 times the per-sample mean of ‖Δa_n‖² (= 3·0.1² here).
+    for copies in (1, 2):
+        assert single[copies, 0.5] - single[copies, 0.0] == pytest.approx(0.25 * 0.03, rel=1e-9)
+
+
+def test_paper_preset_sets_the_papers_probe_and_kappa():
+    from rdoq.hessian import PAPER_KAPPA
+
+    s = HessianSettings.from_flags("paper", None, None)
+    assert (s.probe, s.kappa, s.preset, s.first_order) == ("norm", PAPER_KAPPA, "paper", False)
+    assert PAPER_KAPPA == 1e-7 and s.params()["preset"] == "paper"
+    # Explicit values that agree with the preset are accepted; others are refused, naming both.
+    assert HessianSettings.from_flags("paper", "norm", 1e-7) == s
+    for probe, kappa, named in (("random", None, "--probe random"), (None, 0.0, "--kappa 0.0")):
+        with pytest.raises(ValueError, match=f"--paper-hessian sets .*contradicts {named}"):
+            HessianSettings.from_flags("paper", probe, kappa)
+    # Without a preset: the defaults, or the flags as given.
+    assert HessianSettings.from_flags(None, None, None) == HessianSettings()
+    assert HessianSettings.from_flags(None, "norm", 1e-7).preset is None
+    with pytest.raises(ValueError, match="preset 'paper' needs probe 'norm'"):
+        HessianSettings(preset="paper")
+
+
+def test_paper_preset_lands_in_meta_and_is_not_resumed_without_it(tmp_path, capsys):
+    import json
+
+    from rdoq.cli import curves_main
+
+    argv = ["--archname", "digits_cnn", "--testsize", "4", "--nchannelbatch", "16",
+            "--maxrates", "3", "--maxdeadzones", "1", "--outdir", str(tmp_path), "--quiet"]
+    curves_main("weight", None, [*argv, "--paper-hessian"], estimator="hessian")
+    (meta_path,) = tmp_path.glob("*/meta.json")
+    params = json.loads(meta_path.read_text())["estimator_params"]
+    assert (params["preset"], params["probe"], params["kappa"]) == ("paper", "norm", 1e-7)
+    # The same directory without the preset, and with the paper's values given by hand: both
+    # are other settings, refused on resume.
+    for other in ([], ["--probe", "norm", "--kappa", "1e-7"]):
+        with pytest.raises(SystemExit):
+            curves_main("weight", None, [*argv, *other], estimator="hessian")
+        assert "estimator_params" in capsys.readouterr().err
+    # A contradicting flag is refused before any work.
+    with pytest.raises(SystemExit):
+        curves_main("weight", None, [*argv, "--paper-hessian", "--probe", "random"],
+                    estimator="hessian")
+    assert "contradicts --probe random" in capsys.readouterr().err

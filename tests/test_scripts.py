@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rdoq.cli import curves_main
+from rdoq.cli import curves_main, show_main
 from rdoq.store import CurveStore
 from tests.conftest import ROOT, run_script
 
@@ -113,6 +114,32 @@ def test_resume_after_kill_gives_the_same_curves(tmp_path, vit_weight_run):
     for name in fresh:
         for key in fresh[name]:
             np.testing.assert_array_equal(resumed[name][key], fresh[name][key], err_msg=name)
+
+
+def test_truncated_layer_file_is_recomputed_on_resume(tmp_path, vit_weight_run):
+    from rdoq.allocation import open_curve_set
+
+    curve_set = tmp_path / vit_weight_run.name
+    shutil.copytree(vit_weight_run, curve_set)
+    store = CurveStore.load(curve_set)
+    broken = store.layer_names()[len(store.layer_names()) // 2]
+    path = store.layer_path(broken)
+    path.write_bytes(path.read_bytes()[:300])  # a copy or a full disk stopped half way
+    mtimes = {n: store.layer_path(n).stat().st_mtime_ns for n in store.layer_names()}
+    # The allocation and show_curves see a missing layer instead of crashing.
+    with pytest.raises(ValueError, match=broken):
+        open_curve_set(curve_set, "weight")
+    assert "missing layers: 1" in show_main([str(curve_set)])
+    summary = curves_main("weight", None, ["--archname", "test_vit", *SMALL_W, "--outdir",
+                                            str(tmp_path)])
+    assert summary["layers_written"] == 1 and summary["missing_layers"] == 0
+    for name, mtime in mtimes.items():
+        if name != broken:
+            assert store.layer_path(name).stat().st_mtime_ns == mtime, f"{name} was recomputed"
+    assert not list(path.parent.glob(".*.tmp"))
+    resumed, fresh = load_all(curve_set), load_all(vit_weight_run)
+    for key in fresh[broken]:
+        np.testing.assert_array_equal(resumed[broken][key], fresh[broken][key])
 
 
 def test_parts_are_disjoint_and_complete(tmp_path, vit_weight_run):
@@ -226,3 +253,88 @@ def test_more_bad_flags(tmp_path, capsys, argv, expect):
                                            "--dataset", "synthetic", "--quiet", *argv])
     assert expect in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["not json", "no kind", "old schema", "layer without groups",
+                                    "layers not a list", "bits not ints"])
+def test_show_curves_names_a_bad_meta_json(tmp_path, capsys, vit_weight_run, damage):
+    meta = json.loads((vit_weight_run / "meta.json").read_text())
+    if damage == "no kind":
+        del meta["kind"]
+    elif damage == "old schema":
+        meta["schema"] = "rdoq.curves/1"
+    elif damage == "layer without groups":
+        del meta["layers"][0]["groups"]
+    elif damage == "layers not a list":
+        meta["layers"] = {"blocks.0.attn.qkv": 3}
+    elif damage == "bits not ints":
+        meta["bits"] = "0..2"
+    curve_set = tmp_path / "set"
+    curve_set.mkdir()
+    path = curve_set / "meta.json"
+    path.write_text("{not json" if damage == "not json" else json.dumps(meta))
+    with pytest.raises(SystemExit) as exc:
+        show_main([str(tmp_path)])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0], err
+
+
+@pytest.mark.parametrize("main,args,hint", [
+    ("curves_main", ("weight",), "re-run the same command to resume"),
+    ("allocate_main", ("dp",), "results.jsonl"),
+    ("uniform_main", (), "results.jsonl"),
+    ("evaluate_main", (), "results.jsonl"),
+    ("show_main", (), "interrupted"),
+    ("results_main", (), "interrupted"),
+    ("train_digits", (), "interrupted"),
+])
+def test_ctrl_c_exits_with_one_line_and_code_130(monkeypatch, capsys, main, args, hint):
+    import argparse
+    import importlib.util
+
+    import rdoq.cli
+
+    if main == "train_digits":
+        spec = importlib.util.spec_from_file_location(
+            "train_digits", ROOT / "classification/train_digits.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        main = module.main
+    else:
+        main = getattr(rdoq.cli, main)
+
+    def interrupted(self, argv=None, namespace=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(*args, argv=["x"])
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and hint in err, err
+
+
+def test_ctrl_c_in_a_curve_run_keeps_finished_layers(tmp_path, vit_weight_run):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / WEIGHTS), "--archname", "test_vit", *SMALL_W,
+           "--outdir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    layers_dir = tmp_path / vit_weight_run.name / "layers"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if layers_dir.is_dir() and len(list(layers_dir.glob("*.npz"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        "generate_RD_curves_batch.py: interrupted; finished layers are kept, re-run the same "
+        "command to resume"], err
+    store = CurveStore.load(tmp_path / vit_weight_run.name)
+    assert 2 <= len(store.layer_names()) - len(store.missing_layers())
+    assert not list(layers_dir.glob(".*.tmp"))

@@ -328,6 +328,37 @@ def test_layer_names_with_slash_rejected(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*.npz")) == []
 
 
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage", "flip"])
+def test_unreadable_layer_file_is_named_and_counts_as_missing(tmp_path, damage):
+    # A disk that filled up or a copy that stopped half way leaves a damaged layer file: reading
+    # it names the file and the fix; a resuming curve run treats it as missing and recomputes it.
+    store = CurveStore.open(tmp_path / "curves", _meta())
+    store.write_layer("conv1", _curves(2))
+    store.write_layer("fc", _curves(3, seed=1))
+    path = store.layer_path("conv1")
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "garbage":
+        path.write_bytes(b"not a zip file at all" * 10)
+    else:  # one flipped byte inside the stored dist array: only the CRC check can tell
+        i = data.index(b"dist.npy") + 200
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    assert not store.has_layer("conv1")
+    assert store.missing_layers() == ["conv1"]
+    assert store.has_layer("fc")
+    with pytest.raises(ValueError) as err:
+        store.read_layer("conv1")
+    msg = str(err.value)
+    assert str(path) in msg and "re-run the curve script" in msg, msg
+    assert "\n" not in msg
+    store.write_layer("conv1", _curves(2))  # what the resumed run does: overwrite it
+    _assert_curves_equal(store.read_layer("conv1"), _curves(2))
+    assert _no_temp_files(path.parent)
+
+
 # ---------------------------------------------------------------------------------------------
 # meta.json validation
 

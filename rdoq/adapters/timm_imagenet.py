@@ -1,4 +1,5 @@
-"""timm classifiers, ImageNet as an ImageFolder, and the explicit synthetic dataset (DESIGN §10)."""
+"""timm and torchvision classifiers (the paper's zoo names included), ImageNet as an
+ImageFolder, and the explicit synthetic dataset (DESIGN §10)."""
 
 from __future__ import annotations
 
@@ -6,26 +7,84 @@ import difflib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
-# The authors' model-zoo names, mapped to the timm models with the same architecture.
-ARCH_ALIASES = {
-    "mobilenetv2py": "mobilenetv2_100",
-    "resnet18py": "resnet18",
-    "resnet34py": "resnet34",
-    "resnet50py": "resnet50",
-    "resnet101py": "resnet101",
-    "vgg16py": "vgg16",
-    "deit_b_224": "deit_base_patch16_224",
-}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class InputError(ValueError):
     """Bad user input: the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build a named network.
+
+    ``library`` is "timm" or "torchvision"; ``builder`` a timm model name or a
+    ``torchvision.models`` builder; ``tag`` the timm pretrained tag (None: timm's default);
+    ``tv_weights`` the torchvision weights enum that the model holds (torchvision) or that timm
+    ported (tag ``tv_in1k``): its eval preprocessing is used either way; ``checkpoint`` a local
+    file that is the only source of the weights (no hub copy exists); ``kwargs`` go to the
+    builder, ``cfg_overlay`` over timm's data config; ``arch`` is the name meta.json records.
+    """
+
+    arch: str
+    library: str
+    builder: str
+    tag: str | None = None
+    tv_weights: str | None = None
+    checkpoint: str | None = None
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    cfg_overlay: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def weights(self) -> str | None:
+        """The pretrained weights: a timm tag, a torchvision weights enum, or ``file:NAME``."""
+        if self.checkpoint is not None:
+            return f"file:{self.checkpoint}"
+        return self.tv_weights if self.library == "torchvision" else self.tag
+
+
+def _tv_port(builder: str, tv_weights: str) -> ModelSpec:
+    """A torchvision network and its weights as ported by timm (tag ``tv_in1k``)."""
+    return ModelSpec(builder, "timm", builder, "tv_in1k", tv_weights)
+
+
+def _mae_finetuned(size: str, builder: str) -> ModelSpec:
+    """MAE's fine-tuned ViT (global average pool + fc_norm, as MAE's models_vit); its weights
+    exist only as MAE's released file. MAE evaluates with bicubic resize 256, centre crop 224
+    and the ImageNet mean/std, not timm's ViT defaults."""
+    name = f"mae_finetuned_vit_{size}"
+    return ModelSpec(name, "timm", builder, checkpoint=f"{name}.pth",
+                     kwargs=(("global_pool", "avg"), ("fc_norm", True)),
+                     cfg_overlay=(("crop_pct", 0.875), ("interpolation", "bicubic"),
+                                  ("mean", (0.485, 0.456, 0.406)),
+                                  ("std", (0.229, 0.224, 0.225))))
+
+
+# The authors' model-zoo names (their loadnetwork): torchvision's networks and ImageNet weights,
+# through timm's ports where timm has them (identical weights), torchvision's builders
+# otherwise; DeiT-B and MAE's fine-tuned ViTs as the authors loaded them.
+PAPER_ZOO = MappingProxyType({
+    "alexnetpy": ModelSpec("torchvision.alexnet", "torchvision", "alexnet",
+                           tv_weights="AlexNet_Weights.IMAGENET1K_V1"),
+    "vgg16py": _tv_port("vgg16_bn", "VGG16_BN_Weights.IMAGENET1K_V1"),
+    "resnet18py": _tv_port("resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet34py": _tv_port("resnet34", "ResNet34_Weights.IMAGENET1K_V1"),
+    "resnet50py": _tv_port("resnet50", "ResNet50_Weights.IMAGENET1K_V1"),
+    "resnet101py": _tv_port("resnet101", "ResNet101_Weights.IMAGENET1K_V1"),
+    "densenet121py": _tv_port("densenet121", "DenseNet121_Weights.IMAGENET1K_V1"),
+    "mobilenetv2py": ModelSpec("torchvision.mobilenet_v2", "torchvision", "mobilenet_v2",
+                               tv_weights="MobileNet_V2_Weights.IMAGENET1K_V1"),
+    "deit_b_224": ModelSpec("deit_base_patch16_224", "timm", "deit_base_patch16_224", "fb_in1k"),
+    "mae_finetuned_vit_base": _mae_finetuned("base", "vit_base_patch16_224"),
+    "mae_finetuned_vit_large": _mae_finetuned("large", "vit_large_patch16_224"),
+    "mae_finetuned_vit_huge": _mae_finetuned("huge", "vit_huge_patch14_224"),
+})
 
 
 @dataclass
@@ -62,16 +121,71 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_arch(name: str) -> str:
-    """A timm model name for ``name`` (paper aliases accepted); unknown names suggest close ones."""
+def resolve_arch(name: str) -> ModelSpec:
+    """How to build ``name``: a paper zoo name (PAPER_ZOO) or a timm model name, optionally
+    tagged (``resnet50.tv_in1k``); unknown names suggest close ones."""
     import timm
 
-    arch = ARCH_ALIASES.get(name, name)
-    if timm.is_model(arch):
-        return arch
-    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    if name in PAPER_ZOO:
+        return PAPER_ZOO[name]
+    if timm.is_model(name):
+        builder, _, tag = name.partition(".")
+        return ModelSpec(name, "timm", builder, tag or None)
+    close = difflib.get_close_matches(name, [*PAPER_ZOO, *timm.list_models()], n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
     raise InputError(f"unknown --archname {name!r}{hint}")
+
+
+def tv_data_cfg(weights_name: str) -> dict[str, Any]:
+    """The eval preprocessing of torchvision weights (resize, centre crop, normalise) in timm's
+    data-config keys, so that timm's create_transform reproduces it."""
+    from torchvision.models import get_weight
+
+    t = get_weight(weights_name).transforms()
+    crop, resize = t.crop_size[0], t.resize_size[0]
+    return {"input_size": (3, crop, crop), "crop_pct": crop / resize,
+            "interpolation": t.interpolation.value, "mean": tuple(t.mean), "std": tuple(t.std)}
+
+
+def create_model(spec: ModelSpec, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """The network of ``spec`` (hub weights if ``pretrained``, else the library's random init),
+    with a timm ``pretrained_cfg`` giving the eval preprocessing of its weights."""
+    kwargs = {**dict(spec.kwargs), **kwargs}
+    overlay = dict(spec.cfg_overlay)
+    if spec.tv_weights is not None:
+        overlay.update(tv_data_cfg(spec.tv_weights))
+    if spec.library == "torchvision":
+        from torchvision.models import get_model, get_weight
+
+        weights = get_weight(spec.tv_weights) if pretrained else None
+        model = get_model(spec.builder, weights=weights, **kwargs)
+        # timm's resolve_data_config reads ``pretrained_cfg``: with one, eval_transform and
+        # synthetic_calib treat torchvision models like timm models.
+        model.pretrained_cfg = {"tag": spec.tv_weights,
+                                "num_classes": kwargs.get("num_classes", 1000), **overlay}
+        return model
+    import timm
+
+    name = spec.builder if spec.tag is None else f"{spec.builder}.{spec.tag}"
+    return timm.create_model(name, pretrained=pretrained,
+                             pretrained_cfg_overlay=overlay or None, **kwargs)
+
+
+def _torch_load_failure(path: Path, err: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words a user can act on (torch's
+    own message for a text file is a bare opcode number such as ``101``)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "the file is empty"
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte).
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        return f"it is neither a torch.save zip archive nor a pickle: it begins with {head!r}"
+    if "Weights only load failed" in str(err):
+        return ("it pickles Python objects other than tensors, which are not loaded because "
+                "that could run code")
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:200]
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -79,11 +193,13 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--checkpoint {path} does not exist; pass a state-dict file")
+    expected = ("expected a PyTorch state dict saved with torch.save(model.state_dict(), FILE), "
+                "a timm checkpoint, or a model_<target>.pth written by --save-model")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise InputError(f"--checkpoint {path} cannot be read as a weights-only torch "
-                         f"file: {e}") from e
+        raise InputError(f"--checkpoint {path} is not a readable torch file "
+                         f"({_torch_load_failure(path, e)}); {expected}") from e
     # timm's training checkpoints keep the plain weights under "state_dict" (EMA weights, when
     # present, under "state_dict_ema"); like timm's own loader we take the plain ones.
     for key in ("state_dict", "model"):
@@ -91,20 +207,19 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(f"--checkpoint {path} holds no state dict of tensors")
+        raise InputError(f"--checkpoint {path} holds no state dict of tensors; {expected}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def build_model(name: str, checkpoint: Path | None = None, random_init: bool = False,
                 seed: int = 0, num_classes: int | None = None) -> tuple[nn.Module, ModelInfo]:
-    """A timm model in eval mode with real weights: hub weights, ``checkpoint``, or (explicitly)
-    a seeded random init. Never silently random."""
-    import timm
-
-    arch = resolve_arch(name)
+    """A timm or torchvision model in eval mode with real weights: hub weights, ``checkpoint``,
+    or (explicitly) a seeded random init. Never silently random."""
+    spec = resolve_arch(name)
+    arch = spec.arch
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if checkpoint is not None:
-        model = timm.create_model(arch, pretrained=False, **kwargs)
+        model = create_model(spec, pretrained=False, **kwargs)
         state = load_state_dict(Path(checkpoint))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -114,15 +229,21 @@ def build_model(name: str, checkpoint: Path | None = None, random_init: bool = F
         info = ModelInfo(arch, f"checkpoint:{Path(checkpoint).name}", file_sha256(Path(checkpoint)))
     elif random_init:
         torch.manual_seed(seed)
-        model = timm.create_model(arch, pretrained=False, **kwargs)
+        model = create_model(spec, pretrained=False, **kwargs)
         info = ModelInfo(arch, f"random-init:seed={seed}")
+    elif spec.checkpoint is not None:
+        raise InputError(f"--archname {name} has no downloadable weights; get {spec.checkpoint} "
+                         f"(MAE's release, github.com/facebookresearch/mae) and pass "
+                         f"--checkpoint {spec.checkpoint}")
     else:
         try:
-            model = timm.create_model(arch, pretrained=True, **kwargs)
+            model = create_model(spec, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
-            raise InputError(f"pretrained weights for {arch} are unreachable ({type(e).__name__}: "
-                             f"{str(e)[:200]}); pass --checkpoint FILE or --random-init") from e
-        info = ModelInfo(arch, f"timm-pretrained:{model.pretrained_cfg.get('tag') or 'default'}")
+            raise InputError(f"pretrained weights for {name} ({spec.library} {spec.builder}) "
+                             f"are unreachable ({type(e).__name__}: {str(e)[:200]}); pass "
+                             f"--checkpoint FILE or --random-init") from e
+        tag = spec.tv_weights if spec.library == "torchvision" else model.pretrained_cfg.get("tag")
+        info = ModelInfo(arch, f"{spec.library}-pretrained:{tag or 'default'}")
     return model.eval(), info
 
 
@@ -148,8 +269,18 @@ def check_imagefolder(root: Path, split: str = "train") -> Path:
     return split_dir
 
 
+def spread_indices(n: int, k: int) -> list[int]:
+    """``k <= n`` distinct indices of ``range(n)`` evenly spaced over the whole range (the
+    centre of each of ``k`` equal bins), ascending."""
+    assert 0 <= k <= n
+    return [((2 * i + 1) * n) // (2 * k) for i in range(k)]
+
+
 def class_spread_files(split_dir: Path, count: int) -> list[Path]:
-    """``count`` images taken round-robin over the sorted classes (file names sorted)."""
+    """``count`` images spread over all sorted classes (file names sorted): depth by depth, the
+    first image of every class before the second of any; when a depth holds more classes than
+    images still wanted, evenly spaced classes over the whole class list. A plain round-robin
+    would take ``--testsize 64`` from the first 64 ImageNet synsets (fish, birds, reptiles)."""
     classes = sorted(p for p in split_dir.iterdir() if p.is_dir())
     files = [sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
              for c in classes]
@@ -163,9 +294,9 @@ def class_spread_files(split_dir: Path, count: int) -> list[Path]:
     picked: list[Path] = []
     depth = 0
     while len(picked) < count:
-        for cls_files in files:
-            if depth < len(cls_files) and len(picked) < count:
-                picked.append(cls_files[depth])
+        deep_enough = [f for f in files if depth < len(f)]
+        wanted = min(count - len(picked), len(deep_enough))
+        picked += [deep_enough[i][depth] for i in spread_indices(len(deep_enough), wanted)]
         depth += 1
     return picked
 

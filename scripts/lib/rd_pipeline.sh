@@ -15,9 +15,11 @@ MODEL_FLAGS=${MODEL_FLAGS:-}  # e.g. --checkpoint FILE
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 case "$ESTIMATOR" in
-  measured) WSCRIPT=generate_RD_curves_batch.py; ASCRIPT=generate_RD_curves_act_out_nchan.py ;;
+  measured) WSCRIPT=generate_RD_curves_batch.py; ASCRIPT=generate_RD_curves_act_out_nchan.py
+            ESTIMATOR_FLAGS="" ;;
   hessian) WSCRIPT=generate_rd_curves_batch_hessian.py
-           ASCRIPT=generate_RD_curves_act_out_nchan_hessian.py ;;
+           ASCRIPT=generate_RD_curves_act_out_nchan_hessian.py
+           ESTIMATOR_FLAGS=${HESSIAN_FLAGS:-} ;;  # e.g. --paper-hessian
   *) echo "ESTIMATOR must be measured or hessian, got '$ESTIMATOR'" >&2; exit 2 ;;
 esac
 case "$SOLVER" in
@@ -36,8 +38,10 @@ NPARTS=${#GPUS[@]}
 
 # shellcheck disable=SC2206
 MODEL=(--archname "$MODELNAME" --dataset "$DATAKIND" --datapath "$DATASET" $MODEL_FLAGS)
+# shellcheck disable=SC2206
 CURVES=("${MODEL[@]}" --testsize "$TESTSIZE" --batchsize "$BATCHSIZE"
-        --nchannelbatch "$NCHANNELBATCH" --maxrates "$MAXRATES" --outdir "$OUTDIR/curves")
+        --nchannelbatch "$NCHANNELBATCH" --maxrates "$MAXRATES" --outdir "$OUTDIR/curves"
+        $ESTIMATOR_FLAGS)
 
 run_parts() {  # run_parts SCRIPT ARGS...: one background process per part, fail if any fails
   local script=$1; shift
