@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install install-real test lint bench bench-real demo clean-venv
+.PHONY: install install-real install-pcdet test test-fast lint bench bench-real demo clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,9 +24,22 @@ $(VENV)/.installed-real: $(VENV)/.installed
 
 install-real: $(VENV)/.installed-real
 
-test: $(VENV)/.installed-real
+# The `pcdet` extra: spconv's CPU wheel, for the sparse-conv (OpenPCDet) layers and their tests.
+$(VENV)/.installed-pcdet: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[pcdet]'
+	touch $@
+
+install-pcdet: $(VENV)/.installed-pcdet
+
+test: $(VENV)/.installed-real $(VENV)/.installed-pcdet
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# The inner loop: ruff and the tests not marked `slow` (subprocess / end-to-end runs, tests over
+# ~5 s). CI runs `make test`, i.e. everything.
+test-fast: $(VENV)/.installed-real $(VENV)/.installed-pcdet
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rdoq.adapters.base import InputError
 from rdoq.groups import group_bounds
 from rdoq.solvers import (
     DP_MAX_CELLS,
@@ -42,6 +43,9 @@ from rdoq.store import CurveStore, LayerCurves, atomic_write_json, read_json_art
 
 ALLOC_SCHEMA = "rdoq.allocation/2"
 SOLVERS = ("dp", "lg")
+# What a table's ``rate`` counts: fixed-width bits × elements, or the entropy of the quantized
+# symbols × elements (weights only; rdoq.entropy).
+RATES = ("bits", "entropy")
 WEIGHT, ACT = 0, 1
 
 
@@ -68,7 +72,7 @@ class ItemTable:
     """The padded solver table of all items (DESIGN §8) plus what is needed to apply a choice."""
 
     dist: np.ndarray  # (I, K) float64, inf = not allowed
-    rate: np.ndarray  # (I, K) bits × numel
+    rate: np.ndarray  # (I, K) bits × numel, or entropy × numel (rate_kind "entropy")
     numel: np.ndarray  # (I,)
     kind: np.ndarray  # (I,) WEIGHT or ACT
     layer: np.ndarray  # (I,) index into layers
@@ -82,6 +86,10 @@ class ItemTable:
     curve_sets: dict[str, dict[str, Any]]
     act_mode: str | None
     fp_acts: list[str] = field(default_factory=list)
+    rate_kind: str = "bits"  # what ``rate`` counts, one of RATES
+    # Entropy (bits per element) of the point each column realises: NaN for activation items;
+    # None when the weight curves carry no entropy.
+    entropy: np.ndarray | None = None  # (I, K)
 
     def part_numel(self, kind: int | None) -> float:
         """Elements of the items of ``kind`` (None: all items)."""
@@ -154,7 +162,8 @@ def check_same_model(weight_meta: dict[str, Any], act_meta: dict[str, Any]) -> N
 
 def build_table(weights: CurveStore, acts: CurveStore | None,
                 fp_act_layers: list[str] | None = None, uniform_only: bool = False,
-                act_channel_dims: dict[str, int] | None = None) -> ItemTable:
+                act_channel_dims: dict[str, int] | None = None,
+                rate: str = "bits") -> ItemTable:
     """The item table of a weight curve set and (optionally) an activation curve set.
 
     ``fp_act_layers`` names activation layers kept in full precision (no items);
@@ -162,7 +171,22 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
     ``act_channel_dims`` gives each activation layer's channel axis in the per-sample shape
     (from the model: ``rdoq.groups.channel_dim``); without it, layers whose type name contains
     "Conv" have channels first, others last.
+
+    ``rate`` (one of :data:`RATES`): ``"bits"`` charges a column ``bits × numel``;
+    ``"entropy"`` charges ``entropy × numel`` of the point the column realises, i.e. of the dead
+    zone chosen for that width by distortion (the entropy does not take part in that choice: a
+    column stays one measured point, and the allocation keeps one quantizer per width). It
+    needs weight curves that store ``entropy`` and a table without activation items
+    (activation entropy is not estimated); otherwise :class:`InputError` names the fix.
     """
+    if rate not in RATES:
+        raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
+    skip = set(fp_act_layers or [])
+    if rate == "entropy" and acts is not None and set(acts.layer_names()) - skip:
+        raise InputError("--rate entropy (--bit_rate 0) covers weights only: entropy rates "
+                         "of activations are not offered (activation curves store none), so a "
+                         "table with activation items cannot be counted in entropy; pass "
+                         "--weights-only (activations in full precision) or use --rate bits")
     if acts is not None:
         check_same_model(weights.meta, acts.meta)
     stores = [(WEIGHT, weights)] + ([(ACT, acts)] if acts is not None else [])
@@ -170,14 +194,15 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
     for _, s in stores:
         if list(s.meta["bits"]) != list(range(len(s.meta["bits"]))):
             raise ValueError(f"{s.root}: bits {s.meta['bits']} are not 0..nr-1")
-    skip = set(fp_act_layers or [])
     act_names = set(acts.layer_names()) if acts is not None else set()
     unknown = sorted(skip - act_names)
     if acts is not None and unknown:
         raise ValueError(f"activation layers {unknown} to keep in full precision are not in "
                          f"{acts.root}; valid names: {sorted(act_names)[:8]}…")
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in
-                                         ("dist", "step", "dz", "dzi", "numel", "kind", "layer")}
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("dist", "step", "dz", "dzi", "numel",
+                                                         "kind", "layer", "entropy")}
+    # Weight layer files without entropy (curve sets made before it was stored).
+    no_entropy: list[Path] = []
     layers: list[LayerEntry] = []
     start = 0
     for kind, store in stores:
@@ -186,9 +211,11 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
             if kind == ACT and name in skip:
                 continue
             c = store.read_layer(name)
+            entropy = c.extra.get("entropy") if kind == WEIGHT else None  # (G, D, B)
             if uniform_only:
                 c = LayerCurves(c.dist[:, :1], c.step_log2[:, :1], c.deadzone[:, :1], c.numel,
                                 c.extra)
+                entropy = entropy[:, :1] if entropy is not None else None
             g = c.dist.shape[0]
             best = np.argmin(np.where(np.isnan(c.dist), np.inf, c.dist), axis=1)  # (G, B)
             pick = best[:, None, :]
@@ -219,6 +246,10 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
             cols["step"].append(_pad(take(c.step_log2), n_cols, 0.0))
             cols["dz"].append(_pad(take(c.deadzone), n_cols, 0.0))
             cols["dzi"].append(_pad(best, n_cols, 0).astype(np.int64))
+            if kind == WEIGHT and entropy is None:
+                no_entropy.append(store.layer_path(name))
+            cols["entropy"].append(_pad(take(entropy) if entropy is not None
+                                        else np.full(dist.shape, np.nan), n_cols, 0.0))
             cols["numel"].append(np.asarray(c.numel, dtype=np.float64))
             cols["kind"].append(np.full(g, kind))
             cols["layer"].append(np.full(g, len(layers)))
@@ -231,21 +262,30 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
                                      c.extra["channel_step_log2"] if per_channel else None,
                                      c.extra["channel_deadzone"] if per_channel else None))
             start += g
+    if rate == "entropy" and no_entropy:
+        raise InputError(f"weight curve set {weights.root} has no entropy rates ({len(no_entropy)} "
+                         f"layer files lack the 'entropy' array, e.g. {no_entropy[0].name}: made "
+                         f"before entropy rates were stored); make the curves again with the "
+                         f"curve script into a new --outdir (an existing one resumes and keeps "
+                         f"its files), or use --rate bits")
     bits = np.arange(n_cols)
     numel = np.concatenate(cols["numel"])  # (I,)
     dist = np.concatenate(cols["dist"])  # (I, K)
+    entropy_t = None if no_entropy else np.concatenate(cols["entropy"])  # (I, K)
+    rates = (numel[:, None] * entropy_t if rate == "entropy"
+             else numel[:, None] * bits[None, :])  # (I, K)
     curve_sets = {"weight": {"path": str(weights.root), "digest": meta_digest(weights.meta)}}
     if acts is not None:
         curve_sets["act"] = {"path": str(acts.root), "digest": meta_digest(acts.meta)}
     return ItemTable(
-        dist=dist, rate=numel[:, None] * bits[None, :], numel=numel,
+        dist=dist, rate=rates, numel=numel,
         kind=np.concatenate(cols["kind"]), layer=np.concatenate(cols["layer"]),
         step_log2=np.concatenate(cols["step"]), deadzone=np.concatenate(cols["dz"]),
         source=np.broadcast_to(np.arange(n_cols), dist.shape).copy(),
         dz_index=np.concatenate(cols["dzi"]), bits=bits, layers=layers,
         model=str(weights.meta["model"]), curve_sets=curve_sets,
         act_mode=acts.meta.get("act_mode") if acts is not None else None,
-        fp_acts=sorted(skip & act_names))
+        fp_acts=sorted(skip & act_names), rate_kind=rate, entropy=entropy_t)
 
 
 def restrict(table: ItemTable, *, allowed_bits: list[int] | None = None,
@@ -262,6 +302,8 @@ def restrict(table: ItemTable, *, allowed_bits: list[int] | None = None,
     becomes the best reachable with at most ``b`` bits. The ``source`` column records which width
     reaches it, and :func:`choice_columns` maps a chosen width back to that width, so an
     allocation only ever uses measured points (and never pays for bits that do not help).
+    With entropy rates a smoothed column also costs (and reports) the entropy of the point it
+    realises: that point's entropy may exceed the column's own.
     """
     if allowed_bits is not None:
         bad = sorted(set(allowed_bits) - set(table.bits.tolist()))
@@ -282,10 +324,14 @@ def restrict(table: ItemTable, *, allowed_bits: list[int] | None = None,
             # Only allowed columns are smoothed; a disallowed one stays disallowed.
             dist[ok, k] = best[ok]
             source[ok, k] = best_col[ok]
+    idx = np.arange(dist.shape[0])[:, None]
+    entropy = table.entropy[idx, source] if table.entropy is not None else None  # (I, K)
+    rate = table.rate[idx, source] if table.rate_kind == "entropy" else table.rate  # (I, K)
     rows = np.broadcast_to(np.asarray(monotone, dtype=bool), (dist.shape[0],))  # (I,)
     if rows.any():
-        dist[rows] = monotone_fit(dist[rows], table.rate[rows])
-    out = ItemTable(**{**table.__dict__, "dist": dist, "source": source})
+        dist[rows] = monotone_fit(dist[rows], rate[rows])
+    out = ItemTable(**{**table.__dict__, "dist": dist, "source": source, "rate": rate,
+                       "entropy": entropy})
     return out
 
 
@@ -333,9 +379,11 @@ def target_range(table: ItemTable, kind: int | None) -> tuple[float, float]:
 def check_targets(table: ItemTable, targets: list[float], kind: int | None, flag: str) -> None:
     """Every target within the reachable range, or an error naming it and the range."""
     lo, hi = target_range(table, kind)
+    what = ("average entropy bits per element (--rate entropy)" if table.rate_kind == "entropy"
+            else "average bit widths")
     for t in targets:
         if not math.isfinite(t) or t < lo - 1e-12 or t > hi + 1e-12:
-            raise ValueError(f"{flag} {t} is outside the reachable average bit widths "
+            raise ValueError(f"{flag} {t} is outside the reachable {what} "
                              f"[{lo:.4g}, {hi:.4g}] under the constraints (bits, --minrate, "
                              f"--bit_list, --maxbits); choose a target in that range")
 
@@ -465,16 +513,23 @@ def frontier_choices(table: ItemTable, slopes_log2: list[float],
 
 
 def summarize_choice(table: ItemTable, choice: np.ndarray) -> dict[str, Any]:
-    """Average W / A / joint bits and the predicted distortion (sum of the chosen curve points)."""
+    """Average W / A / joint fixed-width bits, the predicted distortion (sum of the chosen curve
+    points), the rate the solver counted (``rate``: ``bits`` or ``entropy``) and the average
+    entropy bits of the chosen weight points (``w_entropy_bits``; None without entropy), so an
+    entropy budget is never mistaken for a bit width."""
     idx = np.arange(len(choice))
-    rate = table.rate[idx, choice]
+    fixed = table.bits[choice] * table.numel  # (I,) bits × elements, whatever was budgeted
     w, a = table.kind == WEIGHT, table.kind == ACT
     n_w, n_a = table.part_numel(WEIGHT), table.part_numel(ACT)
     dist = table.dist[idx, choice]
+    ent = None
+    if table.entropy is not None and n_w:
+        ent = float((table.entropy[idx, choice] * table.numel)[w].sum() / n_w)
     return {
-        "w_bits": float(rate[w].sum() / n_w) if n_w else None,
-        "a_bits": float(rate[a].sum() / n_a) if n_a else None,
-        "avg_bits": float(rate.sum() / table.numel.sum()),
+        "w_bits": float(fixed[w].sum() / n_w) if n_w else None,
+        "a_bits": float(fixed[a].sum() / n_a) if n_a else None,
+        "avg_bits": float(fixed.sum() / table.numel.sum()),
+        "rate": table.rate_kind, "w_entropy_bits": ent,
         "pred_dist": float(dist.sum()),
         "pred_dist_w": float(dist[w].sum()), "pred_dist_a": float(dist[a].sum()),
     }

@@ -94,5 +94,5 @@ def uniform_allocation(model: nn.Module, calib: torch.Tensor, w_bits: int, a_bit
         "act_target_bits": None if a_bits is None else float(a_bits), "act_mode": act_mode,
         "curve_sets": {}, "weights": weights, "acts": act_entries, "fp_acts": skipped,
         "summary": {"w_bits": float(w_bits), "a_bits": None if not act_entries else float(a_bits),
-                    "pred_dist": None},
+                    "rate": "bits", "pred_dist": None},
     }

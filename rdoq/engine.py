@@ -39,13 +39,12 @@ from torch import nn
 from rdoq.groups import channel_dim, hooked_forward
 from rdoq.quantizers import (
     quantize_uniform,
-    quantize_weight,
     quantize_weight_steps,
     signed_bounds,
     unsigned_bounds,
 )
 from rdoq.search import Candidate
-from rdoq.steps import ChannelSteps, candidate_params
+from rdoq.steps import ChannelSteps, candidate_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -593,11 +592,8 @@ def quantized_group(weight: torch.Tensor, bounds: Sequence[tuple[int, int]], can
     """The weight group of ``cand`` quantized as the candidate says (per-channel steps with
     ``steps``, else the candidate's one step)."""
     c0, c1 = bounds[cand.group]
-    if steps is None and cand.dz_index < 0:
-        return quantize_weight(weight[c0:c1], cand.bits, cand.step_log2, cand.deadzone)
-    step, phi = candidate_params([cand], bounds, c1 - c0, steps)  # (1, c) each
-    return quantize_weight_steps(weight[c0:c1], cand.bits, torch.from_numpy(step[0]),
-                                 torch.from_numpy(phi[0]))
+    step, phi = candidate_quantizer(bounds, cand, steps)
+    return quantize_weight_steps(weight[c0:c1], cand.bits, step, phi)
 
 
 class WeightBackend:

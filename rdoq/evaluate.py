@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,22 +70,31 @@ class TensorBatches:
         return int(self.x.shape[0])
 
 
-def reference_outputs(model: nn.Module, data: Iterable,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The full-precision model's outputs ``(N, K)`` on ``data`` and the labels ``(N,)`` (None
-    if unlabelled), kept on the CPU: computed once and shared by every evaluated allocation."""
-    return _outputs(model, data, device)
+# How a network is run on one batch (an adapter's ``run``); the default is ``model(x)``.
+RunFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-def _outputs(model: nn.Module, data: Iterable,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def reference_outputs(model: nn.Module, data: Iterable, device: torch.device,
+                      run: RunFn = _call) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full-precision model's outputs ``(N, K)`` on ``data`` (``run(model, x)`` per batch)
+    and the labels ``(N,)`` (None if unlabelled), kept on the CPU: computed once and shared by
+    every evaluated allocation."""
+    return _outputs(model, data, device, run)
+
+
+def _outputs(model: nn.Module, data: Iterable, device: torch.device,
+             run: RunFn = _call) -> tuple[torch.Tensor, torch.Tensor | None]:
     dtype = next(model.parameters()).dtype
     outs, labels = [], []
     with torch.no_grad():
         for x, y in data:
             # Kept in float64: the output MSE of high bit widths is far below float32's
             # resolution of the outputs.
-            outs.append(model(x.to(device=device, dtype=dtype)).double().cpu())
+            outs.append(run(model, x.to(device=device, dtype=dtype)).double().cpu())
             labels.append(y)
     lab = None if any(y is None for y in labels) else torch.cat([torch.as_tensor(y)
                                                                  for y in labels])
@@ -102,13 +111,13 @@ def topk_scores(out: torch.Tensor, labels: torch.Tensor | None) -> dict[str, flo
     return {"top1": 100.0 * float(hit[:, 0].sum()) / n, "top5": 100.0 * float(hit.any(1).sum()) / n}
 
 
-def evaluate(model: nn.Module, data: Iterable, ref: torch.Tensor,
-             device: torch.device) -> dict[str, Any]:
+def evaluate(model: nn.Module, data: Iterable, ref: torch.Tensor, device: torch.device,
+             run: RunFn = _call) -> dict[str, Any]:
     """Top-1/top-5 (% of samples; None without labels), the mean squared error of the
-    outputs against ``ref`` (the FP model's outputs on the same data) and their mean KL
-    divergence ``kl`` (:func:`mean_kl`)."""
+    outputs (``run(model, x)`` per batch) against ``ref`` (the FP model's outputs on the same
+    data, by the same ``run``) and their mean KL divergence ``kl`` (:func:`mean_kl`)."""
     t0 = time.perf_counter()
-    out, lab = _outputs(model, data, device)  # (N, K), (N,)
+    out, lab = _outputs(model, data, device, run)  # (N, K), (N,)
     if out.shape != ref.shape:
         raise ValueError(f"the data gave outputs {tuple(out.shape)}, the reference has "
                          f"{tuple(ref.shape)}; evaluate on the data the reference was made on")

@@ -4,11 +4,17 @@ A group is a contiguous block of ``group_size`` output channels (dim 0 of every 
 layout: Linear ``(out, in)``, Conv2d ``(out, in/groups, kh, kw)`` incl. depthwise, spconv
 ``(out, kD, kH, kW, in)``); the last group may be smaller. Activation groups are blocks of channels
 of a layer's output (``act_mode="out"``) or input (``act_mode="in"``): dim 1 for convolutions, the
-last dim for linears.
+last dim for linears (and for spconv layers, whose activations are features ``(N_active, C)``).
+
+spconv layers are recognised by their classes in ``sys.modules``, never by importing spconv: a
+model that holds them has imported spconv already, and a process without spconv (an optional
+dependency) never loads it through rdoq. Importing it, and its CPU fixes, live in
+:mod:`rdoq.adapters.sparse`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -16,6 +22,9 @@ import torch
 from torch import nn
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+# The spconv classes quantized like convs (their subclasses too); transposed and inverse sparse
+# convs are not.
+SPARSE_CONV_TYPES = ("SubMConv3d", "SparseConv3d", "SubMConv2d", "SparseConv2d")
 
 
 def group_bounds(n_channels: int, group_size: int) -> list[tuple[int, int]]:
@@ -44,8 +53,43 @@ def set_group(weight: torch.Tensor, bounds: tuple[int, int], values: torch.Tenso
 
 
 def channel_dim(module: nn.Module) -> int:
-    """Channel axis of ``module``'s input and output activations: 1 for convs, -1 otherwise."""
+    """Channel axis of ``module``'s input and output activations: 1 for convs, -1 otherwise
+    (linears; spconv layers, whose features are ``(N_active, C)``)."""
     return 1 if isinstance(module, nn.Conv2d) else -1
+
+
+def is_sparse_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is one of spconv's :data:`SPARSE_CONV_TYPES` (never imports spconv)."""
+    conv = sys.modules.get("spconv.pytorch.conv")
+    if conv is None:
+        return False
+    return isinstance(module, tuple(getattr(conv, n) for n in SPARSE_CONV_TYPES))
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is quantized: ``nn.Linear`` / ``nn.Conv2d`` (and subclasses) or
+    a spconv layer (:func:`is_sparse_conv`)."""
+    return isinstance(module, QUANTIZABLE_TYPES) or is_sparse_conv(module)
+
+
+def check_sparse_layout(name: str, module: nn.Module) -> None:
+    """Refuse a spconv layer whose weight is not ``(Cout, *kernel, Cin)`` (spconv 2.x's "KRSC"),
+    naming the layer: groups are taken on axis 0, which must hold the output channels."""
+    expected = (module.out_channels, *module.kernel_size, module.in_channels)
+    shape = tuple(module.weight.shape)
+    # spconv picks the layout when it builds a layer: "KRSC" unless a build without
+    # ALL_WEIGHT_IS_KRSC runs its native algorithm ("RSKC"/"RSCK"). The shape alone cannot tell
+    # them apart when the channel counts equal the kernel size, hence spconv's own rule too.
+    constants = sys.modules.get("spconv.constants")
+    krsc = (getattr(constants, "ALL_WEIGHT_IS_KRSC", True)
+            or getattr(module.algo, "name", None) != "Native")
+    groups = getattr(module, "groups", 1)
+    if shape != expected or not krsc or groups != 1:
+        raise ValueError(
+            f"sparse conv layer {name!r} ({type(module).__name__}) has weight shape {shape}, "
+            f"groups={groups}; rdoq quantizes spconv weights in the layout (Cout, *kernel, "
+            f"Cin) = {expected} with groups=1 only (spconv 2.x's layout, as "
+            f"`pip install -e .[pcdet]` installs it)")
 
 
 @dataclass(frozen=True)
@@ -62,14 +106,18 @@ class LayerInfo:
 
 
 def find_layers(model: nn.Module) -> list[LayerInfo]:
-    """Every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` in ``named_modules`` order."""
-    layers = [
-        LayerInfo(name, type(m).__name__, tuple(m.weight.shape))
-        for name, m in model.named_modules()
-        if isinstance(m, QUANTIZABLE_TYPES)
-    ]
+    """Every weight layer (:func:`is_weight_layer`) of ``model`` in ``named_modules`` order;
+    a spconv layer whose weight is not ``(Cout, *kernel, Cin)`` is refused."""
+    layers = []
+    for name, m in model.named_modules():
+        if not is_weight_layer(m):
+            continue
+        if is_sparse_conv(m):
+            check_sparse_layout(name, m)
+        layers.append(LayerInfo(name, type(m).__name__, tuple(m.weight.shape)))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear/nn.Conv2d layer to quantize")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear/nn.Conv2d or spconv layer to "
+                         f"quantize")
     return layers
 
 

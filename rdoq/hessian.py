@@ -691,7 +691,7 @@ class HessianActBackend:
             a = self.acts[gs]  # (g, N, 1, n)
 
             def grid(values: list[float], fill: float, run: slice = run) -> torch.Tensor:
-                return slots.grid(values, fill, a, run).view(-1, 1, slots.width, 1)
+                return slots.grid(values, fill, a, run).view(-1, 1, slots.width, 1)  # noqa: B023  # only called in this iteration
 
             # All candidates of these groups in one broadcast quantization, candidates outside
             # the group's elements so that every pass runs along n: (g, N, width, n).

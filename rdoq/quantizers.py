@@ -111,6 +111,33 @@ def quantize_weight_steps(x: torch.Tensor, bits: int, step: float | torch.Tensor
     return torch.where(dz, q_dz, quantize_uniform(x, step, lo, hi))
 
 
+def weight_levels(x: torch.Tensor, bits: int, step: float | torch.Tensor,
+                  deadzone: float | torch.Tensor) -> torch.Tensor:
+    """The integer symbols (int64, ``x``'s shape) that :func:`quantize_weight_steps` codes.
+
+    Uniform: ``l = clamp(round(x/Δ), -2^(b-1), 2^(b-1)-1)``, value ``l·Δ``. Dead zone: ``l = 0``
+    inside it, else ``sign(x)·(q+1)``, value ``sign(l)·(φ + (|l|-½)Δ)``. b = 0 → all 0. The
+    same operations as the quantizer, so each symbol maps to its value exactly (tested
+    bitwise); the entropy rate (:mod:`rdoq.entropy`) counts these, not the float values.
+    """
+    if bits == 0:
+        return torch.zeros_like(x, dtype=torch.int64)
+    step = _per_channel(step, x)
+    phi = _per_channel(deadzone, x)
+    lo, hi = signed_bounds(bits)
+    uniform = torch.clamp(torch.round(x / step), lo, hi)
+    mags = deadzone_magnitudes(bits)
+    if not isinstance(phi, torch.Tensor) and phi <= 0:
+        return uniform.long()
+    mag = x.abs()
+    q = torch.clamp(torch.floor((mag - phi) / step), min=0.0, max=max(mags - 1, 0))
+    keep = (mag > phi) & (mags > 0)
+    dz = torch.where(keep, torch.sign(x) * (q + 1.0), torch.zeros_like(x))
+    if not isinstance(phi, torch.Tensor):
+        return dz.long()
+    return torch.where(phi > 0, dz, uniform).long()
+
+
 def channel_steps(step_log2: torch.Tensor) -> torch.Tensor:
     """Steps ``2**step_log2`` of per-channel exponents, in float64 (the one conversion used by
     the curves and by applying an allocation, so both quantize identically)."""

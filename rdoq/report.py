@@ -19,6 +19,7 @@ from rdoq.store import atomic_write_bytes
 TABLE_COLUMNS = (
     ("model", "model", "{}"), ("method", "method", "{}"), ("target_bits", "target", "{:.2f}"),
     ("slope_log2", "log2 λ", "{:.1f}"), ("w_bits", "W bits", "{:.3f}"),
+    ("w_entropy_bits", "W entropy", "{:.3f}"),
     ("a_bits", "A bits", "{:.3f}"), ("top1", "top-1 %", "{:.2f}"), ("top5", "top-5 %", "{:.2f}"),
     ("out_mse", "out MSE", "{:.3e}"), ("pred_dist", "pred dist", "{:.3e}"),
     ("size_mb", "size MB", "{:.3f}"),

@@ -75,3 +75,16 @@ def candidate_params(cands: Sequence[Candidate], bounds: Sequence[tuple[int, int
             step[i, :n] = np.where(np.isfinite(s), s, 1.0)
         phi[i, :n] = steps.deadzone[c0:c1, cand.dz_index]
     return step, phi
+
+
+def candidate_quantizer(bounds: Sequence[tuple[int, int]], cand: Candidate,
+                        steps: ChannelSteps | None
+                        ) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """Step and φ that quantize ``cand``'s group (for ``quantize_weight_steps`` and
+    ``weight_levels``): Python scalars for the paper's one step per group, else per channel
+    ``(c,)`` float64 tensors from :func:`candidate_params`."""
+    if steps is None and cand.dz_index < 0:
+        return 2.0**cand.step_log2, cand.deadzone
+    c0, c1 = bounds[cand.group]
+    step, phi = candidate_params([cand], bounds, c1 - c0, steps)  # (1, c) each
+    return torch.from_numpy(step[0]), torch.from_numpy(phi[0])

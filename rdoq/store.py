@@ -158,7 +158,8 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
 
 @dataclass
 class LayerCurves:
-    """Curves of one layer. Shapes: ``dist/step_log2/deadzone (G, D, B)``, ``numel (G,)``."""
+    """Curves of one layer. Shapes: ``dist/step_log2/deadzone (G, D, B)``, ``numel (G,)``;
+    ``extra`` holds the optional arrays (weights: ``entropy (G, D, B)``, per-channel steps)."""
 
     dist: np.ndarray
     step_log2: np.ndarray
@@ -174,6 +175,11 @@ class LayerCurves:
                                  f"expected {(g, d, b)}")
         if self.numel.shape != (g,):
             raise ValueError(f"layer {name}: numel has shape {self.numel.shape}, expected {(g,)}")
+        # Optional (weight curves made before entropy rates were stored lack it).
+        entropy = self.extra.get("entropy")
+        if entropy is not None and entropy.shape != (g, d, b):
+            raise ValueError(f"layer {name}: entropy has shape {entropy.shape}, expected "
+                             f"{(g, d, b)}")
         if np.isnan(self.dist).any():
             raise ValueError(f"layer {name}: dist contains NaN")
 

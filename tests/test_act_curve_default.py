@@ -12,6 +12,9 @@ from rdoq.cli import allocate_main, curves_main
 
 MODEL = ["--archname", "test_vit", "--random-init", "--dataset", "synthetic", "--quiet"]
 
+# Every test here needs the weight and activation curve sets of test_vit (about 20 s).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory) -> dict[str, Path]:

@@ -19,6 +19,9 @@ FRONTIER = "classification/generate_RD_frontier_batch_distortion_act_out_nchan.p
 EVAL = "classification/evaluate_allocation.py"
 MODEL = ["--archname", "test_vit", "--random-init", "--dataset", "synthetic"]
 
+# Every test here needs curves from the curve scripts (a subprocess run of about 40 s).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory) -> dict[str, Path]:

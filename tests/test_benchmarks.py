@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from tests.conftest import run_script
+
+pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses
 
 
 def test_bench_hessian_runs_and_ends_with_its_json_summary():

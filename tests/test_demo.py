@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # the demo driver in a subprocess
 
 
 def test_digits_demo_driver_reduced(tmp_path):

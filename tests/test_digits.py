@@ -175,6 +175,7 @@ def test_training_is_reproducible_in_process():
     assert not a.training and 0.1 < acc_a <= 1.0
 
 
+@pytest.mark.slow
 def test_train_script_writes_only_its_outdir(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

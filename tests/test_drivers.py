@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # bash drivers in subprocesses
+
 SMALL = {"MODELNAME": "digits_cnn", "TESTSIZE": "16", "NCHANNELBATCH": "16", "MAXRATES": "5",
          "MAXDEADZONES": "1", "TARGET_RATES": "3 4", "EVALSIZE": "200"}
 

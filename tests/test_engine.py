@@ -69,11 +69,14 @@ def weight_curves_both(model, x, plan, job, engine, naive, n_chains=None):
     return out
 
 
+# test_resnet and the weight curves take 10-20 s each: `slow`; test_vit's activations stay fast.
 @pytest.mark.parametrize("arch,layers", [
     ("test_vit", ["patch_embed.proj", "blocks.2.attn.proj", "blocks.4.mlp.fc2", "head"]),
-    ("test_resnet", ["conv1.0", "layer2.0.conv2", "layer3.0.downsample.1", "fc"]),
+    pytest.param("test_resnet", ["conv1.0", "layer2.0.conv2", "layer3.0.downsample.1", "fc"],
+                 marks=pytest.mark.slow),
 ])
-@pytest.mark.parametrize("kind,mode", [("weight", None), ("act", "out"), ("act", "in")])
+@pytest.mark.parametrize("kind,mode", [pytest.param("weight", None, marks=pytest.mark.slow),
+                                       ("act", "out"), ("act", "in")])
 def test_engine_equals_naive(arch, layers, kind, mode):
     model = tiny(arch)
     x = calib_for(model)
@@ -185,7 +188,7 @@ def test_slot_forwards_match_plain_layers():
     ("test_efficientnet", None),        # EfficientNet / MobileNet blocks (nested Sequential)
     ("mobilenetv2_050", (3, 96, 96)),
     ("test_convnext", None),            # stages with their own forward
-    ("swin_tiny_patch4_window7_224", None),
+    pytest.param("swin_tiny_patch4_window7_224", None, marks=pytest.mark.slow),  # 30 s
 ])
 def test_prefix_cuts_on_model_families(arch, size):
     """The trunk cut is found, validated and exact on each supported family."""

@@ -204,6 +204,7 @@ CURVES = [*DIGITS, "--testsize", "8", "--maxrates", "3", "--maxdeadzones", "1",
           "--nchannelbatch", "8", "--quiet"]
 
 
+# Two curve-script runs in subprocesses: the users of this fixture are `slow`.
 @pytest.fixture(scope="module")
 def digits_curves(tmp_path_factory) -> dict[str, Path]:
     """Weight curves of the bundled digits CNN (conv/BN/ReLU stages), with and without folding."""
@@ -215,6 +216,7 @@ def digits_curves(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 def test_curve_script_with_fold_bn_records_it(digits_curves):
     folded = json.loads((digits_curves["folded"] / "meta.json").read_text())
     plain = json.loads((digits_curves["plain"] / "meta.json").read_text())
@@ -226,6 +228,7 @@ def test_curve_script_with_fold_bn_records_it(digits_curves):
         (digits_curves["plain"] / "layers" / "features.0.npz").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("curves,flag,expect", [
     ("plain", ["--fold-bn"], "without --fold-bn"),
     ("folded", [], "pass --fold-bn"),
@@ -240,6 +243,7 @@ def test_allocation_refuses_a_fold_mismatch(tmp_path, digits_curves, capsys, cur
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_evaluate_allocation_folds_like_the_allocation(tmp_path, digits_curves):
     res = allocate_main("dp", argv=[*DIGITS, "--pathrdcurve", str(digits_curves["folded"]),
                                     "--weights-only", "--target_rates", "2", "--testsize", "16",

@@ -21,6 +21,8 @@ from rdoq.adapters.timm_imagenet import file_sha256
 from rdoq.store import CurveStore
 from tests.conftest import run_script
 
+pytestmark = pytest.mark.slow  # a curve-script run in a subprocess (about 40 s)
+
 
 def make_imagefolder(root, classes=4, per_class=7, size=40):
     rng = np.random.default_rng(0)

@@ -43,6 +43,7 @@ def load_all(curve_set: Path) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+# A curve-script run in a subprocess (about 15 s): its users are `slow`.
 @pytest.fixture(scope="module")
 def vit_weight_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vitw")
@@ -50,6 +51,7 @@ def vit_weight_run(tmp_path_factory) -> Path:
     return only_dir(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["test_vit", "test_resnet"])
 @pytest.mark.parametrize("script,extra,kind,mode", [
     (WEIGHTS, SMALL_W, "weight", None),
@@ -86,6 +88,7 @@ def test_scripts_end_to_end(tmp_path, arch, script, extra, kind, mode):
     assert np.median(np.concatenate(ratios)) < 0.5
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_same_curves(tmp_path, vit_weight_run):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -116,6 +119,7 @@ def test_resume_after_kill_gives_the_same_curves(tmp_path, vit_weight_run):
             np.testing.assert_array_equal(resumed[name][key], fresh[name][key], err_msg=name)
 
 
+@pytest.mark.slow
 def test_truncated_layer_file_is_recomputed_on_resume(tmp_path, vit_weight_run):
     from rdoq.allocation import open_curve_set
 
@@ -142,6 +146,7 @@ def test_truncated_layer_file_is_recomputed_on_resume(tmp_path, vit_weight_run):
         np.testing.assert_array_equal(resumed[broken][key], fresh[broken][key])
 
 
+@pytest.mark.slow
 def test_parts_are_disjoint_and_complete(tmp_path, vit_weight_run):
     written = []
     for part in (0, 1):
@@ -157,6 +162,7 @@ def test_parts_are_disjoint_and_complete(tmp_path, vit_weight_run):
         np.testing.assert_array_equal(parted[name]["dist"], fresh[name]["dist"], err_msg=name)
 
 
+@pytest.mark.slow
 def test_torchrun_environment_selects_the_part(tmp_path, monkeypatch, vit_weight_run):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -221,6 +227,7 @@ def test_unreachable_pretrained_weights_name_the_fix(tmp_path, capsys, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_existing_curve_set_with_other_settings_is_refused(tmp_path, capsys, vit_weight_run):
     target = tmp_path / vit_weight_run.name
     target.mkdir()
@@ -255,6 +262,7 @@ def test_more_bad_flags(tmp_path, capsys, argv, expect):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["not json", "no kind", "old schema", "layer without groups",
                                     "layers not a list", "bits not ints"])
 def test_show_curves_names_a_bad_meta_json(tmp_path, capsys, vit_weight_run, damage):
@@ -315,13 +323,17 @@ def test_ctrl_c_exits_with_one_line_and_code_130(monkeypatch, capsys, main, args
     assert len(err.strip().splitlines()) == 1 and hint in err, err
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_curve_run_keeps_finished_layers(tmp_path, vit_weight_run):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / WEIGHTS), "--archname", "test_vit", *SMALL_W,
            "--outdir", str(tmp_path)]
+    # A test run started in the background inherits SIGINT ignored, and Python then keeps it
+    # ignored in the child: give the script the default disposition a terminal would.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     layers_dir = tmp_path / vit_weight_run.name / "layers"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

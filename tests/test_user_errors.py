@@ -28,7 +28,7 @@ def error_line(capsys, main, argv: list[str]) -> str:
 
 def no_model(monkeypatch) -> None:
     """Any model build fails the test: the error must come before the expensive work."""
-    def refuse(args):
+    def refuse(args, adapter=None):
         raise AssertionError("the model was loaded before the flags were checked")
     monkeypatch.setattr(cli, "build_any_model", refuse)
 
@@ -37,7 +37,7 @@ def captured_args(monkeypatch, capsys, main, argv: list[str]):
     """The resolved flags ``main`` hands to the model build (which is stopped there)."""
     seen = []
 
-    def stop(args):
+    def stop(args, adapter=None):
         seen.append(args)
         raise InputError("stopped by the test")
     monkeypatch.setattr(cli, "build_any_model", stop)

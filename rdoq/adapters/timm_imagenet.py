@@ -3,9 +3,9 @@ ImageFolder, and the explicit synthetic dataset (DESIGN §10)."""
 
 from __future__ import annotations
 
+import argparse
 import difflib
-import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -13,11 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
+# The shared types live in rdoq.adapters.base; importing them from here keeps working.
+from rdoq.adapters.base import (
+    Adapter,
+    Batches,
+    CalibSet,
+    InputError,
+    ModelInfo,
+    file_sha256,
+    load_state_dict,
+)
+from rdoq.evaluate import TensorBatches
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class InputError(ValueError):
-    """Bad user input: the message names the value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -87,40 +95,6 @@ PAPER_ZOO = MappingProxyType({
 })
 
 
-@dataclass
-class ModelInfo:
-    """Where a model's weights came from (recorded in meta.json)."""
-
-    arch: str
-    weights_source: str
-    checkpoint_sha256: str | None = None
-
-
-@dataclass
-class CalibSet:
-    """A calibration tensor and how to recompute it."""
-
-    x: torch.Tensor  # (N, C, H, W) float32
-    source: str
-    items: list[Any]
-    seed: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def meta(self) -> dict[str, Any]:
-        digest = hashlib.sha256(self.x.float().contiguous().numpy().tobytes()).hexdigest()
-        return {"size": int(self.x.shape[0]), "seed": self.seed, "source": self.source,
-                "sha256": digest, "items": self.items, **self.extra}
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_arch(name: str) -> ModelSpec:
     """How to build ``name``: a paper zoo name (PAPER_ZOO) or a timm model name, optionally
     tagged (``resnet50.tv_in1k``); unknown names suggest close ones."""
@@ -169,46 +143,6 @@ def create_model(spec: ModelSpec, pretrained: bool, **kwargs: Any) -> nn.Module:
     name = spec.builder if spec.tag is None else f"{spec.builder}.{spec.tag}"
     return timm.create_model(name, pretrained=pretrained,
                              pretrained_cfg_overlay=overlay or None, **kwargs)
-
-
-def _torch_load_failure(path: Path, err: Exception) -> str:
-    """Why ``torch.load(path, weights_only=True)`` failed, in words a user can act on (torch's
-    own message for a text file is a bare opcode number such as ``101``)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head:
-        return "the file is empty"
-    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte).
-    if not head.startswith((b"PK\x03\x04", b"\x80")):
-        return f"it is neither a torch.save zip archive nor a pickle: it begins with {head!r}"
-    if "Weights only load failed" in str(err):
-        return ("it pickles Python objects other than tensors, which are not loaded because "
-                "that could run code")
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:200]
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a state dict or timm/torch checkpoint file, loaded without executing code."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--checkpoint {path} does not exist; pass a state-dict file")
-    expected = ("expected a PyTorch state dict saved with torch.save(model.state_dict(), FILE), "
-                "a timm checkpoint, or a model_<target>.pth written by --save-model")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise InputError(f"--checkpoint {path} is not a readable torch file "
-                         f"({_torch_load_failure(path, e)}); {expected}") from e
-    # timm's training checkpoints keep the plain weights under "state_dict" (EMA weights, when
-    # present, under "state_dict_ema"); like timm's own loader we take the plain ones.
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputError(f"--checkpoint {path} holds no state dict of tensors; {expected}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def build_model(name: str, checkpoint: Path | None = None, random_init: bool = False,
@@ -366,3 +300,40 @@ def imagenet_eval(datapath: Path, count: int, model: nn.Module, batch_size: int,
     data = LabelledFiles(files, labels, eval_transform(model))
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
                                        num_workers=workers)
+
+
+class ImageNetAdapter(Adapter):
+    """``--dataset imagenet``: timm/torchvision models by name, ImageNet as an ImageFolder at
+    ``--datapath`` (calibration from train/, evaluation on val/)."""
+
+    name = "imagenet"
+
+    def build(self, args: argparse.Namespace) -> tuple[nn.Module, ModelInfo]:
+        return build_model(args.archname, args.checkpoint, args.random_init, args.seed)
+
+    def example_input(self, model: nn.Module, count: int, seed: int) -> torch.Tensor:
+        return synthetic_calib(count, model, seed).x
+
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
+              seed: int) -> CalibSet:
+        return imagenet_calib(args.datapath, size, model, seed)
+
+    def eval_data(self, args: argparse.Namespace, model: nn.Module) -> Batches:
+        return imagenet_eval(args.datapath, args.testsize, model, args.batchsize, args.workers)
+
+
+class SyntheticAdapter(ImageNetAdapter):
+    """``--dataset synthetic``: the imagenet adapter's models on seeded standard-normal inputs
+    without labels (tests and benchmarks only; only the output MSE is defined)."""
+
+    name = "synthetic"
+
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
+              seed: int) -> CalibSet:
+        return synthetic_calib(size, model, seed)
+
+    def eval_data(self, args: argparse.Namespace, model: nn.Module) -> TensorBatches:
+        n = 64 if args.testsize == -1 else args.testsize
+        # A seed apart from the calibration's, so evaluation never sees calibration inputs.
+        return TensorBatches(synthetic_calib(n, model, args.seed + 10_007).x, None,
+                             args.batchsize, "synthetic:randn")
