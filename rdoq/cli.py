@@ -218,7 +218,7 @@ def script_entry(on_interrupt: str = "interrupted"
             try:
                 return main(*args, **kwargs)
             except KeyboardInterrupt:
-                print(f"{Path(sys.argv[0]).name}: {on_interrupt}", file=sys.stderr)
+                sys.stderr.write(f"{Path(sys.argv[0]).name}: {on_interrupt}\n")
                 raise SystemExit(EXIT_INTERRUPTED) from None
         return run
     return decorate
