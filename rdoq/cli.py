@@ -912,6 +912,8 @@ def evaluate_main(argv: list[str] | None = None,
     from rdoq.evaluate import (
         BOPS_INPUT_COUNTS,
         bit_report,
+        outputs,
+        paired_comparison,
         reference_outputs,
         topk_scores,
     )
@@ -940,6 +942,10 @@ def evaluate_main(argv: list[str] | None = None,
                    help="arithmetic of the evaluation")
     o.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
                    help="no progress bars, warnings only (--mute-print: the paper's name)")
+    o.add_argument("--paired", action="store_true",
+                   help="compare every allocation with the first on the same samples: the "
+                        "per-sample output-MSE difference with a 95 %% bootstrap interval, and "
+                        "McNemar's exact test on the top-1 (stored as 'paired' in each row)")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     outdir = args.outdir or args.allocations[0].parent
@@ -984,8 +990,26 @@ def evaluate_main(argv: list[str] | None = None,
     fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
     x1 = next(iter(data))[0][:1].to(device=device, dtype=dtype)
     rows = []
+    first_out = None
+    paired_lines = []
     for path, a in allocs:
-        metrics = adapter.evaluate(apply_allocation(model, a), data, ref, device)
+        q_model = apply_allocation(model, a)
+        metrics = adapter.evaluate(q_model, data, ref, device)
+        if args.paired:
+            out, _ = outputs(q_model, data, device, adapter.run)  # (N, K)
+            if first_out is None:
+                first_out = out
+            else:
+                cmp = paired_comparison(out, first_out, ref, labels)
+                metrics["paired"] = {"vs": str(args.allocations[0].resolve()), **cmp}
+                lo, hi = cmp["mse_diff_ci95"]
+                paired_lines.append(
+                    f"{path} − {args.allocations[0]}: output MSE {cmp['mse_diff']:+.4g} "
+                    f"(95 % bootstrap interval {lo:+.4g} … {hi:+.4g}, n={cmp['n']})"
+                    + ("" if "mcnemar_p" not in cmp else
+                       f"; top-1 right only here {cmp['only_a_right']}, only in the first "
+                       f"{cmp['only_b_right']}, McNemar exact p = {cmp['mcnemar_p']:.3g}"))
+        del q_model
         bits = bit_report(model, a, x1)
         rows.append({"model": info.arch, "method": f"eval:{a.get('method', a.get('solver'))}",
                      "target_bits": a.get("target_bits"), **a.get("summary", {}),
@@ -998,7 +1022,10 @@ def evaluate_main(argv: list[str] | None = None,
                      "bops_inputs": bits["bops_inputs"],
                      "created": datetime.now(timezone.utc).isoformat()})
     append_results(Path(outdir), rows)
-    return {"outdir": str(outdir), "rows": rows, "table": format_table(rows)}
+    table = format_table(rows)
+    if paired_lines:
+        table += "\npaired with the first allocation:\n" + "\n".join(paired_lines)
+    return {"outdir": str(outdir), "rows": rows, "table": table}
 
 
 @script_entry(POINTS_HINT)

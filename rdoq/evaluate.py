@@ -135,6 +135,48 @@ def mean_kl(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
 
 
+def outputs(model: nn.Module, data: Iterable, device: torch.device,
+            run: RunFn = _call) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Outputs ``(N, K)`` float64 of ``run(model, x)`` over ``data`` and its labels ``(N,)``
+    (None without labels): what :func:`evaluate` scores, for paired comparisons."""
+    return _outputs(model, data, device, run)
+
+
+def paired_comparison(out_a: torch.Tensor, out_b: torch.Tensor, ref: torch.Tensor,
+                      labels: torch.Tensor | None, n_boot: int = 2000,
+                      seed: int = 0) -> dict[str, Any]:
+    """How two quantized models differ on the same samples, with the uncertainty of a finite
+    evaluation set: ``out_a, out_b, ref (N, K)`` outputs of A, B and the FP model.
+
+    - Output MSE: ``mse_diff`` = mean over samples of (A's − B's per-sample output MSE) and its
+      95 % percentile-bootstrap interval ``mse_diff_ci95`` (``n_boot`` resamples of the samples,
+      seeded): an interval that contains 0 does not tell A from B.
+    - Top-1 (with labels): ``only_a_right`` / ``only_b_right``, the samples only one of them gets
+      right, and the exact two-sided McNemar p-value ``mcnemar_p`` (binomial test on those
+      discordant samples). Both assume independent samples; crops of one image are not, which
+      makes both too confident.
+    """
+    from scipy.stats import binomtest
+
+    if not (out_a.shape == out_b.shape == ref.shape):
+        raise ValueError(f"outputs of different shapes: {tuple(out_a.shape)}, "
+                         f"{tuple(out_b.shape)}, reference {tuple(ref.shape)}")
+    d = (((out_a - ref) ** 2).mean(1) - ((out_b - ref) ** 2).mean(1)).double().numpy()  # (N,)
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, d.shape[0], size=(n_boot, d.shape[0]))].mean(1)  # (n_boot,)
+    res: dict[str, Any] = {"n": int(d.shape[0]), "mse_diff": float(d.mean()),
+                           "mse_diff_ci95": [float(np.percentile(boot, 2.5)),
+                                             float(np.percentile(boot, 97.5))]}
+    if labels is not None:
+        a_ok = out_a.argmax(1) == labels  # (N,)
+        b_ok = out_b.argmax(1) == labels  # (N,)
+        only_a, only_b = int((a_ok & ~b_ok).sum()), int((b_ok & ~a_ok).sum())
+        res.update(only_a_right=only_a, only_b_right=only_b,
+                   mcnemar_p=(float(binomtest(only_a, only_a + only_b).pvalue)
+                              if only_a + only_b else 1.0))
+    return res
+
+
 def _prod(shape: Iterable[int]) -> int:
     return math.prod(int(s) for s in shape)
 
