@@ -251,6 +251,7 @@ def digits_curves(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["measured", "hessian"])
 def test_curve_scripts_store_entropy(digits_curves, estimator):
     store = CurveStore.load(digits_curves[estimator])
@@ -284,6 +285,7 @@ def _deployed_entropy_bits(alloc: dict) -> float:
     return total / n_all
 
 
+@pytest.mark.slow
 def test_dp_with_entropy_rate_end_to_end(tmp_path, digits_curves):
     base = [*DIGITS, "--pathrdcurve", str(digits_curves["measured"]), "--weights-only",
             "--testsize", "64", "--batchsize", "32", "--quiet", "--no-plots",
