@@ -88,6 +88,17 @@ def test_scripts_end_to_end(tmp_path, arch, script, extra, kind, mode):
     assert np.median(np.concatenate(ratios)) < 0.5
 
 
+def _wait_for_layers(proc: subprocess.Popen, layers_dir: Path, n: int, what: str) -> None:
+    """Wait (at most 300 s) until a running curve script has written ``n`` layer files; it must
+    still be running then, so that it can be ``what`` (killed, interrupted) mid-run."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if layers_dir.is_dir() and len(list(layers_dir.glob("*.npz"))) >= n:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run finished before it could be {what}"
+
+
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_curves(tmp_path, vit_weight_run):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
@@ -96,12 +107,7 @@ def test_resume_after_kill_gives_the_same_curves(tmp_path, vit_weight_run):
            "--outdir", str(tmp_path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     layers_dir = tmp_path / vit_weight_run.name / "layers"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if layers_dir.is_dir() and len(list(layers_dir.glob("*.npz"))) >= 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    _wait_for_layers(proc, layers_dir, 3, "killed")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     store = CurveStore.load(tmp_path / vit_weight_run.name)
@@ -335,12 +341,7 @@ def test_ctrl_c_in_a_curve_run_keeps_finished_layers(tmp_path, vit_weight_run):
                             text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     layers_dir = tmp_path / vit_weight_run.name / "layers"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if layers_dir.is_dir() and len(list(layers_dir.glob("*.npz"))) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be interrupted"
+    _wait_for_layers(proc, layers_dir, 2, "interrupted")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
