@@ -84,6 +84,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "%(default)s); a re-run resumes the curves")
     p.add_argument("--mem-budget-mb", type=float, default=None,
                    help="memory budget of the curve scripts (default: theirs)")
+    p.add_argument("--shrink", default="auto",
+                   help="the allocation scripts' --shrink for the RDOQ and --layerwise rows "
+                        "(default: %(default)s: cross-validated pooling when the curves store "
+                        "calibration folds)")
     p.add_argument("--fold-bn", action="store_true",
                    help="fold BatchNorm into the convolutions first (curves, allocation and "
                         "evaluation of the folded model)")
@@ -155,12 +159,13 @@ def bench_row(r: dict[str, Any]) -> dict[str, Any]:
     method = "uniform" if tags[0] == "uniform" else "layerwise" if "layerwise" in tags else "rdoq"
     return {"method": method, "bcw": "bcw" in tags, "w_target": r["target_bits"],
             "a_target": r.get("act_target_bits"), "w_bits": r["w_bits"], "a_bits": r["a_bits"],
-            "agreement": r["top1"], "out_mse": r["out_mse"], "kl": r["kl"]}
+            "agreement": r["top1"], "out_mse": r["out_mse"], "kl": r["kl"],
+            "shrink_alpha": r.get("shrink_alpha")}
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     head = (f"{'method':>9}  {'bcw':>3}  {'W tgt':>5}  {'A tgt':>5}  {'W bits':>6}  "
-            f"{'A bits':>6}  {'agree %':>7}  {'out MSE':>9}  {'KL':>9}")
+            f"{'A bits':>6}  {'agree %':>7}  {'out MSE':>9}  {'KL':>9}  {'α':>4}")
     lines = [head, "-" * len(head)]
     for r in rows:
         def num(v, fmt):
@@ -170,7 +175,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
                      f"{num(r['w_target'], '5g')}  {num(r['a_target'], '5g')}  "
                      f"{num(r['w_bits'], '6.3f')}  {num(r['a_bits'], '6.3f')}  "
                      f"{num(r['agreement'], '7.2f')}  {num(r['out_mse'], '9.3e')}  "
-                     f"{num(r['kl'], '9.3e')}")
+                     f"{num(r['kl'], '9.3e')}  {num(r.get('shrink_alpha'), '4g')}")
     return "\n".join(lines)
 
 
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wroot, wroot_bcw, aroot, timings = make_curves(args, root / "curves")
     base = [*common_flags(args), "--testsize", str(args.eval), "--outdir", str(root / "results"),
             "--no-plots"]
+    shrink = ["--shrink", args.shrink]
     wtargets = [f"{t:g}" for t in args.targets]
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # Weights-only on purpose: activations stay FP.
             results += allocate_main("dp", argv=[*base, "--pathrdcurve", str(curves),
                                                  "--weights-only", "--target_rates", *wtargets,
-                                                 *extra, *bcw])["rows"]
+                                                 *extra, *bcw, *shrink])["rows"]
     for bcw in ([], ["-bcw"]):
         results += uniform_main([*base, "--calibsize", str(args.calib), "--no-acts",
                                  "--target_rates", *wtargets, *bcw])["rows"]
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results += allocate_main("dp", argv=[*base, "--pathrdcurve", str(wroot),
                                              "--act_curve_root_dir", str(aroot),
                                              "--target_rates", *w,
-                                             "--act-target-rates", *a])["rows"]
+                                             "--act-target-rates", *a, *shrink])["rows"]
         results += uniform_main([*base, "--calibsize", str(args.calib), "--target_rates", *w,
                                  "--act-target-rates", *a])["rows"]
     timings["allocate_eval_s"] = time.perf_counter() - t0
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first = load_allocation(root / "results" / results[0]["allocation"])
     return {"model": results[0]["model"], "weights_source": first.get("weights_source"),
             "estimator": args.estimator, "fold_bn": args.fold_bn,
-            "weight_flags": args.weight_flags, "calib": args.calib, "eval": args.eval,
+            "weight_flags": args.weight_flags, "shrink": args.shrink, "calib": args.calib,
+            "eval": args.eval,
             "group_size": args.nchannelbatch, "rows": rows,
             "timings": {k: round(v, 1) for k, v in timings.items()},
             "seconds": round(time.perf_counter() - t_start, 1), "peak_rss_mb": round(peak, 1)}

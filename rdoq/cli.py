@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import logging
 import os
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import torch
-from tqdm import tqdm
 
 from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, InputError
@@ -28,6 +26,7 @@ from rdoq.fold import is_folded_source
 from rdoq.hessian import PAPER_KAPPA, PAPER_PROBE, PROBES, HessianSettings
 from rdoq.parts import resolve_part
 from rdoq.search import scale_grid
+from rdoq.shrink import DEFAULT_FOLDS
 from rdoq.store import atomic_write_json, curve_set_name
 
 log = logging.getLogger("rdoq")
@@ -45,6 +44,20 @@ def _positive(kind: type, name: str):
             raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
         return value
     return parse
+
+
+def shrink_mode(text: str) -> str:
+    """``--shrink``: auto, cv, off, or a weight in [0, 1] (kept as its text)."""
+    if text in ("auto", "cv", "off"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--shrink takes auto, cv, off or a weight in [0, 1] "
+                                         f"(1 = the raw group curves), got {text!r}")
+    return text
 
 
 def add_model_flags(g: argparse._ArgumentGroup, archname_default: str | None = "mobilenetv2py",
@@ -323,6 +336,15 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
         h.add_argument("--first-order", action="store_true",
                        help="add the first-order term 1ᵀP/N (with --probe norm)")
         p.set_defaults(outdir=Path("hessian_curves"))
+    # Free for the second-order estimator (its rows are per sample); the measured engine
+    # evaluates every chosen point once more, so it is off there unless asked for.
+    folds = DEFAULT_FOLDS if estimator == "hessian" else 0
+    cost = "free here" if folds else "costs one more evaluation of each chosen point"
+    p.add_argument("--folds", type=int, default=folds,
+                   help=f"also store the curves of this many calibration folds (crops of one "
+                        f"image stay in one fold), which the allocation scripts' --shrink uses "
+                        f"to pool noisy group curves by cross-validation; {cost}; 0: none "
+                        f"(default: {folds})")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     ndz = 1 if kind == "act" or args.disable_deadzone else args.maxdeadzones
@@ -352,14 +374,15 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
                                     args.scale_steps) if kind == "weight" else (0.0,)),
             hessian=HessianSettings.from_flags(
                 "paper" if args.paper_hessian else None, args.probe, args.kappa, args.nprobes,
-                args.first_order, args.seed) if estimator == "hessian" else None)
+                args.first_order, args.seed) if estimator == "hessian" else None,
+            folds=args.folds)
         job.search_settings()
         model, info, calib = load_model_and_calib(args, get_adapter(args.dataset, adapters))
     except (InputError, ValueError) as e:
         p.error(str(e))
     try:
         summary = generate_curves(model, calib.x, vars(info), calib.meta(), job, root, part,
-                                  device)
+                                  device, units=calib.units)
     except ValueError as e:
         p.error(str(e))
     atomic_write_json(Path(root) / f"run_part{part.part_id:03d}.json",
@@ -546,6 +569,14 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str,
             c.add_argument("--no-fill", action="store_true",
                            help="leave the budget the solver does not spend (the paper); "
                                 "default: spend it on upgrades that raise no distortion")
+        c.add_argument("--shrink", type=shrink_mode, default="auto",
+                       help="pool each group's curve toward its layer's per-weight curve, "
+                            "D = a*D_group + (1-a)*n*D_layer, against the calibration noise the "
+                            "allocator would otherwise exploit: 'cv' chooses a per target by "
+                            "cross-validation over the calibration folds second-order curves "
+                            "store (--folds); a number in [0, 1] fixes it; 'off' uses the raw "
+                            "curves (the paper); 'auto' = cv for weight curves measured with "
+                            "-bcw that store folds, else off (default: auto)")
         c.add_argument("--fp-act-layers", default="ends",
                        help="activation layers kept in full precision: 'ends' (first and last, as "
                             "in the paper's DP/LG), 'none', or comma-separated layer names")
@@ -709,15 +740,13 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
     """Entry point of the DP (``method="dp"``), Lagrangian-target (``"lg"``) and slope-sweep
     (``"frontier"``) scripts: solve, apply, evaluate, write artifacts. Returns the rows and the
     printed table. ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
-    from rdoq.allocation import (
-        ACT,
-        build_table,
-        frontier_choices,
-        make_allocation,
-        monotone_items,
-        open_curve_set,
-        restrict,
-        solve_recorded,
+    from rdoq.allocation import ACT, frontier_choices, open_curve_set
+    from rdoq.pipeline import (
+        SolvedPoint,
+        TableSpec,
+        distinct_columns,
+        run_points,
+        solve_targets_shrunk,
     )
 
     titles = {"dp": "dynamic programming", "lg": "Lagrangian (target rates)",
@@ -752,34 +781,32 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
         dims = {n: adapter.channel_axis(modules[n])
                 for n in (astore.layer_names() if astore else [])
                 if n in modules}
-        table = build_table(wstore, astore, fp_acts, uniform_only=bool(args.closedeadzone),
-                            act_channel_dims=dims, rate=args.rate)
         max_bits = args.maxbits
         if args.maxrates is not None:
             max_bits = min(args.maxrates - 1, max_bits if max_bits is not None else 10**6)
-        fit = monotone_items(table, args.monotone, bool(wstore.meta.get("bias_corr")))
-        # What the fit covered, for the results: "weights", "all" or "none".
-        args.monotone_applied = ("none" if not fit.any() else "all" if fit.all() else
-                                 "weights")
-        table = restrict(table, allowed_bits=args.bit_list, min_bits=args.minrate,
-                         max_bits=max_bits, smooth=args.smooth_dists, monotone=fit)
+        spec = TableSpec(wstore, astore, fp_acts, dims, uniform_only=bool(args.closedeadzone),
+                         rate=args.rate, monotone=args.monotone, allowed_bits=args.bit_list,
+                         min_bits=args.minrate, max_bits=max_bits, smooth=args.smooth_dists)
         if method == "frontier":
+            if args.shrink not in ("auto", "off"):
+                raise InputError(f"--shrink {args.shrink} needs target rates: the slope sweep "
+                                 f"has none to cross-validate at; use the DP or LG script")
+            table = spec.table()
             slopes = args.slopes or [FRONTIER_SLOPE0 + FRONTIER_SLOPE_STEP * j
                                      for j in range(args.maxslopesteps)]
             sweep, solve_s = frontier_choices(table, slopes, args.layerwise)
-            points = _distinct_columns(sweep, slopes)
-            solve_s /= max(len(points), 1)
-            records: list[dict[str, float]] = [{} for _ in points]  # no budget, no DP
+            solved = [SolvedPoint(c, table, {}, tags)
+                      for c, tags in distinct_columns(sweep, slopes)]
+            solve_s /= max(len(solved), 1)
         else:
-            solved = solve_recorded(table, args.target_rates, method, args.act_target_rates,
-                                    args.layerwise, fill=not args.no_fill)
-            choices, records = solved.choices, solved.records
-            solve_s = solved.seconds / len(choices)
-            acts = args.act_target_rates
-            points = [(c, {"target_bits": t,
-                           "act_target_bits": (None if acts is None else
-                                               (acts[0] if len(acts) == 1 else acts[i]))})
-                      for i, (c, t) in enumerate(zip(choices, args.target_rates, strict=True))]
+            solved, solve_s = solve_targets_shrunk(
+                spec, args.target_rates, args.act_target_rates, method, args.layerwise,
+                fill=not args.no_fill, shrink=args.shrink)
+            table = solved[0].table
+        fit = spec.monotone_mask(table)
+        # What the fit covered, for the results: "weights", "all" or "none".
+        args.monotone_applied = ("none" if not fit.any() else "all" if fit.all() else
+                                 "weights")
         calib = None
         if bool(args.bias_corr_weight) != bool(wstore.meta.get("bias_corr")):
             log.warning("the weight curves were measured %s -bcw but this allocation is "
@@ -793,112 +820,13 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
         model = model.to(device=device, dtype=dtype).eval()
         data = eval_data_for(args, model, adapter)
         name = _method_name(method, args)
-        allocs = [(make_allocation(table, c, target_bits=t.get("target_bits"), solver=method,
-                                   extra={k: v for k, v in t.items() if k != "target_bits"},
-                                   record=rec), t)
-                  for (c, t), rec in zip(points, records, strict=True)]
+        allocs = [(point.allocation(method), point.tags) for point in solved]
         log.info("%s: %d items (%d activation groups), %d points to evaluate", name,
-                 len(table.kind), int((table.kind == ACT).sum()), len(points))
-        return _run_points(args, adapter, model, info, data, calib, outdir, name, allocs,
-                           solve_s, device)
+                 len(table.kind), int((table.kind == ACT).sum()), len(allocs))
+        return run_points(args, adapter, model, info, data, calib, outdir, name, allocs,
+                          solve_s, device)
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
-
-
-def _run_points(args: argparse.Namespace, adapter: Adapter, model: torch.nn.Module, info, data,
-                calib: torch.Tensor | None, outdir: Path, name: str,
-                points: list[tuple[dict[str, Any], dict[str, Any]]],
-                solve_s: float | None, device: torch.device) -> dict[str, Any]:
-    """Correct, save, apply and evaluate each allocation; write results (one line as each point
-    finishes) and plots. Refuses, before any work, to overwrite an allocation file that holds a
-    different allocation (made with other settings) — use another --outdir."""
-    from rdoq.allocation import load_allocation, save_allocation
-    from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
-    from rdoq.evaluate import (
-        BOPS_INPUT_COUNTS,
-        bit_report,
-        reference_outputs,
-        topk_scores,
-    )
-    from rdoq.report import append_results, format_table, plot_allocation, plot_results
-
-    adir = outdir / name  # one subdirectory per method: methods may share --outdir
-    planned = []
-    for alloc, tags in points:
-        alloc.update(model=info.arch, method=name, weights_source=info.weights_source,
-                     checkpoint_sha256=info.checkpoint_sha256)
-        apath = adir / f"allocation_{_point_label(tags)}.json"
-        if apath.is_file():
-            old = {k: v for k, v in load_allocation(apath).items() if k != "corrections"}
-            if old != json.loads(json.dumps(alloc)):
-                diff = sorted(k for k in set(old) | set(alloc) if old.get(k) != alloc.get(k))
-                raise InputError(f"{apath} holds another allocation (differs in {diff}); use "
-                                 f"another --outdir to keep both")
-        planned.append((alloc, tags, apath))
-    outdir.mkdir(parents=True, exist_ok=True)
-    ref, labels = reference_outputs(model, data, device, adapter.run)
-    fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
-    x1 = next(iter(data))[0][:1].to(device=device, dtype=next(model.parameters()).dtype)
-    rows = []
-    for alloc, tags, apath in tqdm(planned, desc=name, unit="point", disable=args.quiet):
-        if calib is not None:
-            alloc["corrections"] = estimate_corrections(
-                model, alloc, calib, bcw=args.bias_corr_weight, bca=args.bias_corr_act,
-                batch_size=args.batchsize)
-        label = _point_label(tags)
-        save_allocation(apath, alloc)
-        q_model = apply_allocation(model, alloc)
-        metrics = adapter.evaluate(q_model, data, ref, device)
-        if args.save_model:
-            save_quantized(adir / f"model_{label}.pth", q_model, alloc)
-        bits = bit_report(model, alloc, x1)
-        row = {"model": info.arch, "method": name, **tags, **alloc["summary"],
-               **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb", "fp_size_mb",
-                                       "bops_ratio", *BOPS_INPUT_COUNTS)},
-               **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"], "solve_s": solve_s,
-               "smooth_dists": getattr(args, "smooth_dists", False),
-               "monotone": getattr(args, "monotone_applied", None),
-               "allocation": str(apath.relative_to(outdir)),
-               "fp_weight_layers": bits["fp_weight_layers"],
-               "fp_act_layers": bits["fp_act_layers"], "bops_inputs": bits["bops_inputs"],
-               "created": datetime.now(timezone.utc).isoformat()}
-        rows.append(row)
-        all_rows = append_results(outdir, [row])
-        log.info("%s %s: W %.3f A %s bits, top-1 %s, out MSE %.3e", name, label, row["w_bits"],
-                 "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
-                 "-" if row["top1"] is None else f"{row['top1']:.2f}", row["out_mse"])
-        if not args.no_plots and alloc["solver"] != "uniform":
-            plot_allocation(alloc, adir / f"bits_{label}.png")
-        del q_model
-    if not args.no_plots and rows:
-        plot_results([r for r in all_rows if r.get("model") == info.arch],
-                     outdir / "results.png", info.arch)
-    fp_line = (f"full precision: top-1 {fp['top1']:.2f} %, top-5 {fp['top5']:.2f} % on "
-               f"{fp['n_eval']} samples" if fp["top1"] is not None
-               else f"full precision: {fp['n_eval']} unlabelled samples (output MSE only)")
-    return {"outdir": str(outdir), "rows": rows, "table": fp_line + "\n" + format_table(rows)}
-
-
-def _distinct_columns(sweep, slopes: list[float]) -> list[tuple[Any, dict[str, Any]]]:
-    """One point per distinct allocation of a slope sweep (the slopes that give it listed)."""
-    points: dict[bytes, tuple[Any, dict[str, Any]]] = {}
-    for j, s in enumerate(slopes):
-        col = sweep[:, j]
-        key = col.tobytes()
-        if key in points:
-            points[key][1]["slopes_log2"].append(s)
-        else:
-            points[key] = (col.copy(), {"slope_log2": s, "slopes_log2": [s]})
-    return list(points.values())
-
-
-def _point_label(tags: dict[str, Any]) -> str:
-    if tags.get("target_bits") is None:
-        return f"slope_{tags['slope_log2']:g}"
-    label = f"{tags['target_bits']:g}"
-    if tags.get("act_target_bits") is not None:
-        label += f"_a{tags['act_target_bits']:g}"
-    return label
 
 
 @script_entry(POINTS_HINT)
@@ -1036,6 +964,7 @@ def uniform_main(argv: list[str] | None = None,
     ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
     from rdoq.baselines import collect_acts, uniform_allocation
     from rdoq.groups import act_shapes
+    from rdoq.pipeline import run_points
 
     p = argparse.ArgumentParser(description="Uniform-precision baseline: per-channel steps by "
                                             "minimum MSE, evaluated like RDOQ allocations.")
@@ -1080,7 +1009,7 @@ def uniform_main(argv: list[str] | None = None,
               for w, a in zip(args.target_rates, act_bits, strict=True)]
     use_calib = calib if (args.bias_corr_weight or args.bias_corr_act) else None
     try:
-        return _run_points(args, adapter, model, info, data, use_calib, outdir,
+        return run_points(args, adapter, model, info, data, use_calib, outdir,
                            _method_name("uniform", args), points, None, device)
     except (InputError, ValueError) as e:
         p.error(str(e))

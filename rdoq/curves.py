@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,6 +85,12 @@ class CurveJob:
     scales_log2: tuple[float, ...] = scale_grid(1.0, 4)
     # Weights: curves of the layer after the -bcw bias correction that deployment applies.
     bias_corr: bool = False
+    # Also store each of this many calibration folds' own curve (``dist_folds``), for the
+    # cross-validated shrinkage of the allocation (rdoq.shrink).
+    folds: int = 0
+    # Only these layers (names, in the model's order), e.g. a detector's chosen layer sets;
+    # None: every quantizable layer.
+    layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("weight", "act"):
@@ -105,6 +112,8 @@ class CurveJob:
         if self.step_mode not in STEP_MODES:
             raise ValueError(f"step mode must be one of {STEP_MODES}, got {self.step_mode!r}")
         ScaleSettings(tuple(range(self.nr)), tuple(self.scales_log2))
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError(f"--folds must be 0 (none) or >= 2, got {self.folds}")
 
     @property
     def channel_steps(self) -> bool:
@@ -137,7 +146,7 @@ class LayerPlan:
 
 def plan_layers(model: nn.Module, x1: torch.Tensor, job: CurveJob) -> list[LayerPlan]:
     """The layers and groups a job covers (weights: weight shapes; acts: per-sample shapes)."""
-    layers = find_layers(model)
+    layers = [lay for lay in find_layers(model) if job.layers is None or lay.name in job.layers]
     modules = dict(model.named_modules())
     plans = []
     if job.kind == "weight":
@@ -181,9 +190,29 @@ def max_rows_for(model: nn.Module, x1: torch.Tensor, budget_mb: float) -> int:
     return max(int(budget_mb * 2**20 // max(8 * widest[0], 1)), 1)
 
 
+def assign_folds(units: Sequence[Any], count: int) -> tuple[np.ndarray, str]:
+    """The fold of each calibration sample ``(N,)`` and what the folds split: ``units`` names
+    each sample's source (e.g. the image a crop was cut from), so that crops of one image stay
+    in one fold and a held-out fold is as new to the curves as the evaluation data is. Units
+    are dealt round robin in order of first appearance; with fewer units than ``count`` each
+    unit is a fold. ``by`` is "unit" when some unit holds several samples, else "sample"."""
+    order: dict[Any, int] = {}
+    for u in units:
+        order.setdefault(u, len(order))
+    n_folds = min(count, len(order))
+    if n_folds < 2:
+        raise ValueError(f"--folds {count} needs at least 2 distinct calibration sources, the "
+                         f"calibration set has {len(order)}; use more calibration samples or "
+                         f"--folds 0")
+    fold_of = np.array([order[u] % n_folds for u in units], dtype=np.int64)  # (N,)
+    return fold_of, "unit" if len(order) < len(units) else "sample"
+
+
 def build_meta(job: CurveJob, model_info: dict[str, Any], calib: dict[str, Any],
-               plans: list[LayerPlan], estimator_params: dict[str, Any] | None = None) -> dict:
-    """meta.json contents for a curve set (DESIGN §5)."""
+               plans: list[LayerPlan], estimator_params: dict[str, Any] | None = None,
+               folds: dict[str, Any] | None = None) -> dict:
+    """meta.json contents for a curve set (DESIGN §5). ``folds``: the calibration folds of
+    ``dist_folds`` (count, what they split, the fold of each sample), None without."""
     return {
         "kind": job.kind, "estimator": job.estimator,
         "act_mode": job.act_mode if job.kind == "act" else None,
@@ -197,6 +226,7 @@ def build_meta(job: CurveJob, model_info: dict[str, Any], calib: dict[str, Any],
         "steps": "channel" if job.channel_steps else "group",
         "scales_log2": list(job.scales_log2) if job.channel_steps else None,
         "bias_corr": job.kind == "weight" and job.bias_corr,
+        "folds": folds,
         "argv": job.argv or sys.argv, "created": datetime.now(timezone.utc).isoformat(),
     }
 
@@ -271,16 +301,23 @@ def naive_backend(naive: NaiveEvaluator, plan: LayerPlan, job: CurveJob,
 
 def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[str, Any],
                     calib_meta: dict[str, Any], job: CurveJob, root: Path, part: PartSpec,
-                    device: torch.device) -> dict[str, Any]:
+                    device: torch.device,
+                    units: Sequence[Any] | None = None) -> dict[str, Any]:
     """Measure and store the curves of this part's layers into the curve set ``root``.
 
-    Returns a summary: layers written/skipped, distinct candidates evaluated, seconds.
+    ``units``: the source of each calibration sample (:attr:`rdoq.adapters.base.CalibSet.units`)
+    for ``job.folds``; None: every sample its own. Returns a summary: layers written/skipped,
+    distinct candidates evaluated, seconds.
     """
     t0 = time.perf_counter()
     model = model.to(device=device, dtype=job.dtype).eval()
     x = calib_x.to(device=device, dtype=job.dtype)
     plans = plan_layers(model, x[:1], job)
-    store = CurveStore.open(root, build_meta(job, model_info, calib_meta, plans))
+    fold_of, folds = None, None
+    if job.folds:
+        fold_of, by = assign_folds(units if units is not None else range(x.shape[0]), job.folds)
+        folds = {"count": int(fold_of.max()) + 1, "by": by, "of_sample": fold_of.tolist()}
+    store = CurveStore.open(root, build_meta(job, model_info, calib_meta, plans, folds=folds))
     names = [p.name for p in plans]
     macs = layer_macs(model, x[:1], names)
     per_group = job.ndz * job.nr * 4 if job.kind == "weight" else job.nr * 8
@@ -302,12 +339,13 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         sweep = GradientSweep(model, x, [p.name for p in todo], job.kind, job.hessian,
                               job.act_mode, batch_size=job.sweep_batch,
                               mem_budget_mb=job.mem_budget_mb, progress=job.progress,
-                              bias_corr=job.bias_corr)
+                              bias_corr=job.bias_corr, folds=fold_of)
         log.info("second-order estimator: %d layers in %d gradient sweep(s)", len(todo),
                  sweep.n_sweeps)
     else:
         max_rows = max_rows_for(model, x[:1], job.mem_budget_mb)
-        engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts)
+        engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts,
+                                folds=fold_of)
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
     for plan in bar:
         lt = time.perf_counter()
@@ -337,6 +375,8 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         n_evals = np.zeros(len(plan.bounds), dtype=np.int64)
         for c in chains:
             n_evals[c.group] += c.n_evals
+        if fold_of is not None:
+            extra["dist_folds"] = fold_curves(chains, backend, dist.shape, folds["count"])
         if job.kind == "weight":
             # The entropy rate of every point (--rate entropy), from the weight both
             # estimators quantized, with the point's own quantizer.
@@ -355,6 +395,26 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
     if job.estimator == "hessian":
         summary["gradient_sweeps"] = sweep.sweeps
     return summary
+
+
+def fold_curves(chains: list[Chain] | list[ScaleChain], backend: Any,
+                shape: tuple[int, int, int], n_folds: int, chunk: int = 4096) -> np.ndarray:
+    """Each calibration fold's own distortion ``(F, G, D, B)`` of the points the search chose
+    on all samples (same step, dead zone and width), from a ``backend`` with
+    ``folds(cands) -> (K, F)``. Their mean weighted by the fold sizes is ``dist``. Free for the
+    second-order backends (their rows are per sample); the measured ones evaluate each chosen
+    point once more."""
+    out = np.full((n_folds, *shape), np.inf)  # (F, G, D, B)
+    cands, where = [], []
+    for c in chains:
+        for b, cand in enumerate(c.best_candidates()):
+            cands.append(cand)
+            where.append((c.group, c.dz_index, b))
+    for i in range(0, len(cands), chunk):
+        per = backend.folds(cands[i:i + chunk])  # (k, F)
+        for (g, d, b), row in zip(where[i:i + chunk], per, strict=True):
+            out[:, g, d, b] = row
+    return out
 
 
 def job_dict(job: CurveJob) -> dict[str, Any]:

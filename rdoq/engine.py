@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdoq.groups import channel_dim, hooked_forward
+from rdoq.groups import channel_dim, hooked_forward, is_sparse_conv
 from rdoq.quantizers import (
     quantize_uniform,
     quantize_weight_steps,
@@ -246,9 +246,12 @@ class MeasuredEngine:
     """
 
     def __init__(self, model: nn.Module, calib: torch.Tensor, max_rows: int,
-                 use_cuts: bool = True):
+                 use_cuts: bool = True, folds: Sequence[int] | None = None):
         self.model = model.eval()
         self.calib = calib  # (N, ...) on the model's device and dtype
+        # Calibration folds (the fold of each sample, (N,)) for per-fold distortions of the
+        # chosen points (rdoq.curves.fold_curves); None: none.
+        self.fold_of = None if folds is None else np.asarray(folds, dtype=np.int64)
         self.max_rows = max(int(max_rows), 1)
         self.modules = dict(model.named_modules())
         self.use_cuts = use_cuts
@@ -513,18 +516,25 @@ class MeasuredEngine:
         """Whether replacing the layer's forward perturbs every use of its weight: it runs once
         per forward and no other module holds the same weight. Otherwise (e.g. BEiT/EVA read
         ``qkv.weight`` inside the attention's own forward; tied weights) the engine swaps the
-        parameter in place and runs full forwards, one candidate at a time."""
+        parameter in place and runs full forwards, one candidate at a time. So it does for
+        every layer of a model that runs each sample alone (``batches_samples`` False, e.g.
+        :class:`rdoq.adapters.sparse.FrameRunner`): there a layer call holds one sample, not the
+        K slots the slot forwards split the batch into."""
         if layer not in self._slot_ok:
             weight = getattr(self.modules[layer], "weight", None)
             holders = [n for n, m in self.modules.items()
                        if any(p is weight for p in m.parameters(recurse=False))]
-            self._slot_ok[layer] = self._calls.get(layer, 0) == 1 and holders == [layer]
+            self._slot_ok[layer] = (getattr(self.model, "batches_samples", True)
+                                    and self._calls.get(layer, 0) == 1 and holders == [layer])
         return self._slot_ok[layer]
 
     # -- measurement
     def measure(self, layer: str, k: int,
-                slots: Callable[[bool], contextlib.AbstractContextManager]) -> np.ndarray:
-        """Distortion of k slot perturbations of ``layer``: (k,) float64.
+                slots: Callable[[bool], contextlib.AbstractContextManager],
+                per_fold: bool = False) -> np.ndarray:
+        """Distortion of k slot perturbations of ``layer``: (k,) float64, or with
+        ``per_fold`` each calibration fold's own, (k, F) (their mean weighted by the fold
+        sizes is the former).
 
         ``slots(identity)`` returns a context manager installing the slot forward of ``layer``;
         with ``identity=True`` every slot is unperturbed (used once per (layer, k) to get the
@@ -543,7 +553,15 @@ class MeasuredEngine:
         self.seconds["candidates"] += time.perf_counter() - t0
         self.passes["candidates"] += 1
         diff = (out - ref).double()
-        return (diff * diff).mean(dim=(1, 2)).cpu().numpy()
+        if not per_fold:
+            return (diff * diff).mean(dim=(1, 2)).cpu().numpy()
+        if self.fold_of is None:
+            raise ValueError("this engine was made without calibration folds")
+        per_sample = (diff * diff).mean(dim=2).cpu().numpy()  # (k, N)
+        n_folds = int(self.fold_of.max()) + 1
+        sums = np.zeros((k, n_folds))
+        np.add.at(sums.T, self.fold_of, per_sample.T)
+        return sums / np.bincount(self.fold_of, minlength=n_folds)  # (k, F)
 
     def _reference_for(self, layer: str, k: int, slots) -> torch.Tensor:
         # The identity pass must match a plain full forward; if replay or the cut ever broke
@@ -620,13 +638,20 @@ class WeightBackend:
         c0, c1 = self.bounds[cand.group]
         return bcw_shift(self.weight[c0:c1], wq, self.input_mean[c0:c1])
 
-    def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, cands: Sequence[Candidate],
+                 per_fold: bool = False) -> tuple[np.ndarray, np.ndarray]:
         if not self.engine.slot_forward_ok(self.layer):
-            out = [self._swapped([c]) for c in cands]
+            out = [self._swapped([c], per_fold) for c in cands]
             return np.concatenate([d for d, _ in out]), np.concatenate([m for _, m in out])
-        return self._slots(cands)
+        return self._slots(cands, per_fold)
 
-    def _swapped(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
+    def folds(self, cands: Sequence[Candidate]) -> np.ndarray:
+        """Each calibration fold's distortion of the candidates, ``(K, F)``."""
+        return np.concatenate([self(cands[i:i + self.max_batch], per_fold=True)[0]
+                               for i in range(0, len(cands), self.max_batch)])
+
+    def _swapped(self, cands: Sequence[Candidate],
+                 per_fold: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """One candidate with the parameter swapped in place (full forwards)."""
         (cand,) = cands
         c0, c1 = self.bounds[cand.group]
@@ -656,9 +681,10 @@ class WeightBackend:
                 if handle is not None:
                     handle.remove()
 
-        return self.engine.measure(self.layer, 1, swap), mse
+        return self.engine.measure(self.layer, 1, swap, per_fold), mse
 
-    def _slots(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
+    def _slots(self, cands: Sequence[Candidate],
+               per_fold: bool = False) -> tuple[np.ndarray, np.ndarray]:
         k = pad_slots(len(cands), self.max_batch)
         weights = self.weight.unsqueeze(0).repeat(k, *([1] * self.weight.dim()))  # (K, *W)
         mse = np.empty(len(cands))
@@ -680,7 +706,7 @@ class WeightBackend:
             return weight_slots(self.module, weights, self.engine.shares_input(self.layer),
                                 offsets)
 
-        dist = self.engine.measure(self.layer, k, slots)
+        dist = self.engine.measure(self.layer, k, slots, per_fold)
         return dist[: len(cands)], mse
 
 
@@ -799,7 +825,8 @@ class ActBackend:
             mask[i, c0:c1] = True
         return ActSlotParams(step.to(dev), qmin.to(dev), qmax.to(dev), mask.to(dev))
 
-    def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, None]:
+    def __call__(self, cands: Sequence[Candidate],
+                 per_fold: bool = False) -> tuple[np.ndarray, None]:
         k = pad_slots(len(cands), self.max_batch)
         params = self.params(cands, k)
         none = self.params([], k)
@@ -807,8 +834,13 @@ class ActBackend:
         def slots(identity: bool) -> contextlib.AbstractContextManager:
             return act_slots(self.module, self.mode, none if identity else params)
 
-        dist = self.engine.measure(self.layer, k, slots)
+        dist = self.engine.measure(self.layer, k, slots, per_fold)
         return dist[: len(cands)], None
+
+    def folds(self, cands: Sequence[Candidate]) -> np.ndarray:
+        """Each calibration fold's distortion of the candidates, ``(K, F)``."""
+        return np.concatenate([self(cands[i:i + self.max_batch], per_fold=True)[0]
+                               for i in range(0, len(cands), self.max_batch)])
 
 
 def bcw_shift(w: torch.Tensor, wq: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -841,6 +873,11 @@ def weight_input_means(model: nn.Module, calib: torch.Tensor, layers: Sequence[s
     ``((W − Ŵ) · mean).sum(1)``. Found through each layer's own forward (padding inside
     ``forward``, grouped convolutions) as ``∂ Σ y / ∂W`` over the outputs' positions."""
     modules = dict(model.named_modules())
+    sparse = [n for n in layers if is_sparse_conv(modules[n])]
+    if sparse:
+        # Their inputs are SparseConvTensors, which input_sum's autograd pass does not take.
+        raise ValueError(f"-bcw (bias correction inside the curves) is not supported for spconv "
+                         f"layers {sparse[:4]}; make their curves without -bcw")
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 

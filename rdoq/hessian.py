@@ -18,17 +18,18 @@ activations, so no term grows with the number of calibration samples.
 Rows are always **per sample** (the authors used per-batch gradients of ‖F‖, rank = number of
 batches), and an activation perturbation ``Δa_n`` is always paired with the gradient of that same
 sample ``n``. All layers' rows come from one sweep over the calibration set (layers are split over
-several sweeps only when their rows exceed the memory budget). Weight rows are stored as
-``(R, out, in_per_out)``; a candidate costs one ``(R, n_g) × (n_g,)`` product — never an
-``n_g × n_g`` matrix. For activations the layer's calibration values ``A (N, …)`` and output
-gradients ``D (N, M, …)`` are stored and a candidate costs ``O(N·M·n_g)``.
+several sweeps only when their rows exceed the memory budget; spconv layers, whose inputs have no
+sample axis, get the same rows by running each sample alone with one backward per probe). Weight
+rows are stored as ``(R, out, in_per_out)``; a candidate costs one ``(R, n_g) × (n_g,)`` product
+— never an ``n_g × n_g`` matrix. For activations the layer's calibration values ``A (N, …)`` and
+output gradients ``D (N, M, …)`` are stored and a candidate costs ``O(N·M·n_g)``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,7 +40,7 @@ from torch.func import functional_call, vjp, vmap
 from tqdm import tqdm
 
 from rdoq.engine import ActGroupStats, act_bounds, input_sum
-from rdoq.groups import channel_dim
+from rdoq.groups import channel_dim, is_sparse_conv
 from rdoq.quantizers import (
     deadzone_magnitudes,
     quantize_deadzone_fast,
@@ -177,6 +178,52 @@ def _per_sample_weight_grad_func(module: nn.Module, x: torch.Tensor,
         return vmap(one_sample)(x.detach(), dy.detach())
 
 
+def needs_own_pass(module: nn.Module) -> bool:
+    """Whether a weight layer's rows come from :func:`_per_sample_weight_grad_alone` instead of
+    the sweep's batched capture: spconv layers, whose inputs and outputs are SparseConvTensors
+    (active sites of all samples in one feature matrix, no sample axis to split)."""
+    return is_sparse_conv(module)
+
+
+def _per_sample_weight_grad_alone(model: nn.Module, calib: torch.Tensor,
+                                  weights: dict[str, nn.Parameter], rows: dict[str, torch.Tensor],
+                                  settings: HessianSettings, probes: torch.Tensor | None,
+                                  on_sample: Callable[[], None] | None = None) -> None:
+    """Write the rows ``rows[name] (N·M, out, in_per_out)`` of the layers ``weights`` by
+    running each calibration sample alone and backpropagating each of its ``M`` probes to the
+    weights: row ``n·M + j`` is ``∂(z_{n,j}ᵀF(x_n))/∂W`` (``probe="norm"``: ``∂‖F(x_n)‖/∂W``),
+    the rows :func:`_per_sample_weight_grad` gives from captured inputs, from the same
+    Rademacher ``probes (N, M, K)``. One forward and ``M`` backwards per sample, for layers that
+    function cannot take (:func:`needs_own_pass`)."""
+    names, params = list(weights), list(weights.values())
+    m_rows = settings.rows_per_sample
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        for n in range(calib.shape[0]):
+            with torch.enable_grad():
+                y = model(calib[n:n + 1].detach()).reshape(1, -1)  # (1, K)
+                for j in range(m_rows):
+                    if settings.probe == "random":
+                        s = ((probes[n:n + 1, j].to(y) * 2 - 1) * y).sum()
+                    else:
+                        s = y.norm(dim=1).sum()
+                    grads = torch.autograd.grad(s, params, retain_graph=j < m_rows - 1,
+                                                allow_unused=True)
+                    for name, g in zip(names, grads, strict=True):
+                        row = rows[name][n * m_rows + j]  # (out, in_per_out)
+                        if g is None:
+                            row.zero_()
+                        else:
+                            row.copy_(g.reshape(row.shape))
+            if on_sample is not None:
+                on_sample()
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
     """``out = a @ b`` or ``out += a @ b`` (batched), without a temporary."""
     if accumulate:
@@ -195,8 +242,24 @@ class GradientSweep:
     def __init__(self, model: nn.Module, calib: torch.Tensor, layers: Sequence[str], kind: str,
                  settings: HessianSettings, mode: str | None = None, batch_size: int = 16,
                  mem_budget_mb: float = 2048.0, progress: bool = False,
-                 bias_corr: bool = False):
+                 bias_corr: bool = False, folds: Sequence[int] | None = None):
         self.model, self.calib, self.kind, self.mode = model, calib, kind, mode
+        # Cross-validation folds: the fold of each calibration sample ``(N,)``, or None. The
+        # rows are per sample, so each fold's own estimate costs no extra sweep
+        # (``combine(..., per_fold=True)``).
+        self.fold_of: torch.Tensor | None = None
+        self.n_folds = 0
+        if folds is not None:
+            fold_of = torch.as_tensor(np.asarray(folds, dtype=np.int64))  # (N,)
+            if fold_of.shape != (calib.shape[0],) or (fold_of < 0).any():
+                raise ValueError(f"folds must give a fold index >= 0 for each of the "
+                                 f"{calib.shape[0]} calibration samples")
+            self.n_folds = int(fold_of.max()) + 1
+            self.fold_sizes = torch.bincount(fold_of, minlength=self.n_folds)  # (F,)
+            if (self.fold_sizes == 0).any():
+                raise ValueError(f"folds {torch.nonzero(self.fold_sizes == 0).flatten().tolist()}"
+                                 f" hold no calibration sample")
+            self.fold_of = fold_of
         self.settings, self.batch_size, self.progress = settings, batch_size, progress
         # -bcw inside the curves (weights): per-sample output-gradient sums per channel
         # ``bias_rows (R, out)`` and the mean input of each weight ``input_means (out, in)``.
@@ -276,6 +339,8 @@ class GradientSweep:
                 if name not in wanted:
                     return
                 t = a[0] if self.mode == "in" else o
+                if not isinstance(t, torch.Tensor):  # a SparseConvTensor: features (N_act, C)
+                    t = t.features
                 shapes[name] = tuple(t.shape[1:])
                 calls[name] = calls.get(name, 0) + 1
                 sizes["targets"] += t.numel() * 2
@@ -335,6 +400,16 @@ class GradientSweep:
         probes = (torch.randint(0, 2, (n_total, m_rows, self.out_numel), generator=gen,
                                 dtype=torch.int8) if cfg.probe == "random" else None)
         captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # Layers whose rows the batched capture below cannot give (spconv) get theirs sample by
+        # sample after it (_per_sample_weight_grad_alone).
+        alone = [n for n in layers if needs_own_pass(self.modules[n])]
+        if alone and (self.kind != "weight" or self.bias_corr):
+            raise ValueError(f"the second-order estimator gives spconv layers {alone[:4]} plain "
+                             f"weight curves only (no activation curves, no -bcw)")
+        layers = [n for n in layers if n not in alone]
+        # A model that runs each sample alone (FrameRunner) calls a layer once per sample:
+        # one sample per forward keeps every captured call that sample's.
+        batch = self.batch_size if getattr(self.model, "batches_samples", True) else 1
 
         # Only the sweep's own forward is recorded: computing the rows may call a layer again
         # (torch.func through its forward), and those calls must not join the captures.
@@ -382,12 +457,13 @@ class GradientSweep:
                 self.modules[n].register_forward_hook(hook_in(n)))]
         else:
             handles = [self.modules[n].register_forward_hook(hook(n)) for n in layers]
-        bar = tqdm(total=n_total, unit="sample", leave=False, disable=not self.progress,
-                   desc=f"gradient sweep {self.sweeps}/{self.n_sweeps}")
+        bar = tqdm(total=n_total * (bool(layers) + bool(alone)), unit="sample", leave=False,
+                   disable=not self.progress, desc=f"gradient sweep {self.sweeps}/{self.n_sweeps}")
         try:
-            for b0 in range(0, n_total, self.batch_size):
+            # (No batched pass when every layer is swept alone.)
+            for b0 in range(0, n_total if layers else 0, batch):
                 captured.clear()
-                x = self.calib[b0:b0 + self.batch_size].detach().clone().requires_grad_(True)
+                x = self.calib[b0:b0 + batch].detach().clone().requires_grad_(True)
                 with torch.enable_grad():
                     y = self.model(x)
                     y = y.reshape(y.shape[0], -1)  # (B, K)
@@ -410,6 +486,10 @@ class GradientSweep:
                 self._accumulate(layers, captured, grads, b0, y.shape[0], use_input)
                 recording[0] = True
                 bar.update(y.shape[0])
+            if alone:
+                _per_sample_weight_grad_alone(
+                    self.model, self.calib, {n: self.modules[n].weight for n in alone},
+                    self.rows, cfg, probes, lambda: bar.update(1))
         finally:
             bar.close()
             for h in handles:
@@ -472,11 +552,39 @@ class GradientSweep:
             return 1.0 / (n * self.settings.nprobes * self.out_numel)
         return 1.0 / (2.0 * n)
 
-    def combine(self, p: torch.Tensor, delta_sq: torch.Tensor | None) -> np.ndarray:
+    def combine(self, p: torch.Tensor, delta_sq: torch.Tensor | None,
+                per_fold: bool = False) -> np.ndarray:
         """δ̂ per candidate from ``P (…, R, K)`` and ``‖Δ‖² (…, K)`` (needed only when
-        κ ≠ 0; for activations the mean over the samples of ``‖Δa_n‖²``): ``(…, K)``."""
+        κ ≠ 0; for activations the mean over the samples of ``‖Δa_n‖²``): ``(…, K)``.
+
+        ``per_fold``: each fold's own estimate, the same formula over its samples only,
+        ``(…, F, K)``; the all-sample δ̂ is their mean weighted by the fold sizes. (For
+        activations the κ term stays the all-sample mean: per-sample ``‖Δa_n‖²`` is not kept.)
+        """
         cfg = self.settings
         p = p.double()
+        if per_fold:
+            if self.fold_of is None:
+                raise ValueError("this gradient sweep was made without folds")
+            n, m = self.calib.shape[0], self.settings.rows_per_sample
+            lead, k = p.shape[:-2], p.shape[-1]
+            fold_of = self.fold_of.to(p.device)
+            sizes = self.fold_sizes.to(p.device, torch.float64)[:, None]  # (F, 1)
+
+            def fold_means(per_row: torch.Tensor) -> torch.Tensor:
+                per_sample = per_row.reshape(*lead, n, m, k).sum(-2)  # (…, N, K)
+                out = per_sample.new_zeros(*lead, self.n_folds, k)  # (…, F, K)
+                return out.index_add_(len(lead), fold_of, per_sample) / sizes
+
+            # scale·N turns a sum over all samples into a per-sample mean.
+            dist = self.scale * n * fold_means(p.pow(2))
+            if cfg.first_order:
+                dist = dist + fold_means(p)
+            if cfg.kappa:
+                if delta_sq is None:
+                    raise ValueError("κ ≠ 0 needs ‖Δ‖² of every candidate")
+                dist = dist + 0.5 * cfg.kappa * delta_sq.double().unsqueeze(-2)
+            return dist.cpu().numpy()
         dist = self.scale * p.pow(2).sum(-2)
         if cfg.kappa:
             if delta_sq is None:
@@ -636,11 +744,21 @@ class HessianWeightBackend:
                                        for c0, c1 in bounds])  # (G, R, n)
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
+        dist, mse = self._evaluate(cands, per_fold=False)
+        return dist, mse
+
+    def folds(self, cands: Sequence[Candidate]) -> np.ndarray:
+        """Each fold's δ̂ of the candidates, ``(K, F)`` (:meth:`GradientSweep.combine`)."""
+        return self._evaluate(cands, per_fold=True)[0]
+
+    def _evaluate(self, cands: Sequence[Candidate],
+                  per_fold: bool) -> tuple[np.ndarray, np.ndarray]:
         # Dead-zone candidates in their own columns: each quantization rule runs once per
         # candidate rather than both on all.
         slots = SlotGrid.of(cands, split=[c.deadzone > 0 for c in cands])
-        dist = np.empty((len(slots.groups), slots.width))  # (Gu, width)
-        mse = np.empty_like(dist)
+        folds = (self.sweep.n_folds,) if per_fold else ()
+        dist = np.empty((len(slots.groups), *folds, slots.width))  # (Gu, [F,] width)
+        mse = np.empty((len(slots.groups), slots.width))  # (Gu, width)
         numel = np.array(self.numel, dtype=np.float64)[slots.groups]  # (Gu,)
         for run in slots.runs(self.w.shape[-1]):
             gs = slots.group_range(run)
@@ -649,9 +767,11 @@ class HessianWeightBackend:
                                               self.steps).sub_(w)  # (g, width, n)
             sq = deltas.pow(2).sum(-1)  # (g, width)
             p = torch.bmm(self.rows[gs], deltas.transpose(1, 2))  # (g, R, width)
-            dist[run] = self.sweep.combine(p, sq)
+            dist[run] = self.sweep.combine(p, sq, per_fold)
             mse[run] = sq.double().cpu().numpy() / numel[run, None]
-        return dist[slots.rows, slots.cols], mse[slots.rows, slots.cols]
+        # Advanced indices around the fold slice: (K, F) with folds.
+        picked = dist[slots.rows, :, slots.cols] if per_fold else dist[slots.rows, slots.cols]
+        return picked, mse[slots.rows, slots.cols]
 
     def dist_of(self, group: int, deltas: torch.Tensor) -> np.ndarray:
         """δ̂ of perturbations ``deltas (n_g, K)`` of group ``group`` (flattened rows)."""
@@ -680,8 +800,16 @@ class HessianActBackend:
         self.grads = _stack_groups([grads[..., c0:c1].reshape(n, m, -1) for c0, c1 in bounds])
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, None]:
+        return self._evaluate(cands, per_fold=False), None
+
+    def folds(self, cands: Sequence[Candidate]) -> np.ndarray:
+        """Each fold's δ̂ of the candidates, ``(K, F)`` (:meth:`GradientSweep.combine`)."""
+        return self._evaluate(cands, per_fold=True)
+
+    def _evaluate(self, cands: Sequence[Candidate], per_fold: bool) -> np.ndarray:
         slots = SlotGrid.of(cands)
-        dist = np.empty((len(slots.groups), slots.width))  # (Gu, width)
+        folds = (self.sweep.n_folds,) if per_fold else ()
+        dist = np.empty((len(slots.groups), *folds, slots.width))  # (Gu, [F,] width)
         signed = self.stats.signed
         bounds = [act_bounds(c.bits, bool(signed[c.group])) for c in cands]
         steps = [2.0**c.step_log2 if c.bits > 0 else 1.0 for c in cands]
@@ -704,8 +832,8 @@ class HessianActBackend:
             # would grow with --testsize and outweigh ‖P‖² the more samples calibrate.
             sq = delta.pow(2).sum((1, 3)) / n if self.sweep.settings.kappa else None
             p = p.view(g, n, slots.width, m).transpose(2, 3)  # (g, N, M, width)
-            dist[run] = self.sweep.combine(p.reshape(g, n * m, slots.width), sq)
-        return dist[slots.rows, slots.cols], None
+            dist[run] = self.sweep.combine(p.reshape(g, n * m, slots.width), sq, per_fold)
+        return dist[slots.rows, :, slots.cols] if per_fold else dist[slots.rows, slots.cols]
 
     def dist_of(self, group: int, delta: torch.Tensor) -> np.ndarray:
         """δ̂ of perturbations ``delta (N, …, c_g, K)`` of group ``group`` (channels, then

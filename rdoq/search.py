@@ -221,6 +221,13 @@ class Chain(_BitWalk):
             rose = rose and self._aux[s] > self._aux[s - 1]
         return rose
 
+    def best_candidates(self) -> list[Candidate]:
+        """The candidate each finished bit width chose, in bit order (the all-zero candidate
+        where only it was possible)."""
+        return [Candidate(self.group, b, s, self.deadzone) if b and not math.isnan(s)
+                else Candidate(self.group, 0, math.nan, 0.0)
+                for b, s in zip(self.settings.bits, self.best_step, strict=False)]
+
     def _finish_bit(self) -> None:
         best = int(np.argmin(self._dists))
         self.best_dist.append(self._dists[best])
@@ -281,6 +288,12 @@ class ScaleChain(_BitWalk):
     def propose(self, lookahead: int) -> list[Candidate]:
         """Every candidate of the current bit width (``lookahead`` is not needed here)."""
         return [] if self.done else self._candidates()
+
+    def best_candidates(self) -> list[Candidate]:
+        """The candidate each finished bit width chose, in bit order (the all-zero candidate
+        where only it was possible)."""
+        return [Candidate(self.group, b, s, self.ratio, dz_index=self.dz_index)
+                for b, s in zip(self.settings.bits, self.best_step, strict=False)]
 
     def consume(self, dists: Sequence[float], aux: Sequence[float] | None) -> None:
         """Results for all candidates last proposed, in order."""

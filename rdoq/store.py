@@ -27,7 +27,7 @@ SCHEMA = "rdoq.curves/2"
 SETTINGS_KEYS = (
     "schema", "kind", "estimator", "act_mode", "model", "checkpoint_sha256", "weights_source",
     "group_size", "bits", "ndz", "step_grid", "max_steps", "precision", "calib", "layers",
-    "estimator_params", "steps", "scales_log2", "bias_corr",
+    "estimator_params", "steps", "scales_log2", "bias_corr", "folds",
 )
 LAYER_ARRAYS = ("dist", "step_log2", "deadzone", "numel")
 # What reading a damaged .npz raises (a copy or a full disk that stopped half way, flipped bytes):
@@ -159,7 +159,8 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
 @dataclass
 class LayerCurves:
     """Curves of one layer. Shapes: ``dist/step_log2/deadzone (G, D, B)``, ``numel (G,)``;
-    ``extra`` holds the optional arrays (weights: ``entropy (G, D, B)``, per-channel steps)."""
+    ``extra`` holds the optional arrays (weights: ``entropy (G, D, B)``, per-channel steps;
+    second-order curves with folds: ``dist_folds (F, G, D, B)``)."""
 
     dist: np.ndarray
     step_log2: np.ndarray
@@ -180,6 +181,11 @@ class LayerCurves:
         if entropy is not None and entropy.shape != (g, d, b):
             raise ValueError(f"layer {name}: entropy has shape {entropy.shape}, expected "
                              f"{(g, d, b)}")
+        # Optional: each calibration fold's own curve (second-order curves with --folds).
+        folds = self.extra.get("dist_folds")
+        if folds is not None and (folds.ndim != 4 or folds.shape[1:] != (g, d, b)):
+            raise ValueError(f"layer {name}: dist_folds has shape {folds.shape}, expected "
+                             f"(F, {g}, {d}, {b})")
         if np.isnan(self.dist).any():
             raise ValueError(f"layer {name}: dist contains NaN")
 
@@ -211,10 +217,13 @@ class CurveStore:
         old = cls.read_meta(root)
         for key in SETTINGS_KEYS:
             if _canonical(old.get(key)) != _canonical(meta.get(key)):
+                # Sets made before folds were stored resume with the flag that turns them off.
+                hint = (f" (--folds {old['folds']['count'] if old.get('folds') else 0})"
+                        if key == "folds" else "")
                 raise ValueError(
                     f"{root} already holds curves made with {key}={_short(old.get(key))}, "
                     f"this run has {key}={_short(meta.get(key))}; use another --outdir or "
-                    f"the same settings to resume")
+                    f"the same settings{hint} to resume")
         return cls(root, old)
 
     @classmethod

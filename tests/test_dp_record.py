@@ -57,7 +57,7 @@ def test_separate_budgets_and_lagrangian_records(table):
 
 def test_result_rows_carry_the_resolution_and_bops_charges(tmp_path, table, tiny):
     from rdoq.adapters import get_adapter
-    from rdoq.cli import _run_points
+    from rdoq.pipeline import run_points
 
     solved = solve_recorded(table, [3.0], "dp")
     alloc = make_allocation(table, solved.choices[0], target_bits=3.0, solver="dp",
@@ -68,7 +68,7 @@ def test_result_rows_carry_the_resolution_and_bops_charges(tmp_path, table, tiny
     data = TensorBatches(torch.randn(6, 3, 8, 8), None, 3)
     # Any classification adapter runs the model as model(x); evaluation goes through it.
     adapter = get_adapter("synthetic")
-    out = _run_points(args, adapter, tiny, info, data, None, tmp_path, "dp",
+    out = run_points(args, adapter, tiny, info, data, None, tmp_path, "dp",
                       [(alloc, {"target_bits": 3.0})], 0.0, torch.device("cpu"))
     row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
     assert row == json.loads(json.dumps(out["rows"][0]))

@@ -249,7 +249,8 @@ def natural_calib(count: int, model: nn.Module, seed: int = 0) -> CalibSet:
     """``count`` calibration crops of :data:`CALIB_IMAGES` (seeded; disjoint from the
     evaluation images), preprocessed by ``model``'s timm eval transform."""
     x, items = natural_crops(CALIB_IMAGES, count, seed, eval_transform(model))
-    return CalibSet(x, "natural:calib", items, seed)
+    # Crops of one image are one unit: calibration folds hold out whole images.
+    return CalibSet(x, "natural:calib", items, seed, units=[i.split(":")[0] for i in items])
 
 
 def natural_eval(count: int, model: nn.Module, batch_size: int) -> TensorBatches:
