@@ -45,7 +45,10 @@ def layer_macs(model: nn.Module, x1: torch.Tensor, names: list[str]) -> dict[str
     def hook(name: str):
         def count(m, inp, out):
             per_out = m.weight[0].numel()  # MACs per output element (in/groups × kernel)
-            macs[name] = macs.get(name, 0) + out[:1].numel() * per_out
+            # A spconv layer returns a SparseConvTensor: the features (N_active, C) of the one
+            # sample's active sites (an upper bound: not every kernel tap is active).
+            n_out = out[:1].numel() if isinstance(out, torch.Tensor) else out.features.numel()
+            macs[name] = macs.get(name, 0) + n_out * per_out
         return count
 
     hooked_forward(model, x1[:1], post=[(modules[n], hook(n)) for n in names])

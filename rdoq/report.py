@@ -21,6 +21,7 @@ TABLE_COLUMNS = (
     ("slope_log2", "log2 λ", "{:.1f}"), ("w_bits", "W bits", "{:.3f}"),
     ("w_entropy_bits", "W entropy", "{:.3f}"),
     ("a_bits", "A bits", "{:.3f}"), ("top1", "top-1 %", "{:.2f}"), ("top5", "top-5 %", "{:.2f}"),
+    ("mAP", "mAP", "{:.4f}"), ("NDS", "NDS", "{:.4f}"),
     ("out_mse", "out MSE", "{:.3e}"), ("pred_dist", "pred dist", "{:.3e}"),
     ("size_mb", "size MB", "{:.3f}"),
 )

@@ -9,23 +9,12 @@ core never sees an adapter. The classification adapters are ``imagenet`` and ``s
 implements the abstract methods of :class:`Adapter` and inherits the classifier defaults of the
 others, and the scripts call every method.
 
-Detection (DESIGN §11) is the intended second family. Its adapter does not exist yet; it is
-planned to fill the same methods as follows:
-
-- ``build``: OpenPCDet's cfg, ``build_network`` and checkpoint loading (pcdet imported inside
-  the method), with a ModelInfo like the classifiers'.
-- ``calib`` / ``eval_data``: batches from pcdet's dataloader. :class:`CalibSet` holds one
-  tensor, so point-cloud batches (dicts of tensors of varying size) will need a calibration
-  type that carries them and hashes them.
-- ``run``: the tensor distortion is measured on, e.g. the dense BEV feature the detection head
-  consumes, not the boxes.
-- ``evaluate``: pcdet's evaluation (mAP, NDS) next to the MSE of ``run``'s tensor.
-- ``layers`` / ``channel_axis``: spconv layers are found by ``rdoq.groups``, the one home of
-  layer discovery, so the defaults here serve detection too.
-
-Not covered yet, and needed first: the curve engine (``rdoq.curves``, ``rdoq.engine``) and the
-activation hooks run ``model(x)`` on the calibration tensor themselves and find layers through
-``rdoq.groups`` directly; a detector needs the engine to run ``Adapter.run`` on its batches.
+Detection (DESIGN §11) does not go through this class: a detector's calibration samples are
+point-cloud frames (pcdet batch dicts), not one tensor. :mod:`rdoq.adapters.openpcdet` builds
+the detector and returns the tensor distortion is measured on (the dense BEV feature or the
+head's raw maps), and :class:`rdoq.adapters.sparse.FrameRunner` wraps detector and frames as a
+model of the frame indices, so the same curve engine, store and solvers serve both families
+(:mod:`rdoq.detection` holds the detection scripts' flags and pipeline).
 """
 
 from __future__ import annotations
@@ -70,6 +59,9 @@ class CalibSet:
     items: list[Any]
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # The source of each sample (e.g. the image a crop was cut from), for calibration folds
+    # that keep one source's samples together (rdoq.curves.assign_folds); None: each its own.
+    units: list[str] | None = None
 
     def meta(self) -> dict[str, Any]:
         digest = hashlib.sha256(self.x.float().contiguous().numpy().tobytes()).hexdigest()
