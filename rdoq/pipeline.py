@@ -12,6 +12,7 @@ allocation. ``rdoq.cli`` parses the flags and calls these; a driver can call the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class TableSpec:
     # Layer curves read once per set, shared by every table made from them.
     _caches: dict[str, dict] = field(default_factory=dict, repr=False)
 
+    @functools.cached_property
     def pooled(self) -> tuple[bool, bool]:
         """Which of the weight and activation sets take part in ``--shrink``: those storing
         calibration folds, and the activation set only with folds equal to the weight set's
@@ -85,7 +87,7 @@ class TableSpec:
     def views(self, alpha: float = 1.0,
               held_out: int | None = None) -> tuple[ShrunkCurves, ShrunkCurves | None]:
         """The weight and activation sets shrunk by ``alpha`` (without fold ``held_out``)."""
-        pooled = self.pooled()
+        pooled = self.pooled
         views = [None if s is None else
                  ShrunkCurves(s, self._caches.setdefault(str(s.root), {}), alpha, held_out,
                               pooled=ok)
@@ -120,7 +122,7 @@ def shrink_alphas(spec: TableSpec, shrink: str, targets: list[float],
     the held-out calibration folds predicted a gain; after ``-bcw`` it lowered it at 4 bits
     and raised the agreement with the FP top-1 at 3 to 6 bits (docs/benchmarks.md)."""
     n = len(targets)
-    pooled = spec.pooled()
+    pooled = spec.pooled
     if shrink == "auto":
         if not any(pooled):
             log.info("--shrink auto: the curve sets store no calibration folds (made without "
