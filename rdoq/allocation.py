@@ -253,7 +253,7 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
             cols["numel"].append(np.asarray(c.numel, dtype=np.float64))
             cols["kind"].append(np.full(g, kind))
             cols["layer"].append(np.full(g, len(layers)))
-            per_channel = kind == WEIGHT and store.meta.get("steps") == "channel"
+            per_channel = store.meta.get("steps") == "channel"
             if per_channel and "channel_step_log2" not in c.extra:
                 raise ValueError(f"{store.layer_path(name)} lacks the per-channel steps its "
                                  f"curve set's meta.json promises; recompute that layer")
@@ -542,8 +542,9 @@ def _step(value: float) -> float | None:
 
 def _channel_entry(table: ItemTable, layer: LayerEntry, rows: np.ndarray,
                    cols: np.ndarray) -> dict[str, Any]:
-    """Per-channel ``step_log2`` and ``deadzone`` of a weight layer with per-channel steps: each
-    channel's base step at its group's width and dead zone, plus the group's scale."""
+    """Per-channel ``step_log2`` (and, for weights, ``deadzone``) of a layer with per-channel
+    steps: each channel's base step at its group's width and dead zone, plus the group's
+    scale."""
     steps: list[float | None] = []
     phis: list[float] = []
     for g, (c0, c1) in enumerate(group_bounds(layer.channels, layer.group_size)):
@@ -553,6 +554,8 @@ def _channel_entry(table: ItemTable, layer: LayerEntry, rows: np.ndarray,
         steps += [_step(float(b) + float(scale)) for b in base]
         phis += [float(v) if table.deadzone[r, c] > 0 else 0.0
                  for v in layer.channel_deadzone[c0:c1, d]]
+    if layer.kind == ACT:
+        return {"steps": "channel", "step_log2": steps}
     return {"steps": "channel", "step_log2": steps, "deadzone": phis}
 
 
@@ -580,6 +583,8 @@ def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float 
             weights[layer.name] = entry
         else:
             entry["signed"] = [bool(s) for s in layer.signed]
+            if layer.channel_step_log2 is not None:
+                entry |= _channel_entry(table, layer, rows, cols)
             acts[layer.name] = entry
     return {
         "schema": ALLOC_SCHEMA, "model": table.model, "target_bits": target_bits,
@@ -606,7 +611,7 @@ def load_allocation(path: Path | str) -> dict[str, Any]:
                 bounds = group_bounds(int(e["channels"]), int(e["group_size"]))
                 g = len(bounds)
                 per_channel = e.get("steps", "group") == "channel"
-                if e.get("steps", "group") not in STEP_MODES or (per_channel and part == "acts"):
+                if e.get("steps", "group") not in STEP_MODES:
                     raise ValueError(f"steps {e.get('steps')!r}")
                 steps_len = int(e["channels"]) if per_channel else g
                 lists = ([("bits", g), ("step_log2", steps_len)]

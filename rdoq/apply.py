@@ -29,8 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from rdoq.groups import channel_dim, group_bounds
-from rdoq.quantizers import quantize_uniform, quantize_weight, signed_bounds, unsigned_bounds
+from rdoq.groups import channel_dim, entry_channel_steps, group_bounds
+from rdoq.quantizers import (
+    channel_steps,
+    quantize_uniform,
+    quantize_weight,
+    signed_bounds,
+    unsigned_bounds,
+)
 from rdoq.store import atomic_write_bytes
 
 
@@ -101,6 +107,8 @@ def act_quantizer(module: nn.Module, entry: dict[str, Any],
                   offset: list[float] | None = None) -> ActQuantizer:
     """The vectorised quantizer of one activation entry of an allocation."""
     c = int(entry["channels"])
+    steps = entry_channel_steps(entry)  # (C,) log2, one per group's channel or per channel
+    per_channel = entry.get("steps", "group") == "channel"
     step = torch.ones(c, dtype=torch.float64)  # (C,)
     qmin = torch.zeros(c, dtype=torch.float64)  # (C,)
     qmax = torch.zeros(c, dtype=torch.float64)  # (C,)
@@ -108,7 +116,9 @@ def act_quantizer(module: nn.Module, entry: dict[str, Any],
         bits = int(entry["bits"][g])
         lo, hi = signed_bounds(bits) if entry["signed"][g] else unsigned_bounds(bits)
         if bits > 0:
-            step[c0:c1] = 2.0 ** float(entry["step_log2"][g])
+            # The curves' arithmetic: exp2 per channel, 2**x for a group's one step.
+            step[c0:c1] = (channel_steps(torch.tensor(steps[c0:c1], dtype=torch.float64))
+                           if per_channel else 2.0 ** steps[c0])
         qmin[c0:c1], qmax[c0:c1] = lo, hi
     off = torch.tensor(offset, dtype=torch.float64) if offset is not None else None
     # On the layer's device and dtype once, not at every forward.

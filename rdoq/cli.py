@@ -27,10 +27,16 @@ from rdoq.hessian import PAPER_KAPPA, PAPER_PROBE, PROBES, HessianSettings
 from rdoq.parts import resolve_part
 from rdoq.search import scale_grid
 from rdoq.shrink import DEFAULT_FOLDS
+from rdoq.steps import STEP_MODES
 from rdoq.store import atomic_write_json, curve_set_name
 
 log = logging.getLogger("rdoq")
 P = ParamSpec("P")
+# The curve scripts' quantizer (--steps) by curve kind: per-channel steps for weights (never
+# worse than the uniform per-channel baseline); one step per group for activations, where
+# per-channel steps fitted to the calibration sample measured worse on held-out data at high
+# widths (docs/benchmarks.md).
+DEFAULT_STEPS = {"weight": "channel", "act": "group"}
 R = TypeVar("R")
 
 # Paper flags that the authors' scripts parse but never read; accepted so paper commands run.
@@ -133,16 +139,6 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
         g.add_argument("--disable-deadzone", action="store_true", help="same as --maxdeadzones 1")
         g.add_argument("--quant-type", choices=("linear",), default="linear",
                        help="weight quantizer (the paper's log2 quantizer is broken; not offered)")
-        g.add_argument("--group-step", action="store_true",
-                       help="the paper's quantizer: one power-of-two step per group, searched "
-                            "from a warm start (default: each channel its own MSE-optimal step, "
-                            "times one scale per group searched on --scale-octaves)")
-        g.add_argument("--scale-octaves", type=float, default=None,
-                       help="per-channel steps: group scales 2^s for |s| <= this (default: 1 "
-                            "for measured curves; 0, the MSE-optimal steps alone, for "
-                            "second-order curves, whose estimate mis-ranks the scales)")
-        g.add_argument("--scale-steps", type=int, default=4,
-                       help="per-channel steps: scales per octave (default: 4)")
         g.add_argument("-bcw", "--bias_corr_weight", action="store_true",
                        help="measure each curve point after the -bcw bias correction (mean "
                             "output error folded into the bias), as the allocation scripts' "
@@ -152,6 +148,16 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
                        help="accepted so paper command lines run; activations have no dead zone")
         g.add_argument("-bca", "--bias_corr_act", action="store_true",
                        help="accepted for paper compatibility: only changed a directory name there")
+    what = "weights" if kind == "weight" else "calibration values"
+    g.add_argument("--steps", choices=STEP_MODES, default=DEFAULT_STEPS[kind],
+                   help=f"channel: each channel its own MSE-optimal step from its {what}, "
+                        f"times one scale per group searched on --scale-octaves; group: the "
+                        f"paper's quantizer, one power-of-two step per group searched from a "
+                        f"warm start (default: %(default)s)")
+    g.add_argument("--group-step", dest="steps", action="store_const", const="group",
+                   help="same as --steps group")
+    add_scale_flags(g, "1 for measured curves; 0, the MSE-optimal steps alone, for "
+                       "second-order curves, whose estimate mis-ranks the scales")
     g.add_argument("--step-grid", type=int, default=1 if kind == "weight" else 4,
                    help="step candidates per octave (paper: 1 weights, 4 activations)")
     g.add_argument("--outdir", type=Path, default=Path("."),
@@ -162,16 +168,35 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
     e.add_argument("--precision", choices=("float64", "float32"), default="float64",
                    help="arithmetic of the distortion measurement; float32 is faster but its "
                         "rounding noise dominates distortions below ~1e-6 of the output power")
+    add_engine_flags(e, second_order=True)
+
+
+def add_scale_flags(g: argparse._ArgumentGroup, default: str) -> None:
+    """--scale-octaves / --scale-steps: the group scales searched with per-channel steps
+    (``default`` says what --scale-octaves defaults to)."""
+    g.add_argument("--scale-octaves", type=float, default=None,
+                   help=f"per-channel steps: group scales 2^s for |s| <= this (default: "
+                        f"{default})")
+    g.add_argument("--scale-steps", type=int, default=4,
+                   help="per-channel steps: scales per octave (default: 4)")
+
+
+def add_engine_flags(e: argparse._ArgumentGroup, second_order: bool) -> None:
+    """The measured engine's flags (and, with ``second_order``, what they mean for the
+    second-order scripts): --max-batch --lookahead --mem-budget-mb --no-prefix-cache --quiet."""
+    so = "; 256 for second-order curves" if second_order else ""
+    so_look = " and for second-order curves" if second_order else ""
+    so_mem = (", 1/4 of the machine's memory for second-order sweeps, whose batch is then "
+              "sized to fit") if second_order else ""
     e.add_argument("--max-batch", type=_positive(int, "--max-batch"), default=None,
-                   help="candidates per pass (default: 1 on CPU, where wider passes measured "
-                        "slower per sample; 64 on CUDA; 256 for second-order curves)")
+                   help=f"candidates per pass (default: 1 on CPU, where wider passes measured "
+                        f"slower per sample; 64 on CUDA{so})")
     e.add_argument("--lookahead", type=_positive(int, "--lookahead"), default=None,
-                   help="speculative steps per search chain when chains are few (default: 1 on "
-                        "CPU, 4 on CUDA and for second-order curves); never changes the curves")
+                   help=f"speculative steps per search chain when chains are few (default: 1 "
+                        f"on CPU, 4 on CUDA{so_look}); never changes the curves")
     e.add_argument("--mem-budget-mb", type=_positive(float, "--mem-budget-mb"), default=None,
-                   help="memory budget in MiB (default: 40%% of free CUDA memory; on CPU 2048 "
-                        "per measured pass, 1/4 of the machine's memory for second-order "
-                        "sweeps, whose batch is then sized to fit)")
+                   help=f"memory budget in MiB (default: 40%% of free CUDA memory; on CPU 2048 "
+                        f"per measured pass{so_mem})")
     e.add_argument("--no-prefix-cache", action="store_true",
                    help="run every candidate from the network input (for checks)")
     e.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
@@ -368,10 +393,10 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
             use_cuts=not args.no_prefix_cache, progress=not args.quiet,
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             estimator=estimator, sweep_batch=args.batchsize,
-            step_mode="group" if kind == "act" or args.group_step else "channel",
+            step_mode=args.steps,
             bias_corr=kind == "weight" and args.bias_corr_weight,
-            scales_log2=(scale_grid(_scale_octaves(args.scale_octaves, estimator),
-                                    args.scale_steps) if kind == "weight" else (0.0,)),
+            scales_log2=scale_grid(_scale_octaves(args.scale_octaves, estimator),
+                                   args.scale_steps),
             hessian=HessianSettings.from_flags(
                 "paper" if args.paper_hessian else None, args.probe, args.kappa, args.nprobes,
                 args.first_order, args.seed) if estimator == "hessian" else None,
@@ -657,13 +682,16 @@ def _fp_act_layers(spec: str, names: list[str]) -> list[str]:
     return [n.strip() for n in spec.split(",") if n.strip()]
 
 
-def _check_curves_match(args: argparse.Namespace, info, meta: dict[str, Any], root: Path) -> None:
-    if args.nchannelbatch is not None and args.nchannelbatch != meta["group_size"]:
-        raise InputError(f"--nchannelbatch {args.nchannelbatch} contradicts {root}/meta.json "
+def check_curves_match(args: argparse.Namespace, info, meta: dict[str, Any], root: Path) -> None:
+    """An InputError unless the model the flags built (``info``) is the one the curve set at
+    ``root`` (its ``meta``) was measured on, with matching --nchannelbatch/--maxrates."""
+    nchannelbatch, maxrates = getattr(args, "nchannelbatch", None), getattr(args, "maxrates", None)
+    if nchannelbatch is not None and nchannelbatch != meta["group_size"]:
+        raise InputError(f"--nchannelbatch {nchannelbatch} contradicts {root}/meta.json "
                          f"(group_size {meta['group_size']}); drop the flag or use matching "
                          f"curves")
-    if args.maxrates is not None and args.maxrates > len(meta["bits"]):
-        raise InputError(f"--maxrates {args.maxrates} exceeds the {len(meta['bits'])} bit widths "
+    if maxrates is not None and maxrates > len(meta["bits"]):
+        raise InputError(f"--maxrates {maxrates} exceeds the {len(meta['bits'])} bit widths "
                          f"measured in {root}; use --maxrates <= {len(meta['bits'])}")
     for key, mine in (("model", info.arch), ("weights_source", info.weights_source),
                       ("checkpoint_sha256", info.checkpoint_sha256)):
@@ -679,18 +707,19 @@ def _check_curves_match(args: argparse.Namespace, info, meta: dict[str, Any], ro
                              f"--random-init as the curve scripts")
 
 
-def _rebuild_calib(args: argparse.Namespace, model: torch.nn.Module, meta: dict[str, Any],
-                   adapter: Adapter):
-    """The calibration tensor the curves were measured on (checked by its sha256)."""
+def rebuild_calib(args: argparse.Namespace, model: torch.nn.Module, meta: dict[str, Any],
+                  adapter: Adapter, purpose: str = "-bcw/-bca"):
+    """The calibration set the curves were measured on (checked by its sha256), rebuilt for
+    ``purpose`` (named in the error)."""
     calib = meta["calib"]
     c = calib_for(args, model, int(calib["size"]), int(calib["seed"]), adapter)
     found = c.meta()
     if found["sha256"] != calib.get("sha256"):
-        raise InputError(f"the calibration data rebuilt for -bcw/-bca ({found['source']}, "
+        raise InputError(f"the calibration data rebuilt for {purpose} ({found['source']}, "
                          f"{found['size']} samples) differs from the curves' (sha256 "
                          f"{str(calib.get('sha256'))[:12]}…); use the --datapath/--dataset the "
                          f"curves were measured with")
-    return c.x
+    return c
 
 
 def _method_name(method: str, args: argparse.Namespace) -> str:
@@ -770,12 +799,12 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
         dtype = getattr(torch, args.precision)
         model, info = build_any_model(args, adapter)
         wstore = open_curve_set(args.pathrdcurve, "weight")
-        _check_curves_match(args, info, wstore.meta, args.pathrdcurve)
+        check_curves_match(args, info, wstore.meta, args.pathrdcurve)
         astore = None
         if not args.weights_only:
             aroot = _act_curve_set(args, info.arch, act_mode, wstore.meta)
             astore = open_curve_set(aroot, "act", act_mode)
-            _check_curves_match(args, info, astore.meta, aroot)
+            check_curves_match(args, info, astore.meta, aroot)
         fp_acts = _fp_act_layers(args.fp_act_layers, astore.layer_names() if astore else [])
         modules = dict(model.named_modules())
         dims = {n: adapter.channel_axis(modules[n])
@@ -815,7 +844,7 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
                         *(("with", "without", "without") if wstore.meta.get("bias_corr")
                           else ("without", "with", "with")))
         if args.bias_corr_weight or args.bias_corr_act:
-            calib = _rebuild_calib(args, model, wstore.meta, adapter)
+            calib = rebuild_calib(args, model, wstore.meta, adapter).x
             calib = calib.to(device=device, dtype=dtype)
         model = model.to(device=device, dtype=dtype).eval()
         data = eval_data_for(args, model, adapter)

@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,8 +117,8 @@ class CurveJob:
 
     @property
     def channel_steps(self) -> bool:
-        """Whether weight curves use per-channel steps (activations keep one step per group)."""
-        return self.kind == "weight" and self.step_mode == "channel"
+        """Whether the curves use per-channel steps times a searched group scale."""
+        return self.step_mode == "channel"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -259,10 +259,14 @@ def make_chains(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJo
     modules = dict(model.named_modules())
     if job.kind == "weight":
         return weight_chains(modules[plan.name].weight, plan, job), None
+    keep = job.channel_steps
     if values is not None:
-        stats = act_group_stats_of(values, channel_dim(modules[plan.name]), plan.bounds)
+        stats = act_group_stats_of(values, channel_dim(modules[plan.name]), plan.bounds, keep)
     else:
-        stats = act_group_stats(model, x, plan.name, job.act_mode, plan.bounds, rows)
+        stats = act_group_stats(model, x, plan.name, job.act_mode, plan.bounds, rows, keep)
+    if job.channel_steps:
+        settings = ScaleSettings(tuple(range(job.nr)), tuple(job.scales_log2))
+        return [ScaleChain(g, 0, 0.0, settings) for g in range(len(plan.bounds))], stats
     chains = [Chain(g, 0, 0.0, float(stats.rms_log2[g]), job.search_settings(),
                     vmin=float(stats.vmin[g]), vmax=float(stats.vmax[g]),
                     unsigned=not bool(stats.signed[g]))
@@ -271,8 +275,16 @@ def make_chains(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJo
 
 
 def layer_steps(weight: torch.Tensor, job: CurveJob) -> ChannelSteps | None:
-    """The per-channel base steps of a weight layer (None: acts, or the paper's group steps)."""
+    """The per-channel base steps of a weight layer (None: the paper's group steps)."""
     return ChannelSteps.of(weight, job.ndz, job.nr) if job.channel_steps else None
+
+
+def act_layer_steps(stats: ActGroupStats, plan: LayerPlan, job: CurveJob) -> ChannelSteps | None:
+    """The per-channel base steps of an activation layer, from its calibration sample (None:
+    one step per group)."""
+    if not job.channel_steps:
+        return None
+    return ChannelSteps.of_acts(stats.rows, stats.channel_signed(plan.bounds), job.nr)
 
 
 def measured_backend(engine: MeasuredEngine, plan: LayerPlan, job: CurveJob,
@@ -284,7 +296,9 @@ def measured_backend(engine: MeasuredEngine, plan: LayerPlan, job: CurveJob,
         mean = (weight_input_means(engine.model, engine.calib, [plan.name], engine.max_rows)
                 [plan.name] if job.bias_corr else None)
         return WeightBackend(engine, plan.name, plan.bounds, job.max_batch, steps, mean)
-    return ActBackend(engine, plan.name, job.act_mode, plan.bounds, stats, job.max_batch)
+    if steps is None:
+        steps = act_layer_steps(stats, plan, job)
+    return ActBackend(engine, plan.name, job.act_mode, plan.bounds, stats, job.max_batch, steps)
 
 
 def naive_backend(naive: NaiveEvaluator, plan: LayerPlan, job: CurveJob,
@@ -296,7 +310,9 @@ def naive_backend(naive: NaiveEvaluator, plan: LayerPlan, job: CurveJob,
         mean = (weight_input_means(naive.model, naive.calib, [plan.name], naive.batch_size)
                 [plan.name] if job.bias_corr else None)
         return naive.weights(plan.name, plan.bounds, steps, mean)
-    return naive.acts(plan.name, job.act_mode, plan.bounds, stats.signed)
+    if steps is None:
+        steps = act_layer_steps(stats, plan, job)
+    return naive.acts(plan.name, job.act_mode, plan.bounds, stats.signed, steps)
 
 
 def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[str, Any],
@@ -346,6 +362,15 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         max_rows = max_rows_for(model, x[:1], job.mem_budget_mb)
         engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts,
                                 folds=fold_of)
+
+    def backend_for(plan: LayerPlan, stats: ActGroupStats | None,
+                    steps: ChannelSteps | None) -> Any:
+        if job.estimator != "hessian":
+            return measured_backend(engine, plan, job, stats, steps)
+        if job.kind == "weight":
+            return HessianWeightBackend(sweep, plan.name, plan.bounds, steps)
+        return HessianActBackend(sweep, plan.name, plan.bounds, stats, steps)
+
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
     for plan in bar:
         lt = time.perf_counter()
@@ -353,37 +378,9 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         if job.estimator == "hessian":
             sweep.ensure(plan.name)
             values = sweep.acts.get(plan.name)
-        chains, stats = make_chains(model, x, plan, job, max_rows, values)
-        steps = (layer_steps(dict(model.named_modules())[plan.name].weight, job)
-                 if job.kind == "weight" else None)
-        if job.estimator == "hessian":
-            backend = (HessianWeightBackend(sweep, plan.name, plan.bounds, steps)
-                       if job.kind == "weight"
-                       else HessianActBackend(sweep, plan.name, plan.bounds, stats))
-        else:
-            backend = measured_backend(engine, plan, job, stats, steps)
-        extra = {"signed": stats.signed} if stats is not None else {}
-        if steps is not None:
-            extra |= {"channel_step_log2": steps.step_log2, "channel_deadzone": steps.deadzone}
-        inner = tqdm(total=len(chains), desc=plan.name, unit="chain", leave=False,
-                     disable=not job.progress)
-        n = run_chains(chains, backend, job.max_batch, on_chain_done=lambda c: inner.update(),  # noqa: B023  # runs before `inner` rebinds
-                       max_lookahead=job.max_lookahead)
-        inner.close()
-        n_dz = job.ndz if job.kind == "weight" else 1
-        dist, step, dz = chains_to_arrays(chains, len(plan.bounds), n_dz, job.nr)
-        n_evals = np.zeros(len(plan.bounds), dtype=np.int64)
-        for c in chains:
-            n_evals[c.group] += c.n_evals
-        if fold_of is not None:
-            extra["dist_folds"] = fold_curves(chains, backend, dist.shape, folds["count"])
-        if job.kind == "weight":
-            # The entropy rate of every point (--rate entropy), from the weight both
-            # estimators quantized, with the point's own quantizer.
-            weight = dict(model.named_modules())[plan.name].weight.detach()
-            extra["entropy"] = curve_entropy(weight, plan.bounds, step, dz, steps)
-        store.write_layer(plan.name, LayerCurves(dist, step, dz, plan.numel,
-                                                 {**extra, "n_evals": n_evals}))
+        curves, n = layer_curves(model, x, plan, job, max_rows, backend_for, values,
+                                 folds["count"] if folds else 0)
+        store.write_layer(plan.name, curves)
         summary["layers_written"] += 1
         summary["candidates"] += n
         where = ("second-order" if job.estimator == "hessian"
@@ -395,6 +392,49 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
     if job.estimator == "hessian":
         summary["gradient_sweeps"] = sweep.sweeps
     return summary
+
+
+def layer_curves(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJob,
+                 max_rows: int, backend_for: Callable[..., Any],
+                 values: torch.Tensor | None = None, n_folds: int = 0
+                 ) -> tuple[LayerCurves, int]:
+    """Search one layer's curves and return them with the number of distinct candidates
+    evaluated. ``backend_for(plan, stats, steps)`` gives the ``Evaluate`` of the estimator
+    (measured or second-order); ``values``: the layer's stored calibration activations, if
+    any; ``n_folds`` > 0 adds each calibration fold's own curve (``dist_folds``)."""
+    chains, stats = make_chains(model, x, plan, job, max_rows, values)
+    modules = dict(model.named_modules())
+    steps = (layer_steps(modules[plan.name].weight, job) if job.kind == "weight"
+             else act_layer_steps(stats, plan, job))
+    backend = backend_for(plan, stats, steps)
+    extra: dict[str, np.ndarray] = {"signed": stats.signed} if stats is not None else {}
+    if steps is not None:
+        extra |= {"channel_step_log2": steps.step_log2, "channel_deadzone": steps.deadzone}
+    # Candidates evaluated (chains advance together, so few finish before the end), with the
+    # chains done alongside.
+    inner = tqdm(desc=plan.name, unit="cand", leave=False, disable=not job.progress)
+    done = [0]
+
+    def chain_done(_: Any) -> None:
+        done[0] += 1
+        inner.set_postfix_str(f"{done[0]}/{len(chains)} chains", refresh=False)
+
+    n = run_chains(chains, backend, job.max_batch, on_chain_done=chain_done,
+                   max_lookahead=job.max_lookahead, on_evaluated=inner.update)
+    inner.close()
+    n_dz = job.ndz if job.kind == "weight" else 1
+    dist, step, dz = chains_to_arrays(chains, len(plan.bounds), n_dz, job.nr)
+    n_evals = np.zeros(len(plan.bounds), dtype=np.int64)
+    for c in chains:
+        n_evals[c.group] += c.n_evals
+    if n_folds:
+        extra["dist_folds"] = fold_curves(chains, backend, dist.shape, n_folds)
+    if job.kind == "weight":
+        # The entropy rate of every point (--rate entropy), from the weight both
+        # estimators quantized, with the point's own quantizer.
+        weight = modules[plan.name].weight.detach()
+        extra["entropy"] = curve_entropy(weight, plan.bounds, step, dz, steps)
+    return LayerCurves(dist, step, dz, plan.numel, {**extra, "n_evals": n_evals}), n
 
 
 def fold_curves(chains: list[Chain] | list[ScaleChain], backend: Any,

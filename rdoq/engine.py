@@ -44,7 +44,7 @@ from rdoq.quantizers import (
     unsigned_bounds,
 )
 from rdoq.search import Candidate
-from rdoq.steps import ChannelSteps, candidate_quantizer
+from rdoq.steps import ChannelSteps, act_rows, candidate_params, candidate_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -719,16 +719,29 @@ class ActGroupStats:
     channels: int
     vmin: np.ndarray  # (G,) smallest calibration value
     vmax: np.ndarray  # (G,) largest calibration value
+    # A sample of each channel's values (rdoq.steps.act_rows), for per-channel steps; None
+    # unless asked for.
+    rows: torch.Tensor | None = None  # (C, n)
+
+    def channel_signed(self, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Each channel's grid sign, its group's: ``(C,)`` bool."""
+        out = torch.zeros(self.channels, dtype=torch.bool)
+        for g, (c0, c1) in enumerate(bounds):
+            out[c0:c1] = bool(self.signed[g])
+        return out
 
 
 class _StatsAccumulator:
     """Per-channel sum of squares, min, max and count of activation tensors seen so far."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, keep_rows: bool = False):
         self.dim = dim
         self.acc: dict[str, torch.Tensor] = {}
+        self.rows: list[torch.Tensor] | None = [] if keep_rows else None
 
     def add(self, t: torch.Tensor) -> None:
+        if self.rows is not None:
+            self.rows.append(act_rows(t, self.dim))
         t = t.detach().movedim(self.dim, -1).reshape(-1, t.shape[self.dim]).double()  # (rows, C)
         sq, mn, mx = (t * t).sum(0), t.min(0).values, t.max(0).values
         acc = self.acc
@@ -755,15 +768,18 @@ class _StatsAccumulator:
             # values, so calibration ranges do not bound them and cannot prove two candidates
             # equal.
             vmin, vmax = [-math.inf] * len(bounds), [math.inf] * len(bounds)
+        rows = torch.cat(self.rows, 1) if self.rows else None  # (C, n)
         return ActGroupStats(np.array(rms), np.array(signed), int(acc["sq"].shape[0]),
-                             np.array(vmin), np.array(vmax))
+                             np.array(vmin), np.array(vmax), rows)
 
 
 def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
-                    bounds: Sequence[tuple[int, int]], rows: int) -> ActGroupStats:
-    """RMS and sign of every channel group of ``layer``'s input/output over the calibration set."""
+                    bounds: Sequence[tuple[int, int]], rows: int,
+                    keep_rows: bool = False) -> ActGroupStats:
+    """RMS and sign of every channel group of ``layer``'s input/output over the calibration set
+    (``keep_rows``: and a sample of each channel's values, for per-channel steps)."""
     module = dict(model.named_modules())[layer]
-    acc = _StatsAccumulator(channel_dim(module))
+    acc = _StatsAccumulator(channel_dim(module), keep_rows)
     calls = [0]
 
     def hook(t: torch.Tensor) -> None:
@@ -787,11 +803,11 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
     return acc.stats(bounds, calls[0] > passes)
 
 
-def act_group_stats_of(values: torch.Tensor, dim: int,
-                       bounds: Sequence[tuple[int, int]]) -> ActGroupStats:
+def act_group_stats_of(values: torch.Tensor, dim: int, bounds: Sequence[tuple[int, int]],
+                       keep_rows: bool = False) -> ActGroupStats:
     """The same statistics from a layer's stored calibration activations ``(N, …)`` with the
     channel on axis ``dim`` (``rdoq.groups.channel_dim``)."""
-    acc = _StatsAccumulator(dim)
+    acc = _StatsAccumulator(dim, keep_rows)
     acc.add(values)
     return acc.stats(bounds, False)
 
@@ -805,9 +821,10 @@ class ActBackend:
     """Evaluates activation candidates of one layer with the measured engine."""
 
     def __init__(self, engine: MeasuredEngine, layer: str, mode: str,
-                 bounds: Sequence[tuple[int, int]], stats: ActGroupStats, max_batch: int):
+                 bounds: Sequence[tuple[int, int]], stats: ActGroupStats, max_batch: int,
+                 steps: ChannelSteps | None = None):
         self.engine, self.layer, self.mode, self.bounds = engine, layer, mode, bounds
-        self.stats, self.max_batch = stats, max_batch
+        self.stats, self.max_batch, self.steps = stats, max_batch, steps
         self.module = engine.modules[layer]
 
     def params(self, cands: Sequence[Candidate], k: int) -> ActSlotParams:
@@ -816,11 +833,12 @@ class ActBackend:
         qmin = torch.zeros(k, c, dtype=dt)
         qmax = torch.zeros(k, c, dtype=dt)
         mask = torch.zeros(k, c, dtype=torch.bool)
+        width = max((c1 - c0 for c0, c1 in self.bounds), default=1)
+        cand_steps, _ = candidate_params(cands, self.bounds, width, self.steps)  # (K, width)
         for i, cand in enumerate(cands):
             c0, c1 = self.bounds[cand.group]
             lo, hi = act_bounds(cand.bits, bool(self.stats.signed[cand.group]))
-            if cand.bits > 0:
-                step[i, c0:c1] = 2.0**cand.step_log2
+            step[i, c0:c1] = torch.from_numpy(cand_steps[i, :c1 - c0])
             qmin[i, c0:c1], qmax[i, c0:c1] = lo, hi
             mask[i, c0:c1] = True
         return ActSlotParams(step.to(dev), qmin.to(dev), qmax.to(dev), mask.to(dev))
@@ -955,18 +973,25 @@ class NaiveEvaluator:
         return evaluate
 
     def acts(self, layer: str, mode: str, bounds: Sequence[tuple[int, int]],
-             signed: np.ndarray) -> Callable:
-        """An ``Evaluate`` for activation candidates of ``layer``."""
+             signed: np.ndarray, steps: ChannelSteps | None = None) -> Callable:
+        """An ``Evaluate`` for activation candidates of ``layer`` (``steps``: per-channel
+        mode)."""
         module = self.modules[layer]
         dim = channel_dim(module)
 
         def quantize(t: torch.Tensor, cand: Candidate) -> torch.Tensor:
             c0, c1 = bounds[cand.group]
             lo, hi = act_bounds(cand.bits, bool(signed[cand.group]))
-            step = 2.0**cand.step_log2 if cand.bits > 0 else 1.0
+            step, _ = candidate_quantizer(bounds, cand, steps)
             t = t.clone()
             idx = [slice(None)] * t.dim()
             idx[dim] = slice(c0, c1)
+            if isinstance(step, torch.Tensor):  # per channel: on the channel axis
+                shape = [1] * t.dim()
+                shape[dim] = -1
+                step = step.to(t).reshape(shape)
+            elif cand.bits == 0:
+                step = 1.0
             t[tuple(idx)] = quantize_uniform(t[tuple(idx)], step, lo, hi)
             return t
 

@@ -31,7 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdoq.groups import find_layers, group_bounds, hooked_forward, weight_numel
+from rdoq.groups import (
+    entry_channel_steps,
+    find_layers,
+    group_bounds,
+    hooked_forward,
+    weight_numel,
+)
 from rdoq.parts import layer_macs
 from rdoq.quantizers import signed_bounds, unsigned_bounds
 
@@ -278,11 +284,12 @@ def clamps_keep_grid(entry: dict[str, Any], offset: list[float] | None,
         return True
     channels = int(entry["channels"])
     off = np.zeros(channels) if offset is None else np.asarray(offset, dtype=np.float64)  # (C,)
+    steps = np.array([2.0**v for v in entry_channel_steps(entry)])  # (C,)
     for g, (c0, c1) in enumerate(group_bounds(channels, int(entry["group_size"]))):
         bits = int(entry["bits"][g])
         if bits == 0:
             continue  # one level per channel, whatever a clamp makes of it
-        step = 2.0 ** float(entry["step_log2"][g])
+        step = steps[c0:c1]  # (c,)
         qmin, qmax = signed_bounds(bits) if entry["signed"][g] else unsigned_bounds(bits)
         o = off[c0:c1]  # (c,)
         for lo, hi in clamps:

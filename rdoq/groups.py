@@ -36,6 +36,17 @@ def group_bounds(n_channels: int, group_size: int) -> list[tuple[int, int]]:
     return [(c0, min(c0 + group_size, n_channels)) for c0 in range(0, n_channels, group_size)]
 
 
+def entry_channel_steps(entry: dict) -> list[float]:
+    """An allocation entry's ``step_log2`` per channel (NaN where it has none): as stored with
+    ``steps: "channel"``, else each group's step repeated over its channels."""
+    channels = int(entry["channels"])
+    values = entry["step_log2"]
+    if entry.get("steps", "group") != "channel":
+        values = [v for (c0, c1), v in zip(group_bounds(channels, int(entry["group_size"])),
+                                           values, strict=True) for _ in range(c1 - c0)]
+    return [float("nan") if v is None else float(v) for v in values]
+
+
 def get_group(weight: torch.Tensor, bounds: tuple[int, int]) -> torch.Tensor:
     """A view of the output channels ``bounds`` of ``weight``."""
     c0, c1 = bounds

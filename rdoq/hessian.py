@@ -785,9 +785,9 @@ class HessianActBackend:
     each sample's perturbation is paired with that sample's gradients."""
 
     def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]],
-                 stats: ActGroupStats):
+                 stats: ActGroupStats, steps: ChannelSteps | None = None):
         sweep.ensure(layer)
-        self.sweep, self.stats = sweep, stats
+        self.sweep, self.stats, self.bounds, self.steps = sweep, stats, bounds, steps
         dim = channel_dim(sweep.modules[layer])
         # Channels last: A (N, …, C), D (N, M, …, C).
         acts = sweep.acts[layer].movedim(dim if dim < 0 else dim, -1)
@@ -821,9 +821,11 @@ class HessianActBackend:
             def grid(values: list[float], fill: float, run: slice = run) -> torch.Tensor:
                 return slots.grid(values, fill, a, run).view(-1, 1, slots.width, 1)  # noqa: B023  # only called in this iteration
 
+            step = (grid(steps, 1.0) if self.steps is None
+                    else self._element_steps(cands, slots, run, a))
             # All candidates of these groups in one broadcast quantization, candidates outside
             # the group's elements so that every pass runs along n: (g, N, width, n).
-            delta = quantize_uniform_fast(a, grid(steps, 1.0), grid([b[0] for b in bounds], 0.0),
+            delta = quantize_uniform_fast(a, step, grid([b[0] for b in bounds], 0.0),
                                           grid([b[1] for b in bounds], 0.0)).sub_(a)
             g = delta.shape[0]
             p = torch.bmm(delta.view(g * n, slots.width, n_g),
@@ -834,6 +836,22 @@ class HessianActBackend:
             p = p.view(g, n, slots.width, m).transpose(2, 3)  # (g, N, M, width)
             dist[run] = self.sweep.combine(p.reshape(g, n * m, slots.width), sq, per_fold)
         return dist[slots.rows, :, slots.cols] if per_fold else dist[slots.rows, slots.cols]
+
+    def _element_steps(self, cands: Sequence[Candidate], slots: SlotGrid, run: slice,
+                       like: torch.Tensor) -> torch.Tensor:
+        """Per-channel steps of the candidates in the grid rows ``run``, on every element of
+        their group (channels fastest, as stacked): ``(g, 1, width, n)``."""
+        width = max(c1 - c0 for c0, c1 in self.bounds)
+        per, _ = candidate_params(cands, self.bounds, width, self.steps)  # (K, width)
+        out = np.ones((run.stop - run.start, slots.width, like.shape[-1]))  # (g, width, n)
+        for i, cand in enumerate(cands):
+            r = int(slots.rows[i])
+            if run.start <= r < run.stop:
+                c0, c1 = self.bounds[cand.group]
+                numel = self.numel[cand.group]  # positions × channels of the group
+                out[r - run.start, slots.cols[i], :numel] = np.tile(per[i, :c1 - c0],
+                                                                    numel // (c1 - c0))
+        return torch.from_numpy(out).to(like).unsqueeze(1)
 
     def dist_of(self, group: int, delta: torch.Tensor) -> np.ndarray:
         """δ̂ of perturbations ``delta (N, …, c_g, K)`` of group ``group`` (channels, then

@@ -309,13 +309,15 @@ class ScaleChain(_BitWalk):
 
 def run_chains(chains: list[Chain] | list[ScaleChain], evaluate: Evaluate, max_batch: int,
                on_chain_done: Callable[[Chain], None] | None = None,
-               max_lookahead: int = 1) -> int:
+               max_lookahead: int = 1,
+               on_evaluated: Callable[[int], None] | None = None) -> int:
     """Drive all chains to completion; returns the number of distinct candidates evaluated.
 
     Each round takes the next candidate of every active chain, drops duplicates (all-zero
     candidates of one group), and evaluates them in batches of at most ``max_batch``. When fewer
     than ``max_batch`` chains remain, up to ``max_lookahead`` steps of each chain are evaluated
     speculatively: worth it where a wider pass costs little more (GPUs), wasted work on a CPU.
+    ``on_evaluated(k)`` is called after each batch of ``k`` candidates (progress reports).
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -336,6 +338,8 @@ def run_chains(chains: list[Chain] | list[ScaleChain], evaluate: Evaluate, max_b
         for i in range(0, len(todo), max_batch):
             chunk = todo[i:i + max_batch]
             dist, aux = evaluate([cand for _, cand in chunk])
+            if on_evaluated is not None:
+                on_evaluated(len(chunk))
             for j, (key, _) in enumerate(chunk):
                 a = float(aux[j]) if aux is not None else math.nan
                 results[key] = (float(dist[j]), a)

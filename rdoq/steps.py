@@ -1,11 +1,13 @@
-"""Per-channel steps of weight groups (DESIGN §4).
+"""Per-channel steps of weight and activation groups (DESIGN §4).
 
 A channel group shares one bit width and one dead-zone ratio, which the allocator chooses, but
-each channel has its own step: its weight-MSE-optimal step at that width and dead zone (from the
-weights alone, no network pass), scaled by one factor ``2**scale_log2`` per group that the curve
-search chooses. Scale 0 is exactly the uniform per-channel baseline's quantizer, so a curve point
-is never worse than that baseline's. The paper's quantizer (one power-of-two step per group)
-remains available: there the candidate's ``step_log2`` is the group's absolute step.
+each channel has its own step: its MSE-optimal step at that width and dead zone — for weights
+from the weights alone (no network pass), for activations from a sample of the channel's
+calibration values (:func:`act_rows`) — scaled by one factor ``2**scale_log2`` per group that
+the curve search chooses. For weights scale 0 is exactly the uniform per-channel baseline's
+quantizer, so a curve point is never worse than that baseline's. The paper's quantizer (one
+power-of-two step per group) remains available: there the candidate's ``step_log2`` is the
+group's absolute step.
 """
 
 from __future__ import annotations
@@ -23,9 +25,25 @@ from rdoq.search import Candidate
 STEP_MODES = ("channel", "group")
 
 
+# Calibration values per sample and channel that activation steps are fitted on: a regular
+# stride over each sample's positions, so the sample does not depend on how forwards are batched
+# (the measured and the second-order curves see the same one).
+ACT_ROWS_PER_SAMPLE = 64
+
+
+def act_rows(t: torch.Tensor, dim: int, per_sample: int = ACT_ROWS_PER_SAMPLE) -> torch.Tensor:
+    """Values of each channel of an activation batch ``t (n, …)`` with channels on axis ``dim``
+    (of the batch), at most ``per_sample`` per sample: ``(C, rows)`` float64."""
+    x = t.detach().movedim(dim, -1)
+    x = x.reshape(x.shape[0], -1, x.shape[-1])  # (n, P, C)
+    stride = max(math.ceil(x.shape[1] / per_sample), 1)
+    return x[:, ::stride].reshape(-1, x.shape[-1]).T.double().cpu()  # (C, rows)
+
+
 @dataclass(frozen=True)
 class ChannelSteps:
-    """The per-channel base quantizers of one weight layer."""
+    """The per-channel base quantizers of one weight or activation layer (activations: one
+    dead-zone ratio, 0)."""
 
     step_log2: np.ndarray  # (C, D, B) MSE-optimal step per channel, dead zone, bit width; NaN: none
     deadzone: np.ndarray  # (C, D) φ per channel and dead-zone ratio (0 for ratio 0, else > 0)
@@ -44,6 +62,16 @@ class ChannelSteps:
             for b in range(1, nr):
                 steps[:, d, b] = mse_steps(w, b, signed, phi if d > 0 else None).numpy()
         return cls(steps, phis)
+
+    @classmethod
+    def of_acts(cls, rows: torch.Tensor, signed: torch.Tensor, nr: int) -> ChannelSteps:
+        """Base steps of an activation layer from ``rows (C, n)`` (:func:`act_rows`) on each
+        channel's grid (``signed (C,)``, its group's), bits ``0..nr-1``."""
+        c = rows.shape[0]
+        steps = np.full((c, 1, nr), np.nan)  # (C, 1, B)
+        for b in range(1, nr):
+            steps[:, 0, b] = mse_steps(rows, b, signed).numpy()
+        return cls(steps, np.zeros((c, 1)))
 
 
 def candidate_params(cands: Sequence[Candidate], bounds: Sequence[tuple[int, int]], width: int,

@@ -311,3 +311,154 @@ def test_second_order_rows_with_bcw_are_gradients_of_the_corrected_layer():
             (g,) = torch.autograd.grad((zs[n, j] * out(w, x[n:n + 1])).sum(), [w])
             torch.testing.assert_close(be.rows[0, n * m + j], g.reshape(-1), rtol=1e-10,
                                        atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class ActNet(nn.Module):
+    """Conv → ReLU → linear whose conv output channels differ in range by up to 1e4."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3)
+        self.fc = nn.Linear(6, 3)
+        with torch.no_grad():
+            self.conv.weight.mul_(torch.tensor([1.0, 1e-4, 3.0, 0.01, 1.0, 30.0]).view(6, 1, 1, 1))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def _act_job(**kw) -> CurveJob:
+    return _job(**{"kind": "act", "act_mode": "out", "ndz": 1, "nr": 6, "step_grid": 4,
+                   "max_steps": 24, "group_size": 4, **kw})
+
+
+def _quantize_channels(t: torch.Tensor, c0: int, c1: int, step_log2: np.ndarray, bits: int,
+                       signed: bool) -> torch.Tensor:
+    """``t (n, C, …)`` with channels c0:c1 quantized by one step per channel, by hand."""
+    lo, hi = signed_bounds(bits) if signed else (0, 2**bits - 1)
+    out = t.clone()
+    for i, c in enumerate(range(c0, c1)):
+        out[:, c] = quantize_uniform(t[:, c], float(2.0 ** step_log2[i]) if bits else 1.0, lo, hi)
+    return out
+
+
+def test_activation_base_steps_are_each_channels_mse_optimal_step():
+    from rdoq.steps import act_rows
+
+    t = torch.randn(5, 3, 40, dtype=torch.float64) * torch.tensor([1.0, 1e-3, 50.0]).view(1, 3, 1)
+    rows = act_rows(t, 1)  # (C, rows): at most 64 positions per sample
+    assert rows.shape == (3, 5 * 40)
+    long = torch.randn(2, 3, 1000, dtype=torch.float64)
+    assert act_rows(long, 1).shape == (3, 2 * 63)  # stride ceil(1000 / 64) = 16: 63 per sample
+    assert torch.equal(act_rows(torch.cat([t, t]), 1), torch.cat([rows, rows], 1))
+    signed = torch.tensor([True, False, True])
+    steps = ChannelSteps.of_acts(rows, signed, 5)
+    assert steps.step_log2.shape == (3, 1, 5) and np.isnan(steps.step_log2[:, 0, 0]).all()
+    for b in range(1, 5):
+        np.testing.assert_array_equal(steps.step_log2[:, 0, b], mse_steps(rows, b, signed).numpy())
+    # The channels' own steps follow their ranges (a shared step could not).
+    assert steps.step_log2[2, 0, 4] - steps.step_log2[1, 0, 4] > 10
+
+
+def test_activation_curve_points_are_exact_and_allocation_applies_them(tmp_path):
+    from rdoq.apply import act_quantizer
+
+    torch.manual_seed(5)
+    model = ActNet().double().eval()
+    x = torch.randn(6, 2, 7, 7, dtype=torch.float64)
+    chan = _curves(tmp_path, model, x, _act_job(scales_log2=scale_grid(0.5, 4)), "chan")
+    group = _curves(tmp_path, model, x, _act_job(step_mode="group"), "group")
+    assert chan.meta["steps"] == "channel" and group.meta["steps"] == "group"
+    c = chan.read_layer("conv")
+    base = c.extra["channel_step_log2"]  # (C, 1, B)
+    assert base.shape == (6, 1, 6)
+    with torch.no_grad():
+        ref = model(x)
+        y = model.conv(x)
+    bounds = group_bounds(6, 4)
+    for g, (c0, c1) in enumerate(bounds):
+        signed = bool(c.extra["signed"][g])
+        for b in (2, 4, 5):
+            steps = base[c0:c1, 0, b] + c.step_log2[g, 0, b]
+            yq = _quantize_channels(y, c0, c1, steps, b, signed)
+            with torch.no_grad():
+                out = model.fc(torch.relu(yq).mean((2, 3)))
+            assert c.dist[g, 0, b] == pytest.approx(float((out - ref).pow(2).mean()), rel=1e-9)
+    # Per-channel steps serve channels 1e4 apart; one step per group cannot.
+    g_best = group.read_layer("conv").dist[:, 0]  # (G, B)
+    assert np.all(c.dist[:, 0, 3:] <= g_best[:, 3:] * (1 + 1e-9))
+    assert c.dist[0, 0, 5] < 0.5 * g_best[0, 5]
+    # The allocation carries one step per channel, and its quantizer is the curves'.
+    weights = _curves(tmp_path, model, x, _job(ndz=1, nr=6), "w")
+    table = build_table(weights, chan)
+    for col in (2, 4):
+        alloc = make_allocation(table, np.full(len(table.kind), col), target_bits=col,
+                                solver="test")
+        e = alloc["acts"]["conv"]
+        assert e["steps"] == "channel" and len(e["step_log2"]) == 6 and "deadzone" not in e
+        assert e["signed"] == [bool(s) for s in c.extra["signed"]]
+        got = act_quantizer(model.conv, e)(y)
+        for g, (c0, c1) in enumerate(bounds):
+            steps = base[c0:c1, 0, col] + c.step_log2[g, 0, col]
+            want = _quantize_channels(y, c0, c1, steps, col, bool(c.extra["signed"][g]))
+            assert torch.equal(got[:, c0:c1], want[:, c0:c1]), (col, g)
+    # Allocation files keep them, and refuse a per-channel list of the wrong length.
+    from rdoq.allocation import load_allocation, save_allocation
+
+    save_allocation(tmp_path / "a.json", alloc)
+    assert load_allocation(tmp_path / "a.json")["acts"]["conv"]["step_log2"] == e["step_log2"]
+    alloc["acts"]["conv"]["step_log2"] = e["step_log2"][:2]
+    save_allocation(tmp_path / "b.json", alloc)
+    with pytest.raises(ValueError, match="wrong length"):
+        load_allocation(tmp_path / "b.json")
+
+
+def test_second_order_activation_estimate_with_channel_steps_is_that_of_the_perturbation():
+    from rdoq.engine import act_group_stats
+    from rdoq.hessian import HessianActBackend
+    from rdoq.steps import candidate_params
+
+    torch.manual_seed(6)
+    model = ActNet().double().eval()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    bounds = group_bounds(6, 4)
+    stats = act_group_stats(model, x, "conv", "out", bounds, rows=5, keep_rows=True)
+    steps = ChannelSteps.of_acts(stats.rows, stats.channel_signed(bounds), 5)
+    sweep = GradientSweep(model, x, ["conv"], "act", HessianSettings(nprobes=2), mode="out",
+                          batch_size=2)
+    be = HessianActBackend(sweep, "conv", bounds, stats, steps)
+    cands = [Candidate(g, b, s, 0.0, dz_index=0) for g in (1, 0) for b in (0, 2, 4)
+             for s in (-0.25, 0.0, 0.5)]
+    dist, _ = be(cands)
+    with torch.no_grad():
+        y = model.conv(x)
+    for k, cand in enumerate(cands):
+        c0, c1 = bounds[cand.group]
+        step = candidate_params([cand], bounds, 4, steps)[0][0, :c1 - c0]
+        yq = _quantize_channels(y, c0, c1, np.log2(step), cand.bits,
+                                bool(stats.signed[cand.group]))
+        delta = (yq - y)[:, c0:c1].movedim(1, -1).unsqueeze(-1)  # (N, …, c_g, 1)
+        assert dist[k] == pytest.approx(be.dist_of(cand.group, delta)[0], rel=1e-10, abs=1e-300)
+
+
+def test_curve_scripts_default_steps_per_kind_and_take_either(tmp_path):
+    from rdoq.cli import DEFAULT_STEPS, curves_main
+
+    argv = ["--archname", "digits_cnn", "--testsize", "8", "--nchannelbatch", "16",
+            "--maxrates", "3", "--quiet", "--folds", "0"]
+    for kind, mode in (("weight", None), ("act", "out")):
+        default = curves_main(kind, mode, [*argv, "--maxdeadzones", "1", "--outdir",
+                                           str(tmp_path / kind / "d")], estimator="hessian")
+        assert CurveStore.load(default["curve_set"]).meta["steps"] == DEFAULT_STEPS[kind]
+        for steps in ("channel", "group"):
+            got = curves_main(kind, mode, [*argv, "--maxdeadzones", "1", "--steps", steps,
+                                           "--outdir", str(tmp_path / kind / steps)],
+                              estimator="hessian")
+            assert CurveStore.load(got["curve_set"]).meta["steps"] == steps
+        alias = curves_main(kind, mode, [*argv, "--maxdeadzones", "1", "--group-step",
+                                         "--outdir", str(tmp_path / kind / "alias")],
+                            estimator="hessian")
+        assert CurveStore.load(alias["curve_set"]).meta["steps"] == "group"

@@ -466,3 +466,9 @@ def test_warm_start_restarts_when_the_previous_width_did_not_beat_pruning():
     assert chain.best_dist[2] == pytest.approx(0.01) and chain.best_step[2] == 0.0
     # The 1-bit best step was still evaluated at 2 bits.
     assert any(c.bits == 2 and c.step_log2 == chain.best_step[1] for c in chain.consumed)
+
+
+def test_on_evaluated_counts_every_distinct_candidate():
+    seen = []
+    n = run_chains(_chains(SMOOTH, 3), Evaluator(smooth), 4, on_evaluated=seen.append)
+    assert sum(seen) == n and max(seen) <= 4
