@@ -33,7 +33,8 @@ from rdoq.curves import (  # noqa: E402
     naive_backend,
     plan_layers,
 )
-from rdoq.engine import MeasuredEngine, NaiveEvaluator  # noqa: E402
+from rdoq.engine import MeasuredEngine  # noqa: E402
+from rdoq.naive import NaiveEvaluator  # noqa: E402
 from rdoq.search import chains_to_arrays, run_chains  # noqa: E402
 
 

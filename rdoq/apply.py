@@ -31,11 +31,10 @@ from torch import nn
 
 from rdoq.groups import channel_dim, entry_channel_steps, group_bounds
 from rdoq.quantizers import (
+    act_bounds,
     channel_steps,
     quantize_uniform,
     quantize_weight,
-    signed_bounds,
-    unsigned_bounds,
 )
 from rdoq.store import atomic_write_bytes
 
@@ -114,7 +113,7 @@ def act_quantizer(module: nn.Module, entry: dict[str, Any],
     qmax = torch.zeros(c, dtype=torch.float64)  # (C,)
     for g, (c0, c1) in enumerate(group_bounds(c, int(entry["group_size"]))):
         bits = int(entry["bits"][g])
-        lo, hi = signed_bounds(bits) if entry["signed"][g] else unsigned_bounds(bits)
+        lo, hi = act_bounds(bits, bool(entry["signed"][g]))
         if bits > 0:
             # The curves' arithmetic: exp2 per channel, 2**x for a group's one step.
             step[c0:c1] = (channel_steps(torch.tensor(steps[c0:c1], dtype=torch.float64))

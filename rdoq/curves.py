@@ -17,16 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rdoq.engine import (
-    ActBackend,
-    ActGroupStats,
-    MeasuredEngine,
-    NaiveEvaluator,
-    WeightBackend,
-    act_group_stats,
-    act_group_stats_of,
-    weight_input_means,
-)
+from rdoq.actstats import ActGroupStats, act_group_stats, act_group_stats_of
+from rdoq.backends import ActBackend, WeightBackend, weight_input_means
+from rdoq.engine import MeasuredEngine
 from rdoq.entropy import curve_entropy
 from rdoq.groups import (
     act_group_numel,
@@ -39,6 +32,7 @@ from rdoq.groups import (
     weight_numel,
 )
 from rdoq.hessian import GradientSweep, HessianActBackend, HessianSettings, HessianWeightBackend
+from rdoq.naive import NaiveEvaluator
 from rdoq.parts import PartSpec, assign_parts, layer_macs, suffix_costs
 from rdoq.quantizers import deadzone_threshold
 from rdoq.search import (

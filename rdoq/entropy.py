@@ -49,7 +49,7 @@ def symbol_entropy(levels: torch.Tensor) -> float:
 def group_levels(weight: torch.Tensor, bounds: Sequence[tuple[int, int]], cand: Candidate,
                  steps: ChannelSteps | None) -> torch.Tensor:
     """The integer symbols of ``cand``'s group, ``weight[c0:c1].shape`` int64: the symbols of
-    :func:`rdoq.engine.quantized_group` (same quantizer, same arithmetic)."""
+    :func:`rdoq.backends.quantized_group` (same quantizer, same arithmetic)."""
     c0, c1 = bounds[cand.group]
     step, phi = candidate_quantizer(bounds, cand, steps)
     return weight_levels(weight[c0:c1], cand.bits, step, phi)

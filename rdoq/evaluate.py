@@ -39,7 +39,7 @@ from rdoq.groups import (
     weight_numel,
 )
 from rdoq.parts import layer_macs
-from rdoq.quantizers import signed_bounds, unsigned_bounds
+from rdoq.quantizers import act_bounds
 
 # Autograd nodes whose output holds only values of their one input, and keeps every channel's
 # share of the elements (views, copies, transposes, max-pooling): a grid, and the average bits
@@ -290,7 +290,7 @@ def clamps_keep_grid(entry: dict[str, Any], offset: list[float] | None,
         if bits == 0:
             continue  # one level per channel, whatever a clamp makes of it
         step = steps[c0:c1]  # (c,)
-        qmin, qmax = signed_bounds(bits) if entry["signed"][g] else unsigned_bounds(bits)
+        qmin, qmax = act_bounds(bits, bool(entry["signed"][g]))
         o = off[c0:c1]  # (c,)
         for lo, hi in clamps:
             for bound, is_min in ((lo, True), (hi, False)):

@@ -39,9 +39,11 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from tqdm import tqdm
 
-from rdoq.engine import ActGroupStats, act_bounds, input_sum
+from rdoq.actstats import ActGroupStats
+from rdoq.backends import input_sum
 from rdoq.groups import channel_dim, is_sparse_conv
 from rdoq.quantizers import (
+    act_bounds,
     deadzone_magnitudes,
     quantize_deadzone_fast,
     quantize_uniform_fast,

@@ -291,3 +291,8 @@ def deadzone_threshold(x: torch.Tensor, ratio: float) -> float:
 def grid_floor(value_log2: float, step_grid: int) -> float:
     """Largest point of the ``1/step_grid``-octave grid that is ≤ ``value_log2``."""
     return math.floor(value_log2 * step_grid) / step_grid
+
+
+def act_bounds(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer level bounds of an activation group: the signed or the unsigned grid."""
+    return signed_bounds(bits) if signed else unsigned_bounds(bits)

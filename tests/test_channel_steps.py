@@ -13,10 +13,11 @@ from torch import nn
 
 from rdoq.allocation import build_table, make_allocation
 from rdoq.apply import quantized_weight
+from rdoq.backends import quantized_group
 from rdoq.curves import CurveJob, generate_curves, layer_steps, naive_backend, plan_layers
-from rdoq.engine import NaiveEvaluator, quantized_group
 from rdoq.groups import group_bounds
 from rdoq.hessian import GradientSweep, HessianSettings, HessianWeightBackend, SlotGrid
+from rdoq.naive import NaiveEvaluator
 from rdoq.parts import PartSpec
 from rdoq.quantizers import (
     channel_deadzones,
@@ -417,7 +418,7 @@ def test_activation_curve_points_are_exact_and_allocation_applies_them(tmp_path)
 
 
 def test_second_order_activation_estimate_with_channel_steps_is_that_of_the_perturbation():
-    from rdoq.engine import act_group_stats
+    from rdoq.actstats import act_group_stats
     from rdoq.hessian import HessianActBackend
     from rdoq.steps import candidate_params
 

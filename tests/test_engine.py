@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from rdoq.curves import CurveJob, make_chains, measured_backend, naive_backend, plan_layers
-from rdoq.engine import MeasuredEngine, NaiveEvaluator, weight_slots
+from rdoq.engine import MeasuredEngine
+from rdoq.naive import NaiveEvaluator
 from rdoq.search import chains_to_arrays, run_chains
+from rdoq.slots import weight_slots
 
 
 def tiny(arch: str) -> nn.Module:

@@ -27,9 +27,9 @@ from rdoq.allocation import (
     summarize_choice,
 )
 from rdoq.apply import quantized_weight
+from rdoq.backends import quantized_group
 from rdoq.cli import RATE_FLAGS, allocate_main
 from rdoq.curves import CurveJob, build_meta, plan_layers
-from rdoq.engine import quantized_group
 from rdoq.entropy import curve_entropy, group_levels, symbol_entropy
 from rdoq.groups import group_bounds
 from rdoq.quantizers import quantize_weight_steps, weight_levels

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from rdoq.engine import ActGroupStats
+from rdoq.actstats import ActGroupStats
 from rdoq.groups import group_bounds
 from rdoq.hessian import GradientSweep, HessianActBackend, HessianSettings, HessianWeightBackend
 from rdoq.search import Candidate
@@ -247,7 +247,7 @@ def test_settings_are_validated():
 
 @pytest.mark.parametrize("arch", ["conv", "linear"])
 def test_stats_from_stored_activations_equal_the_hooked_ones(arch):
-    from rdoq.engine import act_group_stats, act_group_stats_of
+    from rdoq.actstats import act_group_stats, act_group_stats_of
     from rdoq.groups import channel_dim
 
     if arch == "conv":

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from rdoq.actstats import ActGroupStats
 from rdoq.allocation import build_table, restrict
 from rdoq.curves import CurveJob, assign_folds, build_meta, plan_layers
-from rdoq.engine import ActGroupStats
 from rdoq.groups import group_bounds
 from rdoq.hessian import GradientSweep, HessianActBackend, HessianSettings, HessianWeightBackend
 from rdoq.search import Candidate
@@ -103,7 +103,8 @@ def test_fold_assignment_keeps_a_units_samples_together():
 
 @pytest.mark.parametrize("kind", ["weight", "act"])
 def test_measured_fold_distortions_are_those_of_the_folds_samples(kind):
-    from rdoq.engine import ActBackend, MeasuredEngine, WeightBackend
+    from rdoq.backends import ActBackend, WeightBackend
+    from rdoq.engine import MeasuredEngine
 
     model = mlp()
     x = torch.randn(11, 5)

@@ -228,7 +228,7 @@ def test_head_maps_are_the_raw_maps_on_the_bev_grid(detector, batch, reference):
 def test_importing_the_adapter_does_not_import_pcdet():
     code = """
 import importlib.util, sys
-import rdoq.adapters.openpcdet as op, rdoq.curves, rdoq.engine, rdoq.groups
+import rdoq.adapters.openpcdet as op, rdoq.curves, rdoq.engine, rdoq.backends, rdoq.groups
 assert "pcdet" not in sys.modules, "pcdet imported"
 if importlib.util.find_spec("pcdet") is None:  # no installed pcdet: the error names the fix
     try:

@@ -23,8 +23,9 @@ from rdoq import hessian
 from rdoq.adapters import sparse
 from rdoq.allocation import build_table, make_allocation, solve_recorded
 from rdoq.apply import apply_allocation
+from rdoq.backends import quantized_group
 from rdoq.curves import CurveJob, generate_curves
-from rdoq.engine import MeasuredEngine, quantized_group
+from rdoq.engine import MeasuredEngine
 from rdoq.groups import find_layers, group_bounds
 from rdoq.hessian import GradientSweep, HessianSettings
 from rdoq.parts import PartSpec

@@ -1,0 +1,119 @@
+"""Per-channel statistics of a layer's calibration activations (RMS, sign, range and, for
+per-channel steps, a strided sample of the values), per channel group, from hooked forwards or
+from stored activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from rdoq.groups import channel_dim
+from rdoq.steps import act_rows
+
+
+@dataclass
+class ActGroupStats:
+    """Per-group statistics of a layer's calibration activations."""
+
+    rms_log2: np.ndarray  # (G,)
+    signed: np.ndarray  # (G,) bool: False when every calibration value is >= 0
+    channels: int
+    vmin: np.ndarray  # (G,) smallest calibration value
+    vmax: np.ndarray  # (G,) largest calibration value
+    # A sample of each channel's values (rdoq.steps.act_rows), for per-channel steps; None
+    # unless asked for.
+    rows: torch.Tensor | None = None  # (C, n)
+
+    def channel_signed(self, bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Each channel's grid sign, its group's: ``(C,)`` bool."""
+        out = torch.zeros(self.channels, dtype=torch.bool)
+        for g, (c0, c1) in enumerate(bounds):
+            out[c0:c1] = bool(self.signed[g])
+        return out
+
+
+class _StatsAccumulator:
+    """Per-channel sum of squares, min, max and count of activation tensors seen so far."""
+
+    def __init__(self, dim: int, keep_rows: bool = False):
+        self.dim = dim
+        self.acc: dict[str, torch.Tensor] = {}
+        self.rows: list[torch.Tensor] | None = [] if keep_rows else None
+
+    def add(self, t: torch.Tensor) -> None:
+        if self.rows is not None:
+            self.rows.append(act_rows(t, self.dim))
+        t = t.detach().movedim(self.dim, -1).reshape(-1, t.shape[self.dim]).double()  # (rows, C)
+        sq, mn, mx = (t * t).sum(0), t.min(0).values, t.max(0).values
+        acc = self.acc
+        if acc:
+            acc["sq"] += sq
+            acc["min"] = torch.minimum(acc["min"], mn)
+            acc["max"] = torch.maximum(acc["max"], mx)
+            acc["n"] += t.shape[0]
+        else:
+            acc.update(sq=sq, min=mn, max=mx, n=torch.tensor(t.shape[0]))
+
+    def stats(self, bounds: Sequence[tuple[int, int]], repeated: bool) -> ActGroupStats:
+        acc = self.acc
+        rms, signed, vmin, vmax = [], [], [], []
+        for c0, c1 in bounds:
+            n = float(acc["n"]) * (c1 - c0)
+            r = math.sqrt(float(acc["sq"][c0:c1].sum()) / n)
+            rms.append(math.log2(r) if r > 0 else -30.0)
+            vmin.append(float(acc["min"][c0:c1].min()))
+            vmax.append(float(acc["max"][c0:c1].max()))
+            signed.append(vmin[-1] < 0)
+        if repeated:
+            # Called several times per forward: quantizing one call changes the next call's
+            # values, so calibration ranges do not bound them and cannot prove two candidates
+            # equal.
+            vmin, vmax = [-math.inf] * len(bounds), [math.inf] * len(bounds)
+        rows = torch.cat(self.rows, 1) if self.rows else None  # (C, n)
+        return ActGroupStats(np.array(rms), np.array(signed), int(acc["sq"].shape[0]),
+                             np.array(vmin), np.array(vmax), rows)
+
+
+def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
+                    bounds: Sequence[tuple[int, int]], rows: int,
+                    keep_rows: bool = False) -> ActGroupStats:
+    """RMS and sign of every channel group of ``layer``'s input/output over the calibration set
+    (``keep_rows``: and a sample of each channel's values, for per-channel steps)."""
+    module = dict(model.named_modules())[layer]
+    acc = _StatsAccumulator(channel_dim(module), keep_rows)
+    calls = [0]
+
+    def hook(t: torch.Tensor) -> None:
+        calls[0] += 1
+        acc.add(t)
+
+    if mode == "out":
+        handle = module.register_forward_hook(lambda m, a, o: hook(o))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, a: hook(a[0]))
+    passes = 0
+    try:
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], max(rows, 1)):
+                model(calib[i:i + rows])
+                passes += 1
+    finally:
+        handle.remove()
+    if not acc.acc:
+        raise ValueError(f"layer {layer} is never called in forward; it has no activations")
+    return acc.stats(bounds, calls[0] > passes)
+
+
+def act_group_stats_of(values: torch.Tensor, dim: int, bounds: Sequence[tuple[int, int]],
+                       keep_rows: bool = False) -> ActGroupStats:
+    """The same statistics from a layer's stored calibration activations ``(N, …)`` with the
+    channel on axis ``dim`` (``rdoq.groups.channel_dim``)."""
+    acc = _StatsAccumulator(dim, keep_rows)
+    acc.add(values)
+    return acc.stats(bounds, False)

@@ -1,0 +1,167 @@
+"""Slot forwards (DESIGN §7): a layer computes a batch of K·n rows laid out as K slots of n
+samples, slot k with its own weight or its own activation quantizer, so that K candidates share
+one pass of the network. Used by the measured engine's back-ends (:mod:`rdoq.backends`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rdoq.groups import channel_dim
+from rdoq.quantizers import quantize_uniform
+
+# A "slot forward" replaces a layer's computation for a batch of K*n rows laid out as K slots of n
+# samples; slot k uses its own weight or its own activation quantizer.
+
+@contextlib.contextmanager
+def weight_slots(module: nn.Module, weights: torch.Tensor, shared_input: bool = False,
+                 offsets: torch.Tensor | None = None) -> Iterator[None]:
+    """Make ``module`` compute slot k of its input with ``weights[k]``; weights: (K, *W.shape).
+
+    ``shared_input``: every slot's input is the same (the layer is the first perturbed op), so the
+    layer runs once on one slot's rows with the K weights stacked along its output channels.
+    ``offsets (K, out)``: added to slot k's output channels (the ``-bcw`` bias correction).
+    """
+    k = weights.shape[0]
+    cls_forward = type(module).forward
+    if shared_input and cls_forward is nn.Linear.forward:
+        w_all = weights.reshape(-1, weights.shape[-1])  # (K*out, in)
+        b_all = module.bias.repeat(k) if module.bias is not None else None
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            x1 = x[: x.shape[0] // k]
+            out = F.linear(x1, w_all, b_all)  # (n, ..., K*out)
+            out = out.reshape(*out.shape[:-1], k, -1).movedim(-2, 0)  # (K, n, ..., out)
+            return out.reshape(-1, *out.shape[2:])
+    elif (shared_input and cls_forward is nn.Conv2d.forward
+          and module.padding_mode == "zeros"):
+        g = module.groups
+        out_c = weights.shape[1]
+        # Interleave so that each conv group holds its K slots' channels contiguously.
+        w_all = (weights.reshape(k, g, out_c // g, *weights.shape[2:]).transpose(0, 1)
+                 .reshape(-1, *weights.shape[2:]))  # (g*K*out/g, in/g, kh, kw)
+        b_all = (module.bias.reshape(g, 1, -1).expand(g, k, -1).reshape(-1)
+                 if module.bias is not None else None)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            x1 = x[: x.shape[0] // k]
+            out = F.conv2d(x1, w_all, b_all, module.stride, module.padding, module.dilation, g)
+            n, _, h, w = out.shape
+            out = out.reshape(n, g, k, out_c // g, h, w).permute(2, 0, 1, 3, 4, 5)
+            return out.reshape(k * n, out_c, h, w)
+    elif cls_forward is nn.Linear.forward:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            lead = x.shape[:-1]
+            xk = x.reshape(k, -1, x.shape[-1])  # (K, M, in)
+            out = torch.bmm(xk, weights.transpose(1, 2))  # (K, M, out)
+            if module.bias is not None:
+                out = out + module.bias
+            return out.reshape(*lead, weights.shape[1])
+    elif cls_forward is nn.Conv2d.forward and module.padding_mode == "zeros":
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0] // k
+            xs = x.reshape(k, n, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[2:])
+            w = weights.reshape(-1, *weights.shape[2:])  # (K*out, in/groups, kh, kw)
+            b = module.bias.repeat(k) if module.bias is not None else None
+            out = F.conv2d(xs, w, b, module.stride, module.padding, module.dilation,
+                           module.groups * k)  # (n, K*out, H', W')
+            out = out.reshape(n, k, -1, *out.shape[2:]).transpose(0, 1)
+            return out.reshape(k * n, *out.shape[2:])
+    else:
+        # Any other layer class: run its own forward once per slot with the slot's weight.
+        original = module.weight.data
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            outs = []
+            try:
+                for i, xk in enumerate(x.chunk(k)):
+                    module.weight.data = weights[i]
+                    outs.append(cls_forward(module, xk))
+            finally:
+                module.weight.data = original
+            return torch.cat(outs)
+    if offsets is not None:
+        plain, dim = forward, channel_dim(module)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return add_slot_offsets(plain(x), offsets, dim)
+    with patched_forward(module, forward):
+        yield
+
+
+def add_slot_offsets(y: torch.Tensor, offsets: torch.Tensor, dim: int) -> torch.Tensor:
+    """``y (K·n, …)`` laid out as K slots, plus ``offsets[k] (C,)`` on channel axis ``dim`` of
+    slot k's rows."""
+    k, c = offsets.shape
+    ys = y.reshape(k, y.shape[0] // k, *y.shape[1:])  # (K, n, …)
+    shape = [k] + [1] * (ys.dim() - 1)
+    shape[dim + 1 if dim >= 0 else ys.dim() + dim] = c
+    return (ys + offsets.to(y).reshape(shape)).reshape(y.shape)
+
+
+@contextlib.contextmanager
+def patched_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
+    """Give ``module`` an instance-level ``forward`` for the duration; an instance forward it
+    already had (a wrapper installed by other code) is put back afterwards."""
+    had = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = previous
+        else:
+            del module.forward
+
+
+@dataclass
+class ActSlotParams:
+    """Per-slot, per-channel activation quantizer: all tensors (K, C)."""
+
+    step: torch.Tensor
+    qmin: torch.Tensor
+    qmax: torch.Tensor
+    mask: torch.Tensor  # True where the channel is quantized in that slot
+
+
+def _quantize_slots(x: torch.Tensor, p: ActSlotParams, dim: int) -> torch.Tensor:
+    k, c = p.step.shape
+    xs = x.reshape(k, x.shape[0] // k, *x.shape[1:])  # (K, n, ...)
+    # Broadcast (K, C) against (K, n, ...) with C on the channel axis.
+    shape = [k] + [1] * (xs.dim() - 1)
+    axis = dim + 1 if dim >= 0 else xs.dim() + dim
+    shape[axis] = c
+
+    def b(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(shape)
+
+    q = quantize_uniform(xs, b(p.step), b(p.qmin), b(p.qmax))
+    return torch.where(b(p.mask), q, xs).reshape(x.shape)
+
+
+@contextlib.contextmanager
+def act_slots(module: nn.Module, mode: str, params: ActSlotParams) -> Iterator[None]:
+    """Quantize the input (``mode="in"``) or output (``"out"``) of ``module`` per slot."""
+    dim = channel_dim(module)
+    if mode == "out":
+        handle = module.register_forward_hook(lambda m, i, o: _quantize_slots(o, params, dim))
+    else:
+        handle = module.register_forward_pre_hook(
+            lambda m, args: (_quantize_slots(args[0], params, dim), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def pad_slots(n: int, max_batch: int) -> int:
+    """Slots per pass for n candidates: the next power of two (≤ max_batch), so that a layer
+    needs at most log2(max_batch)+1 reference passes."""
+    return min(max_batch, 1 << max(n - 1, 0).bit_length())
