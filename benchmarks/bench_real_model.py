@@ -13,7 +13,9 @@ would type) and reads every number from the rows they return (the rows they appe
 ``results.jsonl``):
 
 1. weight curves (``--nchannelbatch`` channels per group, 4 dead-zone ratios, bits 0–8) and
-   output-activation curves, second-order (``--estimator hessian``) or measured;
+   output-activation curves, second-order (``--estimator hessian``) or measured; with
+   ``--remeasure SPEC`` the layers SPEC picks are re-measured in both weight curve sets
+   (``classification/remeasure_curves.py``);
 2. weights only (activations in full precision), at each ``--targets`` width: the DP allocation
    (no activation curves given), the DP with one width per layer (``--layerwise``), and the uniform
    baseline (``--no-acts``), each without and with ``-bcw``;
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rdoq.allocation import load_allocation  # noqa: E402
 from rdoq.cli import allocate_main, curves_main, uniform_main  # noqa: E402
+from rdoq.remeasure import remeasure_main  # noqa: E402
 
 # What --quick changes (flags given explicitly win): a smoke run of every step, not a result.
 QUICK = {"calib": 8, "eval": 16, "targets": [4.0, 8.0], "nchannelbatch": 64, "maxdeadzones": 2,
@@ -93,9 +96,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "evaluation of the folded model)")
     p.add_argument("--weight-flags", nargs=argparse.REMAINDER, default=[],
                    help="extra flags for the weight curve scripts, e.g. --group-step (last)")
+    p.add_argument("--remeasure", default=None, metavar="SPEC",
+                   help="second-order curves only: re-measure the layers SPEC picks "
+                        "(classification/remeasure_curves.py --layers, e.g. top:2) in both "
+                        "weight curve sets with the measured engine before allocating; results "
+                        "go to OUTDIR/<estimator>/results_remeasured (default: off)")
+    p.add_argument("--remeasure-no-folds", action="store_true",
+                   help="with --remeasure: drop the calibration folds (half the cost; "
+                        "--shrink then leaves the curves raw)")
     p.add_argument("--quick", action="store_true", help="smoke run with tiny counts")
     p.add_argument("--quiet", action="store_true", help="no progress bars or INFO logs")
     args = p.parse_args(argv)
+    if args.remeasure is not None and args.estimator != "hessian":
+        p.error("--remeasure re-checks second-order curves; drop it or use --estimator hessian")
     preset = QUICK if args.quick else FULL
     for key in ("calib", "eval", "targets", "nchannelbatch", "maxdeadzones"):
         if getattr(args, key) is None:
@@ -153,6 +166,15 @@ def make_curves(args: argparse.Namespace,
     return Path(w["curve_set"]), Path(wb["curve_set"]), Path(a["curve_set"]), seconds
 
 
+def remeasured(args: argparse.Namespace, curves: Path) -> Path:
+    """``curves`` with the layers ``--remeasure`` picks re-measured, next to it (resumed if
+    present), ranked at the benchmark's weight targets."""
+    flags = [*common_flags(args), "--pathrdcurve", str(curves), "--outdir", str(curves.parent),
+             "--layers", args.remeasure, "--targets", *[f"{t:g}" for t in args.targets],
+             *(["--no-folds"] if args.remeasure_no_folds else [])]
+    return Path(remeasure_main(flags)["curve_set"])
+
+
 def bench_row(r: dict[str, Any]) -> dict[str, Any]:
     """One results.jsonl row in the benchmark's terms."""
     tags = r["method"].split("+")
@@ -184,7 +206,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     root = args.outdir / args.estimator
     wroot, wroot_bcw, aroot, timings = make_curves(args, root / "curves")
-    base = [*common_flags(args), "--testsize", str(args.eval), "--outdir", str(root / "results"),
+    results_dir = root / "results"
+    if args.remeasure is not None:
+        t0 = time.perf_counter()
+        wroot, wroot_bcw = (remeasured(args, curves) for curves in (wroot, wroot_bcw))
+        timings["remeasure_s"] = time.perf_counter() - t0
+        results_dir = root / "results_remeasured"
+    base = [*common_flags(args), "--testsize", str(args.eval), "--outdir", str(results_dir),
             "--no-plots"]
     shrink = ["--shrink", args.shrink]
     wtargets = [f"{t:g}" for t in args.targets]
@@ -217,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     first = load_allocation(root / "results" / results[0]["allocation"])
     return {"model": results[0]["model"], "weights_source": first.get("weights_source"),
-            "estimator": args.estimator, "fold_bn": args.fold_bn,
+            "estimator": args.estimator, "fold_bn": args.fold_bn, "remeasure": args.remeasure,
             "weight_flags": args.weight_flags, "shrink": args.shrink, "calib": args.calib,
             "eval": args.eval,
             "group_size": args.nchannelbatch, "rows": rows,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from rdoq.groups import channel_dim
+from rdoq.quantizers import quantize_uniform
 from rdoq.steps import act_rows
 
 
@@ -117,3 +118,33 @@ def act_group_stats_of(values: torch.Tensor, dim: int, bounds: Sequence[tuple[in
     acc = _StatsAccumulator(dim, keep_rows)
     acc.add(values)
     return acc.stats(bounds, False)
+
+
+def act_values(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
+               rows: int) -> torch.Tensor:
+    """``layer``'s full-precision input (``mode="in"``) or output activations on the whole
+    calibration set, ``(N, …)``, from forwards of ``rows`` samples (for ``-bca`` offsets)."""
+    module = dict(model.named_modules())[layer]
+    seen: list[torch.Tensor] = []
+    if mode == "out":
+        handle = module.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            for i in range(0, calib.shape[0], max(rows, 1)):
+                model(calib[i:i + rows])
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def bca_offsets(values: torch.Tensor, dim: int, c0: int, c1: int, step: torch.Tensor, lo: int,
+                hi: int) -> torch.Tensor:
+    """The ``-bca`` offsets ``E[a − Q(a)] (c,)`` of channels ``c0:c1`` of the calibration
+    activations ``values (N, …)`` (channel axis ``dim``) under the quantizer with per-channel
+    ``step (c,)`` and levels ``[lo, hi]``: what the allocation scripts' ``-bca`` adds to the
+    quantized channels, float64."""
+    a = values.movedim(dim, -1)[..., c0:c1].reshape(-1, c1 - c0).double()  # (rows, c)
+    q = quantize_uniform(a, step.double().reshape(1, -1), lo, hi)
+    return (a - q).mean(0)  # (c,)

@@ -348,8 +348,8 @@ def monotone_items(table: ItemTable, mode: str, weights_bias_corrected: bool) ->
     the raw curves' 7-bit choices beat 8 bits on the evaluation images too); after ``-bcw`` the
     mean part is gone, what remains shrinks with the step in expectation, and a rise from one
     width to the next is calibration noise (the raw 7-bit choices lost 7 % output MSE on the
-    evaluation images). Activation curves are never measured after ``-bca``, so ``auto`` leaves
-    them as estimated.
+    evaluation images). Activation curves (with or without ``-bca`` inside) are left as
+    measured: the fit's benefit was measured for weights only.
     """
     if mode not in MONOTONE_MODES:
         raise ValueError(f"--monotone must be one of {MONOTONE_MODES}, got {mode!r}")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdoq.actstats import ActGroupStats
+from rdoq.actstats import ActGroupStats, bca_offsets
 from rdoq.engine import MeasuredEngine
 from rdoq.groups import channel_dim, hooked_forward, is_sparse_conv
 from rdoq.quantizers import act_bounds, quantize_weight_steps
@@ -131,10 +131,13 @@ class ActBackend:
 
     def __init__(self, engine: MeasuredEngine, layer: str, mode: str,
                  bounds: Sequence[tuple[int, int]], stats: ActGroupStats, max_batch: int,
-                 steps: ChannelSteps | None = None):
+                 steps: ChannelSteps | None = None, values: torch.Tensor | None = None):
         self.engine, self.layer, self.mode, self.bounds = engine, layer, mode, bounds
         self.stats, self.max_batch, self.steps = stats, max_batch, steps
         self.module = engine.modules[layer]
+        # -bca inside the curves: the layer's calibration activations (N, …), from which each
+        # candidate's per-channel offsets are computed; None: no correction.
+        self.values = values
 
     def params(self, cands: Sequence[Candidate], k: int) -> ActSlotParams:
         dev, dt, c = self.engine.calib.device, self.engine.calib.dtype, self.stats.channels
@@ -142,6 +145,7 @@ class ActBackend:
         qmin = torch.zeros(k, c, dtype=dt)
         qmax = torch.zeros(k, c, dtype=dt)
         mask = torch.zeros(k, c, dtype=torch.bool)
+        offset = torch.zeros(k, c, dtype=dt) if self.values is not None else None
         width = max((c1 - c0 for c0, c1 in self.bounds), default=1)
         cand_steps, _ = candidate_params(cands, self.bounds, width, self.steps)  # (K, width)
         for i, cand in enumerate(cands):
@@ -150,7 +154,11 @@ class ActBackend:
             step[i, c0:c1] = torch.from_numpy(cand_steps[i, :c1 - c0])
             qmin[i, c0:c1], qmax[i, c0:c1] = lo, hi
             mask[i, c0:c1] = True
-        return ActSlotParams(step.to(dev), qmin.to(dev), qmax.to(dev), mask.to(dev))
+            if offset is not None:
+                offset[i, c0:c1] = bca_offsets(self.values, channel_dim(self.module), c0, c1,
+                                               step[i, c0:c1], lo, hi)
+        return ActSlotParams(step.to(dev), qmin.to(dev), qmax.to(dev), mask.to(dev),
+                             None if offset is None else offset.to(dev))
 
     def __call__(self, cands: Sequence[Candidate],
                  per_fold: bool = False) -> tuple[np.ndarray, None]:

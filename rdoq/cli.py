@@ -147,7 +147,10 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
         g.add_argument("--maxdeadzones", type=int, default=1,
                        help="accepted so paper command lines run; activations have no dead zone")
         g.add_argument("-bca", "--bias_corr_act", action="store_true",
-                       help="accepted for paper compatibility: only changed a directory name there")
+                       help="measure each curve point after the -bca correction (each "
+                            "channel's mean quantization error on the calibration set added "
+                            "back), as the allocation scripts' -bca deploys it (the paper's "
+                            "flag only changed a directory name)")
     what = "weights" if kind == "weight" else "calibration values"
     g.add_argument("--steps", choices=STEP_MODES, default=DEFAULT_STEPS[kind],
                    help=f"channel: each channel its own MSE-optimal step from its {what}, "
@@ -394,7 +397,7 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             estimator=estimator, sweep_batch=args.batchsize,
             step_mode=args.steps,
-            bias_corr=kind == "weight" and args.bias_corr_weight,
+            bias_corr=args.bias_corr_weight if kind == "weight" else args.bias_corr_act,
             scales_log2=scale_grid(_scale_octaves(args.scale_octaves, estimator),
                                    args.scale_steps),
             hessian=HessianSettings.from_flags(
@@ -837,12 +840,16 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
         args.monotone_applied = ("none" if not fit.any() else "all" if fit.all() else
                                  "weights")
         calib = None
-        if bool(args.bias_corr_weight) != bool(wstore.meta.get("bias_corr")):
-            log.warning("the weight curves were measured %s -bcw but this allocation is "
-                        "deployed %s it: the allocation does not see the quantizer it deploys; "
-                        "use weight curves made %s -bcw",
-                        *(("with", "without", "without") if wstore.meta.get("bias_corr")
-                          else ("without", "with", "with")))
+        for store, flag, given in ((wstore, "-bcw", args.bias_corr_weight),
+                                   (astore, "-bca", args.bias_corr_act)):
+            if store is not None and bool(given) != bool(store.meta.get("bias_corr")):
+                made = bool(store.meta.get("bias_corr"))
+                log.warning("the %s curves were measured %s %s but this allocation is "
+                            "deployed %s it: the allocation does not see the quantizer it "
+                            "deploys; use %s curves made %s %s", store.meta["kind"],
+                            "with" if made else "without", flag,
+                            "without" if made else "with", store.meta["kind"],
+                            "without" if made else "with", flag)
         if args.bias_corr_weight or args.bias_corr_act:
             calib = rebuild_calib(args, model, wstore.meta, adapter).x
             calib = calib.to(device=device, dtype=dtype)

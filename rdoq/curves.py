@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rdoq.actstats import ActGroupStats, act_group_stats, act_group_stats_of
+from rdoq.actstats import ActGroupStats, act_group_stats, act_group_stats_of, act_values
 from rdoq.backends import ActBackend, WeightBackend, weight_input_means
 from rdoq.engine import MeasuredEngine
 from rdoq.entropy import curve_entropy
@@ -77,7 +77,8 @@ class CurveJob:
     # ``scales_log2``) or "group" (the paper's one power-of-two step per group).
     step_mode: str = "channel"
     scales_log2: tuple[float, ...] = scale_grid(1.0, 4)
-    # Weights: curves of the layer after the -bcw bias correction that deployment applies.
+    # Curves of the layer after the bias correction that deployment applies: -bcw (weights),
+    # -bca (activations).
     bias_corr: bool = False
     # Also store each of this many calibration folds' own curve (``dist_folds``), for the
     # cross-validated shrinkage of the allocation (rdoq.shrink).
@@ -219,7 +220,7 @@ def build_meta(job: CurveJob, model_info: dict[str, Any], calib: dict[str, Any],
         "calib": calib, "layers": [p.meta() for p in plans],
         "steps": "channel" if job.channel_steps else "group",
         "scales_log2": list(job.scales_log2) if job.channel_steps else None,
-        "bias_corr": job.kind == "weight" and job.bias_corr,
+        "bias_corr": job.bias_corr,
         "folds": folds,
         "argv": job.argv or sys.argv, "created": datetime.now(timezone.utc).isoformat(),
     }
@@ -292,7 +293,10 @@ def measured_backend(engine: MeasuredEngine, plan: LayerPlan, job: CurveJob,
         return WeightBackend(engine, plan.name, plan.bounds, job.max_batch, steps, mean)
     if steps is None:
         steps = act_layer_steps(stats, plan, job)
-    return ActBackend(engine, plan.name, job.act_mode, plan.bounds, stats, job.max_batch, steps)
+    values = (act_values(engine.model, engine.calib, plan.name, job.act_mode, engine.max_rows)
+              if job.bias_corr else None)
+    return ActBackend(engine, plan.name, job.act_mode, plan.bounds, stats, job.max_batch, steps,
+                      values)
 
 
 def naive_backend(naive: NaiveEvaluator, plan: LayerPlan, job: CurveJob,
@@ -306,7 +310,7 @@ def naive_backend(naive: NaiveEvaluator, plan: LayerPlan, job: CurveJob,
         return naive.weights(plan.name, plan.bounds, steps, mean)
     if steps is None:
         steps = act_layer_steps(stats, plan, job)
-    return naive.acts(plan.name, job.act_mode, plan.bounds, stats.signed, steps)
+    return naive.acts(plan.name, job.act_mode, plan.bounds, stats.signed, steps, job.bias_corr)
 
 
 def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[str, Any],
@@ -363,7 +367,7 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
             return measured_backend(engine, plan, job, stats, steps)
         if job.kind == "weight":
             return HessianWeightBackend(sweep, plan.name, plan.bounds, steps)
-        return HessianActBackend(sweep, plan.name, plan.bounds, stats, steps)
+        return HessianActBackend(sweep, plan.name, plan.bounds, stats, steps, job.bias_corr)
 
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
     for plan in bar:

@@ -787,9 +787,13 @@ class HessianActBackend:
     each sample's perturbation is paired with that sample's gradients."""
 
     def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]],
-                 stats: ActGroupStats, steps: ChannelSteps | None = None):
+                 stats: ActGroupStats, steps: ChannelSteps | None = None,
+                 bias_corr: bool = False):
         sweep.ensure(layer)
         self.sweep, self.stats, self.bounds, self.steps = sweep, stats, bounds, steps
+        # -bca inside the curves: each channel's perturbation loses its calibration mean (the
+        # offset E[a − Q(a)] the correction adds back).
+        self.bias_corr = bias_corr
         dim = channel_dim(sweep.modules[layer])
         # Channels last: A (N, …, C), D (N, M, …, C).
         acts = sweep.acts[layer].movedim(dim if dim < 0 else dim, -1)
@@ -829,6 +833,8 @@ class HessianActBackend:
             # the group's elements so that every pass runs along n: (g, N, width, n).
             delta = quantize_uniform_fast(a, step, grid([b[0] for b in bounds], 0.0),
                                           grid([b[1] for b in bounds], 0.0)).sub_(a)
+            if self.bias_corr:
+                self._center(delta, slots.groups[run])
             g = delta.shape[0]
             p = torch.bmm(delta.view(g * n, slots.width, n_g),
                           self.grads[gs].view(g * n, m, n_g).transpose(1, 2))  # (g·N, width, M)
@@ -838,6 +844,17 @@ class HessianActBackend:
             p = p.view(g, n, slots.width, m).transpose(2, 3)  # (g, N, M, width)
             dist[run] = self.sweep.combine(p.reshape(g, n * m, slots.width), sq, per_fold)
         return dist[slots.rows, :, slots.cols] if per_fold else dist[slots.rows, slots.cols]
+
+    def _center(self, delta: torch.Tensor, groups: np.ndarray) -> None:
+        """Subtract from ``delta (g, N, width, n)`` in place each channel's mean over the
+        samples and positions, per candidate (channels fastest along ``n``; padding stays 0)."""
+        _, n, width, _ = delta.shape
+        for r, group in enumerate(groups.tolist()):
+            c0, c1 = self.bounds[group]
+            numel = self.numel[group]
+            # A view (view() refuses otherwise), so the subtraction lands in delta.
+            d = delta[r, :, :, :numel].view(n, width, numel // (c1 - c0), c1 - c0)  # (N, w, P, c)
+            d.sub_(d.mean((0, 2), keepdim=True))
 
     def _element_steps(self, cands: Sequence[Candidate], slots: SlotGrid, run: slice,
                        like: torch.Tensor) -> torch.Tensor:

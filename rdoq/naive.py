@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rdoq.actstats import act_values, bca_offsets
 from rdoq.backends import bcw_shift, quantized_group
 from rdoq.groups import channel_dim
 from rdoq.quantizers import act_bounds, quantize_uniform
@@ -77,11 +78,14 @@ class NaiveEvaluator:
         return evaluate
 
     def acts(self, layer: str, mode: str, bounds: Sequence[tuple[int, int]],
-             signed: np.ndarray, steps: ChannelSteps | None = None) -> Callable:
+             signed: np.ndarray, steps: ChannelSteps | None = None,
+             bias_corr: bool = False) -> Callable:
         """An ``Evaluate`` for activation candidates of ``layer`` (``steps``: per-channel
-        mode)."""
+        mode; ``bias_corr``: with the ``-bca`` offsets of each candidate added)."""
         module = self.modules[layer]
         dim = channel_dim(module)
+        values = (act_values(self.model, self.calib, layer, mode, self.batch_size)
+                  if bias_corr else None)
 
         def quantize(t: torch.Tensor, cand: Candidate) -> torch.Tensor:
             c0, c1 = bounds[cand.group]
@@ -96,7 +100,14 @@ class NaiveEvaluator:
                 step = step.to(t).reshape(shape)
             elif cand.bits == 0:
                 step = 1.0
-            t[tuple(idx)] = quantize_uniform(t[tuple(idx)], step, lo, hi)
+            q = quantize_uniform(t[tuple(idx)], step, lo, hi)
+            if values is not None:
+                per = step if isinstance(step, torch.Tensor) else torch.full((c1 - c0,), step)
+                off = bca_offsets(values, dim, c0, c1, per.reshape(-1), lo, hi)
+                shape = [1] * t.dim()
+                shape[dim] = -1
+                q = q + off.to(t).reshape(shape)
+            t[tuple(idx)] = q
             return t
 
         def evaluate(cands: Sequence[Candidate]) -> tuple[np.ndarray, None]:

@@ -129,6 +129,7 @@ class ActSlotParams:
     qmin: torch.Tensor
     qmax: torch.Tensor
     mask: torch.Tensor  # True where the channel is quantized in that slot
+    offset: torch.Tensor | None = None  # -bca: added to the quantized channels
 
 
 def _quantize_slots(x: torch.Tensor, p: ActSlotParams, dim: int) -> torch.Tensor:
@@ -143,6 +144,8 @@ def _quantize_slots(x: torch.Tensor, p: ActSlotParams, dim: int) -> torch.Tensor
         return t.reshape(shape)
 
     q = quantize_uniform(xs, b(p.step), b(p.qmin), b(p.qmax))
+    if p.offset is not None:
+        q = q + b(p.offset)
     return torch.where(b(p.mask), q, xs).reshape(x.shape)
 
 

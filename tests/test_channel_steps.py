@@ -463,3 +463,86 @@ def test_curve_scripts_default_steps_per_kind_and_take_either(tmp_path):
                                          "--outdir", str(tmp_path / kind / "alias")],
                             estimator="hessian")
         assert CurveStore.load(alias["curve_set"]).meta["steps"] == "group"
+
+
+# ----------------------------------------------------------------------------- -bca inside
+
+
+def test_activation_curves_with_bca_see_the_corrected_quantizer(tmp_path):
+    # Each measured point is the output MSE with the group quantized and its channels' mean
+    # calibration error added back — what the allocation scripts' -bca deploys.
+    torch.manual_seed(7)
+    model = ActNet().double().eval()
+    x = torch.randn(6, 2, 7, 7, dtype=torch.float64)
+    for steps in ("group", "channel"):
+        job = _act_job(step_mode=steps, bias_corr=True, nr=5)
+        store = _curves(tmp_path, model, x, job, f"bca_{steps}")
+        assert store.meta["bias_corr"] is True
+        c = store.read_layer("conv")
+        with torch.no_grad():
+            ref = model(x)
+            y = model.conv(x)
+        for g, (c0, c1) in enumerate(group_bounds(6, 4)):
+            signed = bool(c.extra["signed"][g])
+            for b in (1, 2, 4):
+                if steps == "channel":
+                    log2 = c.extra["channel_step_log2"][c0:c1, 0, b] + c.step_log2[g, 0, b]
+                else:
+                    log2 = np.full(c1 - c0, c.step_log2[g, 0, b])
+                yq = _quantize_channels(y, c0, c1, log2, b, signed)
+                off = (y - yq)[:, c0:c1].mean((0, 2, 3), keepdim=True)
+                yq[:, c0:c1] += off
+                with torch.no_grad():
+                    out = model.fc(torch.relu(yq).mean((2, 3)))
+                assert c.dist[g, 0, b] == pytest.approx(float((out - ref).pow(2).mean()),
+                                                        rel=1e-9), (steps, g, b)
+
+
+def test_second_order_activation_estimate_with_bca_is_that_of_the_centred_perturbation():
+    from rdoq.actstats import act_group_stats
+    from rdoq.hessian import HessianActBackend
+
+    torch.manual_seed(8)
+    model = ActNet().double().eval()
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    bounds = group_bounds(6, 4)
+    stats = act_group_stats(model, x, "conv", "out", bounds, rows=5)
+    sweep = GradientSweep(model, x, ["conv"], "act", HessianSettings(nprobes=2, kappa=0.5),
+                          mode="out", batch_size=2)
+    be = HessianActBackend(sweep, "conv", bounds, stats, bias_corr=True)
+    plain = HessianActBackend(sweep, "conv", bounds, stats)
+    cands = [Candidate(g, b, s, 0.0) for g in (1, 0) for b in (0, 2, 3) for s in (-3.0, -1.0)]
+    dist, _ = be(cands)
+    with torch.no_grad():
+        y = model.conv(x)
+    for k, cand in enumerate(cands):
+        c0, c1 = bounds[cand.group]
+        log2 = np.full(c1 - c0, cand.step_log2)
+        yq = _quantize_channels(y, c0, c1, log2, cand.bits, bool(stats.signed[cand.group]))
+        delta = (yq - y)[:, c0:c1]
+        delta = delta - delta.mean((0, 2, 3), keepdim=True)
+        delta = delta.movedim(1, -1).unsqueeze(-1)  # (N, …, c_g, 1)
+        assert dist[k] == pytest.approx(be.dist_of(cand.group, delta)[0], rel=1e-10, abs=1e-300)
+    assert not np.allclose(dist, plain(cands)[0])
+
+
+def test_bca_flag_of_the_activation_scripts_is_recorded_and_checked(tmp_path, caplog):
+    from rdoq.cli import allocate_main, curves_main
+
+    argv = ["--archname", "digits_cnn", "--testsize", "8", "--nchannelbatch", "16",
+            "--maxrates", "3", "--quiet", "--folds", "0"]
+    w = curves_main("weight", None, [*argv, "--maxdeadzones", "1", "--outdir", str(tmp_path)],
+                    estimator="hessian")
+    a = curves_main("act", "out", [*argv, "-bca", "--outdir", str(tmp_path)],
+                    estimator="hessian")
+    assert CurveStore.load(a["curve_set"]).meta["bias_corr"] is True
+    base = ["--archname", "digits_cnn", "--pathrdcurve", w["curve_set"], "--act_curve_root_dir",
+            str(tmp_path), "--testsize", "16", "--no-plots", "--quiet", "--target_rates", "2",
+            "--act-target-rates", "2", "--fp-act-layers", "none"]
+    with caplog.at_level("WARNING", logger="rdoq"):
+        allocate_main("dp", argv=[*base, "--outdir", str(tmp_path / "off")])
+    assert "act curves were measured with -bca" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rdoq"):
+        out = allocate_main("dp", argv=[*base, "-bca", "--outdir", str(tmp_path / "on")])
+    assert "-bca" not in caplog.text and out["rows"][0]["method"] == "dp+bca"
