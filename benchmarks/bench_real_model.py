@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"groups of {args.nchannelbatch}")
     print(format_rows(rows))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    first = load_allocation(root / "results" / results[0]["allocation"])
+    first = load_allocation(results_dir / results[0]["allocation"])
     return {"model": results[0]["model"], "weights_source": first.get("weights_source"),
             "estimator": args.estimator, "fold_bn": args.fold_bn, "remeasure": args.remeasure,
             "weight_flags": args.weight_flags, "shrink": args.shrink, "calib": args.calib,
