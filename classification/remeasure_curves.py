@@ -12,4 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rdoq.remeasure import remeasure_main  # noqa: E402
 
 if __name__ == "__main__":
-    print(json.dumps(remeasure_main()))
+    out = remeasure_main()
+    if "table" in out:  # --list
+        print(out.pop("table"))
+    print(json.dumps(out))

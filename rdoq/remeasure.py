@@ -279,7 +279,7 @@ def estimate_ratio(measured: np.ndarray, estimate: np.ndarray, min_bits: int = 2
 def remeasure_main(argv: list[str] | None = None,
                    adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
     """Entry point of ``classification/remeasure_curves.py``; returns the run summary (with
-    ``--list``: the ranking only)."""
+    ``--list``: the ranking, the choice and a ``table`` for people, which the script prints)."""
     from rdoq.adapters import adapter_registry, get_adapter
     from rdoq.cli import (
         add_engine_flags,
@@ -333,9 +333,9 @@ def remeasure_main(argv: list[str] | None = None,
         layers = select_layers(ranked, args.layers)
         if args.list:
             text = "\n".join(f"{'*' if n in layers else ' '} {s:8.4f}  {n}" for n, s in ranked)
-            print(f"layers by share of the estimated distortion at targets {args.targets} "
-                  f"(* = chosen by --layers {args.layers}):\n{text}")
-            return {"ranking": ranked, "chosen": layers}
+            return {"ranking": ranked, "chosen": layers,
+                    "table": f"layers by share of the estimated distortion at targets "
+                             f"{args.targets} (* = chosen by --layers {args.layers}):\n{text}"}
         root = args.outdir / f"{src.root.name}_remeasured"
         check_outdir(root, "--outdir")
         if args.testsize is not None and args.testsize != src.meta["calib"]["size"]:

@@ -142,13 +142,14 @@ def test_remeasure_refuses_measured_sets_and_other_calibration(tmp_path, hessian
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
-def test_list_prints_the_ranking_and_measures_nothing(tmp_path, hessian_set, capsys):
+def test_list_gives_the_ranking_and_measures_nothing(tmp_path, hessian_set):
     from rdoq.remeasure import remeasure_main
 
     got = remeasure_main(["--archname", "digits_cnn", "--pathrdcurve", str(hessian_set),
                           "--outdir", str(tmp_path / "l"), "--list", "--layers", "share:0.5"])
     assert [n for n, _ in got["ranking"]][:len(got["chosen"])] == got["chosen"]
-    assert "share of the estimated distortion" in capsys.readouterr().out
+    assert "share of the estimated distortion" in got["table"]
+    assert all(f"  {n}" in got["table"] for n, _ in got["ranking"])
     assert not (tmp_path / "l").exists()
 
 
