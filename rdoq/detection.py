@@ -45,6 +45,7 @@ from rdoq.adapters.base import InputError, file_sha256
 from rdoq.cli import (
     POINTS_HINT,
     RESUME_HINT,
+    add_scale_flags,
     check_outdir,
     default_workers,
     resolve_device,
@@ -204,11 +205,7 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--group-step", action="store_true",
                    help="the paper's quantizer: one power-of-two step per group (default: "
                         "per-channel MSE-optimal steps times a group scale)")
-    e.add_argument("--scale-octaves", type=float, default=None,
-                   help="per-channel steps: group scales 2^s for |s| <= this (default: 1 "
-                        "measured, 0 second order)")
-    e.add_argument("--scale-steps", type=int, default=4,
-                   help="per-channel steps: scales per octave (default: 4)")
+    add_scale_flags(e, "1 measured, 0 second order")
     for flag in DEAD_CURVE_FLAGS:
         p.add_argument(flag, nargs="*", default=None,
                        help="accepted for paper compatibility; no effect")

@@ -820,6 +820,10 @@ class HessianActBackend:
         bounds = [act_bounds(c.bits, bool(signed[c.group])) for c in cands]
         steps = [2.0**c.step_log2 if c.bits > 0 else 1.0 for c in cands]
         _, n, m, n_g = self.grads.shape
+        per_channel = None
+        if self.steps is not None:
+            width = max(c1 - c0 for c0, c1 in self.bounds)
+            per_channel = candidate_params(cands, self.bounds, width, self.steps)[0]  # (K, width)
         for run in slots.runs(n * n_g):
             gs = slots.group_range(run)
             a = self.acts[gs]  # (g, N, 1, n)
@@ -827,8 +831,8 @@ class HessianActBackend:
             def grid(values: list[float], fill: float, run: slice = run) -> torch.Tensor:
                 return slots.grid(values, fill, a, run).view(-1, 1, slots.width, 1)  # noqa: B023  # only called in this iteration
 
-            step = (grid(steps, 1.0) if self.steps is None
-                    else self._element_steps(cands, slots, run, a))
+            step = (grid(steps, 1.0) if per_channel is None
+                    else self._element_steps(cands, per_channel, slots, run, a))
             # All candidates of these groups in one broadcast quantization, candidates outside
             # the group's elements so that every pass runs along n: (g, N, width, n).
             delta = quantize_uniform_fast(a, step, grid([b[0] for b in bounds], 0.0),
@@ -856,12 +860,10 @@ class HessianActBackend:
             d = delta[r, :, :, :numel].view(n, width, numel // (c1 - c0), c1 - c0)  # (N, w, P, c)
             d.sub_(d.mean((0, 2), keepdim=True))
 
-    def _element_steps(self, cands: Sequence[Candidate], slots: SlotGrid, run: slice,
-                       like: torch.Tensor) -> torch.Tensor:
-        """Per-channel steps of the candidates in the grid rows ``run``, on every element of
-        their group (channels fastest, as stacked): ``(g, 1, width, n)``."""
-        width = max(c1 - c0 for c0, c1 in self.bounds)
-        per, _ = candidate_params(cands, self.bounds, width, self.steps)  # (K, width)
+    def _element_steps(self, cands: Sequence[Candidate], per: np.ndarray, slots: SlotGrid,
+                       run: slice, like: torch.Tensor) -> torch.Tensor:
+        """The candidates' per-channel steps ``per (K, width)`` for the grid rows ``run``, on
+        every element of their group (channels fastest, as stacked): ``(g, 1, width, n)``."""
         out = np.ones((run.stop - run.start, slots.width, like.shape[-1]))  # (g, width, n)
         for i, cand in enumerate(cands):
             r = int(slots.rows[i])
