@@ -1,4 +1,5 @@
-"""Weight RD curves of an OpenPCDet detector (the paper's tools/generate_rd_curves_batch.py).
+"""Weight or activation RD curves of an OpenPCDet detector (the paper's
+tools/generate_rd_curves_batch.py; activation curves are ours).
 
 Run from OpenPCDet's tools/ directory, or from anywhere with --pcdet_tools DIR. All logic lives
 in rdoq.detection, rdoq.curves and rdoq.adapters.openpcdet.

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdoq.groups import channel_dim
+from rdoq.groups import act_values_of, channel_dim
 from rdoq.quantizers import quantize_uniform
 from rdoq.steps import act_rows
 
@@ -92,7 +92,7 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
 
     def hook(t: torch.Tensor) -> None:
         calls[0] += 1
-        acc.add(t)
+        acc.add(act_values_of(t))
 
     if mode == "out":
         handle = module.register_forward_hook(lambda m, a, o: hook(o))
@@ -123,13 +123,16 @@ def act_group_stats_of(values: torch.Tensor, dim: int, bounds: Sequence[tuple[in
 def act_values(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
                rows: int) -> torch.Tensor:
     """``layer``'s full-precision input (``mode="in"``) or output activations on the whole
-    calibration set, ``(N, …)``, from forwards of ``rows`` samples (for ``-bca`` offsets)."""
+    calibration set, ``(N, …)``, from forwards of ``rows`` samples (for ``-bca`` offsets); for
+    a sparse layer the features of every frame, ``(Σ N_active, C)``."""
     module = dict(model.named_modules())[layer]
     seen: list[torch.Tensor] = []
     if mode == "out":
-        handle = module.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+        handle = module.register_forward_hook(
+            lambda m, a, o: seen.append(act_values_of(o).detach()))
     else:
-        handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        handle = module.register_forward_pre_hook(
+            lambda m, a: seen.append(act_values_of(a[0]).detach()))
     try:
         with torch.no_grad():
             for i in range(0, calib.shape[0], max(rows, 1)):

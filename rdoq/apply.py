@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rdoq.groups import channel_dim, entry_channel_steps, group_bounds
+from rdoq.groups import act_values_of, channel_dim, entry_channel_steps, group_bounds, map_act
 from rdoq.quantizers import (
     act_bounds,
     channel_steps,
@@ -128,7 +128,8 @@ def act_quantizer(module: nn.Module, entry: dict[str, Any],
 
 def install_act_quantizers(model: nn.Module, quantizers: dict[str, ActQuantizer],
                            mode: str) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hook each quantizer on its layer's output (``mode="out"``) or input (``"in"``)."""
+    """Hook each quantizer on its layer's output (``mode="out"``) or input (``"in"``) (a
+    ``SparseConvTensor``'s features for spconv layers)."""
     if mode not in ("in", "out"):
         raise ValueError(f"act_mode must be 'in' or 'out', got {mode!r}")
     modules = dict(model.named_modules())
@@ -136,10 +137,19 @@ def install_act_quantizers(model: nn.Module, quantizers: dict[str, ActQuantizer]
     for name, q in quantizers.items():
         m = modules[name]
         if mode == "out":
-            handles.append(m.register_forward_hook(lambda mod, a, o, q=q: q(o)))
+            handles.append(m.register_forward_hook(lambda mod, a, o, q=q: map_act(o, q)))
         else:
-            handles.append(m.register_forward_pre_hook(lambda mod, a, q=q: (q(a[0]), *a[1:])))
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, a, q=q: (map_act(a[0], q), *a[1:])))
     return handles
+
+
+def remove_act_quantizers(model: nn.Module) -> None:
+    """Remove the activation quantizers :func:`apply_allocation` or :func:`load_quantized`
+    hooked on ``model`` (e.g. before applying the next allocation to the same model in place)."""
+    for handle in model.__dict__.pop("rdoq_act_handles", []):
+        handle.remove()
+    model.__dict__.pop("rdoq_act_quantizers", None)
 
 
 def _weight_error(module: nn.Module, x: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
@@ -154,7 +164,8 @@ def _weight_error(module: nn.Module, x: torch.Tensor, wq: torch.Tensor) -> torch
             y_q = type(module).forward(module, x)
         finally:
             weight.data.copy_(orig)
-    return y - y_q
+    # A sparse layer: the same input sites give the same output sites, row for row.
+    return act_values_of(y) - act_values_of(y_q)
 
 
 def _calib_passes(model: nn.Module, calib: torch.Tensor, batch_size: int,
@@ -213,7 +224,8 @@ def estimate_corrections(model: nn.Module, alloc: dict[str, Any], calib: torch.T
             q = act_quantizer(m, e)
 
             def g(mod, t, name=name, q=q):
-                accumulate(("bca", name), t - q(t), channel_dim(mod))
+                a = act_values_of(t)
+                accumulate(("bca", name), a - q(a), channel_dim(mod))
             hooks.append((m, "pre" if mode == "in" else "post", g))
     _calib_passes(model, calib, batch_size, hooks)
     out: dict[str, Any] = {}
@@ -246,8 +258,12 @@ def apply_allocation(model: nn.Module, alloc: dict[str, Any], in_place: bool = F
                 m.bias.add_(shift)
     quantizers = {name: act_quantizer(modules[name], e, corr.get("bca", {}).get(name))
                   for name, e in alloc["acts"].items()}
-    if quantizers:
-        install_act_quantizers(q_model, quantizers, alloc.get("act_mode") or "out")
+    if "rdoq_act_handles" in q_model.__dict__:
+        raise ValueError("the model already has activation quantizers of an earlier allocation "
+                         "hooked on it; call rdoq.apply.remove_act_quantizers(model) first")
+    q_model.rdoq_act_handles = (install_act_quantizers(q_model, quantizers,
+                                                       alloc.get("act_mode") or "out")
+                                if quantizers else [])
     q_model.rdoq_act_quantizers = quantizers
     return q_model
 
@@ -278,7 +294,9 @@ def load_quantized(path: Path, model: nn.Module) -> nn.Module:
     for name, s in blob["act_quantizers"].items():
         quantizers[name] = ActQuantizer(int(s["dim"]), s["step"], s["qmin"], s["qmax"],
                                         s.get("offset"))
-    if quantizers:
-        install_act_quantizers(model, quantizers, blob.get("act_mode") or "out")
+    remove_act_quantizers(model)
+    model.rdoq_act_handles = (install_act_quantizers(model, quantizers,
+                                                     blob.get("act_mode") or "out")
+                              if quantizers else [])
     model.rdoq_act_quantizers = quantizers
     return model.eval()

@@ -14,7 +14,7 @@ from torch import nn
 
 from rdoq.actstats import ActGroupStats, bca_offsets
 from rdoq.engine import MeasuredEngine
-from rdoq.groups import channel_dim, hooked_forward, is_sparse_conv
+from rdoq.groups import act_values_of, channel_dim, hooked_forward, is_sparse_tensor, map_act
 from rdoq.quantizers import act_bounds, quantize_weight_steps
 from rdoq.search import Candidate
 from rdoq.slots import ActSlotParams, act_slots, add_slot_offsets, pad_slots, weight_slots
@@ -89,7 +89,8 @@ class WeightBackend:
                 weight.data[c0:c1] = wq
                 if offsets is not None:
                     handle = self.module.register_forward_hook(
-                        lambda m, a, y: add_slot_offsets(y, offsets, self.dim))
+                        lambda m, a, y: map_act(y, lambda t: add_slot_offsets(t, offsets,
+                                                                              self.dim)))
             try:
                 yield
             finally:
@@ -162,6 +163,9 @@ class ActBackend:
 
     def __call__(self, cands: Sequence[Candidate],
                  per_fold: bool = False) -> tuple[np.ndarray, None]:
+        if not getattr(self.engine.model, "batches_samples", True) and len(cands) > 1:
+            # Each layer call holds one sample (FrameRunner): one candidate per pass.
+            return (np.concatenate([self([c], per_fold)[0] for c in cands]), None)
         k = pad_slots(len(cands), self.max_batch)
         params = self.params(cands, k)
         none = self.params([], k)
@@ -188,17 +192,19 @@ def bcw_shift(w: torch.Tensor, wq: torch.Tensor, mean: torch.Tensor) -> torch.Te
 def input_sum(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``∂ Σ y / ∂W (out, in_per_out)`` of ``y = module(x)`` through the layer's own forward
     (the sum over samples and positions of the input each weight multiplies), and the number
-    of output positions per channel it sums over."""
+    of output positions per channel it sums over (a sparse layer's: its active output sites)."""
     with torch.enable_grad():
         leaf = module.weight.detach().requires_grad_(True)
         saved = module._parameters["weight"]
         module._parameters["weight"] = leaf
         try:
-            out = type(module).forward(module, x.detach())
+            # A SparseConvTensor's features do not require grad: nothing to detach.
+            out = type(module).forward(module, x if is_sparse_tensor(x) else x.detach())
         finally:
             module._parameters["weight"] = saved
-        (g,) = torch.autograd.grad(out.sum(), [leaf])
-    return g.reshape(g.shape[0], -1), out.numel() // out.shape[channel_dim(module)]
+        y = act_values_of(out)
+        (g,) = torch.autograd.grad(y.sum(), [leaf])
+    return g.reshape(g.shape[0], -1), y.numel() // y.shape[channel_dim(module)]
 
 
 def weight_input_means(model: nn.Module, calib: torch.Tensor, layers: Sequence[str],
@@ -208,11 +214,6 @@ def weight_input_means(model: nn.Module, calib: torch.Tensor, layers: Sequence[s
     ``((W − Ŵ) · mean).sum(1)``. Found through each layer's own forward (padding inside
     ``forward``, grouped convolutions) as ``∂ Σ y / ∂W`` over the outputs' positions."""
     modules = dict(model.named_modules())
-    sparse = [n for n in layers if is_sparse_conv(modules[n])]
-    if sparse:
-        # Their inputs are SparseConvTensors, which input_sum's autograd pass does not take.
-        raise ValueError(f"-bcw (bias correction inside the curves) is not supported for spconv "
-                         f"layers {sparse[:4]}; make their curves without -bcw")
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 

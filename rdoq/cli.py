@@ -28,7 +28,7 @@ from rdoq.parts import resolve_part
 from rdoq.search import scale_grid
 from rdoq.shrink import DEFAULT_FOLDS
 from rdoq.steps import STEP_MODES
-from rdoq.store import atomic_write_json, curve_set_name
+from rdoq.store import CurveStore, atomic_write_json, curve_set_name
 
 log = logging.getLogger("rdoq")
 P = ParamSpec("P")
@@ -725,6 +725,20 @@ def rebuild_calib(args: argparse.Namespace, model: torch.nn.Module, meta: dict[s
     return c
 
 
+def warn_correction_mismatch(store: CurveStore | None, flag: str, deployed: bool) -> None:
+    """Warn when a curve set was measured with the bias correction ``flag`` (-bcw / -bca) and
+    the allocation deploys without it, or the reverse: the allocation then does not see the
+    quantizer it deploys."""
+    if store is None or bool(deployed) == bool(store.meta.get("bias_corr")):
+        return
+    made = bool(store.meta.get("bias_corr"))
+    kind = store.meta["kind"]
+    log.warning("the %s curves were measured %s %s but this allocation is deployed %s it: the "
+                "allocation does not see the quantizer it deploys; use %s curves made %s %s",
+                kind, "with" if made else "without", flag, "without" if made else "with", kind,
+                "without" if made else "with", flag)
+
+
 def _method_name(method: str, args: argparse.Namespace) -> str:
     tags = [method] + [t for t, on in (("bcw", args.bias_corr_weight),
                                       ("bca", args.bias_corr_act),
@@ -840,16 +854,8 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
         args.monotone_applied = ("none" if not fit.any() else "all" if fit.all() else
                                  "weights")
         calib = None
-        for store, flag, given in ((wstore, "-bcw", args.bias_corr_weight),
-                                   (astore, "-bca", args.bias_corr_act)):
-            if store is not None and bool(given) != bool(store.meta.get("bias_corr")):
-                made = bool(store.meta.get("bias_corr"))
-                log.warning("the %s curves were measured %s %s but this allocation is "
-                            "deployed %s it: the allocation does not see the quantizer it "
-                            "deploys; use %s curves made %s %s", store.meta["kind"],
-                            "with" if made else "without", flag,
-                            "without" if made else "with", store.meta["kind"],
-                            "without" if made else "with", flag)
+        warn_correction_mismatch(wstore, "-bcw", args.bias_corr_weight)
+        warn_correction_mismatch(astore, "-bca", args.bias_corr_act)
         if args.bias_corr_weight or args.bias_corr_act:
             calib = rebuild_calib(args, model, wstore.meta, adapter).x
             calib = calib.to(device=device, dtype=dtype)

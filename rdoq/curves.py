@@ -151,10 +151,12 @@ def plan_layers(model: nn.Module, x1: torch.Tensor, job: CurveJob) -> list[Layer
             plans.append(LayerPlan(layer.name, layer.type, layer.shape, bounds, numel))
         return plans
     sparse_layers = [layer.name for layer in layers if is_sparse_conv(modules[layer.name])]
-    if sparse_layers:
-        # Their activations are SparseConvTensor features, which the hooks here do not read yet.
-        raise ValueError(f"activation curves of spconv layers are not supported yet: "
-                         f"{sparse_layers[:4]}; use weight curves for this model")
+    if sparse_layers and job.estimator == "hessian":
+        # The sweep stores activations (N, …) of one shape per sample; a frame's active sites
+        # vary in number.
+        raise ValueError(f"second-order activation curves of spconv layers are not offered "
+                         f"({sparse_layers[:4]}): their features (N_active, C) differ in size "
+                         f"from frame to frame; use the measured estimator for them")
     shapes = act_shapes(model, x1, [layer.name for layer in layers], job.act_mode)
     skipped = [layer.name for layer in layers if layer.name not in shapes]
     if skipped:

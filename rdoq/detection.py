@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import logging
 import sys
 import time
@@ -43,6 +44,7 @@ from torch import nn
 
 from rdoq.adapters.base import InputError, file_sha256
 from rdoq.cli import (
+    DEFAULT_STEPS,
     POINTS_HINT,
     RESUME_HINT,
     add_scale_flags,
@@ -54,6 +56,7 @@ from rdoq.cli import (
     shrink_mode,
 )
 from rdoq.shrink import DEFAULT_FOLDS
+from rdoq.steps import STEP_MODES
 
 log = logging.getLogger("rdoq")
 
@@ -182,8 +185,15 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
                    help="number of parts (default: torchrun WORLD_SIZE, else 1 = every layer; "
                         "the paper's default of 6 left 5/6 of the layers undone)")
     g.add_argument("-bcw", "--bias_corr_weight", action="store_true",
-                   help="accepted so paper command lines parse, then refused: not implemented "
-                        "for spconv layers")
+                   help="weight curves of the layer after the bias correction the allocation "
+                        "deploys with -bcw (measured estimator; the paper's detection curves "
+                        "use none)")
+    g.add_argument("--kind", choices=("weight", "act"), default="weight",
+                   help="weight curves (the paper's) or activation curves of the layers' "
+                        "outputs (--act-mode in: inputs), the features of the sparse tensors "
+                        "(measured estimator) (default: weight)")
+    g.add_argument("--act-mode", choices=("out", "in"), default="out",
+                   help="activation curves: of each layer's output or input (default: out)")
     g.add_argument("--sort_channels", action="store_true",
                    help="the paper's channel sorting: not supported (refused)")
     g.add_argument("--outdir", type=Path, default=Path("."),
@@ -202,9 +212,12 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
                    help=f"second order: also store the curves of this many calibration folds "
                         f"(one frame is one unit; at most one fold per frame) for the "
                         f"allocation's --shrink; 0: none (default: {DEFAULT_FOLDS})")
-    e.add_argument("--group-step", action="store_true",
-                   help="the paper's quantizer: one power-of-two step per group (default: "
-                        "per-channel MSE-optimal steps times a group scale)")
+    e.add_argument("--steps", choices=STEP_MODES, default=None,
+                   help="channel = a per-channel MSE-optimal step times a searched group "
+                        "scale; group = the paper's one power-of-two step per group (default: "
+                        + ", ".join(f"{v} for {k}s" for k, v in DEFAULT_STEPS.items()) + ")")
+    e.add_argument("--group-step", dest="steps", action="store_const", const="group",
+                   help="same as --steps group")
     add_scale_flags(e, "1 measured, 0 second order")
     for flag in DEAD_CURVE_FLAGS:
         p.add_argument(flag, nargs="*", default=None,
@@ -241,8 +254,19 @@ def add_alloc_flags(p: argparse.ArgumentParser) -> None:
                         "auto = cv for -bcw curves with folds, which detectors do not have yet, "
                         "else off (default: auto)")
     g.add_argument("-bcw", "--bias_corr_weight", action="store_true",
-                   help="accepted so paper command lines parse, then refused: not implemented "
-                        "for spconv layers")
+                   help="weight bias correction: per output channel, the mean output error "
+                        "E[(W-Ŵ)x] over the calibration frames' active sites is added to the "
+                        "layer's bias (created if missing)")
+    g.add_argument("--act_curve_root_dir", type=Path, default=None,
+                   help="activation curve set (or a directory holding one) of the same "
+                        "detector and frames: joint weight/activation allocation (default: "
+                        "weights only, as the paper)")
+    g.add_argument("--act-mode", choices=("out", "in"), default="out",
+                   help="which activation curve set --act_curve_root_dir holds (default: out)")
+    g.add_argument("--act-target-rates", type=float, nargs="+", default=None,
+                   help="average activation bits, one value or one per --target_rates "
+                        "(default: one joint budget, --target_rates bits per weight and "
+                        "activation element)")
     g.add_argument("--outdir", type=Path, default=None,
                    help="results directory (default: ./<arch>_<solver>_results)")
     g.add_argument("--save_checkpoint_dir", type=Path, default=None,
@@ -449,15 +473,6 @@ def calib_meta(setup: Setup, runner: nn.Module) -> dict[str, Any]:
             "cfg_file": str(setup.cfg_file), "set": setup.cfg_set}
 
 
-def refuse_bcw(args: argparse.Namespace) -> None:
-    """``-bcw`` is parsed (paper command lines carry it) but refused: the bias correction is
-    not implemented for spconv layers, the paper's quantized set."""
-    if args.bias_corr_weight:
-        raise InputError("-bcw (bias correction) is not supported by the detection scripts: it "
-                         "is not implemented for spconv layers (the paper's quantized set); "
-                         "drop -bcw (the paper's VoxelNeXt results use none)")
-
-
 # ------------------------------------------------------------------------------ curves
 
 
@@ -473,34 +488,43 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
     from rdoq.search import scale_grid
     from rdoq.store import atomic_write_json, curve_set_name
 
-    p = argparse.ArgumentParser(description="Weight RD curves of an OpenPCDet detector (the "
-                                            "paper's tools/generate_rd_curves_batch.py).")
+    p = argparse.ArgumentParser(description="Weight (or activation) RD curves of an OpenPCDet "
+                                            "detector (the paper's "
+                                            "tools/generate_rd_curves_batch.py).")
     add_detector_flags(p, evaluation=False)
     add_curve_flags(p)
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     try:
-        refuse_bcw(args)
         if args.sort_channels:
             raise InputError("--sort_channels (the paper's channel permutation) is not "
                              "supported; drop it")
-        ndz = 1 if args.disable_deadzone else args.maxdeadzones
+        kind, estimator = args.kind, args.estimator
+        if args.bias_corr_weight and (kind == "act" or estimator == "hessian"):
+            raise InputError("-bcw is offered with measured weight curves only (--kind weight, "
+                             "--estimator measured): the second-order estimator has no bias "
+                             "correction for spconv layers, and activations take none; drop "
+                             "-bcw or the other flag")
+        # Activations have no dead-zone quantizer.
+        ndz = 1 if args.disable_deadzone or kind == "act" else args.maxdeadzones
         part = resolve_part(args.part_id, args.num_parts)
         spec = _calib_spec(args)
         setup = build_setup(args)
         layers = detector_layers(setup.model, tuple(args.layers))
+        act_mode = args.act_mode if kind == "act" else None
         root = args.pathrdcurve or args.outdir / curve_set_name(
-            setup.info["arch"], "weight", ndz, args.maxrates, spec.frames, args.nchannelbatch)
+            setup.info["arch"], kind, ndz, args.maxrates, spec.frames, args.nchannelbatch,
+            act_mode)
         check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
-        estimator = args.estimator
         job = CurveJob(
-            kind="weight", group_size=args.nchannelbatch, nr=args.maxrates, ndz=ndz,
-            max_steps=args.maxsteps, step_grid=1, precision=_precision(args, setup.device),
+            kind=kind, act_mode=act_mode, group_size=args.nchannelbatch, nr=args.maxrates,
+            ndz=ndz, max_steps=args.maxsteps, step_grid=1 if kind == "weight" else 4,
+            precision=_precision(args, setup.device),
             max_batch=256 if estimator == "hessian" else 1,
             max_lookahead=4 if estimator == "hessian" else 1,
             progress=not args.quiet, estimator=estimator, sweep_batch=args.batch_size,
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
-            step_mode="group" if args.group_step else "channel",
+            step_mode=args.steps or DEFAULT_STEPS[kind],
             bias_corr=args.bias_corr_weight,
             scales_log2=scale_grid(_scale_octaves(args.scale_octaves, estimator),
                                    args.scale_steps),
@@ -519,7 +543,8 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
                                   calib_meta(setup, runner), job, root, part, setup.device)
     except ValueError as e:
         p.error(str(e))
-    summary["weights_total"] = int(sum(np.prod(lay.shape) for lay in layers))
+    if kind == "weight":
+        summary["weights_total"] = int(sum(np.prod(lay.shape) for lay in layers))
     atomic_write_json(Path(root) / f"run_part{part.part_id:03d}.json",
                       {"job": job_dict(job), "device": str(setup.device), "summary": summary,
                        "args": {k: (str(v) if isinstance(v, Path) else v)
@@ -598,9 +623,11 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     every target), measure its distortion on the calibration frames and evaluate mAP/NDS (GPU).
     Returns the rows, the printed table and ``stopped`` (why mAP/NDS were not computed, or
     None)."""
-    from rdoq.allocation import open_curve_set, save_allocation
-    from rdoq.apply import apply_allocation
-    from rdoq.pipeline import TableSpec, solve_targets_shrunk
+    from rdoq.allocation import find_act_curve_set, open_curve_set, save_allocation
+    from rdoq.apply import apply_allocation, estimate_corrections, remove_act_quantizers
+    from rdoq.cli import warn_correction_mismatch
+    from rdoq.groups import channel_dim
+    from rdoq.pipeline import TableSpec, point_label, solve_targets_shrunk
     from rdoq.report import append_results, format_table
 
     p = argparse.ArgumentParser(description="Bit allocation of an OpenPCDet detector from RD "
@@ -611,9 +638,23 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     try:
-        refuse_bcw(args)
         store = open_curve_set(args.pathrdcurve, "weight")
         meta = store.meta
+        astore = None
+        if args.act_curve_root_dir is not None:
+            aroot = find_act_curve_set(args.act_curve_root_dir, meta["model"], args.act_mode,
+                                       meta["group_size"])
+            astore = open_curve_set(aroot, "act", args.act_mode)
+            if astore.meta["calib"].get("sha256") != meta["calib"].get("sha256"):
+                raise InputError(f"the activation curves {aroot} were measured on other "
+                                 f"calibration frames than {args.pathrdcurve} (sha256 "
+                                 f"{str(astore.meta['calib'].get('sha256'))[:12]}… vs "
+                                 f"{str(meta['calib'].get('sha256'))[:12]}…); make both with "
+                                 f"the same --data/--calib_frames/--seed/--set")
+        elif args.act_target_rates is not None:
+            raise InputError("--act-target-rates needs activation curves: pass "
+                             "--act_curve_root_dir DIR (made with generate_rd_curves_batch.py "
+                             "--kind act)")
         for flag, mine, key in (("--nchannelbatch", args.nchannelbatch, "group_size"),
                                 ("--maxdeadzones", args.maxdeadzones, "ndz")):
             if mine is not None and mine != meta[key]:
@@ -633,11 +674,17 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
                                  f"--pretrained_model of the curves")
         names = [e["name"] for e in meta["layers"]]
         max_bits = None if args.maxrates is None else args.maxrates - 1
-        spec = TableSpec(store, uniform_only=bool(args.closedeadzone),
-                         allowed_bits=args.bit_list, min_bits=args.minrate, max_bits=max_bits)
-        points, solve_s = solve_targets_shrunk(spec, list(args.target_rates), None, args.solver,
+        modules = dict(setup.model.named_modules())
+        dims = ({n: channel_dim(modules[n]) for n in astore.layer_names() if n in modules}
+                if astore is not None else None)
+        spec = TableSpec(store, astore, act_channel_dims=dims,
+                         uniform_only=bool(args.closedeadzone), allowed_bits=args.bit_list,
+                         min_bits=args.minrate, max_bits=max_bits)
+        points, solve_s = solve_targets_shrunk(spec, list(args.target_rates),
+                                               args.act_target_rates, args.solver,
                                                args.layerwise, fill=not args.no_fill,
                                                shrink=args.shrink)
+        warn_correction_mismatch(store, "-bcw", args.bias_corr_weight)
     except (InputError, ValueError, FileNotFoundError, ImportError) as e:
         p.error(str(e))
     model = setup.model
@@ -654,27 +701,38 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():
         reference = runner(runner.indices())  # (N, …)
     stopped = None if args.skip_eval else _needs_gpu_reason(setup.spec)
-    method = args.solver + ("+layerwise" if args.layerwise else "")
+    method = "+".join([args.solver] + [t for t, on in (("bcw", args.bias_corr_weight),
+                                                       ("layerwise", args.layerwise)) if on])
     rows, written = [], []
     # pcdet detectors hold their dataset (spconv's voxel generator cannot be deep-copied), so
-    # each target is applied in place to weights restored from this full-precision copy.
+    # each target is applied in place to weights restored from this full-precision copy; -bcw
+    # creates biases on layers without one, which are removed again.
     fp_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    biasless = [m for m in model.modules() if getattr(m, "bias", 0) is None]
     for target, point in zip(args.target_rates, points, strict=True):
         alloc = point.allocation(args.solver)
         alloc.update(weights_source=setup.info["weights_source"],
                      checkpoint_sha256=setup.info["checkpoint_sha256"],
                      cfg_file=str(setup.cfg_file), set=list(args.set_cfgs))
-        apath = outdir / f"allocation_{target:g}.json"
+        # Every target starts from the full-precision detector, never the previous target's.
+        remove_act_quantizers(model)
+        for m in biasless:
+            m.bias = None
+        model.load_state_dict(fp_state)
+        if args.bias_corr_weight:
+            alloc["corrections"] = estimate_corrections(runner, alloc, runner.indices(),
+                                                        bcw=True, bca=False, batch_size=1)
+        apath = outdir / f"allocation_{point_label(point.tags)}.json"
         save_allocation(apath, alloc)
         written.append(apath)
-        # Every target starts from the full-precision weights, never the previous target's.
-        model.load_state_dict(fp_state)
         q_model = apply_allocation(model, alloc, in_place=True)
         with torch.no_grad():
             out = runner_of(q_model, setup)(runner.indices())
         size_mb, fp_mb = _size_mb(q_model, alloc)
         row = {"model": setup.info["arch"], "method": method, "target_bits": float(target),
-               "w_bits": alloc["summary"]["w_bits"], "a_bits": None, "mAP": None, "NDS": None,
+               "act_target_bits": point.tags.get("act_target_bits"),
+               "w_bits": alloc["summary"]["w_bits"], "a_bits": alloc["summary"].get("a_bits"),
+               "mAP": None, "NDS": None,
                "out_mse": _mse(out, reference), "dist": setup.spec.dist,
                "pred_dist": alloc["summary"]["pred_dist"], "size_mb": size_mb,
                "fp_size_mb": fp_mb, "solve_s": solve_s,
@@ -684,9 +742,16 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.save_checkpoint_dir is not None:
             cdir = outdir / args.save_checkpoint_dir
             cdir.mkdir(parents=True, exist_ok=True)
-            cpath = cdir / f"{setup.info['arch']}_rate={target:.2f}.pth"
-            torch.save({"model_state": {k: v.float() if v.is_floating_point() else v
-                                        for k, v in q_model.state_dict().items()}}, cpath)
+            act = point.tags.get("act_target_bits")
+            label = f"{target:.2f}" + ("" if act is None else f"_a{act:g}")
+            cpath = cdir / f"{setup.info['arch']}_rate={label}.pth"
+            blob = {"model_state": {k: v.float() if v.is_floating_point() else v
+                                    for k, v in q_model.state_dict().items()}}
+            if alloc["acts"]:  # pcdet's loader reads model_state only; the rest is ours
+                blob |= {"act_quantizers": {n: q.state() for n, q in
+                                            q_model.rdoq_act_quantizers.items()},
+                         "act_mode": alloc["act_mode"], "allocation": json.dumps(alloc)}
+            torch.save(blob, cpath)
             row["checkpoint"] = str(cpath.relative_to(outdir))
         if not args.skip_eval and stopped is None:
             t0 = time.perf_counter()
@@ -698,8 +763,12 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
             q_model.to(dtype=dtype)
         rows.append(row)
         append_results(outdir, [row])
-        log.info("%s target %g: W %.3f bits, distortion %.3e (predicted %.3e)", method, target,
-                 row["w_bits"], row["out_mse"], row["pred_dist"])
+        log.info("%s target %g: W %.3f A %s bits, distortion %.3e (predicted %.3e)", method,
+                 target, row["w_bits"], "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
+                 row["out_mse"], row["pred_dist"])
+    remove_act_quantizers(model)
+    for m in biasless:
+        m.bias = None
     model.load_state_dict(fp_state)
     if stopped is not None:
         stopped = (f"mAP/NDS evaluation needs a GPU with OpenPCDet's CUDA ops built and "

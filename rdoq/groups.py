@@ -69,6 +69,26 @@ def channel_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.Conv2d) else -1
 
 
+def is_sparse_tensor(t: object) -> bool:
+    """Whether ``t`` is a spconv ``SparseConvTensor`` (features ``(N_active, C)`` and their
+    coordinates), recognised by its interface, never by importing spconv."""
+    return not isinstance(t, torch.Tensor) and hasattr(t, "features") and hasattr(
+        t, "replace_feature")
+
+
+def act_values_of(t: torch.Tensor | object) -> torch.Tensor:
+    """The values of an activation a hook sees: the tensor itself, or a ``SparseConvTensor``'s
+    features ``(N_active, C)`` (channels last, :func:`channel_dim`)."""
+    return t.features if is_sparse_tensor(t) else t
+
+
+def map_act(t: torch.Tensor | object, fn: Callable[[torch.Tensor], torch.Tensor]) -> object:
+    """``t`` with its values (:func:`act_values_of`) replaced by ``fn(values)``: a tensor, or a
+    ``SparseConvTensor`` with the same coordinates and new features (what a hook that quantizes
+    an activation returns)."""
+    return t.replace_feature(fn(t.features)) if is_sparse_tensor(t) else fn(t)
+
+
 def is_sparse_conv(module: nn.Module) -> bool:
     """Whether ``module`` is one of spconv's :data:`SPARSE_CONV_TYPES` (never imports spconv)."""
     conv = sys.modules.get("spconv.pytorch.conv")
@@ -160,7 +180,8 @@ def hooked_forward(model: nn.Module, x: torch.Tensor,
 def act_shapes(model: nn.Module, x: torch.Tensor, names: list[str], mode: str) -> dict[str, tuple]:
     """Per-sample shapes of the input (``mode="in"``) or output (``"out"``) of the named layers
     that are called in a forward (one hooked forward on ``x[:1]``); layers whose ``forward`` is
-    never called (their weight is read by a parent, as in BEiT's ``qkv``) are absent.
+    never called (their weight is read by a parent, as in BEiT's ``qkv``) are absent. A sparse
+    activation's shape is its features' ``(N_active, C)`` in that first sample (frame).
     """
     if mode not in ("in", "out"):
         raise ValueError(f"act_mode must be 'in' or 'out', got {mode!r}")
@@ -169,7 +190,10 @@ def act_shapes(model: nn.Module, x: torch.Tensor, names: list[str], mode: str) -
 
     def hook(name: str) -> Callable:
         def record(mod, inp, out):
-            shapes[name] = tuple((inp[0] if mode == "in" else out).shape[1:])
+            t = inp[0] if mode == "in" else out
+            # A SparseConvTensor holds one sample (a frame, FrameRunner) as (N_active, C):
+            # its positions are the active sites, so its whole feature shape is the sample's.
+            shapes[name] = tuple(t.features.shape) if is_sparse_tensor(t) else tuple(t.shape[1:])
         return record
 
     hooked_forward(model, x[:1], post=[(modules[n], hook(n)) for n in names])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdoq.groups import channel_dim
+from rdoq.groups import channel_dim, map_act
 from rdoq.quantizers import quantize_uniform
 
 # A "slot forward" replaces a layer's computation for a batch of K*n rows laid out as K slots of n
@@ -151,13 +151,18 @@ def _quantize_slots(x: torch.Tensor, p: ActSlotParams, dim: int) -> torch.Tensor
 
 @contextlib.contextmanager
 def act_slots(module: nn.Module, mode: str, params: ActSlotParams) -> Iterator[None]:
-    """Quantize the input (``mode="in"``) or output (``"out"``) of ``module`` per slot."""
+    """Quantize the input (``mode="in"``) or output (``"out"``) of ``module`` per slot (a
+    ``SparseConvTensor``'s features: one slot, as its layer holds one frame)."""
     dim = channel_dim(module)
+
+    def quantize(t: torch.Tensor) -> torch.Tensor:
+        return _quantize_slots(t, params, dim)
+
     if mode == "out":
-        handle = module.register_forward_hook(lambda m, i, o: _quantize_slots(o, params, dim))
+        handle = module.register_forward_hook(lambda m, i, o: map_act(o, quantize))
     else:
         handle = module.register_forward_pre_hook(
-            lambda m, args: (_quantize_slots(args[0], params, dim), *args[1:]))
+            lambda m, args: (map_act(args[0], quantize), *args[1:]))
     try:
         yield
     finally:

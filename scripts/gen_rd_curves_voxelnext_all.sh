@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # RDOQ on an OpenPCDet detector (the paper's VoxelNeXt on nuScenes): weight RD curves of the
 # backbone's sparse convs (one process per GPU in CUDA_VISIBLE_DEVICES, or CPU_PARTS CPU
-# processes), then the allocation at each target rate, applied and evaluated (mAP/NDS need a GPU).
+# processes) and, with ACT_CURVES=1, their output-activation curves; then the allocation at each
+# target rate, applied and evaluated (mAP/NDS need a GPU).
 #   CUDA_VISIBLE_DEVICES=0,1 PCDET_TOOLS=~/OpenPCDet/tools \
 #     CKPT=~/OpenPCDet/output/voxelnext_nuscenes_kernel1.pth bash scripts/gen_rd_curves_voxelnext_all.sh
 # Edit the variables below or set them in the environment.
@@ -23,6 +24,9 @@ SOLVER=${SOLVER:-dp}                                 # dp or lg
 TARGET_RATES=${TARGET_RATES:-"4 6 8"}                # average bits per quantized weight
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-4}                # frames per evaluation batch
 SKIP_EVAL=${SKIP_EVAL:-}                             # non-empty: no mAP/NDS (CPU machines)
+ACT_CURVES=${ACT_CURVES:-}                           # non-empty: also activation curves, joint W/A
+ACT_MAXSTEPS=${ACT_MAXSTEPS:-16}                     # activation step candidates per bit width
+ACT_TARGET_RATES=${ACT_TARGET_RATES:-}               # e.g. "8": average activation bits (else joint)
 OUTDIR=${OUTDIR:-rdoq_voxelnext}                     # everything is written under this directory
 SET_CFGS=${SET_CFGS:-}                               # pcdet --set overrides "KEY VALUE ..."
 EXTRA_CURVE_FLAGS=${EXTRA_CURVE_FLAGS:-}             # e.g. "--scale-octaves 0"
@@ -45,26 +49,41 @@ DETECTOR=(--pcdet_tools "$PCDET_TOOLS" --cfg_file "$CFG_FILE" --pretrained_model
 # shellcheck disable=SC2206
 SETS=(); if [ -n "$SET_CFGS" ]; then SETS=(--set $SET_CFGS); fi
 
+# curves KIND DIR [flags...]: one curve process per part, all of them waited for.
+curves() {
+  local kind=$1 dir=$2
+  shift 2
+  local pids=() failed=0 i
+  for i in "${!GPUS[@]}"; do
+    local device=(--device cpu)
+    if [ -n "${GPUS[$i]}" ]; then device=(--device cuda:0); fi
+    # shellcheck disable=SC2086
+    CUDA_VISIBLE_DEVICES="${GPUS[$i]}" "$PY" "$ROOT/openpcdet/generate_rd_curves_batch.py" \
+      "${DETECTOR[@]}" --kind "$kind" --layers "$LAYERS" --data "$DATA" \
+      --calib_frames "$CALIB_FRAMES" --points_per_frame "$POINTS_PER_FRAME" \
+      --nchannelbatch "$NCHANNELBATCH" --maxrates "$MAXRATES" --pathrdcurve "$dir" \
+      --part_id "$i" --num_parts "$NPARTS" "${device[@]}" --quiet "$@" \
+      $EXTRA_CURVE_FLAGS ${SETS[@]+"${SETS[@]}"} >/dev/null &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    if ! wait "${pids[$i]}"; then echo "$kind curve part $i failed" >&2; failed=1; fi
+  done
+  [ "$failed" -eq 0 ]
+}
+
 START=$SECONDS
 echo "== $ESTIMATOR weight curves ($NPARTS part(s)) -> $CURVES"
-pids=()
-for i in "${!GPUS[@]}"; do
-  device=(--device cpu)
-  if [ -n "${GPUS[$i]}" ]; then device=(--device cuda:0); fi
-  # shellcheck disable=SC2086
-  CUDA_VISIBLE_DEVICES="${GPUS[$i]}" "$PY" "$ROOT/openpcdet/generate_rd_curves_batch.py" \
-    "${DETECTOR[@]}" --layers "$LAYERS" --data "$DATA" --calib_frames "$CALIB_FRAMES" \
-    --points_per_frame "$POINTS_PER_FRAME" --nchannelbatch "$NCHANNELBATCH" \
-    --maxrates "$MAXRATES" --maxdeadzones "$MAXDEADZONES" --maxsteps "$MAXSTEPS" \
-    --estimator "$ESTIMATOR" --pathrdcurve "$CURVES" --part_id "$i" --num_parts "$NPARTS" \
-    "${device[@]}" --quiet $EXTRA_CURVE_FLAGS ${SETS[@]+"${SETS[@]}"} >/dev/null &
-  pids+=($!)
-done
-failed=0
-for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then echo "curve part $i failed" >&2; failed=1; fi
-done
-[ "$failed" -eq 0 ]
+curves weight "$CURVES" --maxdeadzones "$MAXDEADZONES" --maxsteps "$MAXSTEPS" \
+  --estimator "$ESTIMATOR"
+ACTS=()
+if [ -n "$ACT_CURVES" ]; then
+  echo "== measured output-activation curves ($NPARTS part(s)) -> $OUTDIR/act_curves"
+  curves act "$OUTDIR/act_curves" --maxsteps "$ACT_MAXSTEPS"
+  ACTS=(--act_curve_root_dir "$OUTDIR/act_curves")
+  # shellcheck disable=SC2206
+  if [ -n "$ACT_TARGET_RATES" ]; then ACTS+=(--act-target-rates $ACT_TARGET_RATES); fi
+fi
 echo "== curves took $((SECONDS - START)) s"
 
 echo "== $SOLVER allocation at $TARGET_RATES bits, evaluation"
@@ -72,6 +91,6 @@ EVAL=(); if [ -n "$SKIP_EVAL" ]; then EVAL=(--skip-eval); fi
 # shellcheck disable=SC2086
 CUDA_VISIBLE_DEVICES="${GPUS[0]}" "$PY" "$ROOT/openpcdet/generate_DP_frontier_batch_act_nchan.py" \
   "${DETECTOR[@]}" --pathrdcurve "$CURVES" --solver "$SOLVER" --target_rates $TARGET_RATES \
-  --batch_size "$EVAL_BATCH_SIZE" --outdir "$OUTDIR" --quiet ${EVAL[@]+"${EVAL[@]}"} $EXTRA_SOLVER_FLAGS \
-  ${SETS[@]+"${SETS[@]}"}
+  --batch_size "$EVAL_BATCH_SIZE" --outdir "$OUTDIR" --quiet ${EVAL[@]+"${EVAL[@]}"} \
+  ${ACTS[@]+"${ACTS[@]}"} $EXTRA_SOLVER_FLAGS ${SETS[@]+"${SETS[@]}"}
 "$PY" "$ROOT/classification/show_results.py" "$OUTDIR"

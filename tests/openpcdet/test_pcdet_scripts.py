@@ -179,6 +179,48 @@ def test_allocation_writes_its_files_then_stops_for_want_of_a_gpu(measured, tool
     assert load_allocation(tmp_path / "lg" / "allocation_2.json")["solver"] == "lg"
 
 
+@pytest.mark.slow
+def test_activation_curves_and_joint_allocation_with_bias_correction(measured, tools: Path,
+                                                                    checkpoint: Path,
+                                                                    tmp_path: Path):
+    """Beyond the paper: output-activation curves of the 30 sparse convs (features of the
+    sparse tensors), -bcw weight curves, and one joint W/A allocation deployed with -bcw."""
+    one = ["--pcdet_tools", str(tools), "--pretrained_model", str(checkpoint), *FAST,
+           "--calib_frames", "1", "--outdir", str(tmp_path)]
+    acts = summary_of(run(CURVES, [*one, "--kind", "act", "--maxrates", "2", "--maxsteps", "9",
+                                   *CROP], cwd=tmp_path))
+    assert Path(acts["curve_set"]).name == (
+        "VoxelNeXt_nr_0002_ns_0001_nf_0128_rdcurves_out_channelwise_opt_dist_act")
+    assert acts["layers_written"] == PAPER_LAYERS and acts["missing_layers"] == 0
+    astore = CurveStore.load(acts["curve_set"])
+    assert astore.meta["kind"] == "act" and astore.meta["act_mode"] == "out"
+    for e in astore.meta["layers"]:
+        sites, channels = e["shape"]  # the features (N_active, C) of the first frame
+        assert sites > 0 and channels in (16, 32, 64, 128) and e["numel"] == sites * channels
+    weights = summary_of(run(CURVES, [*one, "-bcw", *CROP], cwd=tmp_path))
+    wstore = CurveStore.load(weights["curve_set"])
+    assert wstore.meta["bias_corr"] is True and wstore.missing_layers() == []
+    out = tmp_path / "joint"
+    alloc_args = ["--pcdet_tools", str(tools), "--pretrained_model", str(checkpoint),
+                  "--pathrdcurve", weights["curve_set"], "--act_curve_root_dir", str(tmp_path),
+                  "--target_rates", "2", "--act-target-rates", "1", "-bcw", "--skip-eval",
+                  "--quiet"]
+    proc = run(ALLOCATE, [*alloc_args, "--outdir", str(out), *CROP], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = read_results(out / "results.jsonl")
+    assert row["method"] == "dp+bcw" and row["allocation"] == "allocation_2_a1.json"
+    assert row["a_bits"] <= 1.0 + 1e-9 and row["w_bits"] <= 2.0 + 1e-9
+    assert np.isfinite(row["out_mse"]) and row["out_mse"] > 0
+    alloc = load_allocation(out / row["allocation"])
+    assert len(alloc["acts"]) == len(alloc["weights"]) == PAPER_LAYERS
+    assert sorted(alloc["corrections"]["bcw"]) == sorted(alloc["weights"])
+    # Activation curves of other calibration frames are refused by name.
+    bad = run(ALLOCATE, [*alloc_args[:4], "--pathrdcurve", str(measured[0]),
+                         *alloc_args[6:], "--outdir", str(tmp_path / "bad"), *CROP],
+              cwd=tmp_path)
+    assert bad.returncode == 2 and "other calibration frames" in bad.stderr
+
+
 def test_missing_config_is_named(tools: Path, tmp_path: Path, capsys):
     from rdoq.detection import curves_main
 
@@ -190,8 +232,8 @@ def test_missing_config_is_named(tools: Path, tmp_path: Path, capsys):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_checkpoint_that_loads_nothing_and_bcw_are_refused(tools: Path, checkpoint: Path,
-                                                           tmp_path: Path, capsys):
+def test_checkpoint_that_loads_nothing_and_second_order_bcw_are_refused(
+        tools: Path, checkpoint: Path, tmp_path: Path, capsys):
     from rdoq.detection import curves_main
 
     state = torch.load(checkpoint, weights_only=True)["model_state"]
@@ -201,9 +243,10 @@ def test_checkpoint_that_loads_nothing_and_bcw_are_refused(tools: Path, checkpoi
     with pytest.raises(SystemExit):
         curves_main([*base, "--pretrained_model", str(renamed), *CROP])
     assert f"renamed.pth sets only 0/{len(state)} tensors" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        curves_main([*base, "--pretrained_model", str(checkpoint), "-bcw", *CROP])
-    assert "-bcw (bias correction) is not supported" in capsys.readouterr().err
+    for flags in (["-bcw", "--hessian"], ["-bcw", "--kind", "act"]):
+        with pytest.raises(SystemExit):
+            curves_main([*base, "--pretrained_model", str(checkpoint), *flags, *CROP])
+        assert "-bcw is offered with measured weight curves only" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -219,12 +262,15 @@ def test_driver_runs_end_to_end_on_synthetic_frames(tools: Path, checkpoint: Pat
            "CKPT": str(checkpoint), "DATA": "synthetic", "CALIB_FRAMES": "1",
            "POINTS_PER_FRAME": "500", "MAXRATES": "3", "MAXDEADZONES": "1", "MAXSTEPS": "4",
            "TARGET_RATES": "1 2", "SKIP_EVAL": "1", "OUTDIR": str(tmp_path / "run"),
-           "EXTRA_CURVE_FLAGS": "--scale-octaves 0",
+           "EXTRA_CURVE_FLAGS": "--scale-octaves 0", "ACT_CURVES": "1", "ACT_MAXSTEPS": "9",
            "SET_CFGS": f"DATA_CONFIG.POINT_CLOUD_RANGE {RANGE}"}
     proc = subprocess.run(["bash", str(DRIVER)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = CurveStore.load(tmp_path / "run" / "curves")
     assert store.missing_layers() == [] and len(store.meta["layers"]) == PAPER_LAYERS
-    assert [r["target_bits"] for r in read_results(tmp_path / "run" / "results.jsonl")] == [
-        1.0, 2.0]
+    acts = CurveStore.load(tmp_path / "run" / "act_curves")
+    assert acts.missing_layers() == [] and acts.meta["kind"] == "act"
+    rows = read_results(tmp_path / "run" / "results.jsonl")
+    assert [r["target_bits"] for r in rows] == [1.0, 2.0]
+    assert all(r["a_bits"] is not None for r in rows)  # joint W/A allocation

@@ -19,6 +19,7 @@ from rdoq.adapters import sparse
 from rdoq.apply import apply_allocation, load_quantized, save_quantized
 from rdoq.curves import CurveJob, plan_layers
 from rdoq.groups import channel_dim, find_layers, group_bounds
+from rdoq.hessian import HessianSettings
 from rdoq.quantizers import deadzone_threshold, quantize_weight
 from rdoq.steps import ChannelSteps
 
@@ -182,9 +183,12 @@ def test_a_non_krsc_spconv_build_is_refused_even_when_shapes_agree(sp, monkeypat
         find_layers(net)
 
 
-def test_activation_curves_of_spconv_layers_are_refused(sp):
-    with pytest.raises(ValueError, match="activation curves of spconv layers"):
-        plan_layers(make_net(sp), None, weight_job(kind="act"))
+def test_second_order_activation_curves_of_spconv_layers_are_refused(sp):
+    # (Measured ones are made: tests/openpcdet/test_sparse_acts.py.)
+    job = CurveJob(kind="act", act_mode="out", group_size=GROUP_SIZE, nr=6, ndz=1, max_steps=12,
+                   step_grid=4, progress=False, estimator="hessian", hessian=HessianSettings())
+    with pytest.raises(ValueError, match="second-order activation curves of spconv layers"):
+        plan_layers(make_net(sp), None, job)
 
 
 # ---------------------------------------------------------------------------------------------
