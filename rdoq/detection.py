@@ -2,11 +2,17 @@
 and evaluation of a pcdet detector, behind ``openpcdet/generate_rd_curves_batch.py`` and
 ``openpcdet/generate_DP_frontier_batch_act_nchan.py``.
 
-pcdet is imported only inside functions (through :mod:`rdoq.adapters.openpcdet`). The curves and
-the allocation use the classification machinery unchanged: the detector is wrapped in a
+The detector, its calibration frames and its evaluation come from the OpenPCDet adapter
+(:class:`rdoq.adapters.detector.OpenPCDetAdapter`, the third implementation of
+:class:`rdoq.adapters.base.Adapter`; pcdet is imported only inside its functions). Its model is a
 :class:`rdoq.adapters.sparse.FrameRunner` whose calibration tensor is the frame indices and whose
 output is the tensor distortion is measured on (the dense BEV feature, or the head's raw maps),
-so curve sets and allocation files have the classification formats (DESIGN §5).
+so the curves and the allocation use the classification machinery unchanged and curve sets and
+allocation files have the classification formats (DESIGN §5).
+
+Its length (about 560 lines): some 200 lines are the two scripts' flags (the authors', kept with
+their meaning, and ours) with their help texts, the rest the two entry points, of which the
+allocation's applies, measures, saves and evaluates every target.
 
 What the authors' detection scripts got wrong and this module does differently
 (``../shared/reference/authors_code_digest.md`` §9):
@@ -25,24 +31,28 @@ What the authors' detection scripts got wrong and this module does differently
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from rdoq.adapters.base import InputError, file_sha256
+from rdoq.adapters.base import InputError
+from rdoq.adapters.detector import (
+    DATA_SOURCES,
+    DEFAULT_CALIB_FRAMES,
+    DEFAULT_SYNTHETIC_POINTS,
+    DIST_TENSORS,
+    OpenPCDetAdapter,
+    evaluation_blocker,
+)
 from rdoq.cli import (
     DEFAULT_STEPS,
     POINTS_HINT,
@@ -63,12 +73,6 @@ log = logging.getLogger("rdoq")
 # The paper's defaults (authors' tools/ scripts), relative to OpenPCDet's tools/ directory.
 PAPER_CFG = "cfgs/nuscenes_models/cbgs_voxel0075_voxelnext.yaml"
 PAPER_CHECKPOINT = "../output/nuscene_models/voxelnext_nuscenes_kernel1.pth"
-DIST_TENSORS = ("bev", "head")
-DATA_SOURCES = ("pcdet", "synthetic")
-# Calibration frames when neither --calib_frames nor --calib_num_iters is given.
-DEFAULT_CALIB_FRAMES = 4
-# Points per synthetic frame (--points_per_frame): about a nuScenes 10-sweep frame's third.
-DEFAULT_SYNTHETIC_POINTS = 100_000
 # Exit status of the allocation script when mAP/NDS could not be computed (no GPU).
 EXIT_NEEDS_GPU = 3
 # Paper flags the authors' scripts parse but never read: accepted so their commands run.
@@ -280,197 +284,10 @@ def add_alloc_flags(p: argparse.ArgumentParser) -> None:
                        help="accepted for paper compatibility; no effect")
 
 
-# ------------------------------------------------------------------------------ resolution
-
-
-def _pcdet_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
-    """(checkout holding pcdet/ or None for an installed pcdet, tools dir or None)."""
-    tools = args.pcdet_tools
-    if tools is not None and not tools.is_dir():
-        raise InputError(f"--pcdet_tools {tools} is not a directory; pass OpenPCDet's tools/")
-    if tools is None and (Path.cwd().parent / "pcdet" / "__init__.py").is_file():
-        tools = Path.cwd()  # run from tools/, as the paper's README does
-    src = args.pcdet_src
-    if src is None and tools is not None and (tools.parent / "pcdet" / "__init__.py").is_file():
-        src = tools.parent
-    return src, tools
-
-
-def _find(path: Path, tools: Path | None, flag: str, what: str) -> Path:
-    """``path`` as given, else relative to ``tools``; an InputError naming both otherwise."""
-    tried = [path]
-    if path.exists():
-        return path.resolve()
-    if tools is not None and not path.is_absolute():
-        tried.append(tools / path)
-        if (tools / path).exists():
-            return (tools / path).resolve()
-    raise InputError(f"{flag} {path} does not exist (tried {', '.join(map(str, tried))}); pass "
-                     f"{what}, run from OpenPCDet's tools/ directory or pass --pcdet_tools")
-
-
 def _precision(args: argparse.Namespace, device: torch.device) -> str:
     if args.precision != "auto":
         return args.precision
     return "float32" if device.type == "cuda" else "float64"
-
-
-@dataclass
-class CalibSpec:
-    """How the calibration frames were made (stored in the curve set's ``meta.calib``)."""
-
-    data: str
-    frames: int
-    seed: int
-    points_per_frame: int | None
-    dist: str
-
-    def source(self) -> str:
-        return (f"synthetic frames ({self.points_per_frame} points)" if self.data == "synthetic"
-                else "pcdet dataset, train split (no shuffling, seeded sweep choice)")
-
-
-def _calib_spec(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> CalibSpec:
-    """The calibration of the flags, missing values from ``stored`` (a curve set's calib)."""
-    stored = stored or {}
-    frames = args.calib_frames
-    if frames is None and args.calib_num_iters is not None:
-        frames = args.calib_num_iters * args.batch_size
-    data = args.data or stored.get("data") or "pcdet"
-    points = args.points_per_frame or stored.get("points_per_frame")
-    if data == "synthetic" and points is None:
-        points = DEFAULT_SYNTHETIC_POINTS
-    return CalibSpec(data=data, frames=frames or int(stored.get("size", DEFAULT_CALIB_FRAMES)),
-                     seed=args.seed if args.seed is not None else int(stored.get("seed", 0)),
-                     points_per_frame=points if data == "synthetic" else None,
-                     dist=args.dist or stored.get("dist") or "bev")
-
-
-def _train_split_cfg(data_cfg: Any) -> Any:
-    """pcdet's DATA_CONFIG reading the train split in test mode (no augmentation, no CBGS
-    resampling) with point shuffling off."""
-    from rdoq.adapters.openpcdet import deterministic_data_cfg
-
-    data_cfg = deterministic_data_cfg(data_cfg)
-    for key in ("DATA_SPLIT", "INFO_PATH"):
-        if key in data_cfg and "train" in data_cfg[key]:
-            data_cfg[key]["test"] = copy.deepcopy(data_cfg[key]["train"])
-    return data_cfg
-
-
-def _pcdet_dataset(cfg: Any, data_cfg: Any, batch_size: int, workers: int,
-                   training_split: bool) -> tuple[Any, Any]:
-    """pcdet's (dataset, dataloader) from ``build_dataloader`` in test mode, unshuffled."""
-    from pcdet.datasets import build_dataloader
-
-    if training_split:
-        data_cfg = _train_split_cfg(data_cfg)
-    dataset, loader, _ = build_dataloader(dataset_cfg=data_cfg, class_names=cfg.CLASS_NAMES,
-                                          batch_size=batch_size, dist=False, workers=workers,
-                                          logger=log, training=False)
-    return dataset, loader
-
-
-@contextlib.contextmanager
-def _numpy_seed(seed: Sequence[int]):
-    """numpy's global RNG seeded inside the block (pcdet picks sweeps with it), restored after."""
-    state = np.random.get_state()
-    np.random.seed(list(seed))
-    try:
-        yield
-    finally:
-        np.random.set_state(state)
-
-
-def _frame_indices(n_available: int, n: int, where: str) -> list[int]:
-    """``n`` frame indices spread evenly over the split (scenes differ along it)."""
-    if n_available < n:
-        raise InputError(f"--calib_frames {n} but the train split ({where}) holds {n_available} "
-                         f"frames; use fewer frames, create the dataset's info files (OpenPCDet's "
-                         f"docs/GETTING_STARTED.md) or pass --data synthetic")
-    return sorted({int(i) for i in np.linspace(0, n_available - 1, n).round()})
-
-
-@dataclass
-class Setup:
-    """A built detector with its calibration frames and everything recorded about them."""
-
-    model: nn.Module
-    cfg: Any
-    cfg_file: Path
-    checkpoint: Path
-    info: dict[str, Any]
-    frames: list[dict[str, Any]]
-    frame_ids: list[str]
-    spec: CalibSpec
-    device: torch.device
-    tools: Path | None
-    cfg_set: list[str]
-
-
-def build_setup(args: argparse.Namespace, stored_calib: dict[str, Any] | None = None) -> Setup:
-    """Import pcdet, build the detector of the flags on the device, and read the calibration
-    frames (collated once, as tensors on the device)."""
-    from rdoq.adapters.openpcdet import SyntheticFrames, build_detector, import_pcdet, to_device
-
-    src, tools = _pcdet_paths(args)
-    cfg_file = _find(args.cfg_file, tools, "--cfg_file", "an OpenPCDet model config")
-    checkpoint = _find(args.pretrained_model, tools, "--pretrained_model",
-                       "a checkpoint in OpenPCDet's format")
-    device = resolve_device(args, None)
-    spec = _calib_spec(args, stored_calib)
-    import_pcdet(src)
-    made: dict[str, Any] = {}
-
-    def make_dataset(cfg: Any) -> Any:
-        if spec.data == "synthetic":
-            made["frames"] = SyntheticFrames(cfg, spec.frames, spec.points_per_frame, spec.seed)
-            return made["frames"].template
-        made["frames"], _ = _pcdet_dataset(cfg, cfg.DATA_CONFIG, 1, 0, training_split=True)
-        return made["frames"]
-
-    det = build_detector(cfg_file, checkpoint, args.set_cfgs, make_dataset=make_dataset,
-                         pcdet_src=src, device=device, seed=spec.seed)
-    data = made["frames"]
-    if spec.data == "synthetic":
-        items = list(range(spec.frames))
-        batches = [data.batch([i]) for i in items]
-    else:
-        dcfg = det.cfg.DATA_CONFIG
-        items = _frame_indices(len(data), spec.frames,
-                               f"{data.root_path} {list(dcfg.INFO_PATH.get('train', []))}")
-        batches = []
-        for i in items:
-            with _numpy_seed([spec.seed, i]):  # the same sweeps every run
-                batches.append(data.collate_batch([data[i]]))
-    frames = [to_device(b, device) for b in batches]
-    frame_ids = [str(np.asarray(b["frame_id"]).ravel()[0]) for b in batches]
-    info = {"arch": det.cfg.MODEL.NAME, "weights_source": f"pcdet:{checkpoint.name}",
-            "checkpoint_sha256": file_sha256(checkpoint)}
-    return Setup(det.model, det.cfg, cfg_file, checkpoint, info, frames, frame_ids, spec, device,
-                 tools, list(args.set_cfgs))
-
-
-def distortion_run(dist: str) -> Callable[[nn.Module, Any], torch.Tensor]:
-    """``run(model, frame)`` of :class:`FrameRunner` for ``--dist``."""
-    from rdoq.adapters.openpcdet import bev_feature, head_maps
-
-    return bev_feature if dist == "bev" else head_maps
-
-
-def runner_of(model: nn.Module, setup: Setup) -> nn.Module:
-    from rdoq.adapters.sparse import FrameRunner
-
-    return FrameRunner(model, setup.frames, distortion_run(setup.spec.dist))
-
-
-def calib_meta(setup: Setup, runner: nn.Module) -> dict[str, Any]:
-    """``meta.calib`` of a detector curve set: what the allocation script rebuilds and checks."""
-    s = setup.spec
-    return {"size": len(setup.frames), "seed": s.seed, "source": s.source(),
-            "sha256": runner.sha256(), "items": setup.frame_ids, "data": s.data,
-            "points_per_frame": s.points_per_frame, "dist": s.dist,
-            "cfg_file": str(setup.cfg_file), "set": setup.cfg_set}
 
 
 # ------------------------------------------------------------------------------ curves
@@ -480,7 +297,6 @@ def calib_meta(setup: Setup, runner: nn.Module) -> dict[str, Any]:
 def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``openpcdet/generate_rd_curves_batch.py``: weight RD curves of a pcdet
     detector's layers, one file per layer, resumable; returns the run summary."""
-    from rdoq.adapters.openpcdet import detector_layers
     from rdoq.cli import _scale_octaves
     from rdoq.curves import CurveJob, generate_curves, job_dict
     from rdoq.hessian import HessianSettings
@@ -508,12 +324,15 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
         # Activations have no dead-zone quantizer.
         ndz = 1 if args.disable_deadzone or kind == "act" else args.maxdeadzones
         part = resolve_part(args.part_id, args.num_parts)
-        spec = _calib_spec(args)
-        setup = build_setup(args)
-        layers = detector_layers(setup.model, tuple(args.layers))
+        adapter = OpenPCDetAdapter()
+        args.device = str(resolve_device(args, None))
+        runner, info = adapter.build(args)
+        setup, spec = runner.setup, runner.setup.spec
+        calib = adapter.calib(args, runner, spec.frames, spec.seed)
+        layers = adapter.layers(runner)
         act_mode = args.act_mode if kind == "act" else None
         root = args.pathrdcurve or args.outdir / curve_set_name(
-            setup.info["arch"], kind, ndz, args.maxrates, spec.frames, args.nchannelbatch,
+            info.arch, kind, ndz, args.maxrates, spec.frames, args.nchannelbatch,
             act_mode)
         check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
         job = CurveJob(
@@ -537,10 +356,9 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
         job.search_settings()
     except (InputError, ValueError, ImportError) as e:
         p.error(str(e))
-    runner = runner_of(setup.model, setup)
     try:
-        summary = generate_curves(runner, runner.indices(), setup.info,
-                                  calib_meta(setup, runner), job, root, part, setup.device)
+        summary = generate_curves(runner, calib.x, vars(info), calib.meta(), job, root, part,
+                                  setup.device)
     except ValueError as e:
         p.error(str(e))
     if kind == "weight":
@@ -575,47 +393,6 @@ def _size_mb(model: nn.Module, alloc: dict[str, Any]) -> tuple[float, float]:
     return (q_bits + 32.0 * (total - q_numel)) / mb, 32.0 * total / mb
 
 
-def evaluate_detection(setup: Setup, model: nn.Module, args: argparse.Namespace,
-                       result_dir: Path) -> dict[str, Any]:
-    """mAP, NDS and per-class AP of ``model`` on the config's evaluation split by pcdet's
-    ``eval_utils.eval_one_epoch`` (needs a GPU and pcdet's CUDA ops)."""
-    from rdoq.adapters.openpcdet import require_gpu, tools_dir
-
-    require_gpu("mAP/NDS evaluation")
-    tools = setup.tools or tools_dir(setup.cfg_file)
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    from eval_utils import eval_utils  # OpenPCDet's tools/eval_utils
-
-    from rdoq.adapters.openpcdet import deterministic_data_cfg
-
-    _, loader = _pcdet_dataset(setup.cfg, deterministic_data_cfg(setup.cfg.DATA_CONFIG),
-                               args.batch_size, args.workers, training_split=False)
-    model.eval()
-    ret = eval_utils.eval_one_epoch(setup.cfg, SimpleNamespace(save_to_file=False), model,
-                                    loader, epoch_id="rdoq", logger=log, dist_test=False,
-                                    result_dir=result_dir)
-    per_class = {k: float(v) for k, v in ret.items()
-                 if isinstance(v, (int, float)) and k not in ("mAP", "NDS")}
-    return {"mAP": float(ret["mAP"]) if "mAP" in ret else None,
-            "NDS": float(ret["NDS"]) if "NDS" in ret else None, "metrics": per_class}
-
-
-def _needs_gpu_reason(spec: CalibSpec) -> str | None:
-    """Why mAP/NDS cannot be computed in this process, or None."""
-    from rdoq.adapters.openpcdet import is_stand_in
-
-    stand_ins = [n for n, m in sys.modules.items() if n.startswith("pcdet.ops.")
-                 and is_stand_in(m)]
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if stand_ins:
-        return f"pcdet's CUDA ops are not built ({', '.join(sorted(stand_ins)[:2])}, …)"
-    if spec.data != "pcdet":
-        return "--data synthetic frames have no labels: mAP/NDS need --data pcdet"
-    return None
-
-
 @script_entry(POINTS_HINT)
 def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``openpcdet/generate_DP_frontier_batch_act_nchan.py``: allocate bits for
@@ -626,7 +403,6 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     from rdoq.allocation import find_act_curve_set, open_curve_set, save_allocation
     from rdoq.apply import apply_allocation, estimate_corrections, remove_act_quantizers
     from rdoq.cli import warn_correction_mismatch
-    from rdoq.groups import channel_dim
     from rdoq.pipeline import TableSpec, point_label, solve_targets_shrunk
     from rdoq.report import append_results, format_table
 
@@ -665,17 +441,22 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
                              f"(the bit widths measured in {args.pathrdcurve})")
         outdir = args.outdir or Path(f"{meta['model']}_{args.solver}_results")
         check_outdir(outdir, "--outdir")
-        setup = build_setup(args, meta["calib"])
+        adapter = OpenPCDetAdapter()
+        args.device = str(resolve_device(args, None))
+        args.stored_calib = meta["calib"]  # calibration flags not given: the curves'
+        runner, info = adapter.build(args)
+        setup = runner.setup
         for key in ("model", "checkpoint_sha256"):
-            mine = setup.info["arch" if key == "model" else key]
+            mine = info.arch if key == "model" else info.checkpoint_sha256
             if meta.get(key) != mine:
                 raise InputError(f"{args.pathrdcurve} was measured with {key}={meta.get(key)!r}, "
                                  f"this run loads {key}={mine!r}; pass the --cfg_file and "
                                  f"--pretrained_model of the curves")
         names = [e["name"] for e in meta["layers"]]
         max_bits = None if args.maxrates is None else args.maxrates - 1
-        modules = dict(setup.model.named_modules())
-        dims = ({n: channel_dim(modules[n]) for n in astore.layer_names() if n in modules}
+        modules = dict(runner.named_modules())
+        dims = ({n: adapter.channel_axis(modules[n]) for n in astore.layer_names()
+                 if n in modules}
                 if astore is not None else None)
         spec = TableSpec(store, astore, act_channel_dims=dims,
                          uniform_only=bool(args.closedeadzone), allowed_bits=args.bit_list,
@@ -687,49 +468,50 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
         warn_correction_mismatch(store, "-bcw", args.bias_corr_weight)
     except (InputError, ValueError, FileNotFoundError, ImportError) as e:
         p.error(str(e))
-    model = setup.model
     # The curves' arithmetic, so the distortion compares with pred_dist; float32 on CUDA.
     auto = "float32" if setup.device.type == "cuda" else meta.get("precision", "float64")
     dtype = getattr(torch, auto if args.precision == "auto" else args.precision)
-    model.to(dtype=dtype)
-    runner = runner_of(model, setup)
-    if runner.sha256() != meta["calib"].get("sha256"):
+    runner.to(dtype=dtype)
+    calib = adapter.calib(args, runner, len(setup.frames), setup.spec.seed)
+    if calib.meta()["sha256"] != meta["calib"].get("sha256"):
         p.error(f"the calibration frames rebuilt here ({setup.spec.source()}, "
                 f"{len(setup.frames)} frames) differ from those of {args.pathrdcurve} (sha256 "
                 f"{str(meta['calib'].get('sha256'))[:12]}…); pass the --data/--calib_frames/"
                 f"--seed/--set of the curves")
     with torch.no_grad():
-        reference = runner(runner.indices())  # (N, …)
-    stopped = None if args.skip_eval else _needs_gpu_reason(setup.spec)
+        reference = runner(calib.x)  # (N, …)
+    stopped = None if args.skip_eval else evaluation_blocker(setup.spec)
+    data = adapter.eval_data(args, runner)
     method = "+".join([args.solver] + [t for t, on in (("bcw", args.bias_corr_weight),
                                                        ("layerwise", args.layerwise)) if on])
     rows, written = [], []
     # pcdet detectors hold their dataset (spconv's voxel generator cannot be deep-copied), so
     # each target is applied in place to weights restored from this full-precision copy; -bcw
     # creates biases on layers without one, which are removed again.
+    model = runner.net  # the bare detector: its state dict is pcdet's checkpoint format
     fp_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     biasless = [m for m in model.modules() if getattr(m, "bias", 0) is None]
     for target, point in zip(args.target_rates, points, strict=True):
         alloc = point.allocation(args.solver)
-        alloc.update(weights_source=setup.info["weights_source"],
-                     checkpoint_sha256=setup.info["checkpoint_sha256"],
+        alloc.update(weights_source=info.weights_source,
+                     checkpoint_sha256=info.checkpoint_sha256,
                      cfg_file=str(setup.cfg_file), set=list(args.set_cfgs))
         # Every target starts from the full-precision detector, never the previous target's.
-        remove_act_quantizers(model)
+        remove_act_quantizers(runner)
         for m in biasless:
             m.bias = None
         model.load_state_dict(fp_state)
         if args.bias_corr_weight:
-            alloc["corrections"] = estimate_corrections(runner, alloc, runner.indices(),
-                                                        bcw=True, bca=False, batch_size=1)
+            alloc["corrections"] = estimate_corrections(runner, alloc, calib.x, bcw=True,
+                                                        bca=False, batch_size=1)
         apath = outdir / f"allocation_{point_label(point.tags)}.json"
         save_allocation(apath, alloc)
         written.append(apath)
-        q_model = apply_allocation(model, alloc, in_place=True)
+        apply_allocation(runner, alloc, in_place=True)
         with torch.no_grad():
-            out = runner_of(q_model, setup)(runner.indices())
-        size_mb, fp_mb = _size_mb(q_model, alloc)
-        row = {"model": setup.info["arch"], "method": method, "target_bits": float(target),
+            out = runner(calib.x)
+        size_mb, fp_mb = _size_mb(model, alloc)
+        row = {"model": info.arch, "method": method, "target_bits": float(target),
                "act_target_bits": point.tags.get("act_target_bits"),
                "w_bits": alloc["summary"]["w_bits"], "a_bits": alloc["summary"].get("a_bits"),
                "mAP": None, "NDS": None,
@@ -744,29 +526,29 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
             cdir.mkdir(parents=True, exist_ok=True)
             act = point.tags.get("act_target_bits")
             label = f"{target:.2f}" + ("" if act is None else f"_a{act:g}")
-            cpath = cdir / f"{setup.info['arch']}_rate={label}.pth"
+            cpath = cdir / f"{info.arch}_rate={label}.pth"
             blob = {"model_state": {k: v.float() if v.is_floating_point() else v
-                                    for k, v in q_model.state_dict().items()}}
+                                    for k, v in model.state_dict().items()}}
             if alloc["acts"]:  # pcdet's loader reads model_state only; the rest is ours
                 blob |= {"act_quantizers": {n: q.state() for n, q in
-                                            q_model.rdoq_act_quantizers.items()},
+                                            runner.rdoq_act_quantizers.items()},
                          "act_mode": alloc["act_mode"], "allocation": json.dumps(alloc)}
             torch.save(blob, cpath)
             row["checkpoint"] = str(cpath.relative_to(outdir))
         if not args.skip_eval and stopped is None:
             t0 = time.perf_counter()
-            q_model.to(dtype=torch.float32)
-            metrics = evaluate_detection(setup, q_model, args, outdir / "eval" / f"{target:g}")
+            runner.to(dtype=torch.float32)
+            data.result_dir = outdir / "eval" / point_label(point.tags)
+            metrics = adapter.evaluate(runner, data, None, setup.device)
             row |= {"mAP": metrics["mAP"], "NDS": metrics["NDS"],
                     "metrics": metrics["metrics"], "eval_s": time.perf_counter() - t0}
-        if not args.skip_eval and stopped is None:
-            q_model.to(dtype=dtype)
+            runner.to(dtype=dtype)
         rows.append(row)
         append_results(outdir, [row])
         log.info("%s target %g: W %.3f A %s bits, distortion %.3e (predicted %.3e)", method,
                  target, row["w_bits"], "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
                  row["out_mse"], row["pred_dist"])
-    remove_act_quantizers(model)
+    remove_act_quantizers(runner)
     for m in biasless:
         m.bias = None
     model.load_state_dict(fp_state)

@@ -9,12 +9,13 @@ core never sees an adapter. The classification adapters are ``imagenet`` and ``s
 implements the abstract methods of :class:`Adapter` and inherits the classifier defaults of the
 others, and the scripts call every method.
 
-Detection (DESIGN §11) does not go through this class: a detector's calibration samples are
-point-cloud frames (pcdet batch dicts), not one tensor. :mod:`rdoq.adapters.openpcdet` builds
-the detector and returns the tensor distortion is measured on (the dense BEV feature or the
-head's raw maps), and :class:`rdoq.adapters.sparse.FrameRunner` wraps detector and frames as a
-model of the frame indices, so the same curve engine, store and solvers serve both families
-(:mod:`rdoq.detection` holds the detection scripts' flags and pipeline).
+Detection (DESIGN §11) is the third implementation:
+:class:`rdoq.adapters.detector.OpenPCDetAdapter`, called by the detection scripts
+(:mod:`rdoq.detection`, which have the authors' OpenPCDet flags, hence not in the ``--dataset``
+registry). A detector's calibration samples are point-cloud frames, not one tensor: its model is
+a :class:`rdoq.adapters.sparse.FrameRunner` of the detector and its frames, whose calibration
+"tensor" is the frame indices and whose output is the tensor distortion is measured on, so the
+same curve engine, store and solvers serve both families.
 """
 
 from __future__ import annotations

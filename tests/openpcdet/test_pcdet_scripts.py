@@ -221,6 +221,49 @@ def test_activation_curves_and_joint_allocation_with_bias_correction(measured, t
     assert bad.returncode == 2 and "other calibration frames" in bad.stderr
 
 
+def test_openpcdet_adapter_implements_the_adapter_interface(tools: Path, checkpoint: Path):
+    """The detection scripts' model, calibration, layers and evaluation come from an Adapter,
+    as the classifiers' do."""
+    import argparse
+
+    from rdoq.adapters.base import Adapter, ModelInfo
+    from rdoq.adapters.detector import EvalSplit, OpenPCDetAdapter
+    from rdoq.adapters.sparse import FrameRunner
+    from rdoq.detection import add_curve_flags, add_detector_flags
+
+    p = argparse.ArgumentParser()
+    add_detector_flags(p, evaluation=False)
+    add_curve_flags(p)
+    args = p.parse_args(["--pcdet_tools", str(tools), "--pretrained_model", str(checkpoint),
+                         *FAST, "--device", "cpu", *CROP])
+    adapter = OpenPCDetAdapter()
+    assert isinstance(adapter, Adapter)
+    runner, info = adapter.build(args)
+    assert isinstance(runner, FrameRunner) and isinstance(info, ModelInfo)
+    assert info.arch == "VoxelNeXt" and info.weights_source == f"pcdet:{checkpoint.name}"
+    layers = adapter.layers(runner)
+    assert len(layers) == PAPER_LAYERS
+    assert sum(int(np.prod(lay.shape)) for lay in layers) == PAPER_WEIGHTS
+    calib = adapter.calib(args, runner, 2, 0)
+    meta = calib.meta()
+    assert calib.x.shape == (2, 1) and meta["sha256"] == runner.sha256()
+    assert (meta["items"], meta["data"], meta["dist"]) == (
+        ["synthetic_0_0", "synthetic_0_1"], "synthetic", "bev")
+    with pytest.raises(ValueError, match="built with 2 calibration frames"):
+        adapter.calib(args, runner, 3, 0)
+    assert torch.equal(adapter.example_input(runner, 1, 0), calib.x[:1])
+    with torch.no_grad():
+        out = adapter.run(runner, calib.x)  # (2, C, H, W) BEV features
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    assert all(adapter.channel_axis(dict(runner.named_modules())[lay.name]) == -1
+               for lay in layers)  # sparse features (N_active, C)
+    split = adapter.eval_data(args, runner)
+    assert isinstance(split, EvalSplit) and split.batch_size == args.batch_size
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="evaluation needs .* a GPU.*no CUDA device"):
+            adapter.evaluate(runner, split, None, torch.device("cpu"))
+
+
 def test_missing_config_is_named(tools: Path, tmp_path: Path, capsys):
     from rdoq.detection import curves_main
 
