@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one run (CI has none): the CUDA tests, the measured engine
-# against the naive evaluator on DeiT-B, and the second-order curves of DeiT-B (per-layer times
-# in the logs; a step cut by its time limit still reports the layers it finished).
+# Every check that needs a GPU, in one run (CI has none): the CUDA tests (classification and
+# detection), the measured engine against the naive evaluator on DeiT-B, and the second-order
+# curves of DeiT-B (per-layer times in the logs; a step cut by its time limit still reports the
+# layers it finished).
 # Usage: bash benchmarks/gpu_checks.sh [LOGDIR]   (variables below can be overridden)
 set -uo pipefail
 
@@ -38,6 +39,10 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to LOGDIR/NAME.
 
 step gpu_tests "$TEST_LIMIT_S" "$PY" -m pytest -q -m gpu -p no:cacheprovider \
   "$ROOT/tests/test_gpu.py"
+# Detection: spconv determinism and pcdet's eval path with NMS (skipped, with the reason, where
+# spconv has no CUDA kernels or pcdet's CUDA ops are not built).
+step pcdet_gpu_tests "$TEST_LIMIT_S" "$PY" -m pytest -q -s -rs -m gpu -p no:cacheprovider \
+  "$ROOT/tests/openpcdet/test_pcdet_gpu.py"
 MODEL=(--archname "$ARCH" --random-init --dataset synthetic --testsize "$TESTSIZE"
        --nchannelbatch "$NCHANNELBATCH" --device "$DEVICE")
 step bench_rd_curves "$BENCH_LIMIT_S" "$PY" "$ROOT/benchmarks/bench_rd_curves.py" "${MODEL[@]}" \
