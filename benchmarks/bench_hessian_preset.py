@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rdoq.cli import allocate_main, curves_main  # noqa: E402
+from rdoq.cli_alloc import allocate_main  # noqa: E402
+from rdoq.cli_curves import curves_main  # noqa: E402
 from rdoq.store import curve_set_name  # noqa: E402
 
 SETTINGS = {"default": [], "paper": ["--paper-hessian"]}

@@ -1,6 +1,6 @@
 """Activation (layer outputs) RD curves by the second-order (Hessian) estimator: one gradient sweep.
 
-The paper's script name; all logic lives in rdoq.cli, rdoq.curves and rdoq.hessian.
+The paper's script name; all logic lives in rdoq.cli_curves, rdoq.curves and rdoq.hessian.
 """
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 # Runs from a checkout whether or not the package is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rdoq.cli import curves_main  # noqa: E402
+from rdoq.cli_curves import curves_main  # noqa: E402
 
 if __name__ == "__main__":
     print(json.dumps(curves_main("act", "out", estimator="hessian")))

@@ -1,6 +1,11 @@
-"""Command-line flags (the paper's names, mapped once to glossary names) and script entry points.
+"""Command-line flags (the paper's names, mapped once to glossary names) and what every script
+shares: device, logging, output checks, model/calibration building through the adapters, and
+the checks that curves match the model they are applied to.
 
-The scripts in ``classification/`` are one-line wrappers around the ``main_*`` functions here.
+The scripts in ``classification/`` are one-line wrappers around the entry points of
+:mod:`rdoq.cli_curves` (curve scripts, ``show_curves``), :mod:`rdoq.cli_alloc` (DP, LG and
+frontier allocation) and :mod:`rdoq.cli_eval` (``evaluate_allocation``, ``uniform_baseline``,
+``show_results``); the pipeline they run after solving is :mod:`rdoq.pipeline`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -21,14 +25,9 @@ import torch
 
 from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, InputError
-from rdoq.curves import CurveJob, generate_curves, job_dict
 from rdoq.fold import is_folded_source
-from rdoq.hessian import PAPER_KAPPA, PAPER_PROBE, PROBES, HessianSettings
-from rdoq.parts import resolve_part
-from rdoq.search import scale_grid
-from rdoq.shrink import DEFAULT_FOLDS
 from rdoq.steps import STEP_MODES
-from rdoq.store import CurveStore, atomic_write_json, curve_set_name
+from rdoq.store import CurveStore
 
 log = logging.getLogger("rdoq")
 P = ParamSpec("P")
@@ -330,96 +329,7 @@ def resolve_dataset(archname: str | None, dataset: str | None,
     return dataset
 
 
-@script_entry(RESUME_HINT)
-def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None = None,
-                estimator: str = "measured",
-                adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
-    """Entry point of the curve scripts (weights, activations in/out; measured or second-order
-    estimator); returns the run summary (the script prints it as one JSON line). Bad flags exit
-    via argparse. ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
-    adapters = adapter_registry() if adapters is None else adapters
-    what = "weight" if kind == "weight" else f"activation ({act_mode}put)"
-    how = "Measured (first-order)" if estimator == "measured" else "Second-order (Hessian)"
-    p = argparse.ArgumentParser(description=f"{how} {what} RD curves, one file per layer, "
-                                            "resumable.")
-    add_model_data_flags(p, datasets=adapters)
-    add_curve_flags(p, kind)
-    if estimator == "hessian":
-        h = p.add_argument_group("second-order estimator")
-        h.add_argument("--paper-hessian", action="store_true",
-                       help=f"the paper's eq. 18/21 settings in one flag: --probe {PAPER_PROBE} "
-                            f"--kappa {PAPER_KAPPA:g} (recorded as preset 'paper' in meta.json). "
-                            f"An explicit --probe/--kappa that differs is an error "
-                            f"(default: off; the random probes measured better on the digits "
-                            f"demo)")
-        # None = not given, so that a value contradicting --paper-hessian is caught.
-        h.add_argument("--probe", choices=PROBES, default=None,
-                       help="gradient rows: random output probes (unbiased output-MSE estimate) "
-                            "or the paper's per-sample output norm (default: random)")
-        h.add_argument("--nprobes", type=_positive(int, "--nprobes"), default=4,
-                       help="random probes per calibration sample (default: 4)")
-        h.add_argument("--kappa", type=float, default=None,
-                       help="weight of the κ/2·‖Δ‖² term, ‖Δ‖² per weight group or, for "
-                            "activations, per calibration sample (default: 0)")
-        h.add_argument("--first-order", action="store_true",
-                       help="add the first-order term 1ᵀP/N (with --probe norm)")
-        p.set_defaults(outdir=Path("hessian_curves"))
-    # Free for the second-order estimator (its rows are per sample); the measured engine
-    # evaluates every chosen point once more, so it is off there unless asked for.
-    folds = DEFAULT_FOLDS if estimator == "hessian" else 0
-    cost = "free here" if folds else "costs one more evaluation of each chosen point"
-    p.add_argument("--folds", type=int, default=folds,
-                   help=f"also store the curves of this many calibration folds (crops of one "
-                        f"image stay in one fold), which the allocation scripts' --shrink uses "
-                        f"to pool noisy group curves by cross-validation; {cost}; 0: none "
-                        f"(default: {folds})")
-    args = p.parse_args(argv)
-    setup_logging(args.quiet)
-    ndz = 1 if kind == "act" or args.disable_deadzone else args.maxdeadzones
-    # Named after --archname as given, so later paper commands with the same name find it.
-    root = args.pathrdcurve or args.outdir / curve_set_name(
-        Path(args.archname).name, kind, ndz, args.maxrates, args.testsize, args.nchannelbatch,
-        act_mode)
-    try:
-        check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
-        args.dataset = resolve_dataset(args.archname, args.dataset)
-        part = resolve_part(args.part_id, args.num_parts)
-        device = resolve_device(args, part.local_rank)
-        on_cuda = device.type == "cuda"
-        job = CurveJob(
-            kind=kind, act_mode=act_mode, group_size=args.nchannelbatch, nr=args.maxrates,
-            ndz=ndz, max_steps=args.maxsteps, step_grid=args.step_grid, precision=args.precision,
-            # The quadratic model prices a batch of candidates at one matmul, on any device.
-            max_batch=args.max_batch or (256 if estimator == "hessian" else 64 if on_cuda else 1),
-            max_lookahead=args.lookahead or (4 if estimator == "hessian" or on_cuda else 1),
-            mem_budget_mb=args.mem_budget_mb or _default_budget(device, estimator),
-            use_cuts=not args.no_prefix_cache, progress=not args.quiet,
-            argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
-            estimator=estimator, sweep_batch=args.batchsize,
-            step_mode=args.steps,
-            bias_corr=args.bias_corr_weight if kind == "weight" else args.bias_corr_act,
-            scales_log2=scale_grid(_scale_octaves(args.scale_octaves, estimator),
-                                   args.scale_steps),
-            hessian=HessianSettings.from_flags(
-                "paper" if args.paper_hessian else None, args.probe, args.kappa, args.nprobes,
-                args.first_order, args.seed) if estimator == "hessian" else None,
-            folds=args.folds)
-        job.search_settings()
-        model, info, calib = load_model_and_calib(args, get_adapter(args.dataset, adapters))
-    except (InputError, ValueError) as e:
-        p.error(str(e))
-    try:
-        summary = generate_curves(model, calib.x, vars(info), calib.meta(), job, root, part,
-                                  device, units=calib.units)
-    except ValueError as e:
-        p.error(str(e))
-    atomic_write_json(Path(root) / f"run_part{part.part_id:03d}.json",
-                      {"job": job_dict(job), "device": str(device), "summary": summary,
-                       "args": _jsonable(vars(args))})
-    return summary
-
-
-def _scale_octaves(given: float | None, estimator: str) -> float:
+def scale_octaves(given: float | None, estimator: str) -> float:
     """The group scales searched around the per-channel MSE-optimal steps. Measured curves search
     ±1 octave; second-order ones keep the MSE-optimal steps: on EfficientNet-Lite1 the quadratic
     estimate preferred scales that were worse when measured (up to 11× off for a 4-bit group of
@@ -427,65 +337,6 @@ def _scale_octaves(given: float | None, estimator: str) -> float:
     if given is not None:
         return given
     return 0.0 if estimator == "hessian" else 1.0
-
-
-def _default_budget(device: torch.device, estimator: str = "measured") -> float:
-    """Memory budget in MiB: 40% of the free GPU memory; on CPU 2 GiB for the measured engine's
-    passes, and for second-order sweeps 1/4 of the machine's memory (the gradient rows and,
-    separately, one sweep batch's forward/backward each stay within it)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return 0.4 * free / 2**20
-    if estimator == "hessian":
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return max(total / 4 / 2**20, 2048.0)
-    return 2048.0
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
-
-
-@script_entry()
-def show_main(argv: list[str] | None = None) -> str:
-    """A human summary of every curve set under the given directories (the script prints it)."""
-    p = argparse.ArgumentParser(description="Summarise curve sets (meta.json + layers/).")
-    p.add_argument("paths", nargs="+", type=Path, help="curve-set directories or their parents")
-    args = p.parse_args(argv)
-    from rdoq.store import summarize
-
-    roots = []
-    for path in args.paths:
-        if (path / "meta.json").is_file():
-            roots.append(path)
-        elif path.is_dir():
-            roots += sorted(d for d in path.iterdir() if (d / "meta.json").is_file())
-    if not roots:
-        p.error(f"no curve set (a directory with meta.json) under {[str(x) for x in args.paths]}")
-    lines = []
-    for root in roots:
-        try:
-            s = summarize(root)
-        except (ValueError, FileNotFoundError) as e:
-            # A damaged file, not a bad flag: one line naming it, without the usage text.
-            p.exit(2, f"{p.prog}: error: {e}\n")
-        what = s["kind"] + (f" ({s['act_mode']}put)" if s["act_mode"] else "")
-        ratios = s["median_dist_ratio"]
-        lines += [s["curve_set"],
-                  f"  {what}, {s['estimator']}, model {s['model']}, {s['layers']} layers, "
-                  f"{s['groups']} groups of {s['group_size']} channels, "
-                  f"missing layers: {len(s['missing_layers'])}",
-                  "  bits:                 " + " ".join(f"{b:>8d}" for b in ratios),
-                  "  median dist/dist(0):  " + " ".join(
-                      f"{v:8.2e}" if v is not None else "       -" for v in ratios.values())]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- allocation scripts
-
-# The paper's slope grid of the output-activation frontier: log2 λ = -35 + 0.5 j.
-FRONTIER_SLOPE0, FRONTIER_SLOPE_STEP = -35.0, 0.5
 
 
 def build_any_model(args: argparse.Namespace, adapter: Adapter | None = None):
@@ -531,132 +382,11 @@ def eval_data_for(args: argparse.Namespace, model: torch.nn.Module,
     return adapter.eval_data(args, model)
 
 
-def _testsize(text: str) -> int:
+def testsize_type(text: str) -> int:
     value = int(text)
     if value != -1 and value <= 0:
         raise argparse.ArgumentTypeError(f"--testsize must be -1 (all) or > 0, got {text}")
     return value
-
-
-def add_alloc_flags(p: argparse.ArgumentParser, method: str,
-                    datasets: Mapping[str, Adapter] | None = None) -> None:
-    """Flags of the allocation scripts (paper names first)."""
-    g = p.add_argument_group("model and data")
-    add_model_flags(g, datasets=datasets)
-    g.add_argument("--testsize", type=_testsize, default=-1,
-                   help="evaluation samples (-1 = the whole val/test split; default: -1)")
-    g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
-                   help="samples per evaluation forward (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=default_workers(),
-                   help="image-decoding worker processes for ImageNet (default: the CPU cores "
-                        "available, at most 8: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    if method == "uniform":
-        u = p.add_argument_group("uniform baseline")
-        u.add_argument("--target_rates", type=int, nargs="+", default=[4, 6, 8],
-                       help="bit widths of every weight (and activation) (default: 4 6 8)")
-        u.add_argument("--act-target-rates", type=int, nargs="+", default=None,
-                       help="activation bit widths (one, or one per --target_rates; default: "
-                            "the same as the weights)")
-        u.add_argument("--no-acts", action="store_true",
-                       help="keep every activation in full precision (weights only)")
-        u.add_argument("--act-mode", choices=("out", "in"), default="out",
-                       help="quantize layer outputs (as the act_out_nchan curves) or inputs")
-        u.add_argument("--calibsize", type=_positive(int, "--calibsize"), default=64,
-                       help="calibration samples for activation steps and corrections")
-        u.add_argument("--fp-act-layers", default="ends",
-                       help="activation layers kept in full precision: 'ends', 'none', or "
-                            "comma-separated names (as in the allocation scripts)")
-        s = p.add_argument_group("corrections")
-    else:
-        c = p.add_argument_group("curves")
-        c.add_argument("--pathrdcurve", type=Path, required=True,
-                       help="weight curve set (directory with meta.json)")
-        c.add_argument("--act_curve_root_dir", type=Path, default=None,
-                       help="activation curve set, or a directory holding it (found by model and "
-                            "act mode); none found is an error (default: the current "
-                            "directory, as in the paper)")
-        c.add_argument("--weights-only", action="store_true",
-                       help="quantize weights only: no activation curves are looked for and "
-                            "every activation stays in full precision (default: off)")
-        c.add_argument("--nchannelbatch", type=int, default=None,
-                       help="checked against the curve sets' group size (read from meta.json)")
-        c.add_argument("--maxrates", type=int, default=None,
-                       help="use bit widths 0..maxrates-1 of the curves (default: all measured)")
-        c.add_argument("--closedeadzone", type=int, choices=(0, 1), default=0,
-                       help="1: uniform weight quantizer only (dead-zone ratio 0)")
-        c.add_argument("--smooth-dists", action="store_true",
-                       help="running minimum of each curve over bits (a group never pays for bits "
-                            "that do not lower its distortion)")
-        c.add_argument("--monotone", choices=("auto", "on", "off"), default="auto",
-                       help="fit each curve by its least-squares non-increasing version over "
-                            "bits, so estimation noise that makes a wider width look worse "
-                            "cannot steer the allocation: on, off (the paper), or auto = the "
-                            "weight curves when they were measured with -bcw (default: auto)")
-        if method != "frontier":
-            c.add_argument("--no-fill", action="store_true",
-                           help="leave the budget the solver does not spend (the paper); "
-                                "default: spend it on upgrades that raise no distortion")
-        c.add_argument("--shrink", type=shrink_mode, default="auto",
-                       help="pool each group's curve toward its layer's per-weight curve, "
-                            "D = a*D_group + (1-a)*n*D_layer, against the calibration noise the "
-                            "allocator would otherwise exploit: 'cv' chooses a per target by "
-                            "cross-validation over the calibration folds second-order curves "
-                            "store (--folds); a number in [0, 1] fixes it; 'off' uses the raw "
-                            "curves (the paper); 'auto' = cv for weight curves measured with "
-                            "-bcw that store folds, else off (default: auto)")
-        c.add_argument("--fp-act-layers", default="ends",
-                       help="activation layers kept in full precision: 'ends' (first and last, as "
-                            "in the paper's DP/LG), 'none', or comma-separated layer names")
-        s = p.add_argument_group("allocation")
-        if method == "frontier":
-            s.add_argument("--maxslopesteps", type=_positive(int, "--maxslopesteps"), default=192,
-                           help="slopes log2 λ = -35 + 0.5 j, j < maxslopesteps (default: 192)")
-            s.add_argument("--slopes", type=float, nargs="+", default=None,
-                           help="explicit log2 λ values (dist per bit) instead of the grid")
-        else:
-            s.add_argument("--target_rates", type=float, nargs="+", default=[4.0, 6.0, 8.0],
-                           help="target average bits (joint over weights and activation elements "
-                                "per sample, as in the paper; default: 4 6 8)")
-            s.add_argument("--act-target-rates", type=float, nargs="+", default=None,
-                           help="separate activation targets (one, or one per --target_rates); "
-                                "--target_rates then holds the weight targets")
-            s.add_argument("--maxslopesteps", type=int, default=None,
-                           help="accepted so the paper's README command runs; no effect here")
-        s.add_argument("--minrate", type=int, default=None, help="smallest bit width allowed")
-        s.add_argument("--maxbits", type=int, default=None, help="largest bit width allowed")
-        s.add_argument("--bit_list", type=int, nargs="+", default=None,
-                       help="allowed bit widths (hardware constraint), e.g. 0 2 4 8")
-        s.add_argument("--layerwise", action="store_true",
-                       help="one bit width per layer (all groups of a tensor alike)")
-        s.add_argument("--rate", choices=RATE_FLAGS, default=None,
-                       help="what a group's rate counts, in bits: 'bits' = bit width × "
-                            "elements (fixed-width code), 'entropy' = empirical entropy of its "
-                            "quantized symbols × elements (entropy-coded; weights only, needs "
-                            "--weights-only); targets are then average entropy bits per weight "
-                            "(default: bits)")
-        s.add_argument("--bit_rate", type=int, choices=(0, 1), default=None,
-                       help="the paper's spelling of --rate: 1 = bits, 0 = entropy (the paper's "
-                            "default was 0; here the default is 1 = --rate bits)")
-    s.add_argument("-bcw", "--bias_corr_weight", action="store_true",
-                   help="per-channel bias correction of weight quantization, estimated on the "
-                        "calibration set and stored in the allocation")
-    s.add_argument("-bca", "--bias_corr_act", action="store_true",
-                   help="per-channel offset correcting the mean activation quantization error, "
-                        "estimated on the calibration set (never on evaluated data)")
-    o = p.add_argument_group("output and device")
-    o.add_argument("--outdir", type=Path, default=None,
-                   help="results directory (default: ./<archname>_<method>_results)")
-    o.add_argument("--save-model", action="store_true",
-                   help="also save model_<target>.pth: fake-quantized weights + activation "
-                        "quantizers")
-    o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
-    o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1)")
-    o.add_argument("--precision", choices=("float32", "float64"), default="float32",
-                   help="arithmetic of the evaluation (default: float32)")
-    o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    o.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
-                   help="no progress bars, warnings only (--mute-print: the paper's name)")
 
 
 # rdoq.allocation.RATES (not imported here: the allocation stack loads on use).
@@ -665,16 +395,7 @@ RATE_FLAGS = ("bits", "entropy")
 PAPER_BIT_RATE = {1: "bits", 0: "entropy"}
 
 
-def _resolve_rate(args: argparse.Namespace) -> str:
-    """``--rate``, or its paper spelling ``--bit_rate``; contradicting values are refused."""
-    paper = PAPER_BIT_RATE.get(args.bit_rate) if args.bit_rate is not None else None
-    if args.rate is not None and paper is not None and args.rate != paper:
-        raise InputError(f"--rate {args.rate} contradicts --bit_rate {args.bit_rate} (= --rate "
-                         f"{paper}); pass one of them")
-    return args.rate or paper or "bits"
-
-
-def _fp_act_layers(spec: str, names: list[str]) -> list[str]:
+def fp_act_layers(spec: str, names: list[str]) -> list[str]:
     """The activation layers ``--fp-act-layers`` keeps in full precision, of ``names``."""
     if not names:
         return []
@@ -739,7 +460,7 @@ def warn_correction_mismatch(store: CurveStore | None, flag: str, deployed: bool
                 "without" if made else "with", flag)
 
 
-def _method_name(method: str, args: argparse.Namespace) -> str:
+def method_name(method: str, args: argparse.Namespace) -> str:
     tags = [method] + [t for t, on in (("bcw", args.bias_corr_weight),
                                       ("bca", args.bias_corr_act),
                                       ("layerwise", getattr(args, "layerwise", False)),
@@ -748,342 +469,3 @@ def _method_name(method: str, args: argparse.Namespace) -> str:
     return "+".join(tags)
 
 
-def _act_curve_set(args: argparse.Namespace, arch: str, act_mode: str,
-                   wmeta: dict[str, Any]) -> Path:
-    """The activation curve set under ``--act_curve_root_dir`` (default: the current directory,
-    as the paper's scripts had it). None there is an InputError naming the directory searched,
-    the curve set expected and the fixes: a joint target without activation curves would
-    silently quantize weights only."""
-    from rdoq.allocation import find_act_curve_set
-
-    given = args.act_curve_root_dir is not None
-    root = args.act_curve_root_dir if given else Path(".")
-    try:
-        return find_act_curve_set(root, arch, act_mode, args.nchannelbatch)
-    except FileNotFoundError as e:
-        # The paper's name; nr and ns as the weight curves', nf unknown unless --nchannelbatch.
-        nf = args.nchannelbatch or 0
-        expected = curve_set_name(Path(args.archname).name, "act", 1, len(wmeta["bits"]),
-                                  int(wmeta["calib"]["size"]), nf, act_mode)
-        if not args.nchannelbatch:
-            expected = expected.replace("_nf_0000_", "_nf_*_")
-        script = ("generate_RD_curves_act_out_nchan.py" if act_mode == "out"
-                  else "generate_RD_curves_act_nchan.py")
-        where = f"{root} ({root.resolve()})" if given else f"the current directory {Path.cwd()}"
-        if not root.is_dir():
-            where += ", which does not exist"
-        raise InputError(f"no {act_mode}put activation curve set of {arch} in {where} "
-                         f"(searched by --act_curve_root_dir{'' if given else ', default .'}): "
-                         f"expected a directory like {expected} with its meta.json. Make it "
-                         f"with classification/{script} --outdir DIR and pass "
-                         f"--act_curve_root_dir DIR, or pass --weights-only to keep every "
-                         f"activation in full precision") from e
-
-
-@script_entry(POINTS_HINT)
-def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = None,
-                  adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
-    """Entry point of the DP (``method="dp"``), Lagrangian-target (``"lg"``) and slope-sweep
-    (``"frontier"``) scripts: solve, apply, evaluate, write artifacts. Returns the rows and the
-    printed table. ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
-    from rdoq.allocation import ACT, frontier_choices, open_curve_set
-    from rdoq.pipeline import (
-        SolvedPoint,
-        TableSpec,
-        distinct_columns,
-        run_points,
-        solve_targets_shrunk,
-    )
-
-    titles = {"dp": "dynamic programming", "lg": "Lagrangian (target rates)",
-              "frontier": "Lagrangian slope sweep"}
-    p = argparse.ArgumentParser(description=f"Bit allocation by {titles[method]} from measured "
-                                            "curves, then apply and evaluate.")
-    adapters = adapter_registry() if adapters is None else adapters
-    add_alloc_flags(p, method, adapters)
-    args = p.parse_args(argv)
-    setup_logging(args.quiet)
-    outdir = args.outdir or Path(f"{Path(args.archname).name}_{method}_results")
-    try:
-        if args.weights_only and args.act_curve_root_dir is not None:
-            raise InputError(f"--weights-only and --act_curve_root_dir {args.act_curve_root_dir} "
-                             f"contradict each other; drop one of them")
-        args.rate = _resolve_rate(args)
-        check_outdir(outdir, "--outdir")
-        args.dataset = resolve_dataset(args.archname, args.dataset)
-        adapter = get_adapter(args.dataset, adapters)
-        device = resolve_device(args, None)
-        dtype = getattr(torch, args.precision)
-        model, info = build_any_model(args, adapter)
-        wstore = open_curve_set(args.pathrdcurve, "weight")
-        check_curves_match(args, info, wstore.meta, args.pathrdcurve)
-        astore = None
-        if not args.weights_only:
-            aroot = _act_curve_set(args, info.arch, act_mode, wstore.meta)
-            astore = open_curve_set(aroot, "act", act_mode)
-            check_curves_match(args, info, astore.meta, aroot)
-        fp_acts = _fp_act_layers(args.fp_act_layers, astore.layer_names() if astore else [])
-        modules = dict(model.named_modules())
-        dims = {n: adapter.channel_axis(modules[n])
-                for n in (astore.layer_names() if astore else [])
-                if n in modules}
-        max_bits = args.maxbits
-        if args.maxrates is not None:
-            max_bits = min(args.maxrates - 1, max_bits if max_bits is not None else 10**6)
-        spec = TableSpec(wstore, astore, fp_acts, dims, uniform_only=bool(args.closedeadzone),
-                         rate=args.rate, monotone=args.monotone, allowed_bits=args.bit_list,
-                         min_bits=args.minrate, max_bits=max_bits, smooth=args.smooth_dists)
-        if method == "frontier":
-            if args.shrink not in ("auto", "off"):
-                raise InputError(f"--shrink {args.shrink} needs target rates: the slope sweep "
-                                 f"has none to cross-validate at; use the DP or LG script")
-            table = spec.table()
-            slopes = args.slopes or [FRONTIER_SLOPE0 + FRONTIER_SLOPE_STEP * j
-                                     for j in range(args.maxslopesteps)]
-            sweep, solve_s = frontier_choices(table, slopes, args.layerwise)
-            solved = [SolvedPoint(c, table, {}, tags)
-                      for c, tags in distinct_columns(sweep, slopes)]
-            solve_s /= max(len(solved), 1)
-        else:
-            solved, solve_s = solve_targets_shrunk(
-                spec, args.target_rates, args.act_target_rates, method, args.layerwise,
-                fill=not args.no_fill, shrink=args.shrink)
-            table = solved[0].table
-        fit = spec.monotone_mask(table)
-        # What the fit covered, for the results: "weights", "all" or "none".
-        args.monotone_applied = ("none" if not fit.any() else "all" if fit.all() else
-                                 "weights")
-        calib = None
-        warn_correction_mismatch(wstore, "-bcw", args.bias_corr_weight)
-        warn_correction_mismatch(astore, "-bca", args.bias_corr_act)
-        if args.bias_corr_weight or args.bias_corr_act:
-            calib = rebuild_calib(args, model, wstore.meta, adapter).x
-            calib = calib.to(device=device, dtype=dtype)
-        model = model.to(device=device, dtype=dtype).eval()
-        data = eval_data_for(args, model, adapter)
-        name = _method_name(method, args)
-        allocs = [(point.allocation(method), point.tags) for point in solved]
-        log.info("%s: %d items (%d activation groups), %d points to evaluate", name,
-                 len(table.kind), int((table.kind == ACT).sum()), len(allocs))
-        return run_points(args, adapter, model, info, data, calib, outdir, name, allocs,
-                          solve_s, device)
-    except (InputError, ValueError, FileNotFoundError) as e:
-        p.error(str(e))
-
-
-@script_entry(POINTS_HINT)
-def evaluate_main(argv: list[str] | None = None,
-                  adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
-    """Entry point of ``evaluate_allocation.py``: re-apply saved allocation files to the model and
-    evaluate them (corrections stored in the files are used as they are). ``adapters``: the
-    ``--dataset`` choices (default: the built-in adapters)."""
-    from rdoq.allocation import load_allocation
-    from rdoq.apply import apply_allocation, check_model
-    from rdoq.evaluate import (
-        BOPS_INPUT_COUNTS,
-        bit_report,
-        outputs,
-        paired_comparison,
-        reference_outputs,
-        topk_scores,
-    )
-    from rdoq.report import append_results, format_table
-
-    p = argparse.ArgumentParser(description="Evaluate saved allocation files "
-                                            "(allocation_<target>.json).")
-    p.add_argument("allocations", nargs="+", type=Path, help="allocation JSON files")
-    g = p.add_argument_group("model and data")
-    adapters = adapter_registry() if adapters is None else adapters
-    add_model_flags(g, None, "model name; None = the allocation's model", adapters)
-    g.add_argument("--testsize", type=_testsize, default=-1,
-                   help="evaluation samples (-1 = all)")
-    g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
-                   help="samples per forward")
-    g.add_argument("--workers", type=int, default=default_workers(),
-                   help="ImageNet decoding workers (default: the CPU cores available, at most "
-                        "8: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    o = p.add_argument_group("output and device")
-    o.add_argument("--outdir", type=Path, default=None,
-                   help="where results.jsonl/csv go (default: the first allocation's directory)")
-    o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
-    o.add_argument("--device", default=None, help="torch device")
-    o.add_argument("--precision", choices=("float32", "float64"), default="float32",
-                   help="arithmetic of the evaluation")
-    o.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
-                   help="no progress bars, warnings only (--mute-print: the paper's name)")
-    o.add_argument("--paired", action="store_true",
-                   help="compare every allocation with the first on the same samples: the "
-                        "per-sample output-MSE difference with a 95 %% bootstrap interval, and "
-                        "McNemar's exact test on the top-1 (stored as 'paired' in each row)")
-    args = p.parse_args(argv)
-    setup_logging(args.quiet)
-    outdir = args.outdir or args.allocations[0].parent
-    try:
-        check_outdir(outdir, "--outdir")
-        allocs = [(path, load_allocation(path)) for path in args.allocations]
-        models = {a["model"] for _, a in allocs}
-        if args.archname is None:
-            if len(models) != 1:
-                raise InputError(f"the allocations are for several models {sorted(models)}; "
-                                 f"evaluate them separately")
-            args.archname = models.pop()
-        sources = {a.get("weights_source") for _, a in allocs}
-        args.dataset = resolve_dataset(args.archname, args.dataset,
-                                       sources.pop() if len(sources) == 1 else None)
-        adapter = get_adapter(args.dataset, adapters)
-        folded = {is_folded_source(a.get("weights_source")) for _, a in allocs}
-        if len(folded) > 1:
-            raise InputError("some allocations were made with --fold-bn and some without; "
-                             "evaluate them separately")
-        # The allocation knows whether its weights were folded: evaluate the same weights.
-        args.fold_bn = args.fold_bn or folded == {True}
-        device = resolve_device(args, None)
-        dtype = getattr(torch, args.precision)
-        model, info = build_any_model(args, adapter)
-        for path, a in allocs:
-            if a["model"] != info.arch:
-                raise InputError(f"{path} is an allocation for {a['model']}, this run loads "
-                                 f"{info.arch}; pass the matching --archname")
-            for key in ("weights_source", "checkpoint_sha256"):
-                if key in a and a[key] != getattr(info, key):
-                    raise InputError(f"{path} was made for weights {key}={a[key]!r}, this run "
-                                     f"loads {key}={getattr(info, key)!r}; pass the same "
-                                     f"--checkpoint/--random-init/--fold-bn as when it was "
-                                     f"made")
-            check_model(model, a, str(path))
-        model = model.to(device=device, dtype=dtype).eval()
-        data = eval_data_for(args, model, adapter)
-    except (InputError, ValueError, FileNotFoundError) as e:
-        p.error(str(e))
-    ref, labels = reference_outputs(model, data, device, adapter.run)
-    fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
-    x1 = next(iter(data))[0][:1].to(device=device, dtype=dtype)
-    rows = []
-    first_out = None
-    paired_lines = []
-    for path, a in allocs:
-        q_model = apply_allocation(model, a)
-        metrics = adapter.evaluate(q_model, data, ref, device)
-        if args.paired:
-            out, _ = outputs(q_model, data, device, adapter.run)  # (N, K)
-            if first_out is None:
-                first_out = out
-            else:
-                cmp = paired_comparison(out, first_out, ref, labels)
-                metrics["paired"] = {"vs": str(args.allocations[0].resolve()), **cmp}
-                lo, hi = cmp["mse_diff_ci95"]
-                paired_lines.append(
-                    f"{path} − {args.allocations[0]}: output MSE {cmp['mse_diff']:+.4g} "
-                    f"(95 % bootstrap interval {lo:+.4g} … {hi:+.4g}, n={cmp['n']})"
-                    + ("" if "mcnemar_p" not in cmp else
-                       f"; top-1 right only here {cmp['only_a_right']}, only in the first "
-                       f"{cmp['only_b_right']}, McNemar exact p = {cmp['mcnemar_p']:.3g}"))
-        del q_model
-        bits = bit_report(model, a, x1)
-        rows.append({"model": info.arch, "method": f"eval:{a.get('method', a.get('solver'))}",
-                     "target_bits": a.get("target_bits"), **a.get("summary", {}),
-                     **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb",
-                                             "fp_size_mb", "bops_ratio", *BOPS_INPUT_COUNTS)},
-                     **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"],
-                     "allocation": str(path.resolve()),
-                     "fp_weight_layers": bits["fp_weight_layers"],
-                     "fp_act_layers": bits["fp_act_layers"],
-                     "bops_inputs": bits["bops_inputs"],
-                     "created": datetime.now(timezone.utc).isoformat()})
-    append_results(Path(outdir), rows)
-    table = format_table(rows)
-    if paired_lines:
-        table += "\npaired with the first allocation:\n" + "\n".join(paired_lines)
-    return {"outdir": str(outdir), "rows": rows, "table": table}
-
-
-@script_entry(POINTS_HINT)
-def uniform_main(argv: list[str] | None = None,
-                 adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
-    """Entry point of ``uniform_baseline.py``: the same bit width for every weight and
-    activation, per-channel MSE-optimal steps, evaluated exactly like the RDOQ allocations.
-    ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
-    from rdoq.baselines import collect_acts, uniform_allocation
-    from rdoq.groups import act_shapes
-    from rdoq.pipeline import run_points
-
-    p = argparse.ArgumentParser(description="Uniform-precision baseline: per-channel steps by "
-                                            "minimum MSE, evaluated like RDOQ allocations.")
-    adapters = adapter_registry() if adapters is None else adapters
-    add_alloc_flags(p, "uniform", adapters)
-    args = p.parse_args(argv)
-    setup_logging(args.quiet)
-    outdir = args.outdir or Path(f"{Path(args.archname).name}_uniform_results")
-    try:
-        check_outdir(outdir, "--outdir")
-        args.dataset = resolve_dataset(args.archname, args.dataset)
-        adapter = get_adapter(args.dataset, adapters)
-        bad = [b for b in args.target_rates + (args.act_target_rates or []) if b < 1]
-        if bad:
-            raise InputError(f"uniform bit widths must be >= 1, got {bad}")
-        act_bits = args.act_target_rates or args.target_rates
-        if len(act_bits) not in (1, len(args.target_rates)):
-            raise InputError(f"--act-target-rates takes one value or one per --target_rates "
-                             f"({len(args.target_rates)}), got {len(act_bits)}")
-        act_bits = act_bits * len(args.target_rates) if len(act_bits) == 1 else act_bits
-        device = resolve_device(args, None)
-        dtype = getattr(torch, args.precision)
-        model, info = build_any_model(args, adapter)
-        model = model.to(device=device, dtype=dtype).eval()
-        calib = calib_for(args, model, args.calibsize, args.seed, adapter).x
-        calib = calib.to(device=device, dtype=dtype)
-        data = eval_data_for(args, model, adapter)
-        names = [layer.name for layer in adapter.layers(model)]
-        called = [n for n in names if n in act_shapes(model, calib[:1], names, args.act_mode)]
-        fp_acts = set(_fp_act_layers(args.fp_act_layers, called))
-        unknown = sorted(fp_acts - set(called))
-        if unknown:
-            raise InputError(f"--fp-act-layers names {unknown}, which are not quantizable "
-                             f"layers of {info.arch}")
-        act_layers = [] if args.no_acts else [n for n in called if n not in fp_acts]
-    except (InputError, ValueError, FileNotFoundError) as e:
-        p.error(str(e))
-    acts = collect_acts(model, calib, act_layers, args.act_mode) if act_layers else {}
-    points = [(uniform_allocation(model, calib, w, None if args.no_acts else a, act_layers,
-                                  args.act_mode, acts),
-               {"target_bits": float(w), "act_target_bits": None if args.no_acts else float(a)})
-              for w, a in zip(args.target_rates, act_bits, strict=True)]
-    use_calib = calib if (args.bias_corr_weight or args.bias_corr_act) else None
-    try:
-        return run_points(args, adapter, model, info, data, use_calib, outdir,
-                           _method_name("uniform", args), points, None, device)
-    except (InputError, ValueError) as e:
-        p.error(str(e))
-
-
-@script_entry()
-def results_main(argv: list[str] | None = None) -> str:
-    """Entry point of ``show_results.py``: one table of every results.jsonl under the paths
-    (latest row per model, method and target), and optionally a combined plot."""
-    from rdoq.report import collect_results, format_table, plot_results
-
-    p = argparse.ArgumentParser(description="Tabulate results.jsonl files (method × target).")
-    p.add_argument("paths", nargs="+", type=Path, help="results.jsonl files or directories")
-    p.add_argument("--all", action="store_true",
-                   help="every row (default: the latest row per model, method and target)")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="also write a PNG of all methods of each model (one file per model: "
-                        "PLOT with the model name appended)")
-    args = p.parse_args(argv)
-    try:
-        rows = collect_results(args.paths)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
-    if not args.all:
-        latest: dict[tuple, dict[str, Any]] = {}
-        for r in rows:
-            latest[(r.get("model"), r.get("method"), r.get("target_bits"),
-                    r.get("act_target_bits"), r.get("slope_log2"))] = r
-        rows = [r for r in rows if latest[(r.get("model"), r.get("method"), r.get("target_bits"),
-                                           r.get("act_target_bits"), r.get("slope_log2"))] is r]
-    if args.plot is not None:
-        for model in dict.fromkeys(r.get("model") for r in rows):
-            path = args.plot.with_name(f"{args.plot.stem}_{model}{args.plot.suffix or '.png'}")
-            plot_results([r for r in rows if r.get("model") == model], path, str(model))
-    return format_table(rows)

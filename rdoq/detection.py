@@ -297,7 +297,7 @@ def _precision(args: argparse.Namespace, device: torch.device) -> str:
 def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``openpcdet/generate_rd_curves_batch.py``: weight RD curves of a pcdet
     detector's layers, one file per layer, resumable; returns the run summary."""
-    from rdoq.cli import _scale_octaves
+    from rdoq.cli import scale_octaves
     from rdoq.curves import CurveJob, generate_curves, job_dict
     from rdoq.hessian import HessianSettings
     from rdoq.parts import resolve_part
@@ -345,7 +345,7 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             step_mode=args.steps or DEFAULT_STEPS[kind],
             bias_corr=args.bias_corr_weight,
-            scales_log2=scale_grid(_scale_octaves(args.scale_octaves, estimator),
+            scales_log2=scale_grid(scale_octaves(args.scale_octaves, estimator),
                                    args.scale_steps),
             hessian=(HessianSettings(nprobes=args.nprobes, seed=spec.seed)
                      if estimator == "hessian" else None),

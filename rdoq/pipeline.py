@@ -1,6 +1,7 @@
 """The allocation pipeline behind the allocation scripts: item tables from curve sets (with
 ``--shrink``), solving each target, and applying, correcting, evaluating and recording each
-allocation. ``rdoq.cli`` parses the flags and calls these; a driver can call them directly.
+allocation. The scripts' entry points (``rdoq.cli_alloc``, ``rdoq.cli_eval``) parse the flags
+and call these; a driver can call them directly.
 
 - :class:`TableSpec`: how the item table is made from the curve sets (constraints, the monotone
   fit, and the curves shrunk by α, optionally without one calibration fold: ``rdoq.shrink``).

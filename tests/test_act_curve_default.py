@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from rdoq.allocation import load_allocation
-from rdoq.cli import allocate_main, curves_main
+from rdoq.cli_alloc import allocate_main
+from rdoq.cli_curves import curves_main
 
 MODEL = ["--archname", "test_vit", "--random-init", "--dataset", "synthetic", "--quiet"]
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from rdoq import cli
+from rdoq import cli, cli_alloc, cli_curves
 from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, CalibSet, InputError, ModelInfo
 from rdoq.evaluate import TensorBatches, reference_outputs
@@ -62,7 +62,7 @@ def test_registry_names_are_the_dataset_choices(capsys):
     action = next(a for a in p._actions if a.dest == "dataset")
     assert tuple(action.choices) == tuple(adapter_registry())
     with pytest.raises(SystemExit):
-        cli.curves_main("weight", None, ["--dataset", "nope"])
+        cli_curves.curves_main("weight", None, ["--dataset", "nope"])
     err = capsys.readouterr().err
     # (argparse quotes the choices in some Python versions and not in others)
     assert "invalid choice" in err and all(n in err.split("choose from")[1] for n in BUILT_IN)
@@ -155,23 +155,22 @@ def test_a_new_adapter_runs_through_the_entry_points_without_cli_changes(tmp_pat
     blobs = BlobsAdapter()
     adapters = {**adapter_registry(), blobs.name: blobs}
     model = ["--archname", "blobs_net", "--dataset", "blobs", "--device", "cpu", "--quiet"]
-    summary = cli.curves_main("weight", None, [*model, "--testsize", "4", "--nchannelbatch", "4",
-                                               "--maxrates", "3", "--maxsteps", "4",
-                                               "--maxdeadzones", "1", "--outdir",
-                                               str(tmp_path)], adapters=adapters)
+    summary = cli_curves.curves_main("weight", None, [
+        *model, "--testsize", "4", "--nchannelbatch", "4", "--maxrates", "3", "--maxsteps", "4",
+        "--maxdeadzones", "1", "--outdir", str(tmp_path)], adapters=adapters)
     root = Path(summary["curve_set"])
     meta = json.loads((root / "meta.json").read_text())
     assert meta["model"] == "blobs_net" and meta["calib"]["source"] == "blobs:randn"
     assert summary["layers_written"] == 2  # conv and head
     out = tmp_path / "dp"
     # -bcw rebuilds the calibration through the adapter and checks it against the curves' sha256.
-    result = cli.allocate_main("dp", argv=[*model, "--pathrdcurve", str(root), "--weights-only",
-                                           "--target_rates", "1.5", "--testsize", "8",
-                                           "--batchsize", "4", "-bcw", "--no-plots",
-                                           "--outdir", str(out)], adapters=adapters)
+    result = cli_alloc.allocate_main("dp", argv=[
+        *model, "--pathrdcurve", str(root), "--weights-only", "--target_rates", "1.5",
+        "--testsize", "8", "--batchsize", "4", "-bcw", "--no-plots", "--outdir", str(out)],
+        adapters=adapters)
     (row,) = result["rows"]
     assert row["model"] == "blobs_net" and row["n_eval"] == 8 and row["top1"] is not None
     assert blobs.runs == 2 * 2  # reference and quantized outputs, two batches each
     # Without the registry that holds it, --dataset blobs is refused by argparse.
     with pytest.raises(SystemExit):
-        cli.curves_main("weight", None, [*model, "--outdir", str(tmp_path / "x")])
+        cli_curves.curves_main("weight", None, [*model, "--outdir", str(tmp_path / "x")])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rdoq.allocation import load_allocation
-from rdoq.cli import allocate_main, evaluate_main
+from rdoq.cli_alloc import allocate_main
+from rdoq.cli_eval import evaluate_main
 from tests.conftest import run_script
 
 DP = "classification/generate_DP_batch_distortion_act_out_nchan.py"

@@ -446,7 +446,8 @@ def test_second_order_activation_estimate_with_channel_steps_is_that_of_the_pert
 
 
 def test_curve_scripts_default_steps_per_kind_and_take_either(tmp_path):
-    from rdoq.cli import DEFAULT_STEPS, curves_main
+    from rdoq.cli import DEFAULT_STEPS
+    from rdoq.cli_curves import curves_main
 
     argv = ["--archname", "digits_cnn", "--testsize", "8", "--nchannelbatch", "16",
             "--maxrates", "3", "--quiet", "--folds", "0"]
@@ -527,7 +528,8 @@ def test_second_order_activation_estimate_with_bca_is_that_of_the_centred_pertur
 
 
 def test_bca_flag_of_the_activation_scripts_is_recorded_and_checked(tmp_path, caplog):
-    from rdoq.cli import allocate_main, curves_main
+    from rdoq.cli_alloc import allocate_main
+    from rdoq.cli_curves import curves_main
 
     argv = ["--archname", "digits_cnn", "--testsize", "8", "--nchannelbatch", "16",
             "--maxrates", "3", "--quiet", "--folds", "0"]

@@ -28,7 +28,8 @@ from rdoq.allocation import (
 )
 from rdoq.apply import quantized_weight
 from rdoq.backends import quantized_group
-from rdoq.cli import RATE_FLAGS, allocate_main
+from rdoq.cli import RATE_FLAGS
+from rdoq.cli_alloc import allocate_main
 from rdoq.curves import CurveJob, build_meta, plan_layers
 from rdoq.entropy import curve_entropy, group_levels, symbol_entropy
 from rdoq.groups import group_bounds

@@ -13,7 +13,8 @@ from timm.layers import BatchNormAct2d, Conv2dSame
 from torch import nn
 
 import rdoq.fold
-from rdoq.cli import allocate_main, evaluate_main
+from rdoq.cli_alloc import allocate_main
+from rdoq.cli_eval import evaluate_main
 from rdoq.fold import NormActRemainder, find_conv_bn_pairs, fold_batchnorm, fold_pair
 from tests.conftest import run_script
 

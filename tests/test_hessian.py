@@ -520,7 +520,7 @@ def test_paper_preset_sets_the_papers_probe_and_kappa():
 def test_paper_preset_lands_in_meta_and_is_not_resumed_without_it(tmp_path, capsys):
     import json
 
-    from rdoq.cli import curves_main
+    from rdoq.cli_curves import curves_main
 
     argv = ["--archname", "digits_cnn", "--testsize", "4", "--nchannelbatch", "16",
             "--maxrates", "3", "--maxdeadzones", "1", "--outdir", str(tmp_path), "--quiet"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from rdoq import cli
+from rdoq import cli_eval
 from rdoq.evaluate import paired_comparison
 
 
@@ -47,12 +47,12 @@ def test_shapes_must_match():
 
 
 def test_evaluate_allocation_paired(tmp_path):
-    res = cli.uniform_main(["--archname", "digits_cnn", "--target_rates", "3", "8",
-                            "--calibsize", "2", "--testsize", "64", "--batchsize", "32",
-                            "--quiet", "--no-plots", "--no-acts", "--outdir", str(tmp_path)])
+    res = cli_eval.uniform_main(["--archname", "digits_cnn", "--target_rates", "3", "8",
+                                 "--calibsize", "2", "--testsize", "64", "--batchsize", "32",
+                                 "--quiet", "--no-plots", "--no-acts", "--outdir", str(tmp_path)])
     paths = [str(tmp_path / r["allocation"]) for r in res["rows"]]
-    out = cli.evaluate_main([*paths, "--testsize", "64", "--batchsize", "32", "--quiet",
-                             "--paired", "--outdir", str(tmp_path / "eval")])
+    out = cli_eval.evaluate_main([*paths, "--testsize", "64", "--batchsize", "32", "--quiet",
+                                  "--paired", "--outdir", str(tmp_path / "eval")])
     first, second = out["rows"]
     assert "paired" not in first
     p = second["paired"]

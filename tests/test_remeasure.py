@@ -64,7 +64,7 @@ ARGV = ["--archname", "digits_cnn", "--testsize", "24", "--nchannelbatch", "8",
 
 @pytest.fixture(scope="module")
 def hessian_set(tmp_path_factory) -> Path:
-    from rdoq.cli import curves_main
+    from rdoq.cli_curves import curves_main
 
     out = tmp_path_factory.mktemp("hessian")
     return Path(curves_main("weight", None, [*ARGV, "--outdir", str(out), "--folds", "3"],
@@ -74,7 +74,8 @@ def hessian_set(tmp_path_factory) -> Path:
 def test_remeasured_layers_equal_the_measured_scripts_and_the_rest_is_copied(tmp_path,
                                                                              hessian_set,
                                                                              capsys):
-    from rdoq.cli import allocate_main, curves_main
+    from rdoq.cli_alloc import allocate_main
+    from rdoq.cli_curves import curves_main
     from rdoq.remeasure import remeasure_main
 
     src = CurveStore.load(hessian_set)
@@ -123,7 +124,7 @@ def test_remeasured_layers_equal_the_measured_scripts_and_the_rest_is_copied(tmp
 
 
 def test_remeasure_refuses_measured_sets_and_other_calibration(tmp_path, hessian_set, capsys):
-    from rdoq.cli import curves_main
+    from rdoq.cli_curves import curves_main
     from rdoq.remeasure import remeasure_main
 
     measured = curves_main("weight", None, [*ARGV, "--outdir", str(tmp_path / "m")])
@@ -154,7 +155,7 @@ def test_list_gives_the_ranking_and_measures_nothing(tmp_path, hessian_set):
 
 
 def test_activation_curves_are_remeasured_like_the_measured_script(tmp_path):
-    from rdoq.cli import curves_main
+    from rdoq.cli_curves import curves_main
     from rdoq.remeasure import default_targets, remeasure_main
 
     argv = ["--archname", "digits_cnn", "--testsize", "16", "--nchannelbatch", "8",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rdoq.cli import curves_main, show_main
+from rdoq.cli_curves import curves_main, show_main
 from rdoq.store import CurveStore
 from tests.conftest import ROOT, run_script
 
@@ -307,7 +307,7 @@ def test_ctrl_c_exits_with_one_line_and_code_130(monkeypatch, capsys, main, args
     import argparse
     import importlib.util
 
-    import rdoq.cli
+    from rdoq import cli_alloc, cli_curves, cli_eval
 
     if main == "train_digits":
         spec = importlib.util.spec_from_file_location(
@@ -316,7 +316,8 @@ def test_ctrl_c_exits_with_one_line_and_code_130(monkeypatch, capsys, main, args
         spec.loader.exec_module(module)
         main = module.main
     else:
-        main = getattr(rdoq.cli, main)
+        main = next(getattr(m, main) for m in (cli_curves, cli_alloc, cli_eval)
+                    if hasattr(m, main))
 
     def interrupted(self, argv=None, namespace=None):
         raise KeyboardInterrupt

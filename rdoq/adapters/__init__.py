@@ -14,7 +14,8 @@ from rdoq.adapters.base import Adapter, InputError
 def adapter_registry() -> dict[str, Adapter]:
     """A fresh ``{--dataset name: adapter}`` of the built-in adapters, in the order of the
     ``--dataset`` choices. Callers may add their own adapters to the dict they get and pass it
-    to the script entry points of ``rdoq.cli`` (their ``adapters`` argument)."""
+    to the script entry points of ``rdoq.cli_curves``, ``rdoq.cli_alloc`` and ``rdoq.cli_eval``
+    (their ``adapters`` argument)."""
     # Imported on call, so that importing the shared types (rdoq.adapters.base) does not load
     # every model family's code.
     from rdoq.adapters.digits import DigitsAdapter
