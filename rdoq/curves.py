@@ -31,7 +31,8 @@ from rdoq.groups import (
     is_sparse_conv,
     weight_numel,
 )
-from rdoq.hessian import GradientSweep, HessianActBackend, HessianSettings, HessianWeightBackend
+from rdoq.hessian import GradientSweep, HessianSettings
+from rdoq.hessian_backends import HessianActBackend, HessianWeightBackend
 from rdoq.naive import NaiveEvaluator
 from rdoq.parts import PartSpec, assign_parts, layer_macs, suffix_costs
 from rdoq.quantizers import deadzone_threshold

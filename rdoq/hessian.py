@@ -29,28 +29,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vjp, vmap
 from tqdm import tqdm
 
-from rdoq.actstats import ActGroupStats
 from rdoq.backends import input_sum
+from rdoq.grad_rows import per_sample_weight_grad, per_sample_weight_grad_alone
 from rdoq.groups import channel_dim, is_sparse_conv
-from rdoq.quantizers import (
-    act_bounds,
-    deadzone_magnitudes,
-    quantize_deadzone_fast,
-    quantize_uniform_fast,
-    signed_bounds,
-)
-from rdoq.search import Candidate
-from rdoq.steps import ChannelSteps, candidate_params
 
 log = logging.getLogger(__name__)
 
@@ -121,117 +110,11 @@ class HessianSettings:
         return asdict(self)
 
 
-def _per_sample_weight_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor,
-                            out: torch.Tensor, accumulate: bool = False) -> None:
-    """Write (or add) the weight gradient of each (sample, probe) pair into ``out (B·M, out,
-    in_per_out)``, from the layer input of each sample ``x (B, …)`` and the output gradients of
-    its ``M`` probes ``dy (B, M, …)`` (the probes share one forward, so inputs are not
-    repeated). Stock ``nn.Linear`` / zero-padded ``nn.Conv2d``: one batched product straight
-    into the rows. Any other layer (a subclass that pads or transforms inside ``forward``, e.g.
-    timm's ``Conv2dSame``): :func:`_per_sample_weight_grad_func`."""
-    b, m = dy.shape[:2]
-    forward = type(module).forward
-    if forward is nn.Linear.forward:
-        x = x.reshape(b, -1, x.shape[-1])  # (B, T, in)
-        d = dy.reshape(b, m, -1, dy.shape[-1]).transpose(2, 3)  # (B, M, out, T)
-        _bmm_into(d.reshape(b, -1, x.shape[1]), x, out.view(b, -1, x.shape[-1]), accumulate)
-        return
-    padding = getattr(module, "padding", None)
-    if (forward is nn.Conv2d.forward and module.padding_mode == "zeros"
-            and not (isinstance(padding, str) and padding != "valid")):
-        padding = 0 if padding == "valid" else padding
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
-                        stride=module.stride)  # (B, in·kh·kw, L)
-        g = module.groups
-        if g == 1:
-            d = dy.reshape(b, -1, cols.shape[-1])  # (B, M·out, L)
-            _bmm_into(d, cols.transpose(1, 2), out.view(b, d.shape[1], -1), accumulate)
-            return
-        cols = cols.reshape(b, g, -1, cols.shape[-1])  # (B, g, in/g·kh·kw, L)
-        d = dy.reshape(b, m, g, -1, cols.shape[-1])  # (B, M, g, out/g, L)
-        ps = torch.einsum("bmgol,bgil->bmgoi", d, cols).reshape(out.shape)
-        if accumulate:
-            out.add_(ps)
-        else:
-            out.copy_(ps)
-        return
-    ps = _per_sample_weight_grad_func(module, x, dy).reshape(out.shape)
-    if accumulate:
-        out.add_(ps)
-    else:
-        out.copy_(ps)
-
-
-def _per_sample_weight_grad_func(module: nn.Module, x: torch.Tensor,
-                                 dy: torch.Tensor) -> torch.Tensor:
-    """Per-sample, per-probe weight gradients ``(B, M, *W.shape)`` of any layer through its own
-    ``forward`` (``torch.func``: a vector-Jacobian product per sample, vmapped over samples and
-    probes), from inputs ``x (B, …)`` and output gradients ``dy (B, M, …)``."""
-    weight = module.weight.detach()
-
-    def one_sample(xn: torch.Tensor, dyn: torch.Tensor) -> torch.Tensor:
-        def out_of(w: torch.Tensor) -> torch.Tensor:
-            return functional_call(module, {"weight": w}, (xn.unsqueeze(0),)).squeeze(0)
-
-        _, pull = vjp(out_of, weight)
-        return vmap(lambda d: pull(d)[0])(dyn)  # (M, *W)
-
-    with torch.no_grad():
-        return vmap(one_sample)(x.detach(), dy.detach())
-
-
 def needs_own_pass(module: nn.Module) -> bool:
-    """Whether a weight layer's rows come from :func:`_per_sample_weight_grad_alone` instead of
+    """Whether a weight layer's rows come from :func:`per_sample_weight_grad_alone` instead of
     the sweep's batched capture: spconv layers, whose inputs and outputs are SparseConvTensors
     (active sites of all samples in one feature matrix, no sample axis to split)."""
     return is_sparse_conv(module)
-
-
-def _per_sample_weight_grad_alone(model: nn.Module, calib: torch.Tensor,
-                                  weights: dict[str, nn.Parameter], rows: dict[str, torch.Tensor],
-                                  settings: HessianSettings, probes: torch.Tensor | None,
-                                  on_sample: Callable[[], None] | None = None) -> None:
-    """Write the rows ``rows[name] (N·M, out, in_per_out)`` of the layers ``weights`` by
-    running each calibration sample alone and backpropagating each of its ``M`` probes to the
-    weights: row ``n·M + j`` is ``∂(z_{n,j}ᵀF(x_n))/∂W`` (``probe="norm"``: ``∂‖F(x_n)‖/∂W``),
-    the rows :func:`_per_sample_weight_grad` gives from captured inputs, from the same
-    Rademacher ``probes (N, M, K)``. One forward and ``M`` backwards per sample, for layers that
-    function cannot take (:func:`needs_own_pass`)."""
-    names, params = list(weights), list(weights.values())
-    m_rows = settings.rows_per_sample
-    frozen = [p for p in params if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        for n in range(calib.shape[0]):
-            with torch.enable_grad():
-                y = model(calib[n:n + 1].detach()).reshape(1, -1)  # (1, K)
-                for j in range(m_rows):
-                    if settings.probe == "random":
-                        s = ((probes[n:n + 1, j].to(y) * 2 - 1) * y).sum()
-                    else:
-                        s = y.norm(dim=1).sum()
-                    grads = torch.autograd.grad(s, params, retain_graph=j < m_rows - 1,
-                                                allow_unused=True)
-                    for name, g in zip(names, grads, strict=True):
-                        row = rows[name][n * m_rows + j]  # (out, in_per_out)
-                        if g is None:
-                            row.zero_()
-                        else:
-                            row.copy_(g.reshape(row.shape))
-            if on_sample is not None:
-                on_sample()
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-
-
-def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """``out = a @ b`` or ``out += a @ b`` (batched), without a temporary."""
-    if accumulate:
-        out.baddbmm_(a, b)
-    else:
-        torch.bmm(a, b, out=out)
 
 
 class GradientSweep:
@@ -403,7 +286,7 @@ class GradientSweep:
                                 dtype=torch.int8) if cfg.probe == "random" else None)
         captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Layers whose rows the batched capture below cannot give (spconv) get theirs sample by
-        # sample after it (_per_sample_weight_grad_alone).
+        # sample after it (per_sample_weight_grad_alone).
         alone = [n for n in layers if needs_own_pass(self.modules[n])]
         if alone and (self.kind != "weight" or self.bias_corr):
             raise ValueError(f"the second-order estimator gives spconv layers {alone[:4]} plain "
@@ -489,7 +372,7 @@ class GradientSweep:
                 recording[0] = True
                 bar.update(y.shape[0])
             if alone:
-                _per_sample_weight_grad_alone(
+                per_sample_weight_grad_alone(
                     self.model, self.calib, {n: self.modules[n].weight for n in alone},
                     self.rows, cfg, probes, lambda: bar.update(1))
         finally:
@@ -517,7 +400,7 @@ class GradientSweep:
                 written = False
                 for (inp, _), g in zip(calls, grads[k:k + len(calls)], strict=True):
                     if g is not None:
-                        _per_sample_weight_grad(module, inp.detach(), g, block, written)
+                        per_sample_weight_grad(module, inp.detach(), g, block, written)
                         written = True
                     if self.bias_corr:
                         self._add_bias_rows(name, module, inp, g, b0, b)
@@ -595,291 +478,3 @@ class GradientSweep:
         if cfg.first_order:
             dist = dist + p.sum(-2) / self.calib.shape[0]
         return dist.cpu().numpy()
-
-
-# Elements of the perturbation tensor of one batched evaluation (candidates × group elements ×
-# samples); larger batches are split over runs of groups. 2^24 float64 = 128 MiB.
-_MAX_DELTA_ELEMENTS = 2**24
-
-
-@dataclass(frozen=True)
-class SlotGrid:
-    """Candidates laid out as a ``(groups, width)`` grid: row ``r`` holds the candidates of
-    group ``groups[r]`` (sorted), padded to the widest row. With ``split``, every row holds the
-    candidates without the flag in columns ``[0, split_col)`` and those with it from
-    ``split_col`` on, so a rule that only the flagged candidates need runs on those columns."""
-
-    groups: np.ndarray  # (Gu,) sorted group indices
-    rows: np.ndarray  # (K,) row of each candidate
-    cols: np.ndarray  # (K,) column of each candidate
-    width: int
-    split_col: int = 0
-    split: bool = False
-
-    @classmethod
-    def of(cls, cands: Sequence[Candidate], split: Sequence[bool] | None = None) -> SlotGrid:
-        flags = split if split is not None else [False] * len(cands)
-        counts: tuple[dict[int, int], dict[int, int]] = ({}, {})
-        cols = np.empty(len(cands), dtype=np.int64)
-        for i, (c, f) in enumerate(zip(cands, flags, strict=True)):
-            # Column = rank among the group's candidates of the same block.
-            block = counts[bool(f)]
-            cols[i] = block.get(c.group, 0)
-            block[c.group] = cols[i] + 1
-        split_col = max(counts[0].values(), default=0)
-        cols[np.asarray(flags, dtype=bool)] += split_col
-        groups = np.array(sorted(counts[0].keys() | counts[1].keys()), dtype=np.int64)
-        row_of = {g: r for r, g in enumerate(groups.tolist())}
-        rows = np.fromiter((row_of[c.group] for c in cands), dtype=np.int64, count=len(cands))
-        return cls(groups, rows, cols, split_col + max(counts[1].values(), default=0), split_col,
-                   split is not None)
-
-    def grid(self, values: Sequence[float], fill: float, like: torch.Tensor,
-             rows: slice = slice(None)) -> torch.Tensor:
-        """``values`` per candidate as a ``(Gu, width)`` tensor (``fill`` in the padding),
-        restricted to the grid rows ``rows``."""
-        a = np.full((len(self.groups), self.width), fill, dtype=np.float64)
-        a[self.rows, self.cols] = values
-        return torch.from_numpy(a[rows]).to(dtype=like.dtype, device=like.device)
-
-    def runs(self, per_group_elements: int) -> list[slice]:
-        """Slices of grid rows whose groups are consecutive (views of stacked group tensors,
-        no copies), each within the memory cap of one evaluation."""
-        cap = max(_MAX_DELTA_ELEMENTS // max(per_group_elements * self.width, 1), 1)
-        out, r0 = [], 0
-        for r in range(1, len(self.groups) + 1):
-            if (r == len(self.groups) or self.groups[r] != self.groups[r - 1] + 1
-                    or r - r0 >= cap):
-                out.append(slice(r0, r))
-                r0 = r
-        return out
-
-    def group_range(self, rows: slice) -> slice:
-        """The stacked-group slice of the grid rows ``rows`` (consecutive groups)."""
-        return slice(int(self.groups[rows.start]), int(self.groups[rows.stop - 1]) + 1)
-
-
-def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate], slots: SlotGrid,
-                             rows: slice, bounds: Sequence[tuple[int, int]],
-                             steps: ChannelSteps | None = None) -> torch.Tensor:
-    """Quantized weights ``(g, width, n)`` of the grid rows ``rows`` of ``slots``, from the
-    stacked group weights ``w (g, 1, n)`` (``n = channels × elements per channel``, zero-padded
-    channels in a final partial group): entry ``[r, k]`` holds ``quantize_weight`` of that group
-    for its k-th candidate (zeros in the padding), with per-channel steps (``steps``) or the
-    candidate's one step. Candidates are an outer axis so that every elementwise pass runs along
-    the group's elements. With a grid split by ``deadzone > 0`` each rule runs on its own columns
-    only; otherwise both run on all and are selected per candidate."""
-    cg = max(c1 - c0 for c0, c1 in bounds)
-    g, _, n = w.shape
-    wc = w.view(g, 1, cg, n // cg)  # (g, 1, cg, e)
-    step_k, phi_k = candidate_params(cands, bounds, cg, steps)  # (K, cg) each
-    levels = [signed_bounds(c.bits) for c in cands]
-
-    def per_channel(values: np.ndarray, fill: float, cols: slice) -> torch.Tensor:
-        a = np.full((len(slots.groups), slots.width, cg), fill)
-        a[slots.rows, slots.cols] = values
-        t = torch.from_numpy(a[rows, cols])
-        return t.to(dtype=w.dtype, device=w.device).unsqueeze(-1)  # (g, width, cg, 1)
-
-    def per_cand(values: list[float], fill: float, cols: slice) -> torch.Tensor:
-        return slots.grid(values, fill, w, rows)[:, cols, None, None]  # (g, width, 1, 1)
-
-    def uniform(cols: slice) -> torch.Tensor:
-        return quantize_uniform_fast(wc, per_channel(step_k, 1.0, cols),
-                                     per_cand([b[0] for b in levels], 0.0, cols),
-                                     per_cand([b[1] for b in levels], 0.0, cols))
-
-    def deadzone(cols: slice) -> torch.Tensor:
-        return quantize_deadzone_fast(wc, per_channel(step_k, 1.0, cols),
-                                      per_channel(phi_k, 0.0, cols),
-                                      per_cand([deadzone_magnitudes(c.bits) for c in cands],
-                                               0.0, cols))
-
-    def flat(q: torch.Tensor) -> torch.Tensor:
-        return q.reshape(q.shape[0], q.shape[1], n)
-
-    if not any(c.deadzone > 0 for c in cands):
-        return flat(uniform(slice(None)))
-    if slots.split:  # dead-zone candidates in columns [split_col, width)
-        k = slots.split_col
-        return flat(torch.cat([uniform(slice(None, k)), deadzone(slice(k, None))], dim=1))
-    dz = per_cand([c.deadzone for c in cands], 0.0, slice(None))
-    return flat(torch.where(dz > 0, deadzone(slice(None)), uniform(slice(None))))
-
-
-def _stack_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack per-group tensors ``(…, n_g)`` into ``(G, …, n_max)``, zero-padding the last
-    axis (a zero weight or activation quantizes to zero: the padding never perturbs)."""
-    n_max = max(t.shape[-1] for t in parts)
-    if all(t.shape[-1] == n_max for t in parts):
-        return torch.stack(list(parts))  # nothing to pad: no zero fill
-    out = parts[0].new_empty(len(parts), *parts[0].shape[:-1], n_max)
-    for g, t in enumerate(parts):
-        out[g, ..., : t.shape[-1]] = t
-        out[g, ..., t.shape[-1]:] = 0.0
-    return out
-
-
-class HessianWeightBackend:
-    """Evaluates weight candidates of one layer with the quadratic model (``Evaluate``), all
-    groups of a batch in one product."""
-
-    def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]],
-                 steps: ChannelSteps | None = None):
-        sweep.ensure(layer)
-        self.sweep, self.bounds, self.steps = sweep, bounds, steps
-        weight = sweep.modules[layer].weight.detach()
-        rows = sweep.rows[layer]  # (R, out, in/out)
-        r = rows.shape[0]
-        self.numel = [(c1 - c0) * weight[0].numel() for c0, c1 in bounds]
-        # Per group, contiguous and zero-padded: its chains come back to it in every round.
-        self.w = _stack_groups([weight[c0:c1].reshape(1, -1).to(rows.dtype)
-                                for c0, c1 in bounds])  # (G, 1, n)
-        if sweep.bias_corr:
-            # -bcw shifts each output channel's bias by -(ΔW·mean input), so a weight's row
-            # becomes G_w − G_b·mean: the output change of the corrected layer.
-            gb, mean = sweep.bias_rows[layer], sweep.input_means[layer].to(rows.dtype)
-            self.rows = _stack_groups([(rows[:, c0:c1] - gb[:, c0:c1, None] * mean[c0:c1])
-                                       .reshape(r, -1) for c0, c1 in bounds])  # (G, R, n)
-        else:
-            self.rows = _stack_groups([rows[:, c0:c1].reshape(r, -1)
-                                       for c0, c1 in bounds])  # (G, R, n)
-
-    def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
-        dist, mse = self._evaluate(cands, per_fold=False)
-        return dist, mse
-
-    def folds(self, cands: Sequence[Candidate]) -> np.ndarray:
-        """Each fold's δ̂ of the candidates, ``(K, F)`` (:meth:`GradientSweep.combine`)."""
-        return self._evaluate(cands, per_fold=True)[0]
-
-    def _evaluate(self, cands: Sequence[Candidate],
-                  per_fold: bool) -> tuple[np.ndarray, np.ndarray]:
-        # Dead-zone candidates in their own columns: each quantization rule runs once per
-        # candidate rather than both on all.
-        slots = SlotGrid.of(cands, split=[c.deadzone > 0 for c in cands])
-        folds = (self.sweep.n_folds,) if per_fold else ()
-        dist = np.empty((len(slots.groups), *folds, slots.width))  # (Gu, [F,] width)
-        mse = np.empty((len(slots.groups), slots.width))  # (Gu, width)
-        numel = np.array(self.numel, dtype=np.float64)[slots.groups]  # (Gu,)
-        for run in slots.runs(self.w.shape[-1]):
-            gs = slots.group_range(run)
-            w = self.w[gs]  # (g, 1, n)
-            deltas = quantize_weights_batched(w, cands, slots, run, self.bounds,
-                                              self.steps).sub_(w)  # (g, width, n)
-            sq = deltas.pow(2).sum(-1)  # (g, width)
-            p = torch.bmm(self.rows[gs], deltas.transpose(1, 2))  # (g, R, width)
-            dist[run] = self.sweep.combine(p, sq, per_fold)
-            mse[run] = sq.double().cpu().numpy() / numel[run, None]
-        # Advanced indices around the fold slice: (K, F) with folds.
-        picked = dist[slots.rows, :, slots.cols] if per_fold else dist[slots.rows, slots.cols]
-        return picked, mse[slots.rows, slots.cols]
-
-    def dist_of(self, group: int, deltas: torch.Tensor) -> np.ndarray:
-        """δ̂ of perturbations ``deltas (n_g, K)`` of group ``group`` (flattened rows)."""
-        deltas = deltas.to(self.rows.dtype)
-        p = self.rows[group, :, : self.numel[group]] @ deltas  # (R, K)
-        return self.sweep.combine(p, deltas.pow(2).sum(0))
-
-
-class HessianActBackend:
-    """Evaluates activation candidates of one layer with the quadratic model (``Evaluate``);
-    each sample's perturbation is paired with that sample's gradients."""
-
-    def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]],
-                 stats: ActGroupStats, steps: ChannelSteps | None = None,
-                 bias_corr: bool = False):
-        sweep.ensure(layer)
-        self.sweep, self.stats, self.bounds, self.steps = sweep, stats, bounds, steps
-        # -bca inside the curves: each channel's perturbation loses its calibration mean (the
-        # offset E[a − Q(a)] the correction adds back).
-        self.bias_corr = bias_corr
-        dim = channel_dim(sweep.modules[layer])
-        # Channels last: A (N, …, C), D (N, M, …, C).
-        acts = sweep.acts[layer].movedim(dim if dim < 0 else dim, -1)
-        grads = sweep.grads[layer].movedim(dim if dim < 0 else dim + 1, -1)
-        n, m = grads.shape[:2]
-        self.numel = [acts[..., c0:c1][0].numel() for c0, c1 in bounds]
-        # Per group, contiguous and zero-padded: A (G, N, 1, n), D (G, N, M, n).
-        self.acts = _stack_groups([acts[..., c0:c1].reshape(n, -1)
-                                   for c0, c1 in bounds]).unsqueeze(2)
-        self.grads = _stack_groups([grads[..., c0:c1].reshape(n, m, -1) for c0, c1 in bounds])
-
-    def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, None]:
-        return self._evaluate(cands, per_fold=False), None
-
-    def folds(self, cands: Sequence[Candidate]) -> np.ndarray:
-        """Each fold's δ̂ of the candidates, ``(K, F)`` (:meth:`GradientSweep.combine`)."""
-        return self._evaluate(cands, per_fold=True)
-
-    def _evaluate(self, cands: Sequence[Candidate], per_fold: bool) -> np.ndarray:
-        slots = SlotGrid.of(cands)
-        folds = (self.sweep.n_folds,) if per_fold else ()
-        dist = np.empty((len(slots.groups), *folds, slots.width))  # (Gu, [F,] width)
-        signed = self.stats.signed
-        bounds = [act_bounds(c.bits, bool(signed[c.group])) for c in cands]
-        steps = [2.0**c.step_log2 if c.bits > 0 else 1.0 for c in cands]
-        _, n, m, n_g = self.grads.shape
-        per_channel = None
-        if self.steps is not None:
-            width = max(c1 - c0 for c0, c1 in self.bounds)
-            per_channel = candidate_params(cands, self.bounds, width, self.steps)[0]  # (K, width)
-        for run in slots.runs(n * n_g):
-            gs = slots.group_range(run)
-            a = self.acts[gs]  # (g, N, 1, n)
-
-            def grid(values: list[float], fill: float, run: slice = run) -> torch.Tensor:
-                return slots.grid(values, fill, a, run).view(-1, 1, slots.width, 1)  # noqa: B023  # only called in this iteration
-
-            step = (grid(steps, 1.0) if per_channel is None
-                    else self._element_steps(cands, per_channel, slots, run, a))
-            # All candidates of these groups in one broadcast quantization, candidates outside
-            # the group's elements so that every pass runs along n: (g, N, width, n).
-            delta = quantize_uniform_fast(a, step, grid([b[0] for b in bounds], 0.0),
-                                          grid([b[1] for b in bounds], 0.0)).sub_(a)
-            if self.bias_corr:
-                self._center(delta, slots.groups[run])
-            g = delta.shape[0]
-            p = torch.bmm(delta.view(g * n, slots.width, n_g),
-                          self.grads[gs].view(g * n, m, n_g).transpose(1, 2))  # (g·N, width, M)
-            # κ/2·‖Δa‖² is a per-sample mean, like the ‖P‖² term: summed over the samples it
-            # would grow with --testsize and outweigh ‖P‖² the more samples calibrate.
-            sq = delta.pow(2).sum((1, 3)) / n if self.sweep.settings.kappa else None
-            p = p.view(g, n, slots.width, m).transpose(2, 3)  # (g, N, M, width)
-            dist[run] = self.sweep.combine(p.reshape(g, n * m, slots.width), sq, per_fold)
-        return dist[slots.rows, :, slots.cols] if per_fold else dist[slots.rows, slots.cols]
-
-    def _center(self, delta: torch.Tensor, groups: np.ndarray) -> None:
-        """Subtract from ``delta (g, N, width, n)`` in place each channel's mean over the
-        samples and positions, per candidate (channels fastest along ``n``; padding stays 0)."""
-        _, n, width, _ = delta.shape
-        for r, group in enumerate(groups.tolist()):
-            c0, c1 = self.bounds[group]
-            numel = self.numel[group]
-            # A view (view() refuses otherwise), so the subtraction lands in delta.
-            d = delta[r, :, :, :numel].view(n, width, numel // (c1 - c0), c1 - c0)  # (N, w, P, c)
-            d.sub_(d.mean((0, 2), keepdim=True))
-
-    def _element_steps(self, cands: Sequence[Candidate], per: np.ndarray, slots: SlotGrid,
-                       run: slice, like: torch.Tensor) -> torch.Tensor:
-        """The candidates' per-channel steps ``per (K, width)`` for the grid rows ``run``, on
-        every element of their group (channels fastest, as stacked): ``(g, 1, width, n)``."""
-        out = np.ones((run.stop - run.start, slots.width, like.shape[-1]))  # (g, width, n)
-        for i, cand in enumerate(cands):
-            r = int(slots.rows[i])
-            if run.start <= r < run.stop:
-                c0, c1 = self.bounds[cand.group]
-                numel = self.numel[cand.group]  # positions × channels of the group
-                out[r - run.start, slots.cols[i], :numel] = np.tile(per[i, :c1 - c0],
-                                                                    numel // (c1 - c0))
-        return torch.from_numpy(out).to(like).unsqueeze(1)
-
-    def dist_of(self, group: int, delta: torch.Tensor) -> np.ndarray:
-        """δ̂ of perturbations ``delta (N, …, c_g, K)`` of group ``group`` (channels, then
-        candidates last): sample n's perturbation meets sample n's gradients only."""
-        d = self.grads[group, ..., : self.numel[group]]  # (N, M, n_g)
-        n = d.shape[0]
-        k = delta.shape[-1]
-        dl = delta.reshape(n, -1, k).to(d.dtype)  # (N, n_g, K)
-        p = torch.bmm(d, dl).reshape(n * d.shape[1], k)  # (N·M, K)
-        return self.sweep.combine(p, dl.pow(2).sum((0, 1)) / n)

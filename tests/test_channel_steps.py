@@ -16,7 +16,8 @@ from rdoq.apply import quantized_weight
 from rdoq.backends import quantized_group
 from rdoq.curves import CurveJob, generate_curves, layer_steps, naive_backend, plan_layers
 from rdoq.groups import group_bounds
-from rdoq.hessian import GradientSweep, HessianSettings, HessianWeightBackend, SlotGrid
+from rdoq.hessian import GradientSweep, HessianSettings
+from rdoq.hessian_backends import HessianWeightBackend, SlotGrid
 from rdoq.naive import NaiveEvaluator
 from rdoq.parts import PartSpec
 from rdoq.quantizers import (
@@ -419,7 +420,7 @@ def test_activation_curve_points_are_exact_and_allocation_applies_them(tmp_path)
 
 def test_second_order_activation_estimate_with_channel_steps_is_that_of_the_perturbation():
     from rdoq.actstats import act_group_stats
-    from rdoq.hessian import HessianActBackend
+    from rdoq.hessian_backends import HessianActBackend
     from rdoq.steps import candidate_params
 
     torch.manual_seed(6)
@@ -501,7 +502,7 @@ def test_activation_curves_with_bca_see_the_corrected_quantizer(tmp_path):
 
 def test_second_order_activation_estimate_with_bca_is_that_of_the_centred_perturbation():
     from rdoq.actstats import act_group_stats
-    from rdoq.hessian import HessianActBackend
+    from rdoq.hessian_backends import HessianActBackend
 
     torch.manual_seed(8)
     model = ActNet().double().eval()

@@ -9,7 +9,8 @@ from torch import nn
 
 from rdoq.actstats import ActGroupStats
 from rdoq.groups import group_bounds
-from rdoq.hessian import GradientSweep, HessianActBackend, HessianSettings, HessianWeightBackend
+from rdoq.hessian import GradientSweep, HessianSettings
+from rdoq.hessian_backends import HessianActBackend, HessianWeightBackend
 from rdoq.search import Candidate
 
 
@@ -271,7 +272,7 @@ def test_stats_from_stored_activations_equal_the_hooked_ones(arch):
 
 @pytest.mark.parametrize("split", [False, True])
 def test_batched_weight_quantization_equals_one_call_per_candidate(split):
-    from rdoq.hessian import SlotGrid, quantize_weights_batched
+    from rdoq.hessian_backends import SlotGrid, quantize_weights_batched
     from rdoq.quantizers import quantize_weight
 
     torch.manual_seed(3)
@@ -299,8 +300,8 @@ def test_batched_weight_quantization_equals_one_call_per_candidate(split):
 
 
 def test_slot_runs_are_consecutive_groups_within_the_memory_cap(monkeypatch):
-    from rdoq import hessian
-    from rdoq.hessian import SlotGrid
+    from rdoq import hessian_backends
+    from rdoq.hessian_backends import SlotGrid
 
     cands = [Candidate(g, 2, -1.0) for g in (5, 0, 1, 2, 7, 6, 1)]
     slots = SlotGrid.of(cands)
@@ -308,7 +309,7 @@ def test_slot_runs_are_consecutive_groups_within_the_memory_cap(monkeypatch):
     runs = slots.runs(per_group_elements=10)
     assert [(r.start, r.stop) for r in runs] == [(0, 3), (3, 6)]
     assert slots.group_range(runs[1]) == slice(5, 8)
-    monkeypatch.setattr(hessian, "_MAX_DELTA_ELEMENTS", 40)  # two groups of 10×2 per run
+    monkeypatch.setattr(hessian_backends, "_MAX_DELTA_ELEMENTS", 40)  # two groups of 10×2 per run
     assert [(r.start, r.stop) for r in slots.runs(10)] == [(0, 2), (2, 3), (3, 5), (5, 6)]
 
 

@@ -14,7 +14,8 @@ from rdoq.actstats import ActGroupStats
 from rdoq.allocation import build_table, restrict
 from rdoq.curves import CurveJob, assign_folds, build_meta, plan_layers
 from rdoq.groups import group_bounds
-from rdoq.hessian import GradientSweep, HessianActBackend, HessianSettings, HessianWeightBackend
+from rdoq.hessian import GradientSweep, HessianSettings
+from rdoq.hessian_backends import HessianActBackend, HessianWeightBackend
 from rdoq.search import Candidate
 from rdoq.shrink import (
     ShrunkCurves,

@@ -26,11 +26,18 @@ def error_line(capsys, main, argv: list[str]) -> str:
     return last
 
 
+def patch_build(monkeypatch, build) -> None:
+    """Replace ``build_any_model`` in every module whose entry points call it."""
+    for module in (cli, cli_curves, cli_alloc, cli_eval):
+        if hasattr(module, "build_any_model"):
+            monkeypatch.setattr(module, "build_any_model", build)
+
+
 def no_model(monkeypatch) -> None:
     """Any model build fails the test: the error must come before the expensive work."""
     def refuse(args, adapter=None):
         raise AssertionError("the model was loaded before the flags were checked")
-    monkeypatch.setattr(cli, "build_any_model", refuse)
+    patch_build(monkeypatch, refuse)
 
 
 def captured_args(monkeypatch, capsys, main, argv: list[str]):
@@ -40,7 +47,7 @@ def captured_args(monkeypatch, capsys, main, argv: list[str]):
     def stop(args, adapter=None):
         seen.append(args)
         raise InputError("stopped by the test")
-    monkeypatch.setattr(cli, "build_any_model", stop)
+    patch_build(monkeypatch, stop)
     assert "stopped by the test" in error_line(capsys, main, argv)
     return seen[0]
 
