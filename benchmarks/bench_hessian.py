@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rdoq.adapters.digits import build_digits_model, digits_calib, digits_eval  # noqa: E402
 from rdoq.adapters.timm_imagenet import build_model, synthetic_calib  # noqa: E402
-from rdoq.allocation import build_table, make_allocation, solve_targets  # noqa: E402
+from rdoq.allocation import build_table, solve_targets  # noqa: E402
+from rdoq.allocfile import make_allocation  # noqa: E402
 from rdoq.apply import apply_allocation  # noqa: E402
 from rdoq.curves import CurveJob, generate_curves  # noqa: E402
 from rdoq.evaluate import TensorBatches, evaluate, reference_outputs  # noqa: E402

@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rdoq.allocation import load_allocation  # noqa: E402
+from rdoq.allocfile import load_allocation  # noqa: E402
 from rdoq.cli_alloc import allocate_main  # noqa: E402
 from rdoq.cli_curves import curves_main  # noqa: E402
 from rdoq.cli_eval import uniform_main  # noqa: E402

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rdoq.allocation import ALLOC_SCHEMA
+from rdoq.allocfile import ALLOC_SCHEMA
 from rdoq.groups import channel_dim, find_layers, hooked_forward
 from rdoq.quantizers import mse_steps
 

@@ -162,15 +162,20 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
                        "second-order curves, whose estimate mis-ranks the scales")
     g.add_argument("--step-grid", type=int, default=1 if kind == "weight" else 4,
                    help="step candidates per octave (paper: 1 weights, 4 activations)")
-    g.add_argument("--outdir", type=Path, default=Path("."),
-                   help="directory that receives the curve set (default: current directory)")
-    g.add_argument("--pathrdcurve", type=Path, default=None,
-                   help="explicit curve-set directory (default: the paper's name under --outdir)")
+    add_curve_output_flags(g)
     e = p.add_argument_group("engine")
     e.add_argument("--precision", choices=("float64", "float32"), default="float64",
                    help="arithmetic of the distortion measurement; float32 is faster but its "
                         "rounding noise dominates distortions below ~1e-6 of the output power")
     add_engine_flags(e, second_order=True)
+
+
+def add_curve_output_flags(g: argparse._ArgumentGroup) -> None:
+    """Where a curve script writes its curve set: ``--outdir`` and ``--pathrdcurve``."""
+    g.add_argument("--outdir", type=Path, default=Path("."),
+                   help="directory that receives the curve set (default: current directory)")
+    g.add_argument("--pathrdcurve", type=Path, default=None,
+                   help="explicit curve-set directory (default: the paper's name under --outdir)")
 
 
 def add_scale_flags(g: argparse._ArgumentGroup, default: str) -> None:

@@ -43,7 +43,7 @@ def evaluate_main(argv: list[str] | None = None,
     """Entry point of ``evaluate_allocation.py``: re-apply saved allocation files to the model and
     evaluate them (corrections stored in the files are used as they are). ``adapters``: the
     ``--dataset`` choices (default: the built-in adapters)."""
-    from rdoq.allocation import load_allocation
+    from rdoq.allocfile import load_allocation
     from rdoq.apply import apply_allocation, check_model
     from rdoq.evaluate import (
         BOPS_INPUT_COUNTS,

@@ -57,6 +57,7 @@ from rdoq.cli import (
     DEFAULT_STEPS,
     POINTS_HINT,
     RESUME_HINT,
+    add_curve_output_flags,
     add_scale_flags,
     check_outdir,
     default_workers,
@@ -200,10 +201,7 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
                    help="activation curves: of each layer's output or input (default: out)")
     g.add_argument("--sort_channels", action="store_true",
                    help="the paper's channel sorting: not supported (refused)")
-    g.add_argument("--outdir", type=Path, default=Path("."),
-                   help="directory that receives the curve set (default: current directory)")
-    g.add_argument("--pathrdcurve", type=Path, default=None,
-                   help="explicit curve-set directory (default: the paper's name under --outdir)")
+    add_curve_output_flags(g)
     e = p.add_argument_group("estimator")
     e.add_argument("--estimator", choices=("measured", "hessian"), default="measured",
                    help="measured (first order: a forward per candidate) or hessian (second "
@@ -400,7 +398,8 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     every target), measure its distortion on the calibration frames and evaluate mAP/NDS (GPU).
     Returns the rows, the printed table and ``stopped`` (why mAP/NDS were not computed, or
     None)."""
-    from rdoq.allocation import find_act_curve_set, open_curve_set, save_allocation
+    from rdoq.allocation import find_act_curve_set, open_curve_set
+    from rdoq.allocfile import save_allocation
     from rdoq.apply import apply_allocation, estimate_corrections, remove_act_quantizers
     from rdoq.cli import warn_correction_mismatch
     from rdoq.pipeline import TableSpec, point_label, solve_targets_shrunk

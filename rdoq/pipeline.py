@@ -26,16 +26,8 @@ import torch
 from tqdm import tqdm
 
 from rdoq.adapters.base import Adapter, InputError
-from rdoq.allocation import (
-    ItemTable,
-    build_table,
-    load_allocation,
-    make_allocation,
-    monotone_items,
-    restrict,
-    save_allocation,
-    solve_recorded,
-)
+from rdoq.allocation import ItemTable, build_table, monotone_items, restrict, solve_recorded
+from rdoq.allocfile import load_allocation, make_allocation, save_allocation
 from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
 from rdoq.evaluate import BOPS_INPUT_COUNTS, bit_report, reference_outputs, topk_scores
 from rdoq.report import append_results, format_table, plot_allocation, plot_results
@@ -174,7 +166,7 @@ class SolvedPoint:
     shrink: ShrinkChoice | None = None
 
     def allocation(self, solver: str) -> dict[str, Any]:
-        """The allocation file's content (``rdoq.allocation.make_allocation``), with the
+        """The allocation file's content (``rdoq.allocfile.make_allocation``), with the
         cross-validation's figures when it chose α."""
         alloc = make_allocation(self.table, self.choice, target_bits=self.tags.get("target_bits"),
                                 solver=solver, record=self.record,

@@ -19,6 +19,11 @@ k``). Solvers return ``choice (I,)``: the chosen *original* column of every item
 trade-off (exact breakpoints, no slope bisection tolerance). :func:`solve_dp` and
 :func:`solve_dp_multi` are exact up to a stated budget resolution (rates rounded *up*, so the
 budget always holds). :func:`solve_ilp` is the exact reference (HiGHS via ``scipy.optimize.milp``).
+
+Its length (about 630 lines): every solver of the padded table and the validation, constraints,
+monotone fit and budget fill they share are kept in one module, so that the solvers' contract
+(the table's shape, ``inf`` columns, original column indices, rates rounded up) lives in one
+place.
 """
 
 from __future__ import annotations

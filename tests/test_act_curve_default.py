@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rdoq.allocation import load_allocation
+from rdoq.allocfile import load_allocation
 from rdoq.cli_alloc import allocate_main
 from rdoq.cli_curves import curves_main
 

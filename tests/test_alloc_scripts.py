@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rdoq.allocation import load_allocation
+from rdoq.allocfile import load_allocation
 from rdoq.cli_alloc import allocate_main
 from rdoq.cli_eval import evaluate_main
 from tests.conftest import run_script

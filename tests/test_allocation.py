@@ -12,14 +12,12 @@ from rdoq.allocation import (
     WEIGHT,
     build_table,
     choice_columns,
-    load_allocation,
-    make_allocation,
     open_curve_set,
     restrict,
-    save_allocation,
     solve_targets,
     target_range,
 )
+from rdoq.allocfile import load_allocation, make_allocation, save_allocation
 from rdoq.apply import (
     act_quantizer,
     apply_allocation,

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from rdoq.allocation import build_table, make_allocation
+from rdoq.allocation import build_table
+from rdoq.allocfile import make_allocation
 from rdoq.apply import quantized_weight
 from rdoq.backends import quantized_group
 from rdoq.curves import CurveJob, generate_curves, layer_steps, naive_backend, plan_layers
@@ -408,7 +409,7 @@ def test_activation_curve_points_are_exact_and_allocation_applies_them(tmp_path)
             want = _quantize_channels(y, c0, c1, steps, col, bool(c.extra["signed"][g]))
             assert torch.equal(got[:, c0:c1], want[:, c0:c1]), (col, g)
     # Allocation files keep them, and refuse a per-channel list of the wrong length.
-    from rdoq.allocation import load_allocation, save_allocation
+    from rdoq.allocfile import load_allocation, save_allocation
 
     save_allocation(tmp_path / "a.json", alloc)
     assert load_allocation(tmp_path / "a.json")["acts"]["conv"]["step_log2"] == e["step_log2"]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rdoq.allocation import build_table, make_allocation, solve_recorded
+from rdoq.allocation import build_table, solve_recorded
+from rdoq.allocfile import make_allocation
 from rdoq.evaluate import TensorBatches
 from rdoq.solvers import solve_dp_multi
 from tests.test_allocation import TinyNet, fake_curve_set

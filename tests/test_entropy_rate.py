@@ -21,11 +21,10 @@ from rdoq.allocation import (
     ItemTable,
     LayerEntry,
     build_table,
-    load_allocation,
     restrict,
     solve_targets,
-    summarize_choice,
 )
+from rdoq.allocfile import load_allocation, summarize_choice
 from rdoq.apply import quantized_weight
 from rdoq.backends import quantized_group
 from rdoq.cli import RATE_FLAGS

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from rdoq.allocation import load_allocation
+from rdoq.allocfile import load_allocation
 from rdoq.report import read_results
 from rdoq.store import CurveStore
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from rdoq.adapters import sparse
-from rdoq.allocation import build_table, make_allocation, solve_recorded
+from rdoq.allocation import build_table, solve_recorded
+from rdoq.allocfile import make_allocation
 from rdoq.apply import (
     apply_allocation,
     estimate_corrections,

@@ -21,7 +21,8 @@ from torch import nn
 
 from rdoq import hessian
 from rdoq.adapters import sparse
-from rdoq.allocation import build_table, make_allocation, solve_recorded
+from rdoq.allocation import build_table, solve_recorded
+from rdoq.allocfile import make_allocation
 from rdoq.apply import apply_allocation
 from rdoq.backends import quantized_group
 from rdoq.curves import CurveJob, generate_curves
