@@ -18,6 +18,19 @@ from rdoq.quantizers import quantize_uniform
 from rdoq.steps import act_rows
 
 
+def channel_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The values of an activation batch ``t (n, …)`` (or a sparse layer's features
+    ``(N_active, C)``) with channels on axis ``dim`` as rows: ``(rows, C)``, detached, in ``t``'s
+    dtype. Every per-channel statistic of activations is reduced over these rows."""
+    return t.detach().movedim(dim, -1).reshape(-1, t.shape[dim])  # (rows, C)
+
+
+def channel_sums(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    """Per-channel float64 sums ``(C,)`` of :func:`channel_rows` and the number of rows."""
+    flat = channel_rows(t, dim).double()  # (rows, C)
+    return flat.sum(0), flat.shape[0]
+
+
 @dataclass
 class ActGroupStats:
     """Per-group statistics of a layer's calibration activations."""
@@ -50,7 +63,7 @@ class _StatsAccumulator:
     def add(self, t: torch.Tensor) -> None:
         if self.rows is not None:
             self.rows.append(act_rows(t, self.dim))
-        t = t.detach().movedim(self.dim, -1).reshape(-1, t.shape[self.dim]).double()  # (rows, C)
+        t = channel_rows(t, self.dim).double()  # (rows, C)
         sq, mn, mx = (t * t).sum(0), t.min(0).values, t.max(0).values
         acc = self.acc
         if acc:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rdoq.actstats import channel_sums
 from rdoq.groups import act_values_of, channel_dim, entry_channel_steps, group_bounds, map_act
 from rdoq.quantizers import (
     act_bounds,
@@ -185,11 +186,6 @@ def _calib_passes(model: nn.Module, calib: torch.Tensor, batch_size: int,
             h.remove()
 
 
-def _channel_mean(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
-    flat = t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()  # (rows, C)
-    return flat.sum(0), flat.shape[0]
-
-
 def estimate_corrections(model: nn.Module, alloc: dict[str, Any], calib: torch.Tensor, *,
                          bcw: bool, bca: bool, batch_size: int = 32) -> dict[str, Any]:
     """``-bcw`` / ``-bca`` offsets per layer and channel, from the FP model on ``calib``.
@@ -202,7 +198,7 @@ def estimate_corrections(model: nn.Module, alloc: dict[str, Any], calib: torch.T
     hooks: list[tuple[nn.Module, str, Callable]] = []
 
     def accumulate(key: tuple[str, str], t: torch.Tensor, dim: int) -> None:
-        s, n = _channel_mean(t, dim)
+        s, n = channel_sums(t, dim)
         if key in sums:
             sums[key][0] += s
             sums[key][1] += n

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rdoq.actstats import channel_rows
 from rdoq.allocfile import ALLOC_SCHEMA
 from rdoq.groups import channel_dim, find_layers, hooked_forward
 from rdoq.quantizers import mse_steps
@@ -21,7 +22,7 @@ MAX_ROWS = 4096
 
 
 def _rows(t: torch.Tensor, dim: int, max_rows: int) -> torch.Tensor:
-    flat = t.detach().movedim(dim, -1).reshape(-1, t.shape[dim])  # (rows, C)
+    flat = channel_rows(t, dim)  # (rows, C)
     if flat.shape[0] > max_rows:
         flat = flat[:: math.ceil(flat.shape[0] / max_rows)]
     return flat
@@ -41,8 +42,7 @@ def collect_acts(model: nn.Module, calib: torch.Tensor, names: list[str], mode: 
             dim = channel_dim(m)
             entry["rows"].append(_rows(t, dim, max_rows).double())
             # The grid's sign from every value, not only the subsample used for the steps.
-            entry["min"].append(t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).min(0)
-                                .values.double())
+            entry["min"].append(channel_rows(t, dim).min(0).values.double())
         return record
 
     hooks = [(modules[n], hook(n)) for n in names]
