@@ -1,6 +1,6 @@
-"""The OpenPCDet detection scripts (DESIGN §11): flags, calibration frames, curves, allocation
-and evaluation of a pcdet detector, behind ``openpcdet/generate_rd_curves_batch.py`` and
-``openpcdet/generate_DP_frontier_batch_act_nchan.py``.
+"""The OpenPCDet detection scripts (DESIGN §11): their flags and the two entry points (curves;
+allocation, applied, measured and evaluated per target) behind
+``openpcdet/generate_rd_curves_batch.py`` and ``openpcdet/generate_DP_frontier_batch_act_nchan.py``.
 
 The detector, its calibration frames and its evaluation come from the OpenPCDet adapter
 (:class:`rdoq.adapters.detector.OpenPCDetAdapter`, the third implementation of
