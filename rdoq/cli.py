@@ -65,6 +65,19 @@ def shrink_mode(text: str) -> str:
     return text
 
 
+def add_eval_data_flags(g: argparse._ArgumentGroup) -> None:
+    """The evaluation data of the scripts that evaluate: ``--testsize --batchsize --workers
+    --seed``."""
+    g.add_argument("--testsize", type=testsize_type, default=-1,
+                   help="evaluation samples (-1 = the whole val/test split; default: -1)")
+    g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
+                   help="samples per evaluation forward (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="image-decoding worker processes for ImageNet (default: the CPU cores "
+                        "available, at most 8: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+
+
 def add_model_flags(g: argparse._ArgumentGroup, archname_default: str | None = "mobilenetv2py",
                     archname_help: str = "timm model name (paper zoo names such as resnet50py "
                                          "are mapped), or the bundled digits_cnn / digits_vit "

@@ -19,11 +19,11 @@ from rdoq.cli import (
     POINTS_HINT,
     RATE_FLAGS,
     _positive,
+    add_eval_data_flags,
     add_model_flags,
     build_any_model,
     check_curves_match,
     check_outdir,
-    default_workers,
     eval_data_for,
     fp_act_layers,
     method_name,
@@ -33,7 +33,6 @@ from rdoq.cli import (
     script_entry,
     setup_logging,
     shrink_mode,
-    testsize_type,
     warn_correction_mismatch,
 )
 from rdoq.store import curve_set_name
@@ -50,14 +49,7 @@ def add_alloc_flags(p: argparse.ArgumentParser, method: str,
     """Flags of the allocation scripts (paper names first)."""
     g = p.add_argument_group("model and data")
     add_model_flags(g, datasets=datasets)
-    g.add_argument("--testsize", type=testsize_type, default=-1,
-                   help="evaluation samples (-1 = the whole val/test split; default: -1)")
-    g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
-                   help="samples per evaluation forward (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=default_workers(),
-                   help="image-decoding worker processes for ImageNet (default: the CPU cores "
-                        "available, at most 8: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    add_eval_data_flags(g)
     if method == "uniform":
         u = p.add_argument_group("uniform baseline")
         u.add_argument("--target_rates", type=int, nargs="+", default=[4, 6, 8],

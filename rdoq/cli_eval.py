@@ -16,12 +16,11 @@ from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, InputError
 from rdoq.cli import (
     POINTS_HINT,
-    _positive,
+    add_eval_data_flags,
     add_model_flags,
     build_any_model,
     calib_for,
     check_outdir,
-    default_workers,
     eval_data_for,
     fp_act_layers,
     method_name,
@@ -29,7 +28,6 @@ from rdoq.cli import (
     resolve_device,
     script_entry,
     setup_logging,
-    testsize_type,
 )
 from rdoq.cli_alloc import add_alloc_flags
 from rdoq.fold import is_folded_source
@@ -61,14 +59,7 @@ def evaluate_main(argv: list[str] | None = None,
     g = p.add_argument_group("model and data")
     adapters = adapter_registry() if adapters is None else adapters
     add_model_flags(g, None, "model name; None = the allocation's model", adapters)
-    g.add_argument("--testsize", type=testsize_type, default=-1,
-                   help="evaluation samples (-1 = all)")
-    g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
-                   help="samples per forward")
-    g.add_argument("--workers", type=int, default=default_workers(),
-                   help="ImageNet decoding workers (default: the CPU cores available, at most "
-                        "8: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    add_eval_data_flags(g)
     o = p.add_argument_group("output and device")
     o.add_argument("--outdir", type=Path, default=None,
                    help="where results.jsonl/csv go (default: the first allocation's directory)")
