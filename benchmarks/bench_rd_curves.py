@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rdoq.cli import add_model_data_flags, load_model_and_calib, resolve_device  # noqa: E402
 from rdoq.curves import (  # noqa: E402
     CurveJob,
+    layer_backend,
     make_chains,
     max_rows_for,
-    measured_backend,
-    naive_backend,
     plan_layers,
 )
 from rdoq.engine import MeasuredEngine  # noqa: E402
@@ -119,9 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
                 chains, stats = make_chains(model, x, plan, job, rows)
                 chains = [c for c in chains if c.group in groups]
                 if name == "ours":
-                    backend = measured_backend(engine, plan, job, stats)
+                    backend = layer_backend(engine, plan, job, stats)
                 else:
-                    backend = naive_backend(naive, plan, job, stats)
+                    backend = layer_backend(naive, plan, job, stats)
                 t0 = time.perf_counter()
                 n = run_chains(chains, backend, max_batch if name == "ours" else 1,
                                max_lookahead=lookahead if name == "ours" else 1)

@@ -15,8 +15,6 @@ re-applied and re-evaluated without the curves.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,7 +37,7 @@ from rdoq.solvers import (
     solve_dp_multi,
     solve_lagrangian,
 )
-from rdoq.store import CurveStore, LayerCurves
+from rdoq.store import CurveStore, LayerCurves, check_same_model, meta_digest
 
 SOLVERS = ("dp", "lg")
 # What a table's ``rate`` counts: fixed-width bits × elements, or the entropy of the quantized
@@ -96,67 +94,10 @@ class ItemTable:
         return float(rows.sum())
 
 
-def meta_digest(meta: dict[str, Any]) -> str:
-    """sha256 of a curve set's meta.json content (what an allocation was solved from)."""
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-
-
-def open_curve_set(root: Path | str, kind: str, act_mode: str | None = None) -> CurveStore:
-    """A complete curve set of ``kind`` (``act_mode`` for activations), or an error naming what is
-    missing or different."""
-    store = CurveStore.load(root)
-    meta = store.meta
-    if meta["kind"] != kind:
-        raise ValueError(f"{root} holds {meta['kind']} curves, expected {kind} curves")
-    if kind == "act" and act_mode is not None and meta.get("act_mode") != act_mode:
-        raise ValueError(f"{root} holds activation curves of layer {meta.get('act_mode')}puts, "
-                         f"this script needs {act_mode}put curves")
-    missing = store.missing_layers()
-    if missing:
-        more = f" … ({len(missing)} in all)" if len(missing) > 5 else ""
-        raise ValueError(f"curve set {root} misses layers {missing[:5]}{more}; run the curve "
-                         f"script again with the same settings (and every --part_id) to finish it")
-    return store
-
-
-def find_act_curve_set(root: Path | str, model: str, act_mode: str,
-                       group_size: int | None = None) -> Path:
-    """The activation curve set under ``root`` (the paper's ``--act_curve_root_dir``) for
-    ``model`` and ``act_mode``; ``root`` may also be the curve set itself."""
-    root = Path(root)
-    if (root / "meta.json").is_file():
-        return root
-    if not root.is_dir():
-        raise FileNotFoundError(f"--act_curve_root_dir {root} does not exist")
-    found = []
-    for d in sorted(p for p in root.iterdir() if (p / "meta.json").is_file()):
-        meta = CurveStore.read_meta(d)
-        if (meta["kind"] == "act" and meta.get("act_mode") == act_mode
-                and meta.get("model") == model
-                and (group_size is None or meta["group_size"] == group_size)):
-            found.append(d)
-    if not found:
-        raise FileNotFoundError(f"no {act_mode}put activation curve set of {model} under {root}; "
-                                f"run the activation curve script with --outdir {root}")
-    if len(found) > 1:
-        raise ValueError(f"several activation curve sets of {model} under {root}: "
-                         f"{[d.name for d in found]}; pass one of them as --act_curve_root_dir")
-    return found[0]
-
-
 def _pad(a: np.ndarray, k: int, fill: float) -> np.ndarray:
     out = np.full((a.shape[0], k), fill, dtype=np.float64)  # (G, K)
     out[:, : a.shape[1]] = a
     return out
-
-
-def check_same_model(weight_meta: dict[str, Any], act_meta: dict[str, Any]) -> None:
-    """Weight and activation curves must describe the same model and weights."""
-    for key in ("model", "checkpoint_sha256", "weights_source"):
-        if weight_meta.get(key) != act_meta.get(key):
-            raise ValueError(f"the weight and activation curve sets differ in {key}: "
-                             f"{weight_meta.get(key)!r} vs {act_meta.get(key)!r}; use curves of "
-                             f"the same model and checkpoint")
 
 
 def build_table(weights: CurveStore, acts: CurveStore | None,

@@ -14,7 +14,8 @@ from torch import nn
 
 from rdoq.actstats import ActGroupStats, bca_offsets
 from rdoq.engine import MeasuredEngine
-from rdoq.groups import act_values_of, channel_dim, hooked_forward, is_sparse_tensor, map_act
+from rdoq.groups import act_values_of, channel_dim, is_sparse_tensor, map_act
+from rdoq.probe import hooked_forward
 from rdoq.quantizers import act_bounds, quantize_weight_steps
 from rdoq.search import Candidate
 from rdoq.slots import ActSlotParams, act_slots, add_slot_offsets, pad_slots, weight_slots

@@ -15,7 +15,8 @@ from torch import nn
 
 from rdoq.actstats import channel_rows
 from rdoq.allocfile import ALLOC_SCHEMA
-from rdoq.groups import channel_dim, find_layers, hooked_forward
+from rdoq.groups import channel_dim, find_layers
+from rdoq.probe import hooked_forward
 from rdoq.quantizers import mse_steps
 
 MAX_ROWS = 4096

@@ -173,7 +173,7 @@ def _act_curve_set(args: argparse.Namespace, arch: str, act_mode: str,
     as the paper's scripts had it). None there is an InputError naming the directory searched,
     the curve set expected and the fixes: a joint target without activation curves would
     silently quantize weights only."""
-    from rdoq.allocation import find_act_curve_set
+    from rdoq.store import find_act_curve_set
 
     given = args.act_curve_root_dir is not None
     root = args.act_curve_root_dir if given else Path(".")
@@ -205,7 +205,7 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
     """Entry point of the DP (``method="dp"``), Lagrangian-target (``"lg"``) and slope-sweep
     (``"frontier"``) scripts: solve, apply, evaluate, write artifacts. Returns the rows and the
     printed table. ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
-    from rdoq.allocation import ACT, frontier_choices, open_curve_set
+    from rdoq.allocation import ACT, frontier_choices
     from rdoq.pipeline import (
         SolvedPoint,
         TableSpec,
@@ -213,6 +213,7 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
         run_points,
         solve_targets_shrunk,
     )
+    from rdoq.store import open_curve_set
 
     titles = {"dp": "dynamic programming", "lg": "Lagrangian (target rates)",
               "frontier": "Lagrangian slope sweep"}

@@ -162,8 +162,8 @@ def uniform_main(argv: list[str] | None = None,
     activation, per-channel MSE-optimal steps, evaluated exactly like the RDOQ allocations.
     ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
     from rdoq.baselines import collect_acts, uniform_allocation
-    from rdoq.groups import act_shapes
     from rdoq.pipeline import run_points
+    from rdoq.probe import act_shapes
 
     p = argparse.ArgumentParser(description="Uniform-precision baseline: per-channel steps by "
                                             "minimum MSE, evaluated like RDOQ allocations.")

@@ -23,11 +23,9 @@ from rdoq.engine import MeasuredEngine
 from rdoq.entropy import curve_entropy
 from rdoq.groups import (
     act_group_numel,
-    act_shapes,
     channel_dim,
     find_layers,
     group_bounds,
-    hooked_forward,
     is_sparse_conv,
     weight_numel,
 )
@@ -35,6 +33,7 @@ from rdoq.hessian import GradientSweep, HessianSettings
 from rdoq.hessian_backends import HessianActBackend, HessianWeightBackend
 from rdoq.naive import NaiveEvaluator
 from rdoq.parts import PartSpec, assign_parts, layer_macs, suffix_costs
+from rdoq.probe import act_shapes, probe
 from rdoq.quantizers import deadzone_threshold
 from rdoq.search import (
     Chain,
@@ -175,17 +174,12 @@ def plan_layers(model: nn.Module, x1: torch.Tensor, job: CurveJob) -> list[Layer
 
 
 def max_rows_for(model: nn.Module, x1: torch.Tensor, budget_mb: float) -> int:
-    """Samples per forward that fit ``budget_mb``: the widest activation of one sample times a
-    working-set factor of 8 (attention maps, MLP hidden states and temporaries)."""
-    widest = [0]
-
-    def record(m, i, o):
-        if isinstance(o, torch.Tensor):
-            widest[0] = max(widest[0], o.numel() * o.element_size())
-
-    hooked_forward(model, x1[:1], post=[(m, record) for m in model.modules()
-                                        if not list(m.children())])
-    return max(int(budget_mb * 2**20 // max(8 * widest[0], 1)), 1)
+    """Samples per forward that fit ``budget_mb``: the widest activation of one sample (a leaf
+    module's output) times a working-set factor of 8 (attention maps, MLP hidden states and
+    temporaries)."""
+    widest = max((c.out.numel * c.out.element_size for c in probe(model, x1).calls
+                  if c.out.kind == "tensor"), default=0)
+    return max(int(budget_mb * 2**20 // max(8 * widest, 1)), 1)
 
 
 def assign_folds(units: Sequence[Any], count: int) -> tuple[np.ndarray, str]:
@@ -285,35 +279,29 @@ def act_layer_steps(stats: ActGroupStats, plan: LayerPlan, job: CurveJob) -> Cha
     return ChannelSteps.of_acts(stats.rows, stats.channel_signed(plan.bounds), job.nr)
 
 
-def measured_backend(engine: MeasuredEngine, plan: LayerPlan, job: CurveJob,
-                     stats: ActGroupStats | None, steps: ChannelSteps | None = None):
-    """The measured-engine ``Evaluate`` for one layer."""
-    if job.kind == "weight":
-        if steps is None:
-            steps = layer_steps(engine.modules[plan.name].weight, job)
-        mean = (weight_input_means(engine.model, engine.calib, [plan.name], engine.max_rows)
-                [plan.name] if job.bias_corr else None)
-        return WeightBackend(engine, plan.name, plan.bounds, job.max_batch, steps, mean)
-    if steps is None:
-        steps = act_layer_steps(stats, plan, job)
-    values = (act_values(engine.model, engine.calib, plan.name, job.act_mode, engine.max_rows)
-              if job.bias_corr else None)
-    return ActBackend(engine, plan.name, job.act_mode, plan.bounds, stats, job.max_batch, steps,
-                      values)
-
-
-def naive_backend(naive: NaiveEvaluator, plan: LayerPlan, job: CurveJob,
+def layer_backend(evaluator: MeasuredEngine | NaiveEvaluator, plan: LayerPlan, job: CurveJob,
                   stats: ActGroupStats | None, steps: ChannelSteps | None = None):
-    """The naive (full forward per candidate) ``Evaluate`` for one layer."""
+    """The ``Evaluate`` of one layer on the measured engine or on the naive evaluator (a full
+    forward per candidate, the reference): the same steps and ``-bcw`` / ``-bca`` inputs."""
+    naive = isinstance(evaluator, NaiveEvaluator)
+    rows = evaluator.batch_size if naive else evaluator.max_rows
     if job.kind == "weight":
         if steps is None:
-            steps = layer_steps(naive.modules[plan.name].weight, job)
-        mean = (weight_input_means(naive.model, naive.calib, [plan.name], naive.batch_size)
+            steps = layer_steps(evaluator.modules[plan.name].weight, job)
+        mean = (weight_input_means(evaluator.model, evaluator.calib, [plan.name], rows)
                 [plan.name] if job.bias_corr else None)
-        return naive.weights(plan.name, plan.bounds, steps, mean)
+        if naive:
+            return evaluator.weights(plan.name, plan.bounds, steps, mean)
+        return WeightBackend(evaluator, plan.name, plan.bounds, job.max_batch, steps, mean)
     if steps is None:
         steps = act_layer_steps(stats, plan, job)
-    return naive.acts(plan.name, job.act_mode, plan.bounds, stats.signed, steps, job.bias_corr)
+    if naive:
+        return evaluator.acts(plan.name, job.act_mode, plan.bounds, stats.signed, steps,
+                              job.bias_corr)
+    values = (act_values(evaluator.model, evaluator.calib, plan.name, job.act_mode, rows)
+              if job.bias_corr else None)
+    return ActBackend(evaluator, plan.name, job.act_mode, plan.bounds, stats, job.max_batch,
+                      steps, values)
 
 
 def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[str, Any],
@@ -367,7 +355,7 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
     def backend_for(plan: LayerPlan, stats: ActGroupStats | None,
                     steps: ChannelSteps | None) -> Any:
         if job.estimator != "hessian":
-            return measured_backend(engine, plan, job, stats, steps)
+            return layer_backend(engine, plan, job, stats, steps)
         if job.kind == "weight":
             return HessianWeightBackend(sweep, plan.name, plan.bounds, steps)
         return HessianActBackend(sweep, plan.name, plan.bounds, stats, steps, job.bias_corr)

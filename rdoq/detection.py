@@ -292,6 +292,21 @@ def _precision(args: argparse.Namespace, device: torch.device) -> str:
 
 
 @script_entry(RESUME_HINT)
+def parse_detector_args(argv: list[str] | None, description: str,
+                        add_flags: Callable[[argparse.ArgumentParser], None],
+                        evaluation: bool = False
+                        ) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """One detection script's parser and parsed flags: the detector's
+    (:func:`add_detector_flags`) and the script's own (``add_flags``); logging is set up from
+    ``--quiet``. The parser reports the script's input errors (``p.error``)."""
+    p = argparse.ArgumentParser(description=description)
+    add_detector_flags(p, evaluation=evaluation)
+    add_flags(p)
+    args = p.parse_args(argv)
+    setup_logging(args.quiet)
+    return p, args
+
+
 def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``openpcdet/generate_rd_curves_batch.py``: weight RD curves of a pcdet
     detector's layers, one file per layer, resumable; returns the run summary."""
@@ -302,13 +317,8 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
     from rdoq.search import scale_grid
     from rdoq.store import atomic_write_json, curve_set_name
 
-    p = argparse.ArgumentParser(description="Weight (or activation) RD curves of an OpenPCDet "
-                                            "detector (the paper's "
-                                            "tools/generate_rd_curves_batch.py).")
-    add_detector_flags(p, evaluation=False)
-    add_curve_flags(p)
-    args = p.parse_args(argv)
-    setup_logging(args.quiet)
+    p, args = parse_detector_args(argv, "Weight (or activation) RD curves of an OpenPCDet detector "
+                               "(the paper's tools/generate_rd_curves_batch.py).", add_curve_flags)
     try:
         if args.sort_channels:
             raise InputError("--sort_channels (the paper's channel permutation) is not "
@@ -398,20 +408,17 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     every target), measure its distortion on the calibration frames and evaluate mAP/NDS (GPU).
     Returns the rows, the printed table and ``stopped`` (why mAP/NDS were not computed, or
     None)."""
-    from rdoq.allocation import find_act_curve_set, open_curve_set
     from rdoq.allocfile import save_allocation
     from rdoq.apply import apply_allocation, estimate_corrections, remove_act_quantizers
     from rdoq.cli import warn_correction_mismatch
     from rdoq.pipeline import TableSpec, point_label, solve_targets_shrunk
     from rdoq.report import append_results, format_table
+    from rdoq.store import find_act_curve_set, open_curve_set
 
-    p = argparse.ArgumentParser(description="Bit allocation of an OpenPCDet detector from RD "
-                                            "curves, then apply and evaluate (the paper's "
-                                            "tools/generate_DP_frontier_batch_act_nchan.py).")
-    add_detector_flags(p, evaluation=True)
-    add_alloc_flags(p)
-    args = p.parse_args(argv)
-    setup_logging(args.quiet)
+    p, args = parse_detector_args(argv, "Bit allocation of an OpenPCDet detector from RD curves, "
+                               "then apply and evaluate (the paper's "
+                               "tools/generate_DP_frontier_batch_act_nchan.py).", add_alloc_flags,
+                               evaluation=True)
     try:
         store = open_curve_set(args.pathrdcurve, "weight")
         meta = store.meta

@@ -22,6 +22,25 @@ calibration set per candidate. :class:`MeasuredEngine` gives the same numbers wi
   conv with the K weights stacked) or quantizes each slot's activation group with its own step;
 * the reference output is computed by the same slot code path and batch layout with all slots
   unperturbed, so a zero perturbation gives exactly zero distortion.
+
+The prefix cache patches the model for the length of one pass over one chunk of calibration rows
+(:meth:`MeasuredEngine._install`, given that :class:`Chunk` explicitly); model-agnostic skipping
+of the prefix needs hooks and ``forward`` replacement, so these are its invariants:
+
+1. Every patch (a replaced ``forward``, a hook) exists only inside one ``with`` block for one
+   chunk and is removed on exit, exceptions included; nothing of it outlives the pass.
+2. A trunk element before the cut returns zeros of its recorded per-sample output shape, with
+   ``_dummy_rows`` rows (0, or 1 for models that cannot take an empty batch). Those values never
+   reach the output: the cut replaces its input (or, for a post cut, its output) with the cached
+   calibration tensor of the chunk's rows, repeated for the chunk's ``k`` slots.
+3. A replayed child finishes before the perturbed layer starts, runs once per forward and returns
+   one tensor whose first axis is the sample, so its cached output is what it would compute.
+4. A cut is used only after a pass through it reproduced the full-forward reference on every
+   calibration row (up to 1000 ulp of the output's largest magnitude); every (layer, k)
+   identity pass is compared with the reference too, and a mismatch drops replay, then the cut,
+   for that layer.
+5. Capturing at a cut ends each forward early by raising ``_StopForward`` from a hook at the
+   stop module: the only exception used for control flow, caught in ``_capture`` alone.
 """
 
 from __future__ import annotations
@@ -36,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdoq.groups import hooked_forward
+from rdoq.probe import hooked_forward
 from rdoq.slots import patched_forward
 
 log = logging.getLogger(__name__)
@@ -46,6 +65,14 @@ TRUNK_NAMES = ("blocks", "stages", "layers", "layer1", "layer2", "layer3", "laye
 
 class _StopForward(Exception):
     """Raised by a capture hook once the tensor it needs is seen."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One forward of a pass: calibration rows ``rows``, each repeated for ``k`` slots."""
+
+    rows: slice
+    k: int
 
 
 @dataclass(frozen=True)
@@ -107,7 +134,6 @@ class MeasuredEngine:
         self._no_replay: set[str] = set()
         self._no_cut: set[str] = set()
         self._slot_ok: dict[str, bool] = {}
-        self._ctx: tuple[slice, int] = (slice(0, 0), 1)
         self._dummy_rows = 0
         # Seconds spent per activity, for the benchmark's breakdown.
         self.seconds = {"capture": 0.0, "cut_check": 0.0, "reference": 0.0, "candidates": 0.0}
@@ -225,13 +251,14 @@ class MeasuredEngine:
         return events
 
     # -- forwards
-    def _chunks(self, rows_per_sample: int) -> list[slice]:
+    def _chunks(self, k: int) -> list[Chunk]:
+        """The forwards of a pass with k slots: at most ``max_rows`` rows each."""
         n = self.calib.shape[0]
-        step = max(self.max_rows // max(rows_per_sample, 1), 1)
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+        step = max(self.max_rows // max(k, 1), 1)
+        return [Chunk(slice(i, min(i + step, n)), k) for i in range(0, n, step)]
 
     def _full_forward(self) -> torch.Tensor:
-        return torch.cat([self._flat(self.model(self.calib[s])) for s in self._chunks(1)])
+        return torch.cat([self._flat(self.model(self.calib[c.rows])) for c in self._chunks(1)])
 
     @staticmethod
     def _flat(y: torch.Tensor) -> torch.Tensor:
@@ -266,9 +293,9 @@ class MeasuredEngine:
                        else stop.register_forward_pre_hook(halt))
         try:
             with torch.no_grad():
-                for s in self._chunks(1):
+                for c in self._chunks(1):
                     try:
-                        self.model(self.calib[s])
+                        self.model(self.calib[c.rows])
                     except _StopForward:
                         pass
         finally:
@@ -280,51 +307,45 @@ class MeasuredEngine:
         return tensors
 
     @contextlib.contextmanager
-    def _install(self, cut: Cut | None, cached: dict[str, torch.Tensor],
-                 replay: list[str]) -> Iterator[None]:
-        """Substitute the cut input and replay modules for the current (chunk, k) context."""
-        handles = []
-        stack = contextlib.ExitStack()
+    def _install(self, cut: Cut | None, cached: dict[str, torch.Tensor], replay: list[str],
+                 chunk: Chunk) -> Iterator[None]:
+        """Substitute the cut input and the replayed modules' outputs for one chunk's forward
+        (invariants 1-3 of the module docstring)."""
+        # The chunk's rows of each substituted tensor, repeated for its k slots.
+        subst = {}
+        for name in ([""] if cut is not None else []) + replay:
+            rows = cached[name][chunk.rows]
+            subst[name] = rows.repeat(chunk.k, *([1] * (rows.dim() - 1)))
+        with contextlib.ExitStack() as stack:
+            if cut is not None:
+                # Trunk elements before the cut are not computed: their outputs are replaced.
+                stop = self._elements.index(cut.name) + (1 if cut.post else 0)
+                for name in self._elements[:stop]:
+                    if name in self._element_shapes and name not in replay:
+                        zeros = self.calib.new_zeros((self._dummy_rows,
+                                                      *self._element_shapes[name]))
+                        stack.enter_context(patched_forward(
+                            self.modules[name], lambda *a, zeros=zeros, **kw: zeros))
+                mod = self.modules[cut.name]
+                handle = (mod.register_forward_hook(lambda m, a, o: subst[""]) if cut.post
+                          else mod.register_forward_pre_hook(lambda m, a: (subst[""], *a[1:])))
+                stack.callback(handle.remove)
+            for name in replay:
+                stack.enter_context(patched_forward(
+                    self.modules[name], lambda *a, name=name, **kw: subst[name]))
+            yield
 
-        def repeated(name: str) -> torch.Tensor:
-            s, k = self._ctx
-            t = cached[name][s]
-            return t.repeat(k, *([1] * (t.dim() - 1)))
-
-        if cut is not None:
-            # Trunk elements before the cut are not computed: their outputs are replaced anyway.
-            stop = self._elements.index(cut.name) + (1 if cut.post else 0)
-            for name in self._elements[:stop]:
-                if name in self._element_shapes and name not in replay:
-                    shape = self._element_shapes[name]
-                    stack.enter_context(patched_forward(
-                        self.modules[name], lambda *a, shape=shape, **kw: self.calib.new_zeros(
-                            (self._dummy_rows, *shape))))
-            mod = self.modules[cut.name]
-            if cut.post:
-                handles.append(mod.register_forward_hook(lambda m, a, o: repeated("")))
-            else:
-                handles.append(mod.register_forward_pre_hook(
-                    lambda m, a: (repeated(""), *a[1:])))
-        for name in replay:
-            stack.enter_context(patched_forward(
-                self.modules[name], lambda *a, name=name, **kw: repeated(name)))
-        try:
-            with stack:
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _run(self, cut: Cut | None, s: slice, k: int) -> torch.Tensor:
-        """Output for calibration rows ``s``, each repeated for k slots → (k*n, O)."""
-        self._ctx = (s, k)
+    def _run(self, cut: Cut | None, cached: dict[str, torch.Tensor], replay: list[str],
+             chunk: Chunk) -> torch.Tensor:
+        """Output for the chunk's calibration rows, each repeated for its k slots → (k*n, O)."""
         if cut is None:
-            x = self.calib[s]
-            return self._flat(self.model(x.repeat(k, *([1] * (x.dim() - 1)))))
+            x = self.calib[chunk.rows]
+            with self._install(None, cached, replay, chunk):
+                return self._flat(self.model(x.repeat(chunk.k, *([1] * (x.dim() - 1)))))
         # The prefix runs on an empty batch (one zero sample where a model cannot take an empty
         # batch); its result is replaced at the cut.
-        return self._flat(self.model(torch.zeros_like(self.calib[: self._dummy_rows])))
+        with self._install(cut, cached, replay, chunk):
+            return self._flat(self.model(torch.zeros_like(self.calib[: self._dummy_rows])))
 
     def _check_cut(self, cut: Cut, layer: str) -> bool:
         t0 = time.perf_counter()
@@ -333,8 +354,8 @@ class MeasuredEngine:
             try:
                 # Capture what the layer's passes will need: the check costs no extra capture.
                 cached = self._capture(cut, self.replayed(cut, layer), layer)
-                with torch.no_grad(), self._install(cut, cached, []):
-                    y = torch.cat([self._run(cut, s, 1) for s in self._chunks(1)])
+                with torch.no_grad():
+                    y = torch.cat([self._run(cut, cached, [], c) for c in self._chunks(1)])
             except Exception as e:  # noqa: BLE001 - a cut that fails in any way is not used
                 if self._dummy_rows == 0:
                     self._dummy_rows = 1
@@ -435,8 +456,8 @@ class MeasuredEngine:
         replay = self.replayed(cut, layer)
         cached = self._capture(cut, replay, layer) if cut is not None else {}
         outs = []
-        with torch.no_grad(), self._install(cut, cached, replay), ctx:
-            for s in self._chunks(k):
-                y = self._run(cut, s, k)  # (k*n, O)
+        with torch.no_grad(), ctx:
+            for chunk in self._chunks(k):
+                y = self._run(cut, cached, replay, chunk)  # (k*n, O)
                 outs.append(y.reshape(k, -1, y.shape[-1]))
         return torch.cat(outs, dim=1)

@@ -35,10 +35,10 @@ from rdoq.groups import (
     entry_channel_steps,
     find_layers,
     group_bounds,
-    hooked_forward,
     weight_numel,
 )
 from rdoq.parts import layer_macs
+from rdoq.probe import hooked_forward
 from rdoq.quantizers import act_bounds
 
 # Autograd nodes whose output holds only values of their one input, and keeps every channel's

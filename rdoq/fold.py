@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from rdoq.groups import hooked_forward
+from rdoq.probe import hooked_forward
 
 log = logging.getLogger("rdoq.fold")
 

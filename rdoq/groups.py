@@ -15,7 +15,7 @@ dependency) never loads it through rdoq. Importing it, and its CPU fixes, live i
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -158,46 +158,6 @@ def weight_numel(shape: tuple[int, ...], bounds: tuple[int, int]) -> int:
     for s in shape[1:]:
         per_channel *= s
     return (bounds[1] - bounds[0]) * per_channel
-
-
-def hooked_forward(model: nn.Module, x: torch.Tensor,
-                   post: Iterable[tuple[nn.Module, Callable]] = (),
-                   pre: Iterable[tuple[nn.Module, Callable]] = (),
-                   grad: bool = False) -> None:
-    """One forward of ``x`` with forward (``post``) and pre-forward (``pre``) hooks installed;
-    the hooks are removed whatever happens. No-grad unless ``grad`` (hooks that inspect the
-    autograd graph, as BatchNorm folding does, need it)."""
-    handles = [m.register_forward_pre_hook(fn) for m, fn in pre]
-    handles += [m.register_forward_hook(fn) for m, fn in post]
-    try:
-        with torch.set_grad_enabled(grad):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def act_shapes(model: nn.Module, x: torch.Tensor, names: list[str], mode: str) -> dict[str, tuple]:
-    """Per-sample shapes of the input (``mode="in"``) or output (``"out"``) of the named layers
-    that are called in a forward (one hooked forward on ``x[:1]``); layers whose ``forward`` is
-    never called (their weight is read by a parent, as in BEiT's ``qkv``) are absent. A sparse
-    activation's shape is its features' ``(N_active, C)`` in that first sample (frame).
-    """
-    if mode not in ("in", "out"):
-        raise ValueError(f"act_mode must be 'in' or 'out', got {mode!r}")
-    modules = dict(model.named_modules())
-    shapes: dict[str, tuple] = {}
-
-    def hook(name: str) -> Callable:
-        def record(mod, inp, out):
-            t = inp[0] if mode == "in" else out
-            # A SparseConvTensor holds one sample (a frame, FrameRunner) as (N_active, C):
-            # its positions are the active sites, so its whole feature shape is the sample's.
-            shapes[name] = tuple(t.features.shape) if is_sparse_tensor(t) else tuple(t.shape[1:])
-        return record
-
-    hooked_forward(model, x[:1], post=[(modules[n], hook(n)) for n in names])
-    return shapes
 
 
 def act_group_numel(sample_shape: tuple, module: nn.Module, bounds: tuple[int, int]) -> int:

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from rdoq.backends import input_sum
 from rdoq.grad_rows import per_sample_weight_grad, per_sample_weight_grad_alone
 from rdoq.groups import channel_dim, is_sparse_conv
+from rdoq.probe import distinct_output_numel, probe
 
 log = logging.getLogger(__name__)
 
@@ -204,46 +205,28 @@ class GradientSweep:
         self._loaded = list(chunk)
 
     def _shapes(self, layers: Sequence[str]) -> dict[str, tuple[int, ...]]:
-        """Per-sample shapes of the layers' targets (one forward of one sample), and the
-        per-sample working set of a sweep (``_per_sample_bytes``): the tensors autograd keeps
-        (~2× every distinct leaf output), the probes' gradients of every target, and the widest
-        per-sample gradient temporary (a convolution's unfolded input)."""
+        """Per-sample shapes of the layers' targets (one probing forward of one sample; a
+        sparse target's are its channels ``(C,)``), and the per-sample working set of a sweep
+        (``_per_sample_bytes``): the tensors autograd keeps (~2× every distinct leaf output),
+        the probes' gradients of every target, and the widest per-sample gradient temporary (a
+        convolution's unfolded input)."""
+        p = probe(self.model, self.calib, layers)
+        self.out_numel = p.out_numel
         shapes: dict[str, tuple[int, ...]] = {}
         calls: dict[str, int] = {}
-        sizes = {"leaves": 0, "targets": 0, "unfold": 0}
+        sizes = {"leaves": distinct_output_numel(p), "targets": 0, "unfold": 0}
         wanted = set(layers)
-        # Storages counted once (Identity and in-place outputs share one); the outputs are kept
-        # alive for the forward so that no freed storage is reused under a counted address.
-        seen: dict[int, torch.Tensor] = {}
-
-        def hook(name: str):
-            def record(m, a, o):
-                if isinstance(o, torch.Tensor) and o.data_ptr() not in seen:
-                    seen[o.data_ptr()] = o
-                    sizes["leaves"] += o.numel()
-                if name not in wanted:
-                    return
-                t = a[0] if self.mode == "in" else o
-                if not isinstance(t, torch.Tensor):  # a SparseConvTensor: features (N_act, C)
-                    t = t.features
-                shapes[name] = tuple(t.shape[1:])
-                calls[name] = calls.get(name, 0) + 1
-                sizes["targets"] += t.numel() * 2
-                if self.kind == "weight" and isinstance(m, nn.Conv2d):
-                    positions = o.numel() // max(o.shape[1], 1)
-                    sizes["unfold"] = max(sizes["unfold"],
-                                          m.weight[0].numel() * m.groups * positions)
-            return record
-
-        leaves = {n for n, m in self.modules.items() if not list(m.children())} | wanted
-        handles = [self.modules[n].register_forward_hook(hook(n)) for n in leaves]
-        try:
-            with torch.no_grad():
-                self.out_numel = self.model(self.calib[:1])[0].numel()
-        finally:
-            for h in handles:
-                h.remove()
-        seen.clear()
+        for c in p.calls:
+            if c.name not in wanted:
+                continue
+            t = c.inp if self.mode == "in" else c.out
+            shapes[c.name] = t.shape[1:] if t.kind == "sparse" else t.shape
+            calls[c.name] = calls.get(c.name, 0) + 1
+            sizes["targets"] += t.numel * 2
+            if self.kind == "weight" and isinstance(c.module, nn.Conv2d):
+                positions = c.out.numel // max(c.out.shape[0], 1)
+                sizes["unfold"] = max(sizes["unfold"],
+                                      c.module.weight[0].numel() * c.module.groups * positions)
         m_rows = self.settings.rows_per_sample
         self._per_sample_bytes = self.calib.element_size() * (
             2 * sizes["leaves"] + m_rows * sizes["targets"] + 2 * sizes["unfold"])

@@ -1,13 +1,12 @@
 """The second-order estimator's back-ends (``Evaluate`` for :func:`rdoq.search.run_chains`):
 weight and activation candidates of one layer as batched quadratic-model evaluations on the rows
 of a :class:`rdoq.hessian.GradientSweep`, all groups of a batch in one product (the candidate
-layout: :class:`SlotGrid`).
+layout: :class:`rdoq.slots.SlotGrid`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,68 +22,8 @@ from rdoq.quantizers import (
     signed_bounds,
 )
 from rdoq.search import Candidate
+from rdoq.slots import SlotGrid
 from rdoq.steps import ChannelSteps, candidate_params
-
-# Elements of the perturbation tensor of one batched evaluation (candidates × group elements ×
-# samples); larger batches are split over runs of groups. 2^24 float64 = 128 MiB.
-_MAX_DELTA_ELEMENTS = 2**24
-
-
-@dataclass(frozen=True)
-class SlotGrid:
-    """Candidates laid out as a ``(groups, width)`` grid: row ``r`` holds the candidates of
-    group ``groups[r]`` (sorted), padded to the widest row. With ``split``, every row holds the
-    candidates without the flag in columns ``[0, split_col)`` and those with it from
-    ``split_col`` on, so a rule that only the flagged candidates need runs on those columns."""
-
-    groups: np.ndarray  # (Gu,) sorted group indices
-    rows: np.ndarray  # (K,) row of each candidate
-    cols: np.ndarray  # (K,) column of each candidate
-    width: int
-    split_col: int = 0
-    split: bool = False
-
-    @classmethod
-    def of(cls, cands: Sequence[Candidate], split: Sequence[bool] | None = None) -> SlotGrid:
-        flags = split if split is not None else [False] * len(cands)
-        counts: tuple[dict[int, int], dict[int, int]] = ({}, {})
-        cols = np.empty(len(cands), dtype=np.int64)
-        for i, (c, f) in enumerate(zip(cands, flags, strict=True)):
-            # Column = rank among the group's candidates of the same block.
-            block = counts[bool(f)]
-            cols[i] = block.get(c.group, 0)
-            block[c.group] = cols[i] + 1
-        split_col = max(counts[0].values(), default=0)
-        cols[np.asarray(flags, dtype=bool)] += split_col
-        groups = np.array(sorted(counts[0].keys() | counts[1].keys()), dtype=np.int64)
-        row_of = {g: r for r, g in enumerate(groups.tolist())}
-        rows = np.fromiter((row_of[c.group] for c in cands), dtype=np.int64, count=len(cands))
-        return cls(groups, rows, cols, split_col + max(counts[1].values(), default=0), split_col,
-                   split is not None)
-
-    def grid(self, values: Sequence[float], fill: float, like: torch.Tensor,
-             rows: slice = slice(None)) -> torch.Tensor:
-        """``values`` per candidate as a ``(Gu, width)`` tensor (``fill`` in the padding),
-        restricted to the grid rows ``rows``."""
-        a = np.full((len(self.groups), self.width), fill, dtype=np.float64)
-        a[self.rows, self.cols] = values
-        return torch.from_numpy(a[rows]).to(dtype=like.dtype, device=like.device)
-
-    def runs(self, per_group_elements: int) -> list[slice]:
-        """Slices of grid rows whose groups are consecutive (views of stacked group tensors,
-        no copies), each within the memory cap of one evaluation."""
-        cap = max(_MAX_DELTA_ELEMENTS // max(per_group_elements * self.width, 1), 1)
-        out, r0 = [], 0
-        for r in range(1, len(self.groups) + 1):
-            if (r == len(self.groups) or self.groups[r] != self.groups[r - 1] + 1
-                    or r - r0 >= cap):
-                out.append(slice(r0, r))
-                r0 = r
-        return out
-
-    def group_range(self, rows: slice) -> slice:
-        """The stacked-group slice of the grid rows ``rows`` (consecutive groups)."""
-        return slice(int(self.groups[rows.start]), int(self.groups[rows.stop - 1]) + 1)
 
 
 def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate], slots: SlotGrid,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rdoq.groups import hooked_forward
+from rdoq.probe import probe
 
 
 @dataclass(frozen=True)
@@ -38,21 +38,16 @@ def resolve_part(part_id: int | None, num_parts: int | None) -> PartSpec:
 
 
 def layer_macs(model: nn.Module, x1: torch.Tensor, names: list[str]) -> dict[str, int]:
-    """Multiply-accumulates per sample of each named Linear/Conv2d (one hooked forward on x1)."""
-    modules = dict(model.named_modules())
-    macs: dict[str, int] = {}
-
-    def hook(name: str):
-        def count(m, inp, out):
-            per_out = m.weight[0].numel()  # MACs per output element (in/groups × kernel)
-            # A spconv layer returns a SparseConvTensor: the features (N_active, C) of the one
-            # sample's active sites (an upper bound: not every kernel tap is active).
-            n_out = out[:1].numel() if isinstance(out, torch.Tensor) else out.features.numel()
-            macs[name] = macs.get(name, 0) + n_out * per_out
-        return count
-
-    hooked_forward(model, x1[:1], post=[(modules[n], hook(n)) for n in names])
-    return {n: macs.get(n, 0) for n in names}
+    """Multiply-accumulates per sample of each named Linear/Conv2d, summed over its calls (one
+    probing forward on ``x1[:1]``): output elements × MACs per output element (in/groups ×
+    kernel). Every output element of the one-sample forward counts, also where the first axis is
+    not the sample (Swin's attention windows); a spconv layer's output counts its features, the
+    active sites (an upper bound: not every kernel tap is active)."""
+    macs = dict.fromkeys(names, 0)
+    for c in probe(model, x1, names).calls:
+        if c.name in macs:
+            macs[c.name] += c.out.numel * c.module.weight[0].numel()
+    return macs
 
 
 def assign_parts(costs: list[float], num_parts: int) -> list[int]:

@@ -38,9 +38,9 @@ from rdoq.curves import (
     CurveJob,
     LayerPlan,
     job_dict,
+    layer_backend,
     layer_curves,
     max_rows_for,
-    measured_backend,
     plan_layers,
 )
 from rdoq.engine import MeasuredEngine
@@ -247,7 +247,7 @@ def remeasure_curves(model: nn.Module, calib_x: torch.Tensor, src: CurveStore, r
                                 folds=folds["of_sample"] if folds else None)
 
         def backend_for(plan: LayerPlan, stats: Any, steps: Any) -> Any:
-            return measured_backend(engine, plan, job, stats, steps)
+            return layer_backend(engine, plan, job, stats, steps)
 
         for plan in tqdm(todo, desc="re-measure", unit="layer", disable=not job.progress):
             lt = time.perf_counter()

@@ -1,20 +1,31 @@
-"""Slot forwards (DESIGN §7): a layer computes a batch of K·n rows laid out as K slots of n
-samples, slot k with its own weight or its own activation quantizer, so that K candidates share
-one pass of the network. Used by the measured engine's back-ends (:mod:`rdoq.backends`).
+"""Candidate batching: how the candidates of one layer share one computation, for both
+estimators.
+
+* Measured curves (DESIGN §7): slot forwards. A layer computes a batch of K·n rows laid out as K
+  slots of n samples, slot k with its own weight or its own activation quantizer, so that K
+  candidates share one pass of the network; K is padded to a power of two
+  (:func:`pad_slots`) so that a layer needs few distinct reference passes. Used by the measured
+  engine's back-ends (:mod:`rdoq.backends`).
+* Second-order curves: :class:`SlotGrid`, the candidates as a ``(groups, width)`` grid, one row
+  per channel group, evaluated against that group's gradient rows in one product
+  (:mod:`rdoq.hessian_backends`). A grid, not flat slots, because the quadratic model of a group
+  involves only that group's rows, while a network forward needs every slot whole.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rdoq.groups import channel_dim, map_act
 from rdoq.quantizers import quantize_uniform
+from rdoq.search import Candidate
 
 # A "slot forward" replaces a layer's computation for a batch of K*n rows laid out as K slots of n
 # samples; slot k uses its own weight or its own activation quantizer.
@@ -173,3 +184,65 @@ def pad_slots(n: int, max_batch: int) -> int:
     """Slots per pass for n candidates: the next power of two (≤ max_batch), so that a layer
     needs at most log2(max_batch)+1 reference passes."""
     return min(max_batch, 1 << max(n - 1, 0).bit_length())
+
+
+# Elements of the perturbation tensor of one batched evaluation (candidates × group elements ×
+# samples); larger batches are split over runs of groups. 2^24 float64 = 128 MiB.
+_MAX_DELTA_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True)
+class SlotGrid:
+    """Candidates laid out as a ``(groups, width)`` grid: row ``r`` holds the candidates of
+    group ``groups[r]`` (sorted), padded to the widest row. With ``split``, every row holds the
+    candidates without the flag in columns ``[0, split_col)`` and those with it from
+    ``split_col`` on, so a rule that only the flagged candidates need runs on those columns."""
+
+    groups: np.ndarray  # (Gu,) sorted group indices
+    rows: np.ndarray  # (K,) row of each candidate
+    cols: np.ndarray  # (K,) column of each candidate
+    width: int
+    split_col: int = 0
+    split: bool = False
+
+    @classmethod
+    def of(cls, cands: Sequence[Candidate], split: Sequence[bool] | None = None) -> SlotGrid:
+        flags = split if split is not None else [False] * len(cands)
+        counts: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        cols = np.empty(len(cands), dtype=np.int64)
+        for i, (c, f) in enumerate(zip(cands, flags, strict=True)):
+            # Column = rank among the group's candidates of the same block.
+            block = counts[bool(f)]
+            cols[i] = block.get(c.group, 0)
+            block[c.group] = cols[i] + 1
+        split_col = max(counts[0].values(), default=0)
+        cols[np.asarray(flags, dtype=bool)] += split_col
+        groups = np.array(sorted(counts[0].keys() | counts[1].keys()), dtype=np.int64)
+        row_of = {g: r for r, g in enumerate(groups.tolist())}
+        rows = np.fromiter((row_of[c.group] for c in cands), dtype=np.int64, count=len(cands))
+        return cls(groups, rows, cols, split_col + max(counts[1].values(), default=0), split_col,
+                   split is not None)
+
+    def grid(self, values: Sequence[float], fill: float, like: torch.Tensor,
+             rows: slice = slice(None)) -> torch.Tensor:
+        """``values`` per candidate as a ``(Gu, width)`` tensor (``fill`` in the padding),
+        restricted to the grid rows ``rows``."""
+        a = np.full((len(self.groups), self.width), fill, dtype=np.float64)
+        a[self.rows, self.cols] = values
+        return torch.from_numpy(a[rows]).to(dtype=like.dtype, device=like.device)
+
+    def runs(self, per_group_elements: int) -> list[slice]:
+        """Slices of grid rows whose groups are consecutive (views of stacked group tensors,
+        no copies), each within the memory cap of one evaluation."""
+        cap = max(_MAX_DELTA_ELEMENTS // max(per_group_elements * self.width, 1), 1)
+        out, r0 = [], 0
+        for r in range(1, len(self.groups) + 1):
+            if (r == len(self.groups) or self.groups[r] != self.groups[r - 1] + 1
+                    or r - r0 >= cap):
+                out.append(slice(r0, r))
+                r0 = r
+        return out
+
+    def group_range(self, rows: slice) -> slice:
+        """The stacked-group slice of the grid rows ``rows`` (consecutive groups)."""
+        return slice(int(self.groups[rows.start]), int(self.groups[rows.stop - 1]) + 1)

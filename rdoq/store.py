@@ -2,7 +2,8 @@
 
 Every file is written atomically (temp file in the same directory + ``os.replace``), so a killed
 run leaves either a finished layer file or none. A re-run with the same settings skips finished
-layers; a re-run with different settings into the same directory is refused.
+layers; a re-run with different settings into the same directory is refused. Opening a curve
+set for allocation checks it is complete and of the expected kind (:func:`open_curve_set`).
 """
 
 from __future__ import annotations
@@ -335,3 +336,60 @@ def summarize(root: Path | str) -> dict[str, Any]:
         "median_dist_ratio": {int(b): float(np.median(table[:, i])) if len(table) else None
                               for i, b in enumerate(meta["bits"])},
     }
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """sha256 of a curve set's meta.json content (what an allocation was solved from)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def open_curve_set(root: Path | str, kind: str, act_mode: str | None = None) -> CurveStore:
+    """A complete curve set of ``kind`` (``act_mode`` for activations), or an error naming what is
+    missing or different."""
+    store = CurveStore.load(root)
+    meta = store.meta
+    if meta["kind"] != kind:
+        raise ValueError(f"{root} holds {meta['kind']} curves, expected {kind} curves")
+    if kind == "act" and act_mode is not None and meta.get("act_mode") != act_mode:
+        raise ValueError(f"{root} holds activation curves of layer {meta.get('act_mode')}puts, "
+                         f"this script needs {act_mode}put curves")
+    missing = store.missing_layers()
+    if missing:
+        more = f" … ({len(missing)} in all)" if len(missing) > 5 else ""
+        raise ValueError(f"curve set {root} misses layers {missing[:5]}{more}; run the curve "
+                         f"script again with the same settings (and every --part_id) to finish it")
+    return store
+
+
+def find_act_curve_set(root: Path | str, model: str, act_mode: str,
+                       group_size: int | None = None) -> Path:
+    """The activation curve set under ``root`` (the paper's ``--act_curve_root_dir``) for
+    ``model`` and ``act_mode``; ``root`` may also be the curve set itself."""
+    root = Path(root)
+    if (root / "meta.json").is_file():
+        return root
+    if not root.is_dir():
+        raise FileNotFoundError(f"--act_curve_root_dir {root} does not exist")
+    found = []
+    for d in sorted(p for p in root.iterdir() if (p / "meta.json").is_file()):
+        meta = CurveStore.read_meta(d)
+        if (meta["kind"] == "act" and meta.get("act_mode") == act_mode
+                and meta.get("model") == model
+                and (group_size is None or meta["group_size"] == group_size)):
+            found.append(d)
+    if not found:
+        raise FileNotFoundError(f"no {act_mode}put activation curve set of {model} under {root}; "
+                                f"run the activation curve script with --outdir {root}")
+    if len(found) > 1:
+        raise ValueError(f"several activation curve sets of {model} under {root}: "
+                         f"{[d.name for d in found]}; pass one of them as --act_curve_root_dir")
+    return found[0]
+
+
+def check_same_model(weight_meta: dict[str, Any], act_meta: dict[str, Any]) -> None:
+    """Weight and activation curves must describe the same model and weights."""
+    for key in ("model", "checkpoint_sha256", "weights_source"):
+        if weight_meta.get(key) != act_meta.get(key):
+            raise ValueError(f"the weight and activation curve sets differ in {key}: "
+                             f"{weight_meta.get(key)!r} vs {act_meta.get(key)!r}; use curves of "
+                             f"the same model and checkpoint")

@@ -12,7 +12,6 @@ from rdoq.allocation import (
     WEIGHT,
     build_table,
     choice_columns,
-    open_curve_set,
     restrict,
     solve_targets,
     target_range,
@@ -32,7 +31,7 @@ from rdoq.evaluate import TensorBatches, bit_report, evaluate, reference_outputs
 from rdoq.groups import group_bounds
 from rdoq.quantizers import quantize_uniform, quantize_weight, signed_bounds, unsigned_bounds
 from rdoq.solvers import solve_ilp
-from rdoq.store import CurveStore, LayerCurves
+from rdoq.store import CurveStore, LayerCurves, open_curve_set
 
 
 class TinyNet(nn.Module):

@@ -13,8 +13,9 @@ from torch import nn
 from rdoq.adapters.digits import build_digits_model
 from rdoq.evaluate import bit_report
 from rdoq.fold import fold_batchnorm
-from rdoq.groups import act_shapes, channel_dim, find_layers
+from rdoq.groups import channel_dim, find_layers
 from rdoq.parts import layer_macs
+from rdoq.probe import act_shapes
 
 
 class Chain(nn.Module):

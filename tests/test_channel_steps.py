@@ -15,10 +15,10 @@ from rdoq.allocation import build_table
 from rdoq.allocfile import make_allocation
 from rdoq.apply import quantized_weight
 from rdoq.backends import quantized_group
-from rdoq.curves import CurveJob, generate_curves, layer_steps, naive_backend, plan_layers
+from rdoq.curves import CurveJob, generate_curves, layer_backend, layer_steps, plan_layers
 from rdoq.groups import group_bounds
 from rdoq.hessian import GradientSweep, HessianSettings
-from rdoq.hessian_backends import HessianWeightBackend, SlotGrid
+from rdoq.hessian_backends import HessianWeightBackend
 from rdoq.naive import NaiveEvaluator
 from rdoq.parts import PartSpec
 from rdoq.quantizers import (
@@ -31,6 +31,7 @@ from rdoq.quantizers import (
     signed_bounds,
 )
 from rdoq.search import Candidate, ScaleChain, ScaleSettings, run_chains, scale_grid
+from rdoq.slots import SlotGrid
 from rdoq.steps import ChannelSteps, candidate_params
 from rdoq.store import CurveStore
 
@@ -229,7 +230,7 @@ def test_hessian_and_measured_backends_quantize_per_channel_identically():
                                         rel=1e-12, abs=1e-300)
         assert mse[k] == pytest.approx(float(delta.pow(2).mean()), rel=1e-12, abs=1e-300)
     # The measured path gives the same quantized groups (and refuses mixed-up modes).
-    naive = naive_backend(NaiveEvaluator(model, x, 10), plan, job, None)
+    naive = layer_backend(NaiveEvaluator(model, x, 10), plan, job, None)
     assert len(naive(cands[:2])[0]) == 2
     with pytest.raises(ValueError, match="ChannelSteps"):
         candidate_params(cands[:1], plan.bounds, 3, None)

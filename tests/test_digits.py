@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rdoq.adapters import digits
+from rdoq.adapters.base import InputError, file_sha256
 from rdoq.adapters.digits import (
     DIGITS_ARCHS,
     WEIGHTS_DIR,
@@ -24,7 +25,6 @@ from rdoq.adapters.digits import (
     save_weights,
     train_digits_model,
 )
-from rdoq.adapters.timm_imagenet import InputError, file_sha256
 from tests.conftest import run_script
 
 

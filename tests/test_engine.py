@@ -11,9 +11,8 @@ from torch import nn
 from rdoq.curves import (
     CurveJob,
     job_dict,
+    layer_backend,
     make_chains,
-    measured_backend,
-    naive_backend,
     plan_layers,
 )
 from rdoq.engine import MeasuredEngine
@@ -55,10 +54,10 @@ def curves(model, x, job, layer_names, backend_kind, max_batch=8, lookahead=2):
         chains, stats = make_chains(model, x, plan, job, 64)
         chains = [c for c in chains if c.group in groups]
         if backend_kind == "ours":
-            run_chains(chains, measured_backend(engine, plan, job, stats), max_batch,
+            run_chains(chains, layer_backend(engine, plan, job, stats), max_batch,
                        max_lookahead=lookahead)
         else:
-            run_chains(chains, naive_backend(naive, plan, job, stats), 1)
+            run_chains(chains, layer_backend(naive, plan, job, stats), 1)
         dist, step, _ = chains_to_arrays(chains, len(plan.bounds), job.ndz if job.kind ==
                                          "weight" else 1, job.nr)
         out[plan.name] = (dist[groups], step[groups], engine.cut_for(plan.name))
@@ -68,7 +67,7 @@ def curves(model, x, job, layer_names, backend_kind, max_batch=8, lookahead=2):
 def weight_curves_both(model, x, plan, job, engine, naive, n_chains=None):
     """Weight curves (G, D, B) of a layer from the engine and from the naive evaluator."""
     out = []
-    for be in (measured_backend(engine, plan, job, None), naive_backend(naive, plan, job, None)):
+    for be in (layer_backend(engine, plan, job, None), layer_backend(naive, plan, job, None)):
         chains, _ = make_chains(model, x, plan, job, 64)
         chains = chains[:n_chains] if n_chains else chains
         run_chains(chains, be, 4)

@@ -8,13 +8,13 @@ from torch import nn
 
 from rdoq.groups import (
     act_group_numel,
-    act_shapes,
     find_layers,
     get_group,
     group_bounds,
     set_group,
     weight_numel,
 )
+from rdoq.probe import act_shapes
 
 # ---------------------------------------------------------------------------------------------
 # group bounds

@@ -272,8 +272,9 @@ def test_stats_from_stored_activations_equal_the_hooked_ones(arch):
 
 @pytest.mark.parametrize("split", [False, True])
 def test_batched_weight_quantization_equals_one_call_per_candidate(split):
-    from rdoq.hessian_backends import SlotGrid, quantize_weights_batched
+    from rdoq.hessian_backends import quantize_weights_batched
     from rdoq.quantizers import quantize_weight
+    from rdoq.slots import SlotGrid
 
     torch.manual_seed(3)
     w = torch.randn(3, 50)  # three groups
@@ -300,8 +301,8 @@ def test_batched_weight_quantization_equals_one_call_per_candidate(split):
 
 
 def test_slot_runs_are_consecutive_groups_within_the_memory_cap(monkeypatch):
-    from rdoq import hessian_backends
-    from rdoq.hessian_backends import SlotGrid
+    from rdoq import slots as slots_module
+    from rdoq.slots import SlotGrid
 
     cands = [Candidate(g, 2, -1.0) for g in (5, 0, 1, 2, 7, 6, 1)]
     slots = SlotGrid.of(cands)
@@ -309,7 +310,7 @@ def test_slot_runs_are_consecutive_groups_within_the_memory_cap(monkeypatch):
     runs = slots.runs(per_group_elements=10)
     assert [(r.start, r.stop) for r in runs] == [(0, 3), (3, 6)]
     assert slots.group_range(runs[1]) == slice(5, 8)
-    monkeypatch.setattr(hessian_backends, "_MAX_DELTA_ELEMENTS", 40)  # two groups of 10×2 per run
+    monkeypatch.setattr(slots_module, "_MAX_DELTA_ELEMENTS", 40)  # two groups of 10×2 per run
     assert [(r.start, r.stop) for r in slots.runs(10)] == [(0, 2), (2, 3), (3, 5), (5, 6)]
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from rdoq.adapters.timm_imagenet import file_sha256
+from rdoq.adapters.base import file_sha256
 from rdoq.store import CurveStore
 from tests.conftest import run_script
 

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from rdoq.adapters import natural
-from rdoq.adapters.timm_imagenet import InputError
+from rdoq.adapters.base import InputError
 from rdoq.evaluate import TensorBatches, evaluate, mean_kl, reference_outputs
 
 needs_skimage = pytest.mark.skipif(

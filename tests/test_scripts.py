@@ -127,7 +127,7 @@ def test_resume_after_kill_gives_the_same_curves(tmp_path, vit_weight_run):
 
 @pytest.mark.slow
 def test_truncated_layer_file_is_recomputed_on_resume(tmp_path, vit_weight_run):
-    from rdoq.allocation import open_curve_set
+    from rdoq.store import open_curve_set
 
     curve_set = tmp_path / vit_weight_run.name
     shutil.copytree(vit_weight_run, curve_set)

@@ -124,7 +124,8 @@ def test_paper_alias_builds_offline_with_random_init(alias):
 
 
 def test_mae_alias_without_checkpoint_names_the_file(monkeypatch, tmp_path):
-    from rdoq.adapters.timm_imagenet import InputError, build_model
+    from rdoq.adapters.base import InputError
+    from rdoq.adapters.timm_imagenet import build_model
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match="--checkpoint mae_finetuned_vit_base.pth"):
@@ -152,3 +153,21 @@ def test_torchvision_alias_runs_and_its_layers_are_found(alias):
                                               act_mode="out"))
     assert [p.name for p in weights] == convs and [p.name for p in acts] == convs
     assert eval_transform(model) is not None
+
+
+def test_checkpoint_of_another_shape_is_an_input_error(tmp_path):
+    import torch
+
+    from rdoq.adapters.base import InputError
+    from rdoq.adapters.timm_imagenet import build_model
+
+    model, _ = build_model("resnet10t", random_init=True, num_classes=5)
+    path = tmp_path / "five_classes.pt"
+    torch.save(model.state_dict(), path)
+    # Same keys, another classifier width: a mismatch the user must be told about by name.
+    with pytest.raises(InputError, match=r"--checkpoint .*five_classes.pt does not fit resnet10t"):
+        build_model("resnet10t", checkpoint=path, num_classes=7)
+    loaded, info = build_model("resnet10t", checkpoint=path, num_classes=5)
+    assert info.weights_source == "checkpoint:five_classes.pt"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                  model.state_dict().values(), strict=True))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rdoq import cli, cli_alloc, cli_curves, cli_eval
-from rdoq.adapters.timm_imagenet import InputError
+from rdoq.adapters.base import InputError
 
 DIGITS_UNIFORM = ["--target_rates", "4", "--calibsize", "2", "--testsize", "8", "--batchsize",
                   "8", "--quiet", "--no-plots"]

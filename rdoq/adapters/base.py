@@ -175,3 +175,26 @@ class Adapter(ABC):
     def channel_axis(self, module: nn.Module) -> int:
         """The channel axis of ``module``'s activations (``rdoq.groups.channel_dim``)."""
         return channel_dim(module)
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path,
+                   arch: str) -> None:
+    """Load ``state`` into ``model`` strictly: a shape mismatch, a missing or an unexpected key
+    is an :class:`InputError` naming ``source`` (the file the weights came from)."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise InputError(f"--checkpoint {source} does not fit {arch}: {str(e)[:300]}") from e
+    if missing or unexpected:
+        raise InputError(f"--checkpoint {source} does not fit {arch}: missing "
+                         f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
+                         f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+
+
+def load_checkpoint(model: nn.Module, checkpoint: Path, arch: str) -> ModelInfo:
+    """Load a user's ``--checkpoint`` file into ``model`` (:func:`fit_state_dict`) and
+    describe it: source ``checkpoint:<file name>`` and the file's sha256."""
+    checkpoint = Path(checkpoint)
+    fit_state_dict(model, load_state_dict(checkpoint), checkpoint, arch)
+    return ModelInfo(arch, f"checkpoint:{checkpoint.name}", file_sha256(checkpoint))
+

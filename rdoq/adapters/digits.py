@@ -39,7 +39,8 @@ from rdoq.adapters.base import (
     InputError,
     ModelInfo,
     file_sha256,
-    load_state_dict,
+    fit_state_dict,
+    load_checkpoint,
 )
 from rdoq.evaluate import TensorBatches
 
@@ -131,18 +132,6 @@ def bundled_weights(name: str, weights_dir: Path = WEIGHTS_DIR) -> dict[str, tor
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path, arch: str) -> None:
-    """Load ``state`` strictly, turning any mismatch into an InputError naming ``source``."""
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise InputError(f"--checkpoint {source} does not fit {arch}: {str(e)[:300]}") from e
-    if missing or unexpected:
-        raise InputError(f"--checkpoint {source} does not fit {arch}: missing "
-                         f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
-                         f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
-
-
 def build_digits_model(name: str, checkpoint: Path | None = None, random_init: bool = False,
                        seed: int = 0) -> tuple[nn.Module, ModelInfo]:
     """A digits model in eval mode, float32: the bundled weights (sha-checked) by default,
@@ -150,14 +139,12 @@ def build_digits_model(name: str, checkpoint: Path | None = None, random_init: b
     check_arch(name)
     model = _seeded_model(name, seed)
     if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        _load_into(model, load_state_dict(checkpoint), checkpoint, name)
-        info = ModelInfo(name, f"checkpoint:{checkpoint.name}", file_sha256(checkpoint))
+        info = load_checkpoint(model, checkpoint, name)
     elif random_init:
         info = ModelInfo(name, f"random-init:seed={seed}")
     else:
         path = WEIGHTS_DIR / f"{name}.pt"
-        _load_into(model, bundled_weights(name), path, name)
+        fit_state_dict(model, bundled_weights(name), path, name)
         info = ModelInfo(name, f"bundled:{path.name}", WEIGHTS_SHA256[name])
     return model.float().eval(), info
 

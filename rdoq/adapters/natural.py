@@ -51,6 +51,7 @@ from rdoq.adapters.base import (
     InputError,
     ModelInfo,
     file_sha256,
+    fit_state_dict,
     load_state_dict,
 )
 from rdoq.adapters.timm_imagenet import eval_transform, synthetic_calib
@@ -174,10 +175,7 @@ def build_efficientnet_lite(arch: str = "efficientnet_lite1",
     model = timm.create_model(timm_arch, pretrained=False)
     if "_conv_stem.weight" in state:
         state = convert_lite_state_dict(state, model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise InputError(f"weights {path} do not fit {timm_arch}: {str(e)[:300]}") from e
+    fit_state_dict(model, state, path, timm_arch)
     return model.eval(), ModelInfo(timm_arch, source, file_sha256(path))
 
 

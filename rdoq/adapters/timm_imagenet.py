@@ -13,15 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-# The shared types live in rdoq.adapters.base; importing them from here keeps working.
 from rdoq.adapters.base import (
     Adapter,
     Batches,
     CalibSet,
     InputError,
     ModelInfo,
-    file_sha256,
-    load_state_dict,
+    load_checkpoint,
 )
 from rdoq.evaluate import TensorBatches
 
@@ -154,13 +152,7 @@ def build_model(name: str, checkpoint: Path | None = None, random_init: bool = F
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if checkpoint is not None:
         model = create_model(spec, pretrained=False, **kwargs)
-        state = load_state_dict(Path(checkpoint))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise InputError(f"--checkpoint {checkpoint} does not fit {arch}: missing "
-                             f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
-                             f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
-        info = ModelInfo(arch, f"checkpoint:{Path(checkpoint).name}", file_sha256(Path(checkpoint)))
+        info = load_checkpoint(model, checkpoint, arch)
     elif random_init:
         torch.manual_seed(seed)
         model = create_model(spec, pretrained=False, **kwargs)
