@@ -33,16 +33,19 @@ install-pcdet: $(VENV)/.installed-pcdet
 
 test: $(VENV)/.installed-real $(VENV)/.installed-pcdet
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 # The inner loop: ruff and the tests not marked `slow` (subprocess / end-to-end runs, tests over
 # ~5 s). CI runs `make test`, i.e. everything.
 test-fast: $(VENV)/.installed-real $(VENV)/.installed-pcdet
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The main job on the embedded default: curves, DP / Lagrangian allocation, evaluation and the
 # uniform baseline for the bundled digits models (CPU, no network); variables in the driver.

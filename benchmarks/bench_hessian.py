@@ -47,29 +47,47 @@ from rdoq.store import CurveStore  # noqa: E402
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="digits_cnn,digits_vit,test_vit",
-                   help="digits_cnn, digits_vit and/or a timm name (synthetic data)")
+    p.add_argument(
+        "--models",
+        default="digits_cnn,digits_vit,test_vit",
+        help="digits_cnn, digits_vit and/or a timm name (synthetic data)",
+    )
     p.add_argument("--testsize", type=int, default=64, help="calibration samples")
     p.add_argument("--nchannelbatch", type=int, default=8, help="channels per group")
     p.add_argument("--maxrates", type=int, default=9, help="bit widths 0..maxrates-1")
     p.add_argument("--maxdeadzones", type=int, default=4, help="dead-zone ratios (weights)")
-    p.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0, 4.0, 6.0],
-                   help="DP targets (weights and activations alike)")
+    p.add_argument(
+        "--targets",
+        type=float,
+        nargs="+",
+        default=[2.0, 3.0, 4.0, 6.0],
+        help="DP targets (weights and activations alike)",
+    )
     p.add_argument("--nprobes", type=int, default=4, help="random probes per sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the random output probes")
-    p.add_argument("--timm-testsize", type=int, default=8,
-                   help="calibration samples of the timm model (synthetic data)")
-    p.add_argument("--timm-nchannelbatch", type=int, default=32,
-                   help="channels per group of the timm model")
+    p.add_argument(
+        "--timm-testsize",
+        type=int,
+        default=8,
+        help="calibration samples of the timm model (synthetic data)",
+    )
+    p.add_argument(
+        "--timm-nchannelbatch", type=int, default=32, help="channels per group of the timm model"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--min-seconds", type=float, default=3.0,
-                   help="repeat each side's curve generation until it has run this long and "
-                        "report the mean (only sub-second runs repeat)")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=3.0,
+        help="repeat each side's curve generation until it has run this long and "
+        "report the mean (only sub-second runs repeat)",
+    )
     return p.parse_args(argv)
 
 
-def make_curves(model, x, info, calib_meta, root: Path, estimator: str, args,
-                group_size: int) -> float:
+def make_curves(
+    model, x, info, calib_meta, root: Path, estimator: str, args, group_size: int
+) -> float:
     """Weight + output-activation curves into ``root``; returns seconds per generation.
 
     Timed like ``timeit``'s autorange: generations from scratch are repeated until they have
@@ -80,21 +98,36 @@ def make_curves(model, x, info, calib_meta, root: Path, estimator: str, args,
     while runs == 0 or seconds < args.min_seconds:
         run_root = root if runs == 0 else root.with_name(f"{root.name}_rep{runs}")
         for kind in ("weight", "act"):
-            job = CurveJob(kind=kind, act_mode="out" if kind == "act" else None,
-                           group_size=group_size, nr=args.maxrates,
-                           ndz=args.maxdeadzones if kind == "weight" else 1,
-                           max_steps=48 if kind == "weight" else 32,
-                           step_grid=1 if kind == "weight" else 4,
-                           # The scripts' CPU defaults of each estimator.
-                           max_batch=256 if estimator == "hessian" else 1,
-                           max_lookahead=4 if estimator == "hessian" else 1,
-                           sweep_batch=64, progress=False, argv=["bench_hessian"],
-                           estimator=estimator,
-                           hessian=HessianSettings(nprobes=args.nprobes, seed=args.seed)
-                           if estimator == "hessian" else None)
+            job = CurveJob(
+                kind=kind,
+                act_mode="out" if kind == "act" else None,
+                group_size=group_size,
+                nr=args.maxrates,
+                ndz=args.maxdeadzones if kind == "weight" else 1,
+                max_steps=48 if kind == "weight" else 32,
+                step_grid=1 if kind == "weight" else 4,
+                # The scripts' CPU defaults of each estimator.
+                max_batch=256 if estimator == "hessian" else 1,
+                max_lookahead=4 if estimator == "hessian" else 1,
+                sweep_batch=64,
+                progress=False,
+                argv=["bench_hessian"],
+                estimator=estimator,
+                hessian=HessianSettings(nprobes=args.nprobes, seed=args.seed)
+                if estimator == "hessian"
+                else None,
+            )
             t0 = time.perf_counter()
-            generate_curves(model, x, info, calib_meta, job, run_root / kind, PartSpec(0, 1),
-                            torch.device("cpu"))
+            generate_curves(
+                model,
+                x,
+                info,
+                calib_meta,
+                job,
+                run_root / kind,
+                PartSpec(0, 1),
+                torch.device("cpu"),
+            )
             seconds += time.perf_counter() - t0
         if run_root != root:
             shutil.rmtree(run_root)
@@ -107,8 +140,9 @@ def curve_points(root: Path) -> dict[str, np.ndarray]:
     out = {}
     for kind in ("weight", "act"):
         store = CurveStore.load(root / kind)
-        out[kind] = np.concatenate([store.read_layer(n).dist.min(axis=1)
-                                    for n in store.layer_names()])  # (G, B)
+        out[kind] = np.concatenate(
+            [store.read_layer(n).dist.min(axis=1) for n in store.layer_names()]
+        )  # (G, B)
     return out
 
 
@@ -146,41 +180,56 @@ def main(argv: list[str] | None = None) -> dict:
         x = calib.x.double()
         with tempfile.TemporaryDirectory() as tmp:
             roots = {e: Path(tmp) / e for e in ("measured", "hessian")}
-            secs = {e: make_curves(model, x, vars(info), calib.meta(), roots[e], e, args,
-                                   group_size) for e in roots}
+            secs = {
+                e: make_curves(model, x, vars(info), calib.meta(), roots[e], e, args, group_size)
+                for e in roots
+            }
             pts = {e: curve_points(roots[e]) for e in roots}
             m = np.concatenate([pts["measured"][k][:, 2:].ravel() for k in ("weight", "act")])
             h = np.concatenate([pts["hessian"][k][:, 2:].ravel() for k in ("weight", "act")])
             ml = np.concatenate([pts["measured"][k][:, :2].ravel() for k in ("weight", "act")])
             hl = np.concatenate([pts["hessian"][k][:, :2].ravel() for k in ("weight", "act")])
-            res = {"measured_s": secs["measured"], "hessian_s": secs["hessian"],
-                   "speedup": secs["measured"] / secs["hessian"],
-                   "rank_corr": float(spearmanr(m, h).statistic),
-                   "rank_corr_low": float(spearmanr(ml, hl).statistic),
-                   "median_ratio_hess_over_meas": float(np.median(h / np.maximum(m, 1e-300)))}
+            res = {
+                "measured_s": secs["measured"],
+                "hessian_s": secs["hessian"],
+                "speedup": secs["measured"] / secs["hessian"],
+                "rank_corr": float(spearmanr(m, h).statistic),
+                "rank_corr_low": float(spearmanr(ml, hl).statistic),
+                "median_ratio_hess_over_meas": float(np.median(h / np.maximum(m, 1e-300))),
+            }
             if data is not None:
                 ref, _ = reference_outputs(model, data, torch.device("cpu"))
-                res["dp"] = {e: dp_scores(model, roots[e], data, ref, args.targets)
-                             for e in roots}
+                res["dp"] = {e: dp_scores(model, roots[e], data, ref, args.targets) for e in roots}
         summary["models"][name] = res
-        print(f"{name}: measured {res['measured_s']:.1f} s, second-order {res['hessian_s']:.1f} s "
-              f"({res['speedup']:.1f}x); rank correlation {res['rank_corr']:.3f} over bits >= 2 "
-              f"({res['rank_corr_low']:.3f} over bits 0-1)")
+        print(
+            f"{name}: measured {res['measured_s']:.1f} s, second-order {res['hessian_s']:.1f} s "
+            f"({res['speedup']:.1f}x); rank correlation {res['rank_corr']:.3f} over bits >= 2 "
+            f"({res['rank_corr_low']:.3f} over bits 0-1)"
+        )
         for e, rows in res.get("dp", {}).items():
-            print(f"  DP from {e:8s} curves: " + "  ".join(
-                f"{r['target']:g} bits: top-1 {r['top1']:.2f} % MSE {r['out_mse']:.2e}"
-                for r in rows))
+            print(
+                f"  DP from {e:8s} curves: "
+                + "  ".join(
+                    f"{r['target']:g} bits: top-1 {r['top1']:.2f} % MSE {r['out_mse']:.2e}"
+                    for r in rows
+                )
+            )
         sys.stdout.flush()
     models = summary["models"].values()
-    gaps = [abs(a["top1"] - b["top1"]) for r in models if "dp" in r
-            for a, b in zip(r["dp"]["measured"], r["dp"]["hessian"], strict=True)
-            if a["target"] in (3.0, 4.0)]
+    gaps = [
+        abs(a["top1"] - b["top1"])
+        for r in models
+        if "dp" in r
+        for a, b in zip(r["dp"]["measured"], r["dp"]["hessian"], strict=True)
+        if a["target"] in (3.0, 4.0)
+    ]
     summary.update(
         # Total measured time over total second-order time; per model in "models".
         speedup=sum(r["measured_s"] for r in models) / sum(r["hessian_s"] for r in models),
         speedup_min=min(r["speedup"] for r in models),
         rank_corr=min(r["rank_corr"] for r in models),
-        max_top1_gap=max(gaps) if gaps else None)
+        max_top1_gap=max(gaps) if gaps else None,
+    )
     return summary
 
 

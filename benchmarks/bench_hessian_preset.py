@@ -37,14 +37,22 @@ SETTINGS = {"default": [], "paper": ["--paper-hessian"]}
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="digits_cnn,digits_vit", help="bundled digits models")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="seeds of the default's random probes")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        help="seeds of the default's random probes",
+    )
     p.add_argument("--testsize", type=int, default=64, help="calibration images")
     p.add_argument("--nchannelbatch", type=int, default=8, help="channels per group")
     p.add_argument("--maxrates", type=int, default=9, help="bit widths 0..maxrates-1")
     p.add_argument("--maxdeadzones", type=int, default=4, help="dead-zone ratios (weights)")
-    p.add_argument("--targets", default="2 3 4 6",
-                   help="DP targets in bits, weights and activations alike (space-separated)")
+    p.add_argument(
+        "--targets",
+        default="2 3 4 6",
+        help="DP targets in bits, weights and activations alike (space-separated)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p.parse_args(argv)
 
@@ -54,19 +62,45 @@ def dp_rows(model: str, setting: str, seed: int, root: Path, args) -> list[dict]
     targets; the results rows of the DP script."""
     curves = root / "curves"
     common = ["--archname", model, "--dataset", "digits", "--quiet"]
-    flags = [*common, "--testsize", str(args.testsize), "--seed", str(seed),
-             "--nchannelbatch", str(args.nchannelbatch), "--maxrates", str(args.maxrates),
-             "--outdir", str(curves), *SETTINGS[setting]]
-    curves_main("weight", None, [*flags, "--maxdeadzones", str(args.maxdeadzones)],
-                estimator="hessian")
+    flags = [
+        *common,
+        "--testsize",
+        str(args.testsize),
+        "--seed",
+        str(seed),
+        "--nchannelbatch",
+        str(args.nchannelbatch),
+        "--maxrates",
+        str(args.maxrates),
+        "--outdir",
+        str(curves),
+        *SETTINGS[setting],
+    ]
+    curves_main(
+        "weight", None, [*flags, "--maxdeadzones", str(args.maxdeadzones)], estimator="hessian"
+    )
     curves_main("act", "out", flags, estimator="hessian")
-    wroot = curves / curve_set_name(model, "weight", args.maxdeadzones, args.maxrates,
-                                    args.testsize, args.nchannelbatch)
+    wroot = curves / curve_set_name(
+        model, "weight", args.maxdeadzones, args.maxrates, args.testsize, args.nchannelbatch
+    )
     targets = args.targets.split()
-    out = allocate_main("dp", argv=[*common, "--pathrdcurve", str(wroot),
-                                    "--act_curve_root_dir", str(curves),
-                                    "--target_rates", *targets, "--act-target-rates", *targets,
-                                    "--outdir", str(root / "dp"), "--no-plots"])
+    out = allocate_main(
+        "dp",
+        argv=[
+            *common,
+            "--pathrdcurve",
+            str(wroot),
+            "--act_curve_root_dir",
+            str(curves),
+            "--target_rates",
+            *targets,
+            "--act-target-rates",
+            *targets,
+            "--outdir",
+            str(root / "dp"),
+            "--no-plots",
+        ],
+    )
     return out["rows"]
 
 
@@ -82,29 +116,52 @@ def main(argv: list[str] | None = None) -> dict:
                     root = Path(tmp) / f"{model}_{setting}_{seed}"
                     for r in dp_rows(model, setting, seed, root, args):
                         runs.setdefault((model, setting, r["target_bits"]), []).append(
-                            {"seed": seed, "top1": r["top1"], "out_mse": r["out_mse"],
-                             "w_bits": r["w_bits"], "a_bits": r["a_bits"]})
+                            {
+                                "seed": seed,
+                                "top1": r["top1"],
+                                "out_mse": r["out_mse"],
+                                "w_bits": r["w_bits"],
+                                "a_bits": r["a_bits"],
+                            }
+                        )
     summary: dict = {"seeds": args.seeds, "rows": [], "seconds": time.perf_counter() - t0}
-    print(f"| model | setting | target W/A bits | top-1 % (mean; min–max over seeds {args.seeds}) "
-          f"| output MSE (mean; min–max) |")
+    print(
+        f"| model | setting | target W/A bits | top-1 % (mean; min–max over seeds {args.seeds}) "
+        f"| output MSE (mean; min–max) |"
+    )
     print("|---|---|---|---|---|")
     for (model, setting, target), rs in runs.items():
         top1 = np.array([r["top1"] for r in rs])
         mse = np.array([r["out_mse"] for r in rs])
-        summary["rows"].append({"model": model, "setting": setting, "target": target,
-                                "top1": float(top1.mean()), "out_mse": float(mse.mean()),
-                                "per_seed": rs})
-        print(f"| {model} | {setting} | {target:g} | {top1.mean():.2f} ({top1.min():.2f}–"
-              f"{top1.max():.2f}) | {mse.mean():.3g} ({mse.min():.3g}–{mse.max():.3g}) |")
+        summary["rows"].append(
+            {
+                "model": model,
+                "setting": setting,
+                "target": target,
+                "top1": float(top1.mean()),
+                "out_mse": float(mse.mean()),
+                "per_seed": rs,
+            }
+        )
+        print(
+            f"| {model} | {setting} | {target:g} | {top1.mean():.2f} ({top1.min():.2f}–"
+            f"{top1.max():.2f}) | {mse.mean():.3g} ({mse.min():.3g}–{mse.max():.3g}) |"
+        )
     # Per model and target, how the paper preset compares with the default (mean over seeds).
     wins = {}
     for row in summary["rows"]:
         if row["setting"] == "paper":
-            base = next(r for r in summary["rows"] if r["setting"] == "default"
-                        and r["model"] == row["model"] and r["target"] == row["target"])
+            base = next(
+                r
+                for r in summary["rows"]
+                if r["setting"] == "default"
+                and r["model"] == row["model"]
+                and r["target"] == row["target"]
+            )
             wins[f"{row['model']}@{row['target']:g}"] = {
                 "top1_gain": row["top1"] - base["top1"],
-                "mse_ratio": row["out_mse"] / base["out_mse"]}
+                "mse_ratio": row["out_mse"] / base["out_mse"],
+            }
     summary["paper_vs_default"] = wins
     summary["paper_better_mse"] = sum(w["mse_ratio"] < 1 for w in wins.values())
     summary["comparisons"] = len(wins)

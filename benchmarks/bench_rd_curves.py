@@ -43,10 +43,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nchannelbatch", type=int, default=64, help="channels per group")
     p.add_argument("--maxrates", type=int, default=5, help="bit widths 0..maxrates-1")
     p.add_argument("--maxdeadzones", type=int, default=2, help="dead-zone ratios (weights)")
-    p.add_argument("--ngroups", type=int, default=5,
-                   help="groups measured per kind, stratified over all groups of the network")
-    p.add_argument("--layers", default=None,
-                   help="comma-separated layer names: measure every group of these instead")
+    p.add_argument(
+        "--ngroups",
+        type=int,
+        default=5,
+        help="groups measured per kind, stratified over all groups of the network",
+    )
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated layer names: measure every group of these instead",
+    )
     p.add_argument("--kinds", default="weight,act", help="weight and/or act (output side)")
     p.add_argument("--precision", choices=("float64", "float32"), default="float64")
     p.add_argument("--max-batch", type=int, default=None, help="candidates per pass")
@@ -104,12 +111,18 @@ def main(argv: list[str] | None = None) -> dict:
     n_ours = n_naive = 0
     worst = 0.0
     for kind in args.kinds.split(","):
-        job = CurveJob(kind=kind, act_mode="out" if kind == "act" else None,
-                       group_size=args.nchannelbatch, nr=args.maxrates,
-                       ndz=args.maxdeadzones if kind == "weight" else 1,
-                       max_steps=48 if kind == "weight" else 32,
-                       step_grid=1 if kind == "weight" else 4, precision=args.precision,
-                       max_batch=max_batch, max_lookahead=lookahead)
+        job = CurveJob(
+            kind=kind,
+            act_mode="out" if kind == "act" else None,
+            group_size=args.nchannelbatch,
+            nr=args.maxrates,
+            ndz=args.maxdeadzones if kind == "weight" else 1,
+            max_steps=48 if kind == "weight" else 32,
+            step_grid=1 if kind == "weight" else 4,
+            precision=args.precision,
+            max_batch=max_batch,
+            max_lookahead=lookahead,
+        )
         picks = pick_groups(plan_layers(model, x[:1], job), args.layers, args.ngroups)
         for plan, groups in picks:
             g_all = len(plan.bounds)
@@ -122,8 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     backend = layer_backend(naive, plan, job, stats)
                 t0 = time.perf_counter()
-                n = run_chains(chains, backend, max_batch if name == "ours" else 1,
-                               max_lookahead=lookahead if name == "ours" else 1)
+                n = run_chains(
+                    chains,
+                    backend,
+                    max_batch if name == "ours" else 1,
+                    max_lookahead=lookahead if name == "ours" else 1,
+                )
                 dt = time.perf_counter() - t0
                 dist, _, _ = chains_to_arrays(chains, g_all, job.ndz, job.nr)
                 results[name] = (dist[groups], dt, n)
@@ -134,33 +151,57 @@ def main(argv: list[str] | None = None) -> dict:
             n_ours += results["ours"][2]
             n_naive += results["naive"][2]
             cut = engine.cut_for(plan.name)
-            rows_out.append((kind, f"{plan.name}[{','.join(map(str, groups))}]",
-                             str(cut) if cut else "full forward",
-                             results["naive"][2], results["naive"][1], results["ours"][1],
-                             results["naive"][1] / results["ours"][1], d))
+            rows_out.append(
+                (
+                    kind,
+                    f"{plan.name}[{','.join(map(str, groups))}]",
+                    str(cut) if cut else "full forward",
+                    results["naive"][2],
+                    results["naive"][1],
+                    results["ours"][1],
+                    results["naive"][1] / results["ours"][1],
+                    d,
+                )
+            )
 
-    print(f"{'kind':6} {'layer':28} {'cut':28} {'cands':>6} {'naive s':>8} {'ours s':>8} "
-          f"{'ratio':>6} {'max rel diff':>12}")
+    print(
+        f"{'kind':6} {'layer':28} {'cut':28} {'cands':>6} {'naive s':>8} {'ours s':>8} "
+        f"{'ratio':>6} {'max rel diff':>12}"
+    )
     for r in rows_out:
-        print(f"{r[0]:6} {r[1]:28} {r[2]:28} {r[3]:6d} {r[4]:8.2f} {r[5]:8.2f} {r[6]:6.2f} "
-              f"{r[7]:12.2e}")
+        print(
+            f"{r[0]:6} {r[1]:28} {r[2]:28} {r[3]:6d} {r[4]:8.2f} {r[5]:8.2f} {r[6]:6.2f} "
+            f"{r[7]:12.2e}"
+        )
     breakdown = {k: round(v, 2) for k, v in engine.seconds.items()}
     # Per-layer setup (capture, cut check, reference pass) is paid once per layer; a full run
     # amortises it over every group and dead zone of the layer, this sample over a few chains.
     per_layer = sum(engine.seconds[k] for k in ("capture", "cut_check", "reference"))
     steady = (naive_total - setup_naive) / (ours_total - setup_ours - per_layer)
-    print(f"setup: ours {setup_ours:.2f}s, naive {setup_naive:.2f}s; ours spends {breakdown} "
-          f"over {engine.passes} passes; the rest is quantization and search bookkeeping")
-    print(f"speedup {naive_total / ours_total:.2f}x; without per-layer setup (amortised in a full "
-          f"run) {steady:.2f}x")
+    print(
+        f"setup: ours {setup_ours:.2f}s, naive {setup_naive:.2f}s; ours spends {breakdown} "
+        f"over {engine.passes} passes; the rest is quantization and search bookkeeping"
+    )
+    print(
+        f"speedup {naive_total / ours_total:.2f}x; without per-layer setup (amortised in a full "
+        f"run) {steady:.2f}x"
+    )
     summary = {
-        "model": info.arch, "device": str(device), "precision": args.precision,
-        "testsize": int(x.shape[0]), "nchannelbatch": args.nchannelbatch,
-        "threads": torch.get_num_threads(), "naive_s": round(naive_total, 2),
-        "ours_s": round(ours_total, 2), "speedup": round(naive_total / ours_total, 3),
+        "model": info.arch,
+        "device": str(device),
+        "precision": args.precision,
+        "testsize": int(x.shape[0]),
+        "nchannelbatch": args.nchannelbatch,
+        "threads": torch.get_num_threads(),
+        "naive_s": round(naive_total, 2),
+        "ours_s": round(ours_total, 2),
+        "speedup": round(naive_total / ours_total, 3),
         "speedup_without_layer_setup": round(steady, 3),
-        "max_rel_diff": worst, "candidates_ours": n_ours, "candidates_naive": n_naive,
-        "ours_breakdown_s": breakdown, "ours_passes": engine.passes,
+        "max_rel_diff": worst,
+        "candidates_ours": n_ours,
+        "candidates_naive": n_naive,
+        "ours_breakdown_s": breakdown,
+        "ours_passes": engine.passes,
     }
     print(json.dumps(summary))
     return summary

@@ -37,14 +37,23 @@ from rdoq.solvers import (  # noqa: E402
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--target_rates", default="4,6,8",
-                   help="comma-separated target average bit widths (bits per element)")
-    p.add_argument("--ilp-time-limit", type=float, default=30.0,
-                   help="HiGHS time limit per target (seconds)")
-    p.add_argument("--ilp-gap", type=float, default=1e-9,
-                   help="HiGHS relative optimality gap at which it stops (fraction)")
-    p.add_argument("--max-cells", type=int, default=DP_MAX_CELLS,
-                   help="DP table limit (items × budget cells)")
+    p.add_argument(
+        "--target_rates",
+        default="4,6,8",
+        help="comma-separated target average bit widths (bits per element)",
+    )
+    p.add_argument(
+        "--ilp-time-limit", type=float, default=30.0, help="HiGHS time limit per target (seconds)"
+    )
+    p.add_argument(
+        "--ilp-gap",
+        type=float,
+        default=1e-9,
+        help="HiGHS relative optimality gap at which it stops (fraction)",
+    )
+    p.add_argument(
+        "--max-cells", type=int, default=DP_MAX_CELLS, help="DP table limit (items × budget cells)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random curves")
     return p.parse_args(argv)
 
@@ -98,42 +107,62 @@ def main(argv: list[str] | None = None) -> dict:
     for b in budgets:
         t0 = time.perf_counter()
         with quiet_stdout():
-            ilp.append(solve_ilp_result(dist, rate, b, time_limit=args.ilp_time_limit,
-                                        mip_rel_gap=args.ilp_gap))
+            ilp.append(
+                solve_ilp_result(
+                    dist, rate, b, time_limit=args.ilp_time_limit, mip_rel_gap=args.ilp_gap
+                )
+            )
         ilp_times.append(time.perf_counter() - t0)
 
     rows = []
-    for t, b, c_dp, c_lag, res, sec in zip(targets, budgets, dp.choices, lag, ilp, ilp_times,
-                                           strict=True):
+    for t, b, c_dp, c_lag, res, sec in zip(
+        targets, budgets, dp.choices, lag, ilp, ilp_times, strict=True
+    ):
         r_dp, d_dp = choice_totals(dist, rate, c_dp)
         r_lag, d_lag = choice_totals(dist, rate, c_lag)
         assert r_dp <= b and r_lag <= b and choice_totals(dist, rate, res.choice)[0] <= b
-        rows.append({
-            "target_bits": t, "ilp_dist": res.objective, "ilp_bound": res.bound,
-            "ilp_optimal": res.optimal, "ilp_seconds": sec,
-            "dp_gap": (d_dp - res.objective) / res.objective,
-            "dp_gap_vs_bound": (d_dp - res.bound) / res.bound,
-            "dp_bits": r_dp / total,
-            "lagrangian_gap": (d_lag - res.objective) / res.objective,
-            "lagrangian_gap_vs_bound": (d_lag - res.bound) / res.bound,
-            "lagrangian_bits": r_lag / total,
-        })
+        rows.append(
+            {
+                "target_bits": t,
+                "ilp_dist": res.objective,
+                "ilp_bound": res.bound,
+                "ilp_optimal": res.optimal,
+                "ilp_seconds": sec,
+                "dp_gap": (d_dp - res.objective) / res.objective,
+                "dp_gap_vs_bound": (d_dp - res.bound) / res.bound,
+                "dp_bits": r_dp / total,
+                "lagrangian_gap": (d_lag - res.objective) / res.objective,
+                "lagrangian_gap_vs_bound": (d_lag - res.bound) / res.bound,
+                "lagrangian_bits": r_lag / total,
+            }
+        )
 
-    print(f"{dist.shape[0]} items, {total:,} elements, {dist.shape[1]} bit widths; "
-          f"DP resolution {dp.resolution:g} bits, {dp.cells:,} cells per item, "
-          f"slack {dp.slack:.4g} bits ({dp.slack / total:.2e} bits per element)")
-    print(f"{'target':>6} {'ILP dist':>12} {'ILP s':>7} {'proven':>6} {'DP gap':>10} "
-          f"{'DP bits':>8} {'LG gap':>10} {'LG bits':>8}")
+    print(
+        f"{dist.shape[0]} items, {total:,} elements, {dist.shape[1]} bit widths; "
+        f"DP resolution {dp.resolution:g} bits, {dp.cells:,} cells per item, "
+        f"slack {dp.slack:.4g} bits ({dp.slack / total:.2e} bits per element)"
+    )
+    print(
+        f"{'target':>6} {'ILP dist':>12} {'ILP s':>7} {'proven':>6} {'DP gap':>10} "
+        f"{'DP bits':>8} {'LG gap':>10} {'LG bits':>8}"
+    )
     for r in rows:
-        print(f"{r['target_bits']:6g} {r['ilp_dist']:12.6e} {r['ilp_seconds']:7.2f} "
-              f"{'yes' if r['ilp_optimal'] else 'no':>6} {r['dp_gap']:10.2e} "
-              f"{r['dp_bits']:8.5f} {r['lagrangian_gap']:10.2e} {r['lagrangian_bits']:8.5f}")
-    print(f"DP {dp_seconds:.2f} s for all {len(targets)} targets from one table "
-          f"(peak RSS +{dp_peak_mb:.0f} MB); Lagrangian {lag_seconds:.2f} s; "
-          f"ILP {sum(ilp_times):.2f} s (time limit {args.ilp_time_limit:g} s per target"
-          + ("" if all(r["ilp_optimal"] for r in rows)
-             else "; reached, gaps are to HiGHS's best solution, *_vs_bound to its lower bound")
-          + ")")
+        print(
+            f"{r['target_bits']:6g} {r['ilp_dist']:12.6e} {r['ilp_seconds']:7.2f} "
+            f"{'yes' if r['ilp_optimal'] else 'no':>6} {r['dp_gap']:10.2e} "
+            f"{r['dp_bits']:8.5f} {r['lagrangian_gap']:10.2e} {r['lagrangian_bits']:8.5f}"
+        )
+    print(
+        f"DP {dp_seconds:.2f} s for all {len(targets)} targets from one table "
+        f"(peak RSS +{dp_peak_mb:.0f} MB); Lagrangian {lag_seconds:.2f} s; "
+        f"ILP {sum(ilp_times):.2f} s (time limit {args.ilp_time_limit:g} s per target"
+        + (
+            ""
+            if all(r["ilp_optimal"] for r in rows)
+            else "; reached, gaps are to HiGHS's best solution, *_vs_bound to its lower bound"
+        )
+        + ")"
+    )
     summary = {
         "dp_seconds": dp_seconds,
         "dp_max_gap": max(r["dp_gap"] for r in rows),

@@ -29,17 +29,34 @@ from rdoq.cli import script_entry  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--archname", default="all", choices=[*DIGITS_ARCHS, "all"],
-                   help="model to train, or all of them (default: %(default)s)")
-    p.add_argument("--outdir", type=Path, default=Path("runs/digits_models"),
-                   help="directory the <archname>.pt state dicts are written to (default: "
-                        "%(default)s, created; pass rdoq/adapters/digits_models to replace the "
-                        "bundled weights, then copy the printed sha256 into WEIGHTS_SHA256)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the 1257 train images (default per model: "
-                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items()) + ")")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the init and the minibatch order (default: %(default)s)")
+    p.add_argument(
+        "--archname",
+        default="all",
+        choices=[*DIGITS_ARCHS, "all"],
+        help="model to train, or all of them (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outdir",
+        type=Path,
+        default=Path("runs/digits_models"),
+        help="directory the <archname>.pt state dicts are written to (default: "
+        "%(default)s, created; pass rdoq/adapters/digits_models to replace the "
+        "bundled weights, then copy the printed sha256 into WEIGHTS_SHA256)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the 1257 train images (default per model: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items())
+        + ")",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the init and the minibatch order (default: %(default)s)",
+    )
     return p.parse_args(argv)
 
 
@@ -61,8 +78,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         seconds = time.perf_counter() - start
         path = args.outdir / f"{name}.pt"
         sha = save_weights(model, path)
-        results.append({"archname": name, "test_acc": round(acc, 4), "train_s": round(seconds, 1),
-                        "file": str(path), "bytes": path.stat().st_size, "sha256": sha})
+        results.append(
+            {
+                "archname": name,
+                "test_acc": round(acc, 4),
+                "train_s": round(seconds, 1),
+                "file": str(path),
+                "bytes": path.stat().st_size,
+                "sha256": sha,
+            }
+        )
     return results
 
 

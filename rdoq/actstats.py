@@ -90,13 +90,25 @@ class _StatsAccumulator:
             # equal.
             vmin, vmax = [-math.inf] * len(bounds), [math.inf] * len(bounds)
         rows = torch.cat(self.rows, 1) if self.rows else None  # (C, n)
-        return ActGroupStats(np.array(rms), np.array(signed), int(acc["sq"].shape[0]),
-                             np.array(vmin), np.array(vmax), rows)
+        return ActGroupStats(
+            np.array(rms),
+            np.array(signed),
+            int(acc["sq"].shape[0]),
+            np.array(vmin),
+            np.array(vmax),
+            rows,
+        )
 
 
-def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
-                    bounds: Sequence[tuple[int, int]], rows: int,
-                    keep_rows: bool = False) -> ActGroupStats:
+def act_group_stats(
+    model: nn.Module,
+    calib: torch.Tensor,
+    layer: str,
+    mode: str,
+    bounds: Sequence[tuple[int, int]],
+    rows: int,
+    keep_rows: bool = False,
+) -> ActGroupStats:
     """RMS and sign of every channel group of ``layer``'s input/output over the calibration set
     (``keep_rows``: and a sample of each channel's values, for per-channel steps)."""
     module = dict(model.named_modules())[layer]
@@ -115,7 +127,7 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
     try:
         with torch.no_grad():
             for i in range(0, calib.shape[0], max(rows, 1)):
-                model(calib[i:i + rows])
+                model(calib[i : i + rows])
                 passes += 1
     finally:
         handle.remove()
@@ -124,8 +136,9 @@ def act_group_stats(model: nn.Module, calib: torch.Tensor, layer: str, mode: str
     return acc.stats(bounds, calls[0] > passes)
 
 
-def act_group_stats_of(values: torch.Tensor, dim: int, bounds: Sequence[tuple[int, int]],
-                       keep_rows: bool = False) -> ActGroupStats:
+def act_group_stats_of(
+    values: torch.Tensor, dim: int, bounds: Sequence[tuple[int, int]], keep_rows: bool = False
+) -> ActGroupStats:
     """The same statistics from a layer's stored calibration activations ``(N, …)`` with the
     channel on axis ``dim`` (``rdoq.groups.channel_dim``)."""
     acc = _StatsAccumulator(dim, keep_rows)
@@ -133,8 +146,9 @@ def act_group_stats_of(values: torch.Tensor, dim: int, bounds: Sequence[tuple[in
     return acc.stats(bounds, False)
 
 
-def act_values(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
-               rows: int) -> torch.Tensor:
+def act_values(
+    model: nn.Module, calib: torch.Tensor, layer: str, mode: str, rows: int
+) -> torch.Tensor:
     """``layer``'s full-precision input (``mode="in"``) or output activations on the whole
     calibration set, ``(N, …)``, from forwards of ``rows`` samples (for ``-bca`` offsets); for
     a sparse layer the features of every frame, ``(Σ N_active, C)``."""
@@ -142,21 +156,24 @@ def act_values(model: nn.Module, calib: torch.Tensor, layer: str, mode: str,
     seen: list[torch.Tensor] = []
     if mode == "out":
         handle = module.register_forward_hook(
-            lambda m, a, o: seen.append(act_values_of(o).detach()))
+            lambda m, a, o: seen.append(act_values_of(o).detach())
+        )
     else:
         handle = module.register_forward_pre_hook(
-            lambda m, a: seen.append(act_values_of(a[0]).detach()))
+            lambda m, a: seen.append(act_values_of(a[0]).detach())
+        )
     try:
         with torch.no_grad():
             for i in range(0, calib.shape[0], max(rows, 1)):
-                model(calib[i:i + rows])
+                model(calib[i : i + rows])
     finally:
         handle.remove()
     return torch.cat(seen)
 
 
-def bca_offsets(values: torch.Tensor, dim: int, c0: int, c1: int, step: torch.Tensor, lo: int,
-                hi: int) -> torch.Tensor:
+def bca_offsets(
+    values: torch.Tensor, dim: int, c0: int, c1: int, step: torch.Tensor, lo: int, hi: int
+) -> torch.Tensor:
     """The ``-bca`` offsets ``E[a − Q(a)] (c,)`` of channels ``c0:c1`` of the calibration
     activations ``values (N, …)`` (channel axis ``dim``) under the quantizer with per-channel
     ``step (c,)`` and levels ``[lo, hi]``: what the allocation scripts' ``-bca`` adds to the

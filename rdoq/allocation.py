@@ -11,6 +11,10 @@ An allocation (DESIGN §5, ``allocation_{target}.json``, :mod:`rdoq.allocfile`) 
 self-contained: per layer the group size, channel count, bits, steps and dead zones (and, for
 activations, the grid sign and the ``-bca`` offsets), plus the curve sets' digests, so it can be
 re-applied and re-evaluated without the curves.
+
+Its length (about 550 lines): building the table from the curve sets (padding, smoothing, entropy
+rates) and turning targets into solver budgets under the constraints are kept with the table
+they define; the solvers are :mod:`rdoq.solvers`.
 """
 
 from __future__ import annotations
@@ -100,10 +104,14 @@ def _pad(a: np.ndarray, k: int, fill: float) -> np.ndarray:
     return out
 
 
-def build_table(weights: CurveStore, acts: CurveStore | None,
-                fp_act_layers: list[str] | None = None, uniform_only: bool = False,
-                act_channel_dims: dict[str, int] | None = None,
-                rate: str = "bits") -> ItemTable:
+def build_table(
+    weights: CurveStore,
+    acts: CurveStore | None,
+    fp_act_layers: list[str] | None = None,
+    uniform_only: bool = False,
+    act_channel_dims: dict[str, int] | None = None,
+    rate: str = "bits",
+) -> ItemTable:
     """The item table of a weight curve set and (optionally) an activation curve set.
 
     ``fp_act_layers`` names activation layers kept in full precision (no items);
@@ -123,10 +131,12 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
         raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
     skip = set(fp_act_layers or [])
     if rate == "entropy" and acts is not None and set(acts.layer_names()) - skip:
-        raise InputError("--rate entropy (--bit_rate 0) covers weights only: entropy rates "
-                         "of activations are not offered (activation curves store none), so a "
-                         "table with activation items cannot be counted in entropy; pass "
-                         "--weights-only (activations in full precision) or use --rate bits")
+        raise InputError(
+            "--rate entropy (--bit_rate 0) covers weights only: entropy rates "
+            "of activations are not offered (activation curves store none), so a "
+            "table with activation items cannot be counted in entropy; pass "
+            "--weights-only (activations in full precision) or use --rate bits"
+        )
     if acts is not None:
         check_same_model(weights.meta, acts.meta)
     stores = [(WEIGHT, weights)] + ([(ACT, acts)] if acts is not None else [])
@@ -137,10 +147,13 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
     act_names = set(acts.layer_names()) if acts is not None else set()
     unknown = sorted(skip - act_names)
     if acts is not None and unknown:
-        raise ValueError(f"activation layers {unknown} to keep in full precision are not in "
-                         f"{acts.root}; valid names: {sorted(act_names)[:8]}…")
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("dist", "step", "dz", "dzi", "numel",
-                                                         "kind", "layer", "entropy")}
+        raise ValueError(
+            f"activation layers {unknown} to keep in full precision are not in "
+            f"{acts.root}; valid names: {sorted(act_names)[:8]}…"
+        )
+    cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("dist", "step", "dz", "dzi", "numel", "kind", "layer", "entropy")
+    }
     # Weight layer files without entropy (curve sets made before it was stored).
     no_entropy: list[Path] = []
     layers: list[LayerEntry] = []
@@ -153,8 +166,9 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
             c = store.read_layer(name)
             entropy = c.extra.get("entropy") if kind == WEIGHT else None  # (G, D, B)
             if uniform_only:
-                c = LayerCurves(c.dist[:, :1], c.step_log2[:, :1], c.deadzone[:, :1], c.numel,
-                                c.extra)
+                c = LayerCurves(
+                    c.dist[:, :1], c.step_log2[:, :1], c.deadzone[:, :1], c.numel, c.extra
+                )
                 entropy = entropy[:, :1] if entropy is not None else None
             g = c.dist.shape[0]
             best = np.argmin(np.where(np.isnan(c.dist), np.inf, c.dist), axis=1)  # (G, B)
@@ -165,8 +179,10 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
 
             dist = take(c.dist)  # (G, B)
             if not np.isfinite(dist[:, 0]).all() or np.isnan(dist).any():
-                raise ValueError(f"{store.layer_path(name)} holds non-finite distortions; "
-                                 f"recompute that layer (delete the file and re-run)")
+                raise ValueError(
+                    f"{store.layer_path(name)} holds non-finite distortions; "
+                    f"recompute that layer (delete the file and re-run)"
+                )
             shape = tuple(entry["shape"])
             if kind == WEIGHT:
                 channels = shape[0]
@@ -180,57 +196,95 @@ def build_table(weights: CurveStore, acts: CurveStore | None,
                 signed = np.asarray(c.extra.get("signed", np.ones(g, dtype=bool)), dtype=bool)
             gs = int(store.meta["group_size"])
             if len(group_bounds(channels, gs)) != g:
-                raise ValueError(f"{store.layer_path(name)}: {g} groups do not match "
-                                 f"{channels} channels in groups of {gs}")
+                raise ValueError(
+                    f"{store.layer_path(name)}: {g} groups do not match "
+                    f"{channels} channels in groups of {gs}"
+                )
             cols["dist"].append(_pad(dist, n_cols, np.inf))
             cols["step"].append(_pad(take(c.step_log2), n_cols, 0.0))
             cols["dz"].append(_pad(take(c.deadzone), n_cols, 0.0))
             cols["dzi"].append(_pad(best, n_cols, 0).astype(np.int64))
             if kind == WEIGHT and entropy is None:
                 no_entropy.append(store.layer_path(name))
-            cols["entropy"].append(_pad(take(entropy) if entropy is not None
-                                        else np.full(dist.shape, np.nan), n_cols, 0.0))
+            cols["entropy"].append(
+                _pad(
+                    take(entropy) if entropy is not None else np.full(dist.shape, np.nan),
+                    n_cols,
+                    0.0,
+                )
+            )
             cols["numel"].append(np.asarray(c.numel, dtype=np.float64))
             cols["kind"].append(np.full(g, kind))
             cols["layer"].append(np.full(g, len(layers)))
             per_channel = store.meta.get("steps") == "channel"
             if per_channel and "channel_step_log2" not in c.extra:
-                raise ValueError(f"{store.layer_path(name)} lacks the per-channel steps its "
-                                 f"curve set's meta.json promises; recompute that layer")
-            layers.append(LayerEntry(kind, name, entry["type"], shape, channels, gs,
-                                     slice(start, start + g), signed,
-                                     c.extra["channel_step_log2"] if per_channel else None,
-                                     c.extra["channel_deadzone"] if per_channel else None))
+                raise ValueError(
+                    f"{store.layer_path(name)} lacks the per-channel steps its "
+                    f"curve set's meta.json promises; recompute that layer"
+                )
+            layers.append(
+                LayerEntry(
+                    kind,
+                    name,
+                    entry["type"],
+                    shape,
+                    channels,
+                    gs,
+                    slice(start, start + g),
+                    signed,
+                    c.extra["channel_step_log2"] if per_channel else None,
+                    c.extra["channel_deadzone"] if per_channel else None,
+                )
+            )
             start += g
     if rate == "entropy" and no_entropy:
-        raise InputError(f"weight curve set {weights.root} has no entropy rates ({len(no_entropy)} "
-                         f"layer files lack the 'entropy' array, e.g. {no_entropy[0].name}: made "
-                         f"before entropy rates were stored); make the curves again with the "
-                         f"curve script into a new --outdir (an existing one resumes and keeps "
-                         f"its files), or use --rate bits")
+        raise InputError(
+            f"weight curve set {weights.root} has no entropy rates ({len(no_entropy)} "
+            f"layer files lack the 'entropy' array, e.g. {no_entropy[0].name}: made "
+            f"before entropy rates were stored); make the curves again with the "
+            f"curve script into a new --outdir (an existing one resumes and keeps "
+            f"its files), or use --rate bits"
+        )
     bits = np.arange(n_cols)
     numel = np.concatenate(cols["numel"])  # (I,)
     dist = np.concatenate(cols["dist"])  # (I, K)
     entropy_t = None if no_entropy else np.concatenate(cols["entropy"])  # (I, K)
-    rates = (numel[:, None] * entropy_t if rate == "entropy"
-             else numel[:, None] * bits[None, :])  # (I, K)
+    rates = (
+        numel[:, None] * entropy_t if rate == "entropy" else numel[:, None] * bits[None, :]
+    )  # (I, K)
     curve_sets = {"weight": {"path": str(weights.root), "digest": meta_digest(weights.meta)}}
     if acts is not None:
         curve_sets["act"] = {"path": str(acts.root), "digest": meta_digest(acts.meta)}
     return ItemTable(
-        dist=dist, rate=rates, numel=numel,
-        kind=np.concatenate(cols["kind"]), layer=np.concatenate(cols["layer"]),
-        step_log2=np.concatenate(cols["step"]), deadzone=np.concatenate(cols["dz"]),
+        dist=dist,
+        rate=rates,
+        numel=numel,
+        kind=np.concatenate(cols["kind"]),
+        layer=np.concatenate(cols["layer"]),
+        step_log2=np.concatenate(cols["step"]),
+        deadzone=np.concatenate(cols["dz"]),
         source=np.broadcast_to(np.arange(n_cols), dist.shape).copy(),
-        dz_index=np.concatenate(cols["dzi"]), bits=bits, layers=layers,
-        model=str(weights.meta["model"]), curve_sets=curve_sets,
+        dz_index=np.concatenate(cols["dzi"]),
+        bits=bits,
+        layers=layers,
+        model=str(weights.meta["model"]),
+        curve_sets=curve_sets,
         act_mode=acts.meta.get("act_mode") if acts is not None else None,
-        fp_acts=sorted(skip & act_names), rate_kind=rate, entropy=entropy_t)
+        fp_acts=sorted(skip & act_names),
+        rate_kind=rate,
+        entropy=entropy_t,
+    )
 
 
-def restrict(table: ItemTable, *, allowed_bits: list[int] | None = None,
-             min_bits: int | None = None, max_bits: int | None = None,
-             smooth: bool = False, monotone: bool | np.ndarray = False) -> ItemTable:
+def restrict(
+    table: ItemTable,
+    *,
+    allowed_bits: list[int] | None = None,
+    min_bits: int | None = None,
+    max_bits: int | None = None,
+    smooth: bool = False,
+    monotone: bool | np.ndarray = False,
+) -> ItemTable:
     """Apply hardware constraints (``inf`` where a bit width is not allowed) and, with
     ``smooth``, a running minimum over bits (the paper's ``--smooth-dists``), or, with
     ``monotone`` (all items, or a mask ``(I,)`` from :func:`monotone_items`), each curve's
@@ -248,10 +302,13 @@ def restrict(table: ItemTable, *, allowed_bits: list[int] | None = None,
     if allowed_bits is not None:
         bad = sorted(set(allowed_bits) - set(table.bits.tolist()))
         if bad:
-            raise ValueError(f"allowed bit widths {bad} are not in the curves (bits "
-                             f"0..{int(table.bits[-1])}); pick from those")
-    dist = constrain(table.dist, table.bits, allowed_bits=allowed_bits, min_bits=min_bits,
-                     max_bits=max_bits)  # (I, K)
+            raise ValueError(
+                f"allowed bit widths {bad} are not in the curves (bits "
+                f"0..{int(table.bits[-1])}); pick from those"
+            )
+    dist = constrain(
+        table.dist, table.bits, allowed_bits=allowed_bits, min_bits=min_bits, max_bits=max_bits
+    )  # (I, K)
     source = np.broadcast_to(np.arange(dist.shape[1]), dist.shape).copy()  # (I, K)
     if smooth:
         best = np.full(dist.shape[0], np.inf)
@@ -270,8 +327,9 @@ def restrict(table: ItemTable, *, allowed_bits: list[int] | None = None,
     rows = np.broadcast_to(np.asarray(monotone, dtype=bool), (dist.shape[0],))  # (I,)
     if rows.any():
         dist[rows] = monotone_fit(dist[rows], rate[rows])
-    out = ItemTable(**{**table.__dict__, "dist": dist, "source": source, "rate": rate,
-                       "entropy": entropy})
+    out = ItemTable(
+        **{**table.__dict__, "dist": dist, "source": source, "rate": rate, "entropy": entropy}
+    )
     return out
 
 
@@ -319,18 +377,29 @@ def target_range(table: ItemTable, kind: int | None) -> tuple[float, float]:
 def check_targets(table: ItemTable, targets: list[float], kind: int | None, flag: str) -> None:
     """Every target within the reachable range, or an error naming it and the range."""
     lo, hi = target_range(table, kind)
-    what = ("average entropy bits per element (--rate entropy)" if table.rate_kind == "entropy"
-            else "average bit widths")
+    what = (
+        "average entropy bits per element (--rate entropy)"
+        if table.rate_kind == "entropy"
+        else "average bit widths"
+    )
     for t in targets:
         if not math.isfinite(t) or t < lo - 1e-12 or t > hi + 1e-12:
-            raise ValueError(f"{flag} {t} is outside the reachable {what} "
-                             f"[{lo:.4g}, {hi:.4g}] under the constraints (bits, --minrate, "
-                             f"--bit_list, --maxbits); choose a target in that range")
+            raise ValueError(
+                f"{flag} {t} is outside the reachable {what} "
+                f"[{lo:.4g}, {hi:.4g}] under the constraints (bits, --minrate, "
+                f"--bit_list, --maxbits); choose a target in that range"
+            )
 
 
-def _solve_part(dist: np.ndarray, rate: np.ndarray, budgets: list[float], solver: str,
-                layer: np.ndarray | None, max_cells: int,
-                fill: bool = False) -> tuple[list[np.ndarray], list[dict[str, float]]]:
+def _solve_part(
+    dist: np.ndarray,
+    rate: np.ndarray,
+    budgets: list[float],
+    solver: str,
+    layer: np.ndarray | None,
+    max_cells: int,
+    fill: bool = False,
+) -> tuple[list[np.ndarray], list[dict[str, float]]]:
     """Choices ``(I,)`` per budget and, per budget, what the solver did (see
     :class:`Solved`); with ``fill``, what the solver leaves of each budget goes to upgrades that
     do not raise a distortion (:func:`rdoq.solvers.fill_budget`, on whole layers when
@@ -341,8 +410,11 @@ def _solve_part(dist: np.ndarray, rate: np.ndarray, budgets: list[float], solver
     if solver == "dp":
         res = solve_dp_multi(dist, rate, budgets, max_cells=max_cells)
         choices = list(res.choices)
-        dp = {"dp_resolution_bits": res.resolution, "dp_slack_bits": res.slack,
-              "dp_cells": res.cells}
+        dp = {
+            "dp_resolution_bits": res.resolution,
+            "dp_slack_bits": res.slack,
+            "dp_cells": res.cells,
+        }
     elif solver == "lg":
         choices = [solve_lagrangian(dist, rate, b) for b in budgets]
         dp = {}
@@ -354,17 +426,27 @@ def _solve_part(dist: np.ndarray, rate: np.ndarray, budgets: list[float], solver
     records = []
     for b, c, r0 in zip(budgets, choices, solved_rates, strict=True):
         r = choice_totals(dist, rate, c)[0]
-        records.append({"budget_bits": float(b), "rate_bits": r, **dp,
-                        **({"fill_bits": r - r0} if fill else {})})
-    return ([expand_layers(c, item_layer) if item_layer is not None else c for c in choices],
-            records)
+        records.append(
+            {
+                "budget_bits": float(b),
+                "rate_bits": r,
+                **dp,
+                **({"fill_bits": r - r0} if fill else {}),
+            }
+        )
+    return (
+        [expand_layers(c, item_layer) if item_layer is not None else c for c in choices],
+        records,
+    )
 
 
 def _check_layerwise(table: ItemTable, layerwise: bool) -> None:
     # Smoothing maps each group to its own source width, which would split a layer again.
     if layerwise and (table.source != np.arange(table.source.shape[1])).any():
-        raise ValueError("--smooth-dists cannot be combined with --layerwise (smoothing moves "
-                         "single groups to other bit widths); drop one of them")
+        raise ValueError(
+            "--smooth-dists cannot be combined with --layerwise (smoothing moves "
+            "single groups to other bit widths); drop one of them"
+        )
 
 
 @dataclass(frozen=True)
@@ -385,18 +467,28 @@ class Solved:
     records: list[dict[str, float]]
 
 
-def solve_targets(table: ItemTable, targets: list[float], solver: str,
-                  act_targets: list[float] | None = None,
-                  layerwise: bool = False) -> tuple[list[np.ndarray], float]:
+def solve_targets(
+    table: ItemTable,
+    targets: list[float],
+    solver: str,
+    act_targets: list[float] | None = None,
+    layerwise: bool = False,
+) -> tuple[list[np.ndarray], float]:
     """Choices ``(I,)`` for each target, and the solver seconds (:func:`solve_recorded`
     without the records)."""
     solved = solve_recorded(table, targets, solver, act_targets, layerwise)
     return solved.choices, solved.seconds
 
 
-def solve_recorded(table: ItemTable, targets: list[float], solver: str,
-                   act_targets: list[float] | None = None, layerwise: bool = False,
-                   max_cells: int = DP_MAX_CELLS, fill: bool = False) -> Solved:
+def solve_recorded(
+    table: ItemTable,
+    targets: list[float],
+    solver: str,
+    act_targets: list[float] | None = None,
+    layerwise: bool = False,
+    max_cells: int = DP_MAX_CELLS,
+    fill: bool = False,
+) -> Solved:
     """Choices for each target, the solver seconds and what the solver did (:class:`Solved`).
 
     Joint budget (the paper): ``target × (weights + activation elements per sample)``. With
@@ -411,15 +503,17 @@ def solve_recorded(table: ItemTable, targets: list[float], solver: str,
     if act_targets is None:
         check_targets(table, targets, None, "--target_rates")
         budgets = [t * table.part_numel(None) for t in targets]
-        choices, records = _solve_part(table.dist, table.rate, budgets, solver, layer, max_cells,
-                                       fill)
+        choices, records = _solve_part(
+            table.dist, table.rate, budgets, solver, layer, max_cells, fill
+        )
     else:
         if len(act_targets) not in (1, len(targets)):
-            raise ValueError(f"--act-target-rates takes one value or one per --target_rates "
-                             f"({len(targets)}), got {len(act_targets)}")
+            raise ValueError(
+                f"--act-target-rates takes one value or one per --target_rates "
+                f"({len(targets)}), got {len(act_targets)}"
+            )
         if not (table.kind == ACT).any():
-            raise ValueError("--act-target-rates needs activation curves "
-                             "(--act_curve_root_dir)")
+            raise ValueError("--act-target-rates needs activation curves (--act_curve_root_dir)")
         act_targets = act_targets * len(targets) if len(act_targets) == 1 else act_targets
         check_targets(table, targets, WEIGHT, "--target_rates")
         check_targets(table, act_targets, ACT, "--act-target-rates")
@@ -428,17 +522,24 @@ def solve_recorded(table: ItemTable, targets: list[float], solver: str,
         for kind, tt, suffix in ((WEIGHT, targets, "_w"), (ACT, act_targets, "_a")):
             rows = np.flatnonzero(table.kind == kind)
             budgets = [t * table.part_numel(kind) for t in tt]
-            part, part_records = _solve_part(table.dist[rows], table.rate[rows], budgets, solver,
-                                             None if layer is None else layer[rows], max_cells,
-                                             fill)
+            part, part_records = _solve_part(
+                table.dist[rows],
+                table.rate[rows],
+                budgets,
+                solver,
+                None if layer is None else layer[rows],
+                max_cells,
+                fill,
+            )
             for c, p, rec, prec in zip(choices, part, records, part_records, strict=True):
                 c[rows] = p
                 rec.update({k + suffix: v for k, v in prec.items()})
     return Solved([choice_columns(table, c) for c in choices], time.perf_counter() - t0, records)
 
 
-def frontier_choices(table: ItemTable, slopes_log2: list[float],
-                     layerwise: bool = False) -> tuple[np.ndarray, float]:
+def frontier_choices(
+    table: ItemTable, slopes_log2: list[float], layerwise: bool = False
+) -> tuple[np.ndarray, float]:
     """Choices ``(I, S)`` of the Lagrangian slope sweep ``λ = 2^slope`` (dist per bit)."""
     t0 = time.perf_counter()
     _check_layerwise(table, layerwise)
@@ -450,5 +551,3 @@ def frontier_choices(table: ItemTable, slopes_log2: list[float],
         out = lagrangian_frontier(table.dist, table.rate, lam)  # (I, S)
     rows = np.arange(out.shape[0])[:, None]
     return table.source[rows, out], time.perf_counter() - t0
-
-

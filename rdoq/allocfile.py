@@ -42,9 +42,11 @@ def summarize_choice(table: ItemTable, choice: np.ndarray) -> dict[str, Any]:
         "w_bits": float(fixed[w].sum() / n_w) if n_w else None,
         "a_bits": float(fixed[a].sum() / n_a) if n_a else None,
         "avg_bits": float(fixed.sum() / table.numel.sum()),
-        "rate": table.rate_kind, "w_entropy_bits": ent,
+        "rate": table.rate_kind,
+        "w_entropy_bits": ent,
         "pred_dist": float(dist.sum()),
-        "pred_dist_w": float(dist[w].sum()), "pred_dist_a": float(dist[a].sum()),
+        "pred_dist_w": float(dist[w].sum()),
+        "pred_dist_a": float(dist[a].sum()),
     }
 
 
@@ -53,8 +55,9 @@ def _step(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _channel_entry(table: ItemTable, layer: LayerEntry, rows: np.ndarray,
-                   cols: np.ndarray) -> dict[str, Any]:
+def _channel_entry(
+    table: ItemTable, layer: LayerEntry, rows: np.ndarray, cols: np.ndarray
+) -> dict[str, Any]:
     """Per-channel ``step_log2`` (and, for weights, ``deadzone``) of a layer with per-channel
     steps: each channel's base step at its group's width and dead zone, plus the group's
     scale."""
@@ -65,16 +68,23 @@ def _channel_entry(table: ItemTable, layer: LayerEntry, rows: np.ndarray,
         bits, d, scale = int(table.bits[c]), int(table.dz_index[r, c]), table.step_log2[r, c]
         base = layer.channel_step_log2[c0:c1, d, bits] if bits > 0 else np.full(c1 - c0, np.nan)
         steps += [_step(float(b) + float(scale)) for b in base]
-        phis += [float(v) if table.deadzone[r, c] > 0 else 0.0
-                 for v in layer.channel_deadzone[c0:c1, d]]
+        phis += [
+            float(v) if table.deadzone[r, c] > 0 else 0.0 for v in layer.channel_deadzone[c0:c1, d]
+        ]
     if layer.kind == ACT:
         return {"steps": "channel", "step_log2": steps}
     return {"steps": "channel", "step_log2": steps, "deadzone": phis}
 
 
-def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float | None,
-                    solver: str, extra: dict[str, Any] | None = None,
-                    record: dict[str, float] | None = None) -> dict[str, Any]:
+def make_allocation(
+    table: ItemTable,
+    choice: np.ndarray,
+    *,
+    target_bits: float | None,
+    solver: str,
+    extra: dict[str, Any] | None = None,
+    record: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """The allocation file's content (DESIGN §5) for one choice of columns; ``record`` (one of
     :attr:`Solved.records`: budget, DP resolution and slack) goes into its ``summary``."""
     weights, acts = {}, {}
@@ -82,15 +92,18 @@ def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float 
         rows = np.arange(layer.rows.start, layer.rows.stop)
         cols = choice[rows]
         entry = {
-            "type": layer.type, "shape": list(layer.shape), "channels": layer.channels,
+            "type": layer.type,
+            "shape": list(layer.shape),
+            "channels": layer.channels,
             "group_size": layer.group_size,
             "bits": [int(table.bits[c]) for c in cols],
             "steps": "group",
             "step_log2": [_step(table.step_log2[r, c]) for r, c in zip(rows, cols, strict=True)],
         }
         if layer.kind == WEIGHT:
-            entry["deadzone"] = [float(table.deadzone[r, c]) for r, c in zip(rows, cols,
-                                                                             strict=True)]
+            entry["deadzone"] = [
+                float(table.deadzone[r, c]) for r, c in zip(rows, cols, strict=True)
+            ]
             if layer.channel_step_log2 is not None:
                 entry |= _channel_entry(table, layer, rows, cols)
             weights[layer.name] = entry
@@ -100,10 +113,17 @@ def make_allocation(table: ItemTable, choice: np.ndarray, *, target_bits: float 
                 entry |= _channel_entry(table, layer, rows, cols)
             acts[layer.name] = entry
     return {
-        "schema": ALLOC_SCHEMA, "model": table.model, "target_bits": target_bits,
-        "solver": solver, "act_mode": table.act_mode, "curve_sets": table.curve_sets,
-        "weights": weights, "acts": acts, "fp_acts": table.fp_acts,
-        "summary": summarize_choice(table, choice) | (record or {}), **(extra or {}),
+        "schema": ALLOC_SCHEMA,
+        "model": table.model,
+        "target_bits": target_bits,
+        "solver": solver,
+        "act_mode": table.act_mode,
+        "curve_sets": table.curve_sets,
+        "weights": weights,
+        "acts": acts,
+        "fp_acts": table.fp_acts,
+        "summary": summarize_choice(table, choice) | (record or {}),
+        **(extra or {}),
     }
 
 
@@ -127,23 +147,34 @@ def load_allocation(path: Path | str) -> dict[str, Any]:
                 if e.get("steps", "group") not in STEP_MODES:
                     raise ValueError(f"steps {e.get('steps')!r}")
                 steps_len = int(e["channels"]) if per_channel else g
-                lists = ([("bits", g), ("step_log2", steps_len)]
-                         + ([("deadzone", steps_len)] if part == "weights" else [("signed", g)]))
+                lists = [("bits", g), ("step_log2", steps_len)] + (
+                    [("deadzone", steps_len)] if part == "weights" else [("signed", g)]
+                )
                 bad = [k for k, n in lists if len(e[k]) != n]
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{path}: {part} entry {name!r} is malformed ({err})") from err
             if bad:
-                raise ValueError(f"{path}: {part} entry {name!r} has {bad} of the wrong length "
-                                 f"({g} groups, {e['channels']} channels)")
+                raise ValueError(
+                    f"{path}: {part} entry {name!r} has {bad} of the wrong length "
+                    f"({g} groups, {e['channels']} channels)"
+                )
             if any((not isinstance(b, int)) or b < 0 for b in e["bits"]):
                 raise ValueError(f"{path}: {part} entry {name!r} has invalid bits {e['bits']}")
             # A step may be missing only where the group is all zeros: 0 bits, or the 1-bit
             # dead-zone quantizer of a weight group.
             floor = 1 if part == "acts" else 2
-            group_steps = ([e["step_log2"][c0:c1] for c0, c1 in bounds] if per_channel
-                           else [[s] for s in e["step_log2"]])
-            if any(s is None and b >= floor for b, ss in zip(e["bits"], group_steps, strict=True)
-                   for s in ss):
-                raise ValueError(f"{path}: {part} entry {name!r} lacks a step for a group "
-                                 f"with {floor} or more bits")
+            group_steps = (
+                [e["step_log2"][c0:c1] for c0, c1 in bounds]
+                if per_channel
+                else [[s] for s in e["step_log2"]]
+            )
+            if any(
+                s is None and b >= floor
+                for b, ss in zip(e["bits"], group_steps, strict=True)
+                for s in ss
+            ):
+                raise ValueError(
+                    f"{path}: {part} entry {name!r} lacks a step for a group "
+                    f"with {floor} or more bits"
+                )
     return alloc

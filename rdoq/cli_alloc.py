@@ -44,131 +44,263 @@ log = logging.getLogger("rdoq")
 FRONTIER_SLOPE0, FRONTIER_SLOPE_STEP = -35.0, 0.5
 
 
-def add_alloc_flags(p: argparse.ArgumentParser, method: str,
-                    datasets: Mapping[str, Adapter] | None = None) -> None:
+def add_alloc_flags(
+    p: argparse.ArgumentParser, method: str, datasets: Mapping[str, Adapter] | None = None
+) -> None:
     """Flags of the allocation scripts (paper names first)."""
     g = p.add_argument_group("model and data")
     add_model_flags(g, datasets=datasets)
     add_eval_data_flags(g)
     if method == "uniform":
         u = p.add_argument_group("uniform baseline")
-        u.add_argument("--target_rates", type=int, nargs="+", default=[4, 6, 8],
-                       help="bit widths of every weight (and activation) (default: 4 6 8)")
-        u.add_argument("--act-target-rates", type=int, nargs="+", default=None,
-                       help="activation bit widths (one, or one per --target_rates; default: "
-                            "the same as the weights)")
-        u.add_argument("--no-acts", action="store_true",
-                       help="keep every activation in full precision (weights only)")
-        u.add_argument("--act-mode", choices=("out", "in"), default="out",
-                       help="quantize layer outputs (as the act_out_nchan curves) or inputs")
-        u.add_argument("--calibsize", type=_positive(int, "--calibsize"), default=64,
-                       help="calibration samples for activation steps and corrections")
-        u.add_argument("--fp-act-layers", default="ends",
-                       help="activation layers kept in full precision: 'ends', 'none', or "
-                            "comma-separated names (as in the allocation scripts)")
+        u.add_argument(
+            "--target_rates",
+            type=int,
+            nargs="+",
+            default=[4, 6, 8],
+            help="bit widths of every weight (and activation) (default: 4 6 8)",
+        )
+        u.add_argument(
+            "--act-target-rates",
+            type=int,
+            nargs="+",
+            default=None,
+            help="activation bit widths (one, or one per --target_rates; default: "
+            "the same as the weights)",
+        )
+        u.add_argument(
+            "--no-acts",
+            action="store_true",
+            help="keep every activation in full precision (weights only)",
+        )
+        u.add_argument(
+            "--act-mode",
+            choices=("out", "in"),
+            default="out",
+            help="quantize layer outputs (as the act_out_nchan curves) or inputs",
+        )
+        u.add_argument(
+            "--calibsize",
+            type=_positive(int, "--calibsize"),
+            default=64,
+            help="calibration samples for activation steps and corrections",
+        )
+        u.add_argument(
+            "--fp-act-layers",
+            default="ends",
+            help="activation layers kept in full precision: 'ends', 'none', or "
+            "comma-separated names (as in the allocation scripts)",
+        )
         s = p.add_argument_group("corrections")
     else:
         c = p.add_argument_group("curves")
-        c.add_argument("--pathrdcurve", type=Path, required=True,
-                       help="weight curve set (directory with meta.json)")
-        c.add_argument("--act_curve_root_dir", type=Path, default=None,
-                       help="activation curve set, or a directory holding it (found by model and "
-                            "act mode); none found is an error (default: the current "
-                            "directory, as in the paper)")
-        c.add_argument("--weights-only", action="store_true",
-                       help="quantize weights only: no activation curves are looked for and "
-                            "every activation stays in full precision (default: off)")
-        c.add_argument("--nchannelbatch", type=int, default=None,
-                       help="checked against the curve sets' group size (read from meta.json)")
-        c.add_argument("--maxrates", type=int, default=None,
-                       help="use bit widths 0..maxrates-1 of the curves (default: all measured)")
-        c.add_argument("--closedeadzone", type=int, choices=(0, 1), default=0,
-                       help="1: uniform weight quantizer only (dead-zone ratio 0)")
-        c.add_argument("--smooth-dists", action="store_true",
-                       help="running minimum of each curve over bits (a group never pays for bits "
-                            "that do not lower its distortion)")
-        c.add_argument("--monotone", choices=("auto", "on", "off"), default="auto",
-                       help="fit each curve by its least-squares non-increasing version over "
-                            "bits, so estimation noise that makes a wider width look worse "
-                            "cannot steer the allocation: on, off (the paper), or auto = the "
-                            "weight curves when they were measured with -bcw (default: auto)")
+        c.add_argument(
+            "--pathrdcurve",
+            type=Path,
+            required=True,
+            help="weight curve set (directory with meta.json)",
+        )
+        c.add_argument(
+            "--act_curve_root_dir",
+            type=Path,
+            default=None,
+            help="activation curve set, or a directory holding it (found by model and "
+            "act mode); none found is an error (default: the current "
+            "directory, as in the paper)",
+        )
+        c.add_argument(
+            "--weights-only",
+            action="store_true",
+            help="quantize weights only: no activation curves are looked for and "
+            "every activation stays in full precision (default: off)",
+        )
+        c.add_argument(
+            "--nchannelbatch",
+            type=int,
+            default=None,
+            help="checked against the curve sets' group size (read from meta.json)",
+        )
+        c.add_argument(
+            "--maxrates",
+            type=int,
+            default=None,
+            help="use bit widths 0..maxrates-1 of the curves (default: all measured)",
+        )
+        c.add_argument(
+            "--closedeadzone",
+            type=int,
+            choices=(0, 1),
+            default=0,
+            help="1: uniform weight quantizer only (dead-zone ratio 0)",
+        )
+        c.add_argument(
+            "--smooth-dists",
+            action="store_true",
+            help="running minimum of each curve over bits (a group never pays for bits "
+            "that do not lower its distortion)",
+        )
+        c.add_argument(
+            "--monotone",
+            choices=("auto", "on", "off"),
+            default="auto",
+            help="fit each curve by its least-squares non-increasing version over "
+            "bits, so estimation noise that makes a wider width look worse "
+            "cannot steer the allocation: on, off (the paper), or auto = the "
+            "weight curves when they were measured with -bcw (default: auto)",
+        )
         if method != "frontier":
-            c.add_argument("--no-fill", action="store_true",
-                           help="leave the budget the solver does not spend (the paper); "
-                                "default: spend it on upgrades that raise no distortion")
-        c.add_argument("--shrink", type=shrink_mode, default="auto",
-                       help="pool each group's curve toward its layer's per-weight curve, "
-                            "D = a*D_group + (1-a)*n*D_layer, against the calibration noise the "
-                            "allocator would otherwise exploit: 'cv' chooses a per target by "
-                            "cross-validation over the calibration folds second-order curves "
-                            "store (--folds); a number in [0, 1] fixes it; 'off' uses the raw "
-                            "curves (the paper); 'auto' = cv for weight curves measured with "
-                            "-bcw that store folds, else off (default: auto)")
-        c.add_argument("--fp-act-layers", default="ends",
-                       help="activation layers kept in full precision: 'ends' (first and last, as "
-                            "in the paper's DP/LG), 'none', or comma-separated layer names")
+            c.add_argument(
+                "--no-fill",
+                action="store_true",
+                help="leave the budget the solver does not spend (the paper); "
+                "default: spend it on upgrades that raise no distortion",
+            )
+        c.add_argument(
+            "--shrink",
+            type=shrink_mode,
+            default="auto",
+            help="pool each group's curve toward its layer's per-weight curve, "
+            "D = a*D_group + (1-a)*n*D_layer, against the calibration noise the "
+            "allocator would otherwise exploit: 'cv' chooses a per target by "
+            "cross-validation over the calibration folds second-order curves "
+            "store (--folds); a number in [0, 1] fixes it; 'off' uses the raw "
+            "curves (the paper); 'auto' = cv for weight curves measured with "
+            "-bcw that store folds, else off (default: auto)",
+        )
+        c.add_argument(
+            "--fp-act-layers",
+            default="ends",
+            help="activation layers kept in full precision: 'ends' (first and last, as "
+            "in the paper's DP/LG), 'none', or comma-separated layer names",
+        )
         s = p.add_argument_group("allocation")
         if method == "frontier":
-            s.add_argument("--maxslopesteps", type=_positive(int, "--maxslopesteps"), default=192,
-                           help="slopes log2 λ = -35 + 0.5 j, j < maxslopesteps (default: 192)")
-            s.add_argument("--slopes", type=float, nargs="+", default=None,
-                           help="explicit log2 λ values (dist per bit) instead of the grid")
+            s.add_argument(
+                "--maxslopesteps",
+                type=_positive(int, "--maxslopesteps"),
+                default=192,
+                help="slopes log2 λ = -35 + 0.5 j, j < maxslopesteps (default: 192)",
+            )
+            s.add_argument(
+                "--slopes",
+                type=float,
+                nargs="+",
+                default=None,
+                help="explicit log2 λ values (dist per bit) instead of the grid",
+            )
         else:
-            s.add_argument("--target_rates", type=float, nargs="+", default=[4.0, 6.0, 8.0],
-                           help="target average bits (joint over weights and activation elements "
-                                "per sample, as in the paper; default: 4 6 8)")
-            s.add_argument("--act-target-rates", type=float, nargs="+", default=None,
-                           help="separate activation targets (one, or one per --target_rates); "
-                                "--target_rates then holds the weight targets")
-            s.add_argument("--maxslopesteps", type=int, default=None,
-                           help="accepted so the paper's README command runs; no effect here")
+            s.add_argument(
+                "--target_rates",
+                type=float,
+                nargs="+",
+                default=[4.0, 6.0, 8.0],
+                help="target average bits (joint over weights and activation elements "
+                "per sample, as in the paper; default: 4 6 8)",
+            )
+            s.add_argument(
+                "--act-target-rates",
+                type=float,
+                nargs="+",
+                default=None,
+                help="separate activation targets (one, or one per --target_rates); "
+                "--target_rates then holds the weight targets",
+            )
+            s.add_argument(
+                "--maxslopesteps",
+                type=int,
+                default=None,
+                help="accepted so the paper's README command runs; no effect here",
+            )
         s.add_argument("--minrate", type=int, default=None, help="smallest bit width allowed")
         s.add_argument("--maxbits", type=int, default=None, help="largest bit width allowed")
-        s.add_argument("--bit_list", type=int, nargs="+", default=None,
-                       help="allowed bit widths (hardware constraint), e.g. 0 2 4 8")
-        s.add_argument("--layerwise", action="store_true",
-                       help="one bit width per layer (all groups of a tensor alike)")
-        s.add_argument("--rate", choices=RATE_FLAGS, default=None,
-                       help="what a group's rate counts, in bits: 'bits' = bit width × "
-                            "elements (fixed-width code), 'entropy' = empirical entropy of its "
-                            "quantized symbols × elements (entropy-coded; weights only, needs "
-                            "--weights-only); targets are then average entropy bits per weight "
-                            "(default: bits)")
-        s.add_argument("--bit_rate", type=int, choices=(0, 1), default=None,
-                       help="the paper's spelling of --rate: 1 = bits, 0 = entropy (the paper's "
-                            "default was 0; here the default is 1 = --rate bits)")
-    s.add_argument("-bcw", "--bias_corr_weight", action="store_true",
-                   help="per-channel bias correction of weight quantization, estimated on the "
-                        "calibration set and stored in the allocation")
-    s.add_argument("-bca", "--bias_corr_act", action="store_true",
-                   help="per-channel offset correcting the mean activation quantization error, "
-                        "estimated on the calibration set (never on evaluated data)")
+        s.add_argument(
+            "--bit_list",
+            type=int,
+            nargs="+",
+            default=None,
+            help="allowed bit widths (hardware constraint), e.g. 0 2 4 8",
+        )
+        s.add_argument(
+            "--layerwise",
+            action="store_true",
+            help="one bit width per layer (all groups of a tensor alike)",
+        )
+        s.add_argument(
+            "--rate",
+            choices=RATE_FLAGS,
+            default=None,
+            help="what a group's rate counts, in bits: 'bits' = bit width × "
+            "elements (fixed-width code), 'entropy' = empirical entropy of its "
+            "quantized symbols × elements (entropy-coded; weights only, needs "
+            "--weights-only); targets are then average entropy bits per weight "
+            "(default: bits)",
+        )
+        s.add_argument(
+            "--bit_rate",
+            type=int,
+            choices=(0, 1),
+            default=None,
+            help="the paper's spelling of --rate: 1 = bits, 0 = entropy (the paper's "
+            "default was 0; here the default is 1 = --rate bits)",
+        )
+    s.add_argument(
+        "-bcw",
+        "--bias_corr_weight",
+        action="store_true",
+        help="per-channel bias correction of weight quantization, estimated on the "
+        "calibration set and stored in the allocation",
+    )
+    s.add_argument(
+        "-bca",
+        "--bias_corr_act",
+        action="store_true",
+        help="per-channel offset correcting the mean activation quantization error, "
+        "estimated on the calibration set (never on evaluated data)",
+    )
     o = p.add_argument_group("output and device")
-    o.add_argument("--outdir", type=Path, default=None,
-                   help="results directory (default: ./<archname>_<method>_results)")
-    o.add_argument("--save-model", action="store_true",
-                   help="also save model_<target>.pth: fake-quantized weights + activation "
-                        "quantizers")
+    o.add_argument(
+        "--outdir",
+        type=Path,
+        default=None,
+        help="results directory (default: ./<archname>_<method>_results)",
+    )
+    o.add_argument(
+        "--save-model",
+        action="store_true",
+        help="also save model_<target>.pth: fake-quantized weights + activation quantizers",
+    )
     o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
     o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1)")
-    o.add_argument("--precision", choices=("float32", "float64"), default="float32",
-                   help="arithmetic of the evaluation (default: float32)")
+    o.add_argument(
+        "--precision",
+        choices=("float32", "float64"),
+        default="float32",
+        help="arithmetic of the evaluation (default: float32)",
+    )
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    o.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
-                   help="no progress bars, warnings only (--mute-print: the paper's name)")
+    o.add_argument(
+        "--quiet",
+        "--mute-print",
+        dest="quiet",
+        action="store_true",
+        help="no progress bars, warnings only (--mute-print: the paper's name)",
+    )
 
 
 def _resolve_rate(args: argparse.Namespace) -> str:
     """``--rate``, or its paper spelling ``--bit_rate``; contradicting values are refused."""
     paper = PAPER_BIT_RATE.get(args.bit_rate) if args.bit_rate is not None else None
     if args.rate is not None and paper is not None and args.rate != paper:
-        raise InputError(f"--rate {args.rate} contradicts --bit_rate {args.bit_rate} (= --rate "
-                         f"{paper}); pass one of them")
+        raise InputError(
+            f"--rate {args.rate} contradicts --bit_rate {args.bit_rate} (= --rate "
+            f"{paper}); pass one of them"
+        )
     return args.rate or paper or "bits"
 
 
-def _act_curve_set(args: argparse.Namespace, arch: str, act_mode: str,
-                   wmeta: dict[str, Any]) -> Path:
+def _act_curve_set(
+    args: argparse.Namespace, arch: str, act_mode: str, wmeta: dict[str, Any]
+) -> Path:
     """The activation curve set under ``--act_curve_root_dir`` (default: the current directory,
     as the paper's scripts had it). None there is an InputError naming the directory searched,
     the curve set expected and the fixes: a joint target without activation curves would
@@ -182,26 +314,42 @@ def _act_curve_set(args: argparse.Namespace, arch: str, act_mode: str,
     except FileNotFoundError as e:
         # The paper's name; nr and ns as the weight curves', nf unknown unless --nchannelbatch.
         nf = args.nchannelbatch or 0
-        expected = curve_set_name(Path(args.archname).name, "act", 1, len(wmeta["bits"]),
-                                  int(wmeta["calib"]["size"]), nf, act_mode)
+        expected = curve_set_name(
+            Path(args.archname).name,
+            "act",
+            1,
+            len(wmeta["bits"]),
+            int(wmeta["calib"]["size"]),
+            nf,
+            act_mode,
+        )
         if not args.nchannelbatch:
             expected = expected.replace("_nf_0000_", "_nf_*_")
-        script = ("generate_RD_curves_act_out_nchan.py" if act_mode == "out"
-                  else "generate_RD_curves_act_nchan.py")
+        script = (
+            "generate_RD_curves_act_out_nchan.py"
+            if act_mode == "out"
+            else "generate_RD_curves_act_nchan.py"
+        )
         where = f"{root} ({root.resolve()})" if given else f"the current directory {Path.cwd()}"
         if not root.is_dir():
             where += ", which does not exist"
-        raise InputError(f"no {act_mode}put activation curve set of {arch} in {where} "
-                         f"(searched by --act_curve_root_dir{'' if given else ', default .'}): "
-                         f"expected a directory like {expected} with its meta.json. Make it "
-                         f"with classification/{script} --outdir DIR and pass "
-                         f"--act_curve_root_dir DIR, or pass --weights-only to keep every "
-                         f"activation in full precision") from e
+        raise InputError(
+            f"no {act_mode}put activation curve set of {arch} in {where} "
+            f"(searched by --act_curve_root_dir{'' if given else ', default .'}): "
+            f"expected a directory like {expected} with its meta.json. Make it "
+            f"with classification/{script} --outdir DIR and pass "
+            f"--act_curve_root_dir DIR, or pass --weights-only to keep every "
+            f"activation in full precision"
+        ) from e
 
 
 @script_entry(POINTS_HINT)
-def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = None,
-                  adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
+def allocate_main(
+    method: str,
+    act_mode: str = "out",
+    argv: list[str] | None = None,
+    adapters: Mapping[str, Adapter] | None = None,
+) -> dict[str, Any]:
     """Entry point of the DP (``method="dp"``), Lagrangian-target (``"lg"``) and slope-sweep
     (``"frontier"``) scripts: solve, apply, evaluate, write artifacts. Returns the rows and the
     printed table. ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
@@ -215,10 +363,15 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
     )
     from rdoq.store import open_curve_set
 
-    titles = {"dp": "dynamic programming", "lg": "Lagrangian (target rates)",
-              "frontier": "Lagrangian slope sweep"}
-    p = argparse.ArgumentParser(description=f"Bit allocation by {titles[method]} from measured "
-                                            "curves, then apply and evaluate.")
+    titles = {
+        "dp": "dynamic programming",
+        "lg": "Lagrangian (target rates)",
+        "frontier": "Lagrangian slope sweep",
+    }
+    p = argparse.ArgumentParser(
+        description=f"Bit allocation by {titles[method]} from measured "
+        "curves, then apply and evaluate."
+    )
     adapters = adapter_registry() if adapters is None else adapters
     add_alloc_flags(p, method, adapters)
     args = p.parse_args(argv)
@@ -226,8 +379,10 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
     outdir = args.outdir or Path(f"{Path(args.archname).name}_{method}_results")
     try:
         if args.weights_only and args.act_curve_root_dir is not None:
-            raise InputError(f"--weights-only and --act_curve_root_dir {args.act_curve_root_dir} "
-                             f"contradict each other; drop one of them")
+            raise InputError(
+                f"--weights-only and --act_curve_root_dir {args.act_curve_root_dir} "
+                f"contradict each other; drop one of them"
+            )
         args.rate = _resolve_rate(args)
         check_outdir(outdir, "--outdir")
         args.dataset = resolve_dataset(args.archname, args.dataset)
@@ -244,35 +399,56 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
             check_curves_match(args, info, astore.meta, aroot)
         fp_acts = fp_act_layers(args.fp_act_layers, astore.layer_names() if astore else [])
         modules = dict(model.named_modules())
-        dims = {n: adapter.channel_axis(modules[n])
-                for n in (astore.layer_names() if astore else [])
-                if n in modules}
+        dims = {
+            n: adapter.channel_axis(modules[n])
+            for n in (astore.layer_names() if astore else [])
+            if n in modules
+        }
         max_bits = args.maxbits
         if args.maxrates is not None:
             max_bits = min(args.maxrates - 1, max_bits if max_bits is not None else 10**6)
-        spec = TableSpec(wstore, astore, fp_acts, dims, uniform_only=bool(args.closedeadzone),
-                         rate=args.rate, monotone=args.monotone, allowed_bits=args.bit_list,
-                         min_bits=args.minrate, max_bits=max_bits, smooth=args.smooth_dists)
+        spec = TableSpec(
+            wstore,
+            astore,
+            fp_acts,
+            dims,
+            uniform_only=bool(args.closedeadzone),
+            rate=args.rate,
+            monotone=args.monotone,
+            allowed_bits=args.bit_list,
+            min_bits=args.minrate,
+            max_bits=max_bits,
+            smooth=args.smooth_dists,
+        )
         if method == "frontier":
             if args.shrink not in ("auto", "off"):
-                raise InputError(f"--shrink {args.shrink} needs target rates: the slope sweep "
-                                 f"has none to cross-validate at; use the DP or LG script")
+                raise InputError(
+                    f"--shrink {args.shrink} needs target rates: the slope sweep "
+                    f"has none to cross-validate at; use the DP or LG script"
+                )
             table = spec.table()
-            slopes = args.slopes or [FRONTIER_SLOPE0 + FRONTIER_SLOPE_STEP * j
-                                     for j in range(args.maxslopesteps)]
+            slopes = args.slopes or [
+                FRONTIER_SLOPE0 + FRONTIER_SLOPE_STEP * j for j in range(args.maxslopesteps)
+            ]
             sweep, solve_s = frontier_choices(table, slopes, args.layerwise)
-            solved = [SolvedPoint(c, table, {}, tags)
-                      for c, tags in distinct_columns(sweep, slopes)]
+            solved = [
+                SolvedPoint(c, table, {}, tags) for c, tags in distinct_columns(sweep, slopes)
+            ]
             solve_s /= max(len(solved), 1)
         else:
             solved, solve_s = solve_targets_shrunk(
-                spec, args.target_rates, args.act_target_rates, method, args.layerwise,
-                fill=not args.no_fill, shrink=args.shrink)
+                spec,
+                args.target_rates,
+                args.act_target_rates,
+                method,
+                args.layerwise,
+                fill=not args.no_fill,
+                shrink=args.shrink,
+            )
             table = solved[0].table
         fit = spec.monotone_mask(table)
         # What the fit covered, for the results: "weights", "all" or "none".
-        args.monotone_applied = ("none" if not fit.any() else "all" if fit.all() else
-                                 "weights")
+        args.monotone_applied = "none" if not fit.any() else "all" if fit.all() else "weights"
         calib = None
         warn_correction_mismatch(wstore, "-bcw", args.bias_corr_weight)
         warn_correction_mismatch(astore, "-bca", args.bias_corr_act)
@@ -283,9 +459,15 @@ def allocate_main(method: str, act_mode: str = "out", argv: list[str] | None = N
         data = eval_data_for(args, model, adapter)
         name = method_name(method, args)
         allocs = [(point.allocation(method), point.tags) for point in solved]
-        log.info("%s: %d items (%d activation groups), %d points to evaluate", name,
-                 len(table.kind), int((table.kind == ACT).sum()), len(allocs))
-        return run_points(args, adapter, model, info, data, calib, outdir, name, allocs,
-                          solve_s, device)
+        log.info(
+            "%s: %d items (%d activation groups), %d points to evaluate",
+            name,
+            len(table.kind),
+            int((table.kind == ACT).sum()),
+            len(allocs),
+        )
+        return run_points(
+            args, adapter, model, info, data, calib, outdir, name, allocs, solve_s, device
+        )
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))

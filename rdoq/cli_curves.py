@@ -39,55 +39,88 @@ log = logging.getLogger("rdoq")
 
 
 @script_entry(RESUME_HINT)
-def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None = None,
-                estimator: str = "measured",
-                adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
+def curves_main(
+    kind: str,
+    act_mode: str | None = None,
+    argv: list[str] | None = None,
+    estimator: str = "measured",
+    adapters: Mapping[str, Adapter] | None = None,
+) -> dict[str, Any]:
     """Entry point of the curve scripts (weights, activations in/out; measured or second-order
     estimator); returns the run summary (the script prints it as one JSON line). Bad flags exit
     via argparse. ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
     adapters = adapter_registry() if adapters is None else adapters
     what = "weight" if kind == "weight" else f"activation ({act_mode}put)"
     how = "Measured (first-order)" if estimator == "measured" else "Second-order (Hessian)"
-    p = argparse.ArgumentParser(description=f"{how} {what} RD curves, one file per layer, "
-                                            "resumable.")
+    p = argparse.ArgumentParser(
+        description=f"{how} {what} RD curves, one file per layer, resumable."
+    )
     add_model_data_flags(p, datasets=adapters)
     add_curve_flags(p, kind)
     if estimator == "hessian":
         h = p.add_argument_group("second-order estimator")
-        h.add_argument("--paper-hessian", action="store_true",
-                       help=f"the paper's eq. 18/21 settings in one flag: --probe {PAPER_PROBE} "
-                            f"--kappa {PAPER_KAPPA:g} (recorded as preset 'paper' in meta.json). "
-                            f"An explicit --probe/--kappa that differs is an error "
-                            f"(default: off; the random probes measured better on the digits "
-                            f"demo)")
+        h.add_argument(
+            "--paper-hessian",
+            action="store_true",
+            help=f"the paper's eq. 18/21 settings in one flag: --probe {PAPER_PROBE} "
+            f"--kappa {PAPER_KAPPA:g} (recorded as preset 'paper' in meta.json). "
+            f"An explicit --probe/--kappa that differs is an error "
+            f"(default: off; the random probes measured better on the digits "
+            f"demo)",
+        )
         # None = not given, so that a value contradicting --paper-hessian is caught.
-        h.add_argument("--probe", choices=PROBES, default=None,
-                       help="gradient rows: random output probes (unbiased output-MSE estimate) "
-                            "or the paper's per-sample output norm (default: random)")
-        h.add_argument("--nprobes", type=_positive(int, "--nprobes"), default=4,
-                       help="random probes per calibration sample (default: 4)")
-        h.add_argument("--kappa", type=float, default=None,
-                       help="weight of the κ/2·‖Δ‖² term, ‖Δ‖² per weight group or, for "
-                            "activations, per calibration sample (default: 0)")
-        h.add_argument("--first-order", action="store_true",
-                       help="add the first-order term 1ᵀP/N (with --probe norm)")
+        h.add_argument(
+            "--probe",
+            choices=PROBES,
+            default=None,
+            help="gradient rows: random output probes (unbiased output-MSE estimate) "
+            "or the paper's per-sample output norm (default: random)",
+        )
+        h.add_argument(
+            "--nprobes",
+            type=_positive(int, "--nprobes"),
+            default=4,
+            help="random probes per calibration sample (default: 4)",
+        )
+        h.add_argument(
+            "--kappa",
+            type=float,
+            default=None,
+            help="weight of the κ/2·‖Δ‖² term, ‖Δ‖² per weight group or, for "
+            "activations, per calibration sample (default: 0)",
+        )
+        h.add_argument(
+            "--first-order",
+            action="store_true",
+            help="add the first-order term 1ᵀP/N (with --probe norm)",
+        )
         p.set_defaults(outdir=Path("hessian_curves"))
     # Free for the second-order estimator (its rows are per sample); the measured engine
     # evaluates every chosen point once more, so it is off there unless asked for.
     folds = DEFAULT_FOLDS if estimator == "hessian" else 0
     cost = "free here" if folds else "costs one more evaluation of each chosen point"
-    p.add_argument("--folds", type=int, default=folds,
-                   help=f"also store the curves of this many calibration folds (crops of one "
-                        f"image stay in one fold), which the allocation scripts' --shrink uses "
-                        f"to pool noisy group curves by cross-validation; {cost}; 0: none "
-                        f"(default: {folds})")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=folds,
+        help=f"also store the curves of this many calibration folds (crops of one "
+        f"image stay in one fold), which the allocation scripts' --shrink uses "
+        f"to pool noisy group curves by cross-validation; {cost}; 0: none "
+        f"(default: {folds})",
+    )
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     ndz = 1 if kind == "act" or args.disable_deadzone else args.maxdeadzones
     # Named after --archname as given, so later paper commands with the same name find it.
     root = args.pathrdcurve or args.outdir / curve_set_name(
-        Path(args.archname).name, kind, ndz, args.maxrates, args.testsize, args.nchannelbatch,
-        act_mode)
+        Path(args.archname).name,
+        kind,
+        ndz,
+        args.maxrates,
+        args.testsize,
+        args.nchannelbatch,
+        act_mode,
+    )
     try:
         check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
         args.dataset = resolve_dataset(args.archname, args.dataset)
@@ -95,35 +128,57 @@ def curves_main(kind: str, act_mode: str | None = None, argv: list[str] | None =
         device = resolve_device(args, part.local_rank)
         on_cuda = device.type == "cuda"
         job = CurveJob(
-            kind=kind, act_mode=act_mode, group_size=args.nchannelbatch, nr=args.maxrates,
-            ndz=ndz, max_steps=args.maxsteps, step_grid=args.step_grid, precision=args.precision,
+            kind=kind,
+            act_mode=act_mode,
+            group_size=args.nchannelbatch,
+            nr=args.maxrates,
+            ndz=ndz,
+            max_steps=args.maxsteps,
+            step_grid=args.step_grid,
+            precision=args.precision,
             # The quadratic model prices a batch of candidates at one matmul, on any device.
             max_batch=args.max_batch or (256 if estimator == "hessian" else 64 if on_cuda else 1),
             max_lookahead=args.lookahead or (4 if estimator == "hessian" or on_cuda else 1),
             mem_budget_mb=args.mem_budget_mb or _default_budget(device, estimator),
-            use_cuts=not args.no_prefix_cache, progress=not args.quiet,
+            use_cuts=not args.no_prefix_cache,
+            progress=not args.quiet,
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
-            estimator=estimator, sweep_batch=args.batchsize,
+            estimator=estimator,
+            sweep_batch=args.batchsize,
             step_mode=args.steps,
             bias_corr=args.bias_corr_weight if kind == "weight" else args.bias_corr_act,
-            scales_log2=scale_grid(scale_octaves(args.scale_octaves, estimator),
-                                   args.scale_steps),
+            scales_log2=scale_grid(scale_octaves(args.scale_octaves, estimator), args.scale_steps),
             hessian=HessianSettings.from_flags(
-                "paper" if args.paper_hessian else None, args.probe, args.kappa, args.nprobes,
-                args.first_order, args.seed) if estimator == "hessian" else None,
-            folds=args.folds)
+                "paper" if args.paper_hessian else None,
+                args.probe,
+                args.kappa,
+                args.nprobes,
+                args.first_order,
+                args.seed,
+            )
+            if estimator == "hessian"
+            else None,
+            folds=args.folds,
+        )
         job.search_settings()
         model, info, calib = load_model_and_calib(args, get_adapter(args.dataset, adapters))
     except (InputError, ValueError) as e:
         p.error(str(e))
     try:
-        summary = generate_curves(model, calib.x, vars(info), calib.meta(), job, root, part,
-                                  device, units=calib.units)
+        summary = generate_curves(
+            model, calib.x, vars(info), calib.meta(), job, root, part, device, units=calib.units
+        )
     except ValueError as e:
         p.error(str(e))
-    atomic_write_json(Path(root) / f"run_part{part.part_id:03d}.json",
-                      {"job": job_dict(job), "device": str(device), "summary": summary,
-                       "args": _jsonable(vars(args))})
+    atomic_write_json(
+        Path(root) / f"run_part{part.part_id:03d}.json",
+        {
+            "job": job_dict(job),
+            "device": str(device),
+            "summary": summary,
+            "args": _jsonable(vars(args)),
+        },
+    )
     return summary
 
 
@@ -169,11 +224,13 @@ def show_main(argv: list[str] | None = None) -> str:
             p.exit(2, f"{p.prog}: error: {e}\n")
         what = s["kind"] + (f" ({s['act_mode']}put)" if s["act_mode"] else "")
         ratios = s["median_dist_ratio"]
-        lines += [s["curve_set"],
-                  f"  {what}, {s['estimator']}, model {s['model']}, {s['layers']} layers, "
-                  f"{s['groups']} groups of {s['group_size']} channels, "
-                  f"missing layers: {len(s['missing_layers'])}",
-                  "  bits:                 " + " ".join(f"{b:>8d}" for b in ratios),
-                  "  median dist/dist(0):  " + " ".join(
-                      f"{v:8.2e}" if v is not None else "       -" for v in ratios.values())]
+        lines += [
+            s["curve_set"],
+            f"  {what}, {s['estimator']}, model {s['model']}, {s['layers']} layers, "
+            f"{s['groups']} groups of {s['group_size']} channels, "
+            f"missing layers: {len(s['missing_layers'])}",
+            "  bits:                 " + " ".join(f"{b:>8d}" for b in ratios),
+            "  median dist/dist(0):  "
+            + " ".join(f"{v:8.2e}" if v is not None else "       -" for v in ratios.values()),
+        ]
     return "\n".join(lines)

@@ -36,8 +36,9 @@ log = logging.getLogger("rdoq")
 
 
 @script_entry(POINTS_HINT)
-def evaluate_main(argv: list[str] | None = None,
-                  adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
+def evaluate_main(
+    argv: list[str] | None = None, adapters: Mapping[str, Adapter] | None = None
+) -> dict[str, Any]:
     """Entry point of ``evaluate_allocation.py``: re-apply saved allocation files to the model and
     evaluate them (corrections stored in the files are used as they are). ``adapters``: the
     ``--dataset`` choices (default: the built-in adapters)."""
@@ -53,26 +54,43 @@ def evaluate_main(argv: list[str] | None = None,
     )
     from rdoq.report import append_results, format_table
 
-    p = argparse.ArgumentParser(description="Evaluate saved allocation files "
-                                            "(allocation_<target>.json).")
+    p = argparse.ArgumentParser(
+        description="Evaluate saved allocation files (allocation_<target>.json)."
+    )
     p.add_argument("allocations", nargs="+", type=Path, help="allocation JSON files")
     g = p.add_argument_group("model and data")
     adapters = adapter_registry() if adapters is None else adapters
     add_model_flags(g, None, "model name; None = the allocation's model", adapters)
     add_eval_data_flags(g)
     o = p.add_argument_group("output and device")
-    o.add_argument("--outdir", type=Path, default=None,
-                   help="where results.jsonl/csv go (default: the first allocation's directory)")
+    o.add_argument(
+        "--outdir",
+        type=Path,
+        default=None,
+        help="where results.jsonl/csv go (default: the first allocation's directory)",
+    )
     o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
     o.add_argument("--device", default=None, help="torch device")
-    o.add_argument("--precision", choices=("float32", "float64"), default="float32",
-                   help="arithmetic of the evaluation")
-    o.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
-                   help="no progress bars, warnings only (--mute-print: the paper's name)")
-    o.add_argument("--paired", action="store_true",
-                   help="compare every allocation with the first on the same samples: the "
-                        "per-sample output-MSE difference with a 95 %% bootstrap interval, and "
-                        "McNemar's exact test on the top-1 (stored as 'paired' in each row)")
+    o.add_argument(
+        "--precision",
+        choices=("float32", "float64"),
+        default="float32",
+        help="arithmetic of the evaluation",
+    )
+    o.add_argument(
+        "--quiet",
+        "--mute-print",
+        dest="quiet",
+        action="store_true",
+        help="no progress bars, warnings only (--mute-print: the paper's name)",
+    )
+    o.add_argument(
+        "--paired",
+        action="store_true",
+        help="compare every allocation with the first on the same samples: the "
+        "per-sample output-MSE difference with a 95 %% bootstrap interval, and "
+        "McNemar's exact test on the top-1 (stored as 'paired' in each row)",
+    )
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     outdir = args.outdir or args.allocations[0].parent
@@ -82,17 +100,22 @@ def evaluate_main(argv: list[str] | None = None,
         models = {a["model"] for _, a in allocs}
         if args.archname is None:
             if len(models) != 1:
-                raise InputError(f"the allocations are for several models {sorted(models)}; "
-                                 f"evaluate them separately")
+                raise InputError(
+                    f"the allocations are for several models {sorted(models)}; "
+                    f"evaluate them separately"
+                )
             args.archname = models.pop()
         sources = {a.get("weights_source") for _, a in allocs}
-        args.dataset = resolve_dataset(args.archname, args.dataset,
-                                       sources.pop() if len(sources) == 1 else None)
+        args.dataset = resolve_dataset(
+            args.archname, args.dataset, sources.pop() if len(sources) == 1 else None
+        )
         adapter = get_adapter(args.dataset, adapters)
         folded = {is_folded_source(a.get("weights_source")) for _, a in allocs}
         if len(folded) > 1:
-            raise InputError("some allocations were made with --fold-bn and some without; "
-                             "evaluate them separately")
+            raise InputError(
+                "some allocations were made with --fold-bn and some without; "
+                "evaluate them separately"
+            )
         # The allocation knows whether its weights were folded: evaluate the same weights.
         args.fold_bn = args.fold_bn or folded == {True}
         device = resolve_device(args, None)
@@ -100,14 +123,18 @@ def evaluate_main(argv: list[str] | None = None,
         model, info = build_any_model(args, adapter)
         for path, a in allocs:
             if a["model"] != info.arch:
-                raise InputError(f"{path} is an allocation for {a['model']}, this run loads "
-                                 f"{info.arch}; pass the matching --archname")
+                raise InputError(
+                    f"{path} is an allocation for {a['model']}, this run loads "
+                    f"{info.arch}; pass the matching --archname"
+                )
             for key in ("weights_source", "checkpoint_sha256"):
                 if key in a and a[key] != getattr(info, key):
-                    raise InputError(f"{path} was made for weights {key}={a[key]!r}, this run "
-                                     f"loads {key}={getattr(info, key)!r}; pass the same "
-                                     f"--checkpoint/--random-init/--fold-bn as when it was "
-                                     f"made")
+                    raise InputError(
+                        f"{path} was made for weights {key}={a[key]!r}, this run "
+                        f"loads {key}={getattr(info, key)!r}; pass the same "
+                        f"--checkpoint/--random-init/--fold-bn as when it was "
+                        f"made"
+                    )
             check_model(model, a, str(path))
         model = model.to(device=device, dtype=dtype).eval()
         data = eval_data_for(args, model, adapter)
@@ -133,21 +160,43 @@ def evaluate_main(argv: list[str] | None = None,
                 paired_lines.append(
                     f"{path} − {args.allocations[0]}: output MSE {cmp['mse_diff']:+.4g} "
                     f"(95 % bootstrap interval {lo:+.4g} … {hi:+.4g}, n={cmp['n']})"
-                    + ("" if "mcnemar_p" not in cmp else
-                       f"; top-1 right only here {cmp['only_a_right']}, only in the first "
-                       f"{cmp['only_b_right']}, McNemar exact p = {cmp['mcnemar_p']:.3g}"))
+                    + (
+                        ""
+                        if "mcnemar_p" not in cmp
+                        else f"; top-1 right only here {cmp['only_a_right']}, only in the first "
+                        f"{cmp['only_b_right']}, McNemar exact p = {cmp['mcnemar_p']:.3g}"
+                    )
+                )
         del q_model
         bits = bit_report(model, a, x1)
-        rows.append({"model": info.arch, "method": f"eval:{a.get('method', a.get('solver'))}",
-                     "target_bits": a.get("target_bits"), **a.get("summary", {}),
-                     **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb",
-                                             "fp_size_mb", "bops_ratio", *BOPS_INPUT_COUNTS)},
-                     **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"],
-                     "allocation": str(path.resolve()),
-                     "fp_weight_layers": bits["fp_weight_layers"],
-                     "fp_act_layers": bits["fp_act_layers"],
-                     "bops_inputs": bits["bops_inputs"],
-                     "created": datetime.now(timezone.utc).isoformat()})
+        rows.append(
+            {
+                "model": info.arch,
+                "method": f"eval:{a.get('method', a.get('solver'))}",
+                "target_bits": a.get("target_bits"),
+                **a.get("summary", {}),
+                **{
+                    k: bits[k]
+                    for k in (
+                        "w_bits",
+                        "a_bits",
+                        "avg_bits",
+                        "size_mb",
+                        "fp_size_mb",
+                        "bops_ratio",
+                        *BOPS_INPUT_COUNTS,
+                    )
+                },
+                **metrics,
+                "fp_top1": fp["top1"],
+                "fp_top5": fp["top5"],
+                "allocation": str(path.resolve()),
+                "fp_weight_layers": bits["fp_weight_layers"],
+                "fp_act_layers": bits["fp_act_layers"],
+                "bops_inputs": bits["bops_inputs"],
+                "created": datetime.now(timezone.utc).isoformat(),
+            }
+        )
     append_results(Path(outdir), rows)
     table = format_table(rows)
     if paired_lines:
@@ -156,8 +205,9 @@ def evaluate_main(argv: list[str] | None = None,
 
 
 @script_entry(POINTS_HINT)
-def uniform_main(argv: list[str] | None = None,
-                 adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
+def uniform_main(
+    argv: list[str] | None = None, adapters: Mapping[str, Adapter] | None = None
+) -> dict[str, Any]:
     """Entry point of ``uniform_baseline.py``: the same bit width for every weight and
     activation, per-channel MSE-optimal steps, evaluated exactly like the RDOQ allocations.
     ``adapters``: the ``--dataset`` choices (default: the built-in adapters)."""
@@ -165,8 +215,10 @@ def uniform_main(argv: list[str] | None = None,
     from rdoq.pipeline import run_points
     from rdoq.probe import act_shapes
 
-    p = argparse.ArgumentParser(description="Uniform-precision baseline: per-channel steps by "
-                                            "minimum MSE, evaluated like RDOQ allocations.")
+    p = argparse.ArgumentParser(
+        description="Uniform-precision baseline: per-channel steps by "
+        "minimum MSE, evaluated like RDOQ allocations."
+    )
     adapters = adapter_registry() if adapters is None else adapters
     add_alloc_flags(p, "uniform", adapters)
     args = p.parse_args(argv)
@@ -181,8 +233,10 @@ def uniform_main(argv: list[str] | None = None,
             raise InputError(f"uniform bit widths must be >= 1, got {bad}")
         act_bits = args.act_target_rates or args.target_rates
         if len(act_bits) not in (1, len(args.target_rates)):
-            raise InputError(f"--act-target-rates takes one value or one per --target_rates "
-                             f"({len(args.target_rates)}), got {len(act_bits)}")
+            raise InputError(
+                f"--act-target-rates takes one value or one per --target_rates "
+                f"({len(args.target_rates)}), got {len(act_bits)}"
+            )
         act_bits = act_bits * len(args.target_rates) if len(act_bits) == 1 else act_bits
         device = resolve_device(args, None)
         dtype = getattr(torch, args.precision)
@@ -196,20 +250,37 @@ def uniform_main(argv: list[str] | None = None,
         fp_acts = set(fp_act_layers(args.fp_act_layers, called))
         unknown = sorted(fp_acts - set(called))
         if unknown:
-            raise InputError(f"--fp-act-layers names {unknown}, which are not quantizable "
-                             f"layers of {info.arch}")
+            raise InputError(
+                f"--fp-act-layers names {unknown}, which are not quantizable layers of {info.arch}"
+            )
         act_layers = [] if args.no_acts else [n for n in called if n not in fp_acts]
     except (InputError, ValueError, FileNotFoundError) as e:
         p.error(str(e))
     acts = collect_acts(model, calib, act_layers, args.act_mode) if act_layers else {}
-    points = [(uniform_allocation(model, calib, w, None if args.no_acts else a, act_layers,
-                                  args.act_mode, acts),
-               {"target_bits": float(w), "act_target_bits": None if args.no_acts else float(a)})
-              for w, a in zip(args.target_rates, act_bits, strict=True)]
+    points = [
+        (
+            uniform_allocation(
+                model, calib, w, None if args.no_acts else a, act_layers, args.act_mode, acts
+            ),
+            {"target_bits": float(w), "act_target_bits": None if args.no_acts else float(a)},
+        )
+        for w, a in zip(args.target_rates, act_bits, strict=True)
+    ]
     use_calib = calib if (args.bias_corr_weight or args.bias_corr_act) else None
     try:
-        return run_points(args, adapter, model, info, data, use_calib, outdir,
-                           method_name("uniform", args), points, None, device)
+        return run_points(
+            args,
+            adapter,
+            model,
+            info,
+            data,
+            use_calib,
+            outdir,
+            method_name("uniform", args),
+            points,
+            None,
+            device,
+        )
     except (InputError, ValueError) as e:
         p.error(str(e))
 
@@ -222,11 +293,18 @@ def results_main(argv: list[str] | None = None) -> str:
 
     p = argparse.ArgumentParser(description="Tabulate results.jsonl files (method × target).")
     p.add_argument("paths", nargs="+", type=Path, help="results.jsonl files or directories")
-    p.add_argument("--all", action="store_true",
-                   help="every row (default: the latest row per model, method and target)")
-    p.add_argument("--plot", type=Path, default=None,
-                   help="also write a PNG of all methods of each model (one file per model: "
-                        "PLOT with the model name appended)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="every row (default: the latest row per model, method and target)",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="also write a PNG of all methods of each model (one file per model: "
+        "PLOT with the model name appended)",
+    )
     args = p.parse_args(argv)
     try:
         rows = collect_results(args.paths)
@@ -235,10 +313,29 @@ def results_main(argv: list[str] | None = None) -> str:
     if not args.all:
         latest: dict[tuple, dict[str, Any]] = {}
         for r in rows:
-            latest[(r.get("model"), r.get("method"), r.get("target_bits"),
-                    r.get("act_target_bits"), r.get("slope_log2"))] = r
-        rows = [r for r in rows if latest[(r.get("model"), r.get("method"), r.get("target_bits"),
-                                           r.get("act_target_bits"), r.get("slope_log2"))] is r]
+            latest[
+                (
+                    r.get("model"),
+                    r.get("method"),
+                    r.get("target_bits"),
+                    r.get("act_target_bits"),
+                    r.get("slope_log2"),
+                )
+            ] = r
+        rows = [
+            r
+            for r in rows
+            if latest[
+                (
+                    r.get("model"),
+                    r.get("method"),
+                    r.get("target_bits"),
+                    r.get("act_target_bits"),
+                    r.get("slope_log2"),
+                )
+            ]
+            is r
+        ]
     if args.plot is not None:
         for model in dict.fromkeys(r.get("model") for r in rows):
             path = args.plot.with_name(f"{args.plot.stem}_{model}{args.plot.suffix or '.png'}")

@@ -1,4 +1,10 @@
-"""Curve generation jobs: one layer at a time, resumable, the same for every estimator."""
+"""Curve generation jobs: one layer at a time, resumable, the same for every estimator.
+
+Its length (about 580 lines): the job (settings and their checks), the layer plans, the search
+chains of both kinds and the per-layer loop for both estimators, so that one curve-set layout
+comes from one place; the estimators themselves live in :mod:`rdoq.engine` and
+:mod:`rdoq.hessian`.
+"""
 
 from __future__ import annotations
 
@@ -120,8 +126,12 @@ class CurveJob:
         return getattr(torch, self.precision)
 
     def search_settings(self) -> SearchSettings:
-        return SearchSettings(bits=tuple(range(self.nr)), step_grid=self.step_grid,
-                              max_steps=self.max_steps, stop_on_aux=self.kind == "weight")
+        return SearchSettings(
+            bits=tuple(range(self.nr)),
+            step_grid=self.step_grid,
+            max_steps=self.max_steps,
+            stop_on_aux=self.kind == "weight",
+        )
 
 
 @dataclass
@@ -135,8 +145,13 @@ class LayerPlan:
     numel: np.ndarray  # (G,)
 
     def meta(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "shape": list(self.shape),
-                "groups": len(self.bounds), "numel": int(self.numel.sum())}
+        return {
+            "name": self.name,
+            "type": self.type,
+            "shape": list(self.shape),
+            "groups": len(self.bounds),
+            "numel": int(self.numel.sum()),
+        }
 
 
 def plan_layers(model: nn.Module, x1: torch.Tensor, job: CurveJob) -> list[LayerPlan]:
@@ -154,14 +169,19 @@ def plan_layers(model: nn.Module, x1: torch.Tensor, job: CurveJob) -> list[Layer
     if sparse_layers and job.estimator == "hessian":
         # The sweep stores activations (N, …) of one shape per sample; a frame's active sites
         # vary in number.
-        raise ValueError(f"second-order activation curves of spconv layers are not offered "
-                         f"({sparse_layers[:4]}): their features (N_active, C) differ in size "
-                         f"from frame to frame; use the measured estimator for them")
+        raise ValueError(
+            f"second-order activation curves of spconv layers are not offered "
+            f"({sparse_layers[:4]}): their features (N_active, C) differ in size "
+            f"from frame to frame; use the measured estimator for them"
+        )
     shapes = act_shapes(model, x1, [layer.name for layer in layers], job.act_mode)
     skipped = [layer.name for layer in layers if layer.name not in shapes]
     if skipped:
-        log.warning("no activation curves for layers whose forward is never called (their "
-                    "weight is used by a parent module); they stay in full precision: %s", skipped)
+        log.warning(
+            "no activation curves for layers whose forward is never called (their "
+            "weight is used by a parent module); they stay in full precision: %s",
+            skipped,
+        )
     for layer in layers:
         if layer.name not in shapes:
             continue
@@ -177,8 +197,14 @@ def max_rows_for(model: nn.Module, x1: torch.Tensor, budget_mb: float) -> int:
     """Samples per forward that fit ``budget_mb``: the widest activation of one sample (a leaf
     module's output) times a working-set factor of 8 (attention maps, MLP hidden states and
     temporaries)."""
-    widest = max((c.out.numel * c.out.element_size for c in probe(model, x1).calls
-                  if c.out.kind == "tensor"), default=0)
+    widest = max(
+        (
+            c.out.numel * c.out.element_size
+            for c in probe(model, x1).calls
+            if c.out.kind == "tensor"
+        ),
+        default=0,
+    )
     return max(int(budget_mb * 2**20 // max(8 * widest, 1)), 1)
 
 
@@ -193,43 +219,61 @@ def assign_folds(units: Sequence[Any], count: int) -> tuple[np.ndarray, str]:
         order.setdefault(u, len(order))
     n_folds = min(count, len(order))
     if n_folds < 2:
-        raise ValueError(f"--folds {count} needs at least 2 distinct calibration sources, the "
-                         f"calibration set has {len(order)}; use more calibration samples or "
-                         f"--folds 0")
+        raise ValueError(
+            f"--folds {count} needs at least 2 distinct calibration sources, the "
+            f"calibration set has {len(order)}; use more calibration samples or "
+            f"--folds 0"
+        )
     fold_of = np.array([order[u] % n_folds for u in units], dtype=np.int64)  # (N,)
     return fold_of, "unit" if len(order) < len(units) else "sample"
 
 
-def build_meta(job: CurveJob, model_info: dict[str, Any], calib: dict[str, Any],
-               plans: list[LayerPlan], estimator_params: dict[str, Any] | None = None,
-               folds: dict[str, Any] | None = None) -> dict:
+def build_meta(
+    job: CurveJob,
+    model_info: dict[str, Any],
+    calib: dict[str, Any],
+    plans: list[LayerPlan],
+    estimator_params: dict[str, Any] | None = None,
+    folds: dict[str, Any] | None = None,
+) -> dict:
     """meta.json contents for a curve set (DESIGN §5). ``folds``: the calibration folds of
     ``dist_folds`` (count, what they split, the fold of each sample), None without."""
     return {
-        "kind": job.kind, "estimator": job.estimator,
+        "kind": job.kind,
+        "estimator": job.estimator,
         "act_mode": job.act_mode if job.kind == "act" else None,
-        "model": model_info["arch"], "weights_source": model_info["weights_source"],
+        "model": model_info["arch"],
+        "weights_source": model_info["weights_source"],
         "checkpoint_sha256": model_info.get("checkpoint_sha256"),
-        "group_size": job.group_size, "bits": list(range(job.nr)),
+        "group_size": job.group_size,
+        "bits": list(range(job.nr)),
         "ndz": job.ndz if job.kind == "weight" else 1,
-        "step_grid": job.step_grid, "max_steps": job.max_steps, "precision": job.precision,
+        "step_grid": job.step_grid,
+        "max_steps": job.max_steps,
+        "precision": job.precision,
         "estimator_params": estimator_params or (job.hessian.params() if job.hessian else {}),
-        "calib": calib, "layers": [p.meta() for p in plans],
+        "calib": calib,
+        "layers": [p.meta() for p in plans],
         "steps": "channel" if job.channel_steps else "group",
         "scales_log2": list(job.scales_log2) if job.channel_steps else None,
         "bias_corr": job.bias_corr,
         "folds": folds,
-        "argv": job.argv or sys.argv, "created": datetime.now(timezone.utc).isoformat(),
+        "argv": job.argv or sys.argv,
+        "created": datetime.now(timezone.utc).isoformat(),
     }
 
 
-def weight_chains(weight: torch.Tensor, plan: LayerPlan, job: CurveJob
-                  ) -> list[Chain] | list[ScaleChain]:
+def weight_chains(
+    weight: torch.Tensor, plan: LayerPlan, job: CurveJob
+) -> list[Chain] | list[ScaleChain]:
     """One chain per (group, dead-zone ratio) of a weight layer."""
     if job.channel_steps:
         settings = ScaleSettings(tuple(range(job.nr)), tuple(job.scales_log2))
-        return [ScaleChain(g, d, d / job.ndz, settings)
-                for g in range(len(plan.bounds)) for d in range(job.ndz)]
+        return [
+            ScaleChain(g, d, d / job.ndz, settings)
+            for g in range(len(plan.bounds))
+            for d in range(job.ndz)
+        ]
     settings = job.search_settings()
     chains = []
     for g, (c0, c1) in enumerate(plan.bounds):
@@ -243,9 +287,14 @@ def weight_chains(weight: torch.Tensor, plan: LayerPlan, job: CurveJob
     return chains
 
 
-def make_chains(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJob,
-                rows: int, values: torch.Tensor | None = None
-                ) -> tuple[list[Chain], ActGroupStats | None]:
+def make_chains(
+    model: nn.Module,
+    x: torch.Tensor,
+    plan: LayerPlan,
+    job: CurveJob,
+    rows: int,
+    values: torch.Tensor | None = None,
+) -> tuple[list[Chain], ActGroupStats | None]:
     """The search chains of one layer (and, for activations, its group statistics, from the
     layer's stored calibration activations ``values`` when given, else from forwards)."""
     modules = dict(model.named_modules())
@@ -259,10 +308,19 @@ def make_chains(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJo
     if job.channel_steps:
         settings = ScaleSettings(tuple(range(job.nr)), tuple(job.scales_log2))
         return [ScaleChain(g, 0, 0.0, settings) for g in range(len(plan.bounds))], stats
-    chains = [Chain(g, 0, 0.0, float(stats.rms_log2[g]), job.search_settings(),
-                    vmin=float(stats.vmin[g]), vmax=float(stats.vmax[g]),
-                    unsigned=not bool(stats.signed[g]))
-              for g in range(len(plan.bounds))]
+    chains = [
+        Chain(
+            g,
+            0,
+            0.0,
+            float(stats.rms_log2[g]),
+            job.search_settings(),
+            vmin=float(stats.vmin[g]),
+            vmax=float(stats.vmax[g]),
+            unsigned=not bool(stats.signed[g]),
+        )
+        for g in range(len(plan.bounds))
+    ]
     return chains, stats
 
 
@@ -279,8 +337,13 @@ def act_layer_steps(stats: ActGroupStats, plan: LayerPlan, job: CurveJob) -> Cha
     return ChannelSteps.of_acts(stats.rows, stats.channel_signed(plan.bounds), job.nr)
 
 
-def layer_backend(evaluator: MeasuredEngine | NaiveEvaluator, plan: LayerPlan, job: CurveJob,
-                  stats: ActGroupStats | None, steps: ChannelSteps | None = None):
+def layer_backend(
+    evaluator: MeasuredEngine | NaiveEvaluator,
+    plan: LayerPlan,
+    job: CurveJob,
+    stats: ActGroupStats | None,
+    steps: ChannelSteps | None = None,
+):
     """The ``Evaluate`` of one layer on the measured engine or on the naive evaluator (a full
     forward per candidate, the reference): the same steps and ``-bcw`` / ``-bca`` inputs."""
     naive = isinstance(evaluator, NaiveEvaluator)
@@ -288,26 +351,41 @@ def layer_backend(evaluator: MeasuredEngine | NaiveEvaluator, plan: LayerPlan, j
     if job.kind == "weight":
         if steps is None:
             steps = layer_steps(evaluator.modules[plan.name].weight, job)
-        mean = (weight_input_means(evaluator.model, evaluator.calib, [plan.name], rows)
-                [plan.name] if job.bias_corr else None)
+        mean = (
+            weight_input_means(evaluator.model, evaluator.calib, [plan.name], rows)[plan.name]
+            if job.bias_corr
+            else None
+        )
         if naive:
             return evaluator.weights(plan.name, plan.bounds, steps, mean)
         return WeightBackend(evaluator, plan.name, plan.bounds, job.max_batch, steps, mean)
     if steps is None:
         steps = act_layer_steps(stats, plan, job)
     if naive:
-        return evaluator.acts(plan.name, job.act_mode, plan.bounds, stats.signed, steps,
-                              job.bias_corr)
-    values = (act_values(evaluator.model, evaluator.calib, plan.name, job.act_mode, rows)
-              if job.bias_corr else None)
-    return ActBackend(evaluator, plan.name, job.act_mode, plan.bounds, stats, job.max_batch,
-                      steps, values)
+        return evaluator.acts(
+            plan.name, job.act_mode, plan.bounds, stats.signed, steps, job.bias_corr
+        )
+    values = (
+        act_values(evaluator.model, evaluator.calib, plan.name, job.act_mode, rows)
+        if job.bias_corr
+        else None
+    )
+    return ActBackend(
+        evaluator, plan.name, job.act_mode, plan.bounds, stats, job.max_batch, steps, values
+    )
 
 
-def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[str, Any],
-                    calib_meta: dict[str, Any], job: CurveJob, root: Path, part: PartSpec,
-                    device: torch.device,
-                    units: Sequence[Any] | None = None) -> dict[str, Any]:
+def generate_curves(
+    model: nn.Module,
+    calib_x: torch.Tensor,
+    model_info: dict[str, Any],
+    calib_meta: dict[str, Any],
+    job: CurveJob,
+    root: Path,
+    part: PartSpec,
+    device: torch.device,
+    units: Sequence[Any] | None = None,
+) -> dict[str, Any]:
     """Measure and store the curves of this part's layers into the curve set ``root``.
 
     ``units``: the source of each calibration sample (:attr:`rdoq.adapters.base.CalibSet.units`)
@@ -330,10 +408,22 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
     owner = assign_parts(costs, part.num_parts)
     mine = [p for p, o in zip(plans, owner, strict=True) if o == part.part_id]
     todo = [p for p in mine if not store.has_layer(p.name)]
-    log.info("part %d/%d: %d of %d layers, %d already done", part.part_id, part.num_parts,
-             len(mine), len(plans), len(mine) - len(todo))
-    summary = {"curve_set": str(root), "layers_total": len(plans), "layers_part": len(mine),
-               "layers_skipped": len(mine) - len(todo), "layers_written": 0, "candidates": 0}
+    log.info(
+        "part %d/%d: %d of %d layers, %d already done",
+        part.part_id,
+        part.num_parts,
+        len(mine),
+        len(plans),
+        len(mine) - len(todo),
+    )
+    summary = {
+        "curve_set": str(root),
+        "layers_total": len(plans),
+        "layers_part": len(mine),
+        "layers_skipped": len(mine) - len(todo),
+        "layers_written": 0,
+        "candidates": 0,
+    }
     if not todo:
         summary["seconds"] = time.perf_counter() - t0
         return summary
@@ -341,19 +431,29 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
     max_rows = 1
     if job.estimator == "hessian":
         # One gradient sweep for all of this part's layers (split only if memory demands it).
-        sweep = GradientSweep(model, x, [p.name for p in todo], job.kind, job.hessian,
-                              job.act_mode, batch_size=job.sweep_batch,
-                              mem_budget_mb=job.mem_budget_mb, progress=job.progress,
-                              bias_corr=job.bias_corr, folds=fold_of)
-        log.info("second-order estimator: %d layers in %d gradient sweep(s)", len(todo),
-                 sweep.n_sweeps)
+        sweep = GradientSweep(
+            model,
+            x,
+            [p.name for p in todo],
+            job.kind,
+            job.hessian,
+            job.act_mode,
+            batch_size=job.sweep_batch,
+            mem_budget_mb=job.mem_budget_mb,
+            progress=job.progress,
+            bias_corr=job.bias_corr,
+            folds=fold_of,
+        )
+        log.info(
+            "second-order estimator: %d layers in %d gradient sweep(s)", len(todo), sweep.n_sweeps
+        )
     else:
         max_rows = max_rows_for(model, x[:1], job.mem_budget_mb)
-        engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts,
-                                folds=fold_of)
+        engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts, folds=fold_of)
 
-    def backend_for(plan: LayerPlan, stats: ActGroupStats | None,
-                    steps: ChannelSteps | None) -> Any:
+    def backend_for(
+        plan: LayerPlan, stats: ActGroupStats | None, steps: ChannelSteps | None
+    ) -> Any:
         if job.estimator != "hessian":
             return layer_backend(engine, plan, job, stats, steps)
         if job.kind == "weight":
@@ -367,15 +467,25 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
         if job.estimator == "hessian":
             sweep.ensure(plan.name)
             values = sweep.acts.get(plan.name)
-        curves, n = layer_curves(model, x, plan, job, max_rows, backend_for, values,
-                                 folds["count"] if folds else 0)
+        curves, n = layer_curves(
+            model, x, plan, job, max_rows, backend_for, values, folds["count"] if folds else 0
+        )
         store.write_layer(plan.name, curves)
         summary["layers_written"] += 1
         summary["candidates"] += n
-        where = ("second-order" if job.estimator == "hessian"
-                 else f"cut {engine.cut_for(plan.name) or 'none (full forward)'}")
-        log.info("layer %s: %d groups, %d candidates, %s, %.1fs", plan.name,
-                 len(plan.bounds), n, where, time.perf_counter() - lt)
+        where = (
+            "second-order"
+            if job.estimator == "hessian"
+            else f"cut {engine.cut_for(plan.name) or 'none (full forward)'}"
+        )
+        log.info(
+            "layer %s: %d groups, %d candidates, %s, %.1fs",
+            plan.name,
+            len(plan.bounds),
+            n,
+            where,
+            time.perf_counter() - lt,
+        )
     summary["seconds"] = time.perf_counter() - t0
     summary["missing_layers"] = len(store.missing_layers())
     if job.estimator == "hessian":
@@ -383,18 +493,27 @@ def generate_curves(model: nn.Module, calib_x: torch.Tensor, model_info: dict[st
     return summary
 
 
-def layer_curves(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJob,
-                 max_rows: int, backend_for: Callable[..., Any],
-                 values: torch.Tensor | None = None, n_folds: int = 0
-                 ) -> tuple[LayerCurves, int]:
+def layer_curves(
+    model: nn.Module,
+    x: torch.Tensor,
+    plan: LayerPlan,
+    job: CurveJob,
+    max_rows: int,
+    backend_for: Callable[..., Any],
+    values: torch.Tensor | None = None,
+    n_folds: int = 0,
+) -> tuple[LayerCurves, int]:
     """Search one layer's curves and return them with the number of distinct candidates
     evaluated. ``backend_for(plan, stats, steps)`` gives the ``Evaluate`` of the estimator
     (measured or second-order); ``values``: the layer's stored calibration activations, if
     any; ``n_folds`` > 0 adds each calibration fold's own curve (``dist_folds``)."""
     chains, stats = make_chains(model, x, plan, job, max_rows, values)
     modules = dict(model.named_modules())
-    steps = (layer_steps(modules[plan.name].weight, job) if job.kind == "weight"
-             else act_layer_steps(stats, plan, job))
+    steps = (
+        layer_steps(modules[plan.name].weight, job)
+        if job.kind == "weight"
+        else act_layer_steps(stats, plan, job)
+    )
     backend = backend_for(plan, stats, steps)
     extra: dict[str, np.ndarray] = {"signed": stats.signed} if stats is not None else {}
     if steps is not None:
@@ -408,8 +527,14 @@ def layer_curves(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJ
         done[0] += 1
         inner.set_postfix_str(f"{done[0]}/{len(chains)} chains", refresh=False)
 
-    n = run_chains(chains, backend, job.max_batch, on_chain_done=chain_done,
-                   max_lookahead=job.max_lookahead, on_evaluated=inner.update)
+    n = run_chains(
+        chains,
+        backend,
+        job.max_batch,
+        on_chain_done=chain_done,
+        max_lookahead=job.max_lookahead,
+        on_evaluated=inner.update,
+    )
     inner.close()
     n_dz = job.ndz if job.kind == "weight" else 1
     dist, step, dz = chains_to_arrays(chains, len(plan.bounds), n_dz, job.nr)
@@ -426,8 +551,13 @@ def layer_curves(model: nn.Module, x: torch.Tensor, plan: LayerPlan, job: CurveJ
     return LayerCurves(dist, step, dz, plan.numel, {**extra, "n_evals": n_evals}), n
 
 
-def fold_curves(chains: list[Chain] | list[ScaleChain], backend: Any,
-                shape: tuple[int, int, int], n_folds: int, chunk: int = 4096) -> np.ndarray:
+def fold_curves(
+    chains: list[Chain] | list[ScaleChain],
+    backend: Any,
+    shape: tuple[int, int, int],
+    n_folds: int,
+    chunk: int = 4096,
+) -> np.ndarray:
     """Each calibration fold's own distortion ``(F, G, D, B)`` of the points the search chose
     on all samples (same step, dead zone and width), from a ``backend`` with
     ``folds(cands) -> (K, F)``. Their mean weighted by the fold sizes is ``dist``. Free for the
@@ -440,8 +570,8 @@ def fold_curves(chains: list[Chain] | list[ScaleChain], backend: Any,
             cands.append(cand)
             where.append((c.group, c.dz_index, b))
     for i in range(0, len(cands), chunk):
-        per = backend.folds(cands[i:i + chunk])  # (k, F)
-        for (g, d, b), row in zip(where[i:i + chunk], per, strict=True):
+        per = backend.folds(cands[i : i + chunk])  # (k, F)
+        for (g, d, b), row in zip(where[i : i + chunk], per, strict=True):
             out[:, g, d, b] = row
     return out
 

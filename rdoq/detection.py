@@ -10,7 +10,7 @@ output is the tensor distortion is measured on (the dense BEV feature, or the he
 so the curves and the allocation use the classification machinery unchanged and curve sets and
 allocation files have the classification formats (DESIGN §5).
 
-Its length (about 560 lines): some 200 lines are the two scripts' flags (the authors', kept with
+Its length (about 870 lines): some 350 lines are the two scripts' flags (the authors', kept with
 their meaning, and ours) with their help texts, the rest the two entry points, of which the
 allocation's applies, measures, saves and evaluates every target.
 
@@ -78,8 +78,15 @@ PAPER_CHECKPOINT = "../output/nuscene_models/voxelnext_nuscenes_kernel1.pth"
 EXIT_NEEDS_GPU = 3
 # Paper flags the authors' scripts parse but never read: accepted so their commands run.
 DEAD_CURVE_FLAGS = ("--launcher", "--keys_dist")
-DEAD_ALLOC_FLAGS = ("--launcher", "--bitrangemin", "--bitrangemax", "--msqe", "--bit_rate",
-                    "--relu_bitwidth", "--maxsteps")
+DEAD_ALLOC_FLAGS = (
+    "--launcher",
+    "--bitrangemin",
+    "--bitrangemax",
+    "--msqe",
+    "--bit_rate",
+    "--relu_bitwidth",
+    "--maxsteps",
+)
 
 
 def _positive_int(name: str) -> Callable[[str], int]:
@@ -88,6 +95,7 @@ def _positive_int(name: str) -> Callable[[str], int]:
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
         return value
+
     return parse
 
 
@@ -97,8 +105,10 @@ def _layer_sets(text: str) -> tuple[str, ...]:
     sets = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [s for s in sets if s not in LAYER_SETS]
     if unknown or not sets:
-        raise argparse.ArgumentTypeError(f"--layers {text!r}: unknown set(s) {unknown}; choose "
-                                         f"comma-separated from {', '.join(LAYER_SETS)}")
+        raise argparse.ArgumentTypeError(
+            f"--layers {text!r}: unknown set(s) {unknown}; choose "
+            f"comma-separated from {', '.join(LAYER_SETS)}"
+        )
     return sets
 
 
@@ -109,177 +119,379 @@ def add_detector_flags(p: argparse.ArgumentParser, evaluation: bool) -> None:
     """Model, data and device flags shared by both detection scripts (paper names first).
     ``evaluation``: the allocation script, where data flags default to the curve set's."""
     g = p.add_argument_group("detector (OpenPCDet)")
-    g.add_argument("--cfg_file", type=Path, default=Path(PAPER_CFG),
-                   help="OpenPCDet model config, relative to the current directory or to "
-                        "--pcdet_tools (default: %(default)s)")
-    g.add_argument("--pretrained_model", type=Path, default=Path(PAPER_CHECKPOINT),
-                   help="checkpoint in OpenPCDet's format ({'model_state': ...}), relative to "
-                        "the current directory or to --pcdet_tools (default: %(default)s)")
-    g.add_argument("--set", dest="set_cfgs", nargs=argparse.REMAINDER, default=[],
-                   help="config overrides KEY VALUE ..., as in OpenPCDet's tools (must come "
-                        "last), e.g. --set DATA_CONFIG.POINT_CLOUD_RANGE '[-54,-54,-5,54,54,3]'")
-    g.add_argument("--pcdet_tools", type=Path, default=None,
-                   help="OpenPCDet's tools/ directory (default: the current directory when it "
-                        "is one, as the paper runs); pcdet is imported from its parent")
-    g.add_argument("--pcdet_src", type=Path, default=None,
-                   help="OpenPCDet checkout holding pcdet/ (default: the parent of "
-                        "--pcdet_tools, else an installed pcdet)")
+    g.add_argument(
+        "--cfg_file",
+        type=Path,
+        default=Path(PAPER_CFG),
+        help="OpenPCDet model config, relative to the current directory or to "
+        "--pcdet_tools (default: %(default)s)",
+    )
+    g.add_argument(
+        "--pretrained_model",
+        type=Path,
+        default=Path(PAPER_CHECKPOINT),
+        help="checkpoint in OpenPCDet's format ({'model_state': ...}), relative to "
+        "the current directory or to --pcdet_tools (default: %(default)s)",
+    )
+    g.add_argument(
+        "--set",
+        dest="set_cfgs",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="config overrides KEY VALUE ..., as in OpenPCDet's tools (must come "
+        "last), e.g. --set DATA_CONFIG.POINT_CLOUD_RANGE '[-54,-54,-5,54,54,3]'",
+    )
+    g.add_argument(
+        "--pcdet_tools",
+        type=Path,
+        default=None,
+        help="OpenPCDet's tools/ directory (default: the current directory when it "
+        "is one, as the paper runs); pcdet is imported from its parent",
+    )
+    g.add_argument(
+        "--pcdet_src",
+        type=Path,
+        default=None,
+        help="OpenPCDet checkout holding pcdet/ (default: the parent of "
+        "--pcdet_tools, else an installed pcdet)",
+    )
     if not evaluation:  # the allocation quantizes the curve set's layers
-        g.add_argument("--layers", type=_layer_sets, default=("backbone_3d",),
-                       help="quantized layer sets, comma-separated: backbone_3d (the paper's 3-D "
-                            "sparse convs), backbone_2d (2-D sparse convs / BEV layers), head, "
-                            "vfe (default: backbone_3d)")
+        g.add_argument(
+            "--layers",
+            type=_layer_sets,
+            default=("backbone_3d",),
+            help="quantized layer sets, comma-separated: backbone_3d (the paper's 3-D "
+            "sparse convs), backbone_2d (2-D sparse convs / BEV layers), head, "
+            "vfe (default: backbone_3d)",
+        )
     d = p.add_argument_group("calibration data")
     sub = " (default: the curve set's)" if evaluation else ""
-    d.add_argument("--data", choices=DATA_SOURCES, default=None if evaluation else "pcdet",
-                   help="calibration frames: pcdet = the config's dataset, TRAIN split, read "
-                        "by pcdet's build_dataloader; synthetic = random nuScenes-shaped "
-                        "frames (tests, machines without nuScenes)"
-                        + (sub or " (default: pcdet)"))
-    d.add_argument("--calib_frames", type=_positive_int("--calib_frames"), default=None,
-                   help=f"calibration frames (default: --calib_num_iters x --batch_size when "
-                        f"--calib_num_iters is given, else {DEFAULT_CALIB_FRAMES})" + sub)
-    d.add_argument("--calib_num_iters", type=_positive_int("--calib_num_iters"), default=None,
-                   help="the paper's calibration size in batches of --batch_size frames")
-    d.add_argument("--points_per_frame", type=_positive_int("--points_per_frame"), default=None,
-                   help=f"points per synthetic frame (default: {DEFAULT_SYNTHETIC_POINTS})"
-                        + sub)
-    d.add_argument("--seed", type=int, default=None,
-                   help="seed of the synthetic frames and of pcdet's sweep choice (default: 0)"
-                        + sub)
-    d.add_argument("--dist", choices=DIST_TENSORS, default=None if evaluation else "bev",
-                   help="tensor distortion is measured on: bev = the dense BEV feature the "
-                        "head consumes, head = the head's raw prediction maps"
-                        + (sub or " (default: bev)"))
-    d.add_argument("--batch_size", type=_positive_int("--batch_size"),
-                   default=4 if evaluation else 2,
-                   help=("frames per evaluation batch" if evaluation else
-                         "frames per gradient batch of the second-order estimator; the "
-                         "measured engine runs one frame at a time") + " (default: %(default)s)")
-    d.add_argument("--workers", type=int, default=default_workers() if evaluation else 1,
-                   help="DataLoader workers of the evaluation (frames for curves are read once "
-                        "in this process) (default: %(default)s)")
+    d.add_argument(
+        "--data",
+        choices=DATA_SOURCES,
+        default=None if evaluation else "pcdet",
+        help="calibration frames: pcdet = the config's dataset, TRAIN split, read "
+        "by pcdet's build_dataloader; synthetic = random nuScenes-shaped "
+        "frames (tests, machines without nuScenes)" + (sub or " (default: pcdet)"),
+    )
+    d.add_argument(
+        "--calib_frames",
+        type=_positive_int("--calib_frames"),
+        default=None,
+        help=f"calibration frames (default: --calib_num_iters x --batch_size when "
+        f"--calib_num_iters is given, else {DEFAULT_CALIB_FRAMES})" + sub,
+    )
+    d.add_argument(
+        "--calib_num_iters",
+        type=_positive_int("--calib_num_iters"),
+        default=None,
+        help="the paper's calibration size in batches of --batch_size frames",
+    )
+    d.add_argument(
+        "--points_per_frame",
+        type=_positive_int("--points_per_frame"),
+        default=None,
+        help=f"points per synthetic frame (default: {DEFAULT_SYNTHETIC_POINTS})" + sub,
+    )
+    d.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the synthetic frames and of pcdet's sweep choice (default: 0)" + sub,
+    )
+    d.add_argument(
+        "--dist",
+        choices=DIST_TENSORS,
+        default=None if evaluation else "bev",
+        help="tensor distortion is measured on: bev = the dense BEV feature the "
+        "head consumes, head = the head's raw prediction maps" + (sub or " (default: bev)"),
+    )
+    d.add_argument(
+        "--batch_size",
+        type=_positive_int("--batch_size"),
+        default=4 if evaluation else 2,
+        help=(
+            "frames per evaluation batch"
+            if evaluation
+            else "frames per gradient batch of the second-order estimator; the "
+            "measured engine runs one frame at a time"
+        )
+        + " (default: %(default)s)",
+    )
+    d.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers() if evaluation else 1,
+        help="DataLoader workers of the evaluation (frames for curves are read once "
+        "in this process) (default: %(default)s)",
+    )
     o = p.add_argument_group("device and output")
     o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
     o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1)")
-    o.add_argument("--precision", choices=("auto", "float64", "float32"), default="auto",
-                   help="arithmetic of the distortion measurement: auto = float64 on CPU, "
-                        "float32 on CUDA (spconv's CUDA kernels have no float64)")
-    o.add_argument("--quiet", "--mute-print", dest="quiet", action="store_true",
-                   help="no progress bars, warnings only")
-    o.add_argument("--fix_random_seed", action="store_true",
-                   help="accepted for paper compatibility; everything here is seeded")
+    o.add_argument(
+        "--precision",
+        choices=("auto", "float64", "float32"),
+        default="auto",
+        help="arithmetic of the distortion measurement: auto = float64 on CPU, "
+        "float32 on CUDA (spconv's CUDA kernels have no float64)",
+    )
+    o.add_argument(
+        "--quiet",
+        "--mute-print",
+        dest="quiet",
+        action="store_true",
+        help="no progress bars, warnings only",
+    )
+    o.add_argument(
+        "--fix_random_seed",
+        action="store_true",
+        help="accepted for paper compatibility; everything here is seeded",
+    )
 
 
 def add_curve_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("curves (paper flags)")
-    g.add_argument("--nchannelbatch", type=_positive_int("--nchannelbatch"), default=128,
-                   help="output channels per group (default: %(default)s, the paper's; every "
-                        "VoxelNeXt layer is then one group)")
-    g.add_argument("--maxrates", type=int, default=11,
-                   help="bit widths 0..maxrates-1 (default: %(default)s)")
-    g.add_argument("--maxdeadzones", type=int, default=10,
-                   help="dead-zone ratios 0, 1/ndz, ... (default: %(default)s)")
+    g.add_argument(
+        "--nchannelbatch",
+        type=_positive_int("--nchannelbatch"),
+        default=128,
+        help="output channels per group (default: %(default)s, the paper's; every "
+        "VoxelNeXt layer is then one group)",
+    )
+    g.add_argument(
+        "--maxrates", type=int, default=11, help="bit widths 0..maxrates-1 (default: %(default)s)"
+    )
+    g.add_argument(
+        "--maxdeadzones",
+        type=int,
+        default=10,
+        help="dead-zone ratios 0, 1/ndz, ... (default: %(default)s)",
+    )
     g.add_argument("--disable-deadzone", action="store_true", help="same as --maxdeadzones 1")
-    g.add_argument("--maxsteps", type=int, default=16,
-                   help="step candidates per bit width (default: %(default)s, the paper's "
-                        "detection value)")
-    g.add_argument("--part_id", type=int, default=None,
-                   help="this process's part (default: torchrun RANK, else 0)")
-    g.add_argument("--num_parts", type=int, default=None,
-                   help="number of parts (default: torchrun WORLD_SIZE, else 1 = every layer; "
-                        "the paper's default of 6 left 5/6 of the layers undone)")
-    g.add_argument("-bcw", "--bias_corr_weight", action="store_true",
-                   help="weight curves of the layer after the bias correction the allocation "
-                        "deploys with -bcw (measured estimator; the paper's detection curves "
-                        "use none)")
-    g.add_argument("--kind", choices=("weight", "act"), default="weight",
-                   help="weight curves (the paper's) or activation curves of the layers' "
-                        "outputs (--act-mode in: inputs), the features of the sparse tensors "
-                        "(measured estimator) (default: weight)")
-    g.add_argument("--act-mode", choices=("out", "in"), default="out",
-                   help="activation curves: of each layer's output or input (default: out)")
-    g.add_argument("--sort_channels", action="store_true",
-                   help="the paper's channel sorting: not supported (refused)")
+    g.add_argument(
+        "--maxsteps",
+        type=int,
+        default=16,
+        help="step candidates per bit width (default: %(default)s, the paper's detection value)",
+    )
+    g.add_argument(
+        "--part_id",
+        type=int,
+        default=None,
+        help="this process's part (default: torchrun RANK, else 0)",
+    )
+    g.add_argument(
+        "--num_parts",
+        type=int,
+        default=None,
+        help="number of parts (default: torchrun WORLD_SIZE, else 1 = every layer; "
+        "the paper's default of 6 left 5/6 of the layers undone)",
+    )
+    g.add_argument(
+        "-bcw",
+        "--bias_corr_weight",
+        action="store_true",
+        help="weight curves of the layer after the bias correction the allocation "
+        "deploys with -bcw (measured estimator; the paper's detection curves "
+        "use none)",
+    )
+    g.add_argument(
+        "--kind",
+        choices=("weight", "act"),
+        default="weight",
+        help="weight curves (the paper's) or activation curves of the layers' "
+        "outputs (--act-mode in: inputs), the features of the sparse tensors "
+        "(measured estimator) (default: weight)",
+    )
+    g.add_argument(
+        "--act-mode",
+        choices=("out", "in"),
+        default="out",
+        help="activation curves: of each layer's output or input (default: out)",
+    )
+    g.add_argument(
+        "--sort_channels",
+        action="store_true",
+        help="the paper's channel sorting: not supported (refused)",
+    )
     add_curve_output_flags(g)
     e = p.add_argument_group("estimator")
-    e.add_argument("--estimator", choices=("measured", "hessian"), default="measured",
-                   help="measured (first order: a forward per candidate) or hessian (second "
-                        "order: one gradient sweep, then a quadratic model) (default: measured)")
-    e.add_argument("--hessian", dest="estimator", action="store_const", const="hessian",
-                   help="same as --estimator hessian")
-    e.add_argument("--nprobes", type=_positive_int("--nprobes"), default=4,
-                   help="second order: random output probes per frame (default: 4)")
-    e.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
-                   help=f"second order: also store the curves of this many calibration folds "
-                        f"(one frame is one unit; at most one fold per frame) for the "
-                        f"allocation's --shrink; 0: none (default: {DEFAULT_FOLDS})")
-    e.add_argument("--steps", choices=STEP_MODES, default=None,
-                   help="channel = a per-channel MSE-optimal step times a searched group "
-                        "scale; group = the paper's one power-of-two step per group (default: "
-                        + ", ".join(f"{v} for {k}s" for k, v in DEFAULT_STEPS.items()) + ")")
-    e.add_argument("--group-step", dest="steps", action="store_const", const="group",
-                   help="same as --steps group")
+    e.add_argument(
+        "--estimator",
+        choices=("measured", "hessian"),
+        default="measured",
+        help="measured (first order: a forward per candidate) or hessian (second "
+        "order: one gradient sweep, then a quadratic model) (default: measured)",
+    )
+    e.add_argument(
+        "--hessian",
+        dest="estimator",
+        action="store_const",
+        const="hessian",
+        help="same as --estimator hessian",
+    )
+    e.add_argument(
+        "--nprobes",
+        type=_positive_int("--nprobes"),
+        default=4,
+        help="second order: random output probes per frame (default: 4)",
+    )
+    e.add_argument(
+        "--folds",
+        type=int,
+        default=DEFAULT_FOLDS,
+        help=f"second order: also store the curves of this many calibration folds "
+        f"(one frame is one unit; at most one fold per frame) for the "
+        f"allocation's --shrink; 0: none (default: {DEFAULT_FOLDS})",
+    )
+    e.add_argument(
+        "--steps",
+        choices=STEP_MODES,
+        default=None,
+        help="channel = a per-channel MSE-optimal step times a searched group "
+        "scale; group = the paper's one power-of-two step per group (default: "
+        + ", ".join(f"{v} for {k}s" for k, v in DEFAULT_STEPS.items())
+        + ")",
+    )
+    e.add_argument(
+        "--group-step",
+        dest="steps",
+        action="store_const",
+        const="group",
+        help="same as --steps group",
+    )
     add_scale_flags(e, "1 measured, 0 second order")
     for flag in DEAD_CURVE_FLAGS:
-        p.add_argument(flag, nargs="*", default=None,
-                       help="accepted for paper compatibility; no effect")
+        p.add_argument(
+            flag, nargs="*", default=None, help="accepted for paper compatibility; no effect"
+        )
 
 
 def add_alloc_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("allocation (paper flags)")
-    g.add_argument("--pathrdcurve", type=Path, default=Path("./rd_curves"),
-                   help="weight curve set (directory with meta.json) (default: %(default)s)")
-    g.add_argument("--target_rates", type=float, nargs="+", default=[4.0, 6.0, 8.0],
-                   help="target average bits per quantized weight (default: 4 6 8)")
-    g.add_argument("--solver", choices=("dp", "lg"), default="dp",
-                   help="dp = dynamic programming (exact up to its budget resolution, "
-                        "float64), lg = Lagrangian (points on the convex hull) (default: dp)")
-    g.add_argument("--nchannelbatch", type=int, default=None,
-                   help="checked against the curve set's group size")
-    g.add_argument("--maxrates", type=int, default=None,
-                   help="use bit widths 0..maxrates-1 of the curves (default: all)")
-    g.add_argument("--maxdeadzones", type=int, default=None,
-                   help="checked against the curve set's dead-zone ratios")
-    g.add_argument("--closedeadzone", type=int, choices=(0, 1), default=0,
-                   help="1: uniform quantizer only (dead-zone ratio 0)")
-    g.add_argument("--bit_list", type=int, nargs="+", default=None,
-                   help="allowed bit widths (hardware constraint), e.g. 0 2 4 8")
+    g.add_argument(
+        "--pathrdcurve",
+        type=Path,
+        default=Path("./rd_curves"),
+        help="weight curve set (directory with meta.json) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--target_rates",
+        type=float,
+        nargs="+",
+        default=[4.0, 6.0, 8.0],
+        help="target average bits per quantized weight (default: 4 6 8)",
+    )
+    g.add_argument(
+        "--solver",
+        choices=("dp", "lg"),
+        default="dp",
+        help="dp = dynamic programming (exact up to its budget resolution, "
+        "float64), lg = Lagrangian (points on the convex hull) (default: dp)",
+    )
+    g.add_argument(
+        "--nchannelbatch", type=int, default=None, help="checked against the curve set's group size"
+    )
+    g.add_argument(
+        "--maxrates",
+        type=int,
+        default=None,
+        help="use bit widths 0..maxrates-1 of the curves (default: all)",
+    )
+    g.add_argument(
+        "--maxdeadzones",
+        type=int,
+        default=None,
+        help="checked against the curve set's dead-zone ratios",
+    )
+    g.add_argument(
+        "--closedeadzone",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: uniform quantizer only (dead-zone ratio 0)",
+    )
+    g.add_argument(
+        "--bit_list",
+        type=int,
+        nargs="+",
+        default=None,
+        help="allowed bit widths (hardware constraint), e.g. 0 2 4 8",
+    )
     g.add_argument("--minrate", type=int, default=None, help="smallest bit width allowed")
-    g.add_argument("--layerwise", action="store_true",
-                   help="one bit width per layer (all groups of a layer alike)")
-    g.add_argument("--no-fill", action="store_true",
-                   help="leave the budget the solver does not spend (the paper)")
-    g.add_argument("--shrink", type=shrink_mode, default="auto",
-                   help="pool each group's curve toward its layer's: cv (cross-validated over "
-                        "the curves' calibration folds), a weight in [0, 1], off (the paper), "
-                        "auto = cv for -bcw curves with folds, which detectors do not have yet, "
-                        "else off (default: auto)")
-    g.add_argument("-bcw", "--bias_corr_weight", action="store_true",
-                   help="weight bias correction: per output channel, the mean output error "
-                        "E[(W-Ŵ)x] over the calibration frames' active sites is added to the "
-                        "layer's bias (created if missing)")
-    g.add_argument("--act_curve_root_dir", type=Path, default=None,
-                   help="activation curve set (or a directory holding one) of the same "
-                        "detector and frames: joint weight/activation allocation (default: "
-                        "weights only, as the paper)")
-    g.add_argument("--act-mode", choices=("out", "in"), default="out",
-                   help="which activation curve set --act_curve_root_dir holds (default: out)")
-    g.add_argument("--act-target-rates", type=float, nargs="+", default=None,
-                   help="average activation bits, one value or one per --target_rates "
-                        "(default: one joint budget, --target_rates bits per weight and "
-                        "activation element)")
-    g.add_argument("--outdir", type=Path, default=None,
-                   help="results directory (default: ./<arch>_<solver>_results)")
-    g.add_argument("--save_checkpoint_dir", type=Path, default=None,
-                   help="also save each quantized detector as {'model_state': ...} in this "
-                        "directory, relative to --outdir (default: none)")
-    g.add_argument("--skip-eval", action="store_true",
-                   help="write allocations and distortions only, without mAP/NDS (which need "
-                        "a GPU and nuScenes); exit 0")
+    g.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="one bit width per layer (all groups of a layer alike)",
+    )
+    g.add_argument(
+        "--no-fill",
+        action="store_true",
+        help="leave the budget the solver does not spend (the paper)",
+    )
+    g.add_argument(
+        "--shrink",
+        type=shrink_mode,
+        default="auto",
+        help="pool each group's curve toward its layer's: cv (cross-validated over "
+        "the curves' calibration folds), a weight in [0, 1], off (the paper), "
+        "auto = cv for -bcw curves with folds, which detectors do not have yet, "
+        "else off (default: auto)",
+    )
+    g.add_argument(
+        "-bcw",
+        "--bias_corr_weight",
+        action="store_true",
+        help="weight bias correction: per output channel, the mean output error "
+        "E[(W-Ŵ)x] over the calibration frames' active sites is added to the "
+        "layer's bias (created if missing)",
+    )
+    g.add_argument(
+        "--act_curve_root_dir",
+        type=Path,
+        default=None,
+        help="activation curve set (or a directory holding one) of the same "
+        "detector and frames: joint weight/activation allocation (default: "
+        "weights only, as the paper)",
+    )
+    g.add_argument(
+        "--act-mode",
+        choices=("out", "in"),
+        default="out",
+        help="which activation curve set --act_curve_root_dir holds (default: out)",
+    )
+    g.add_argument(
+        "--act-target-rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="average activation bits, one value or one per --target_rates "
+        "(default: one joint budget, --target_rates bits per weight and "
+        "activation element)",
+    )
+    g.add_argument(
+        "--outdir",
+        type=Path,
+        default=None,
+        help="results directory (default: ./<arch>_<solver>_results)",
+    )
+    g.add_argument(
+        "--save_checkpoint_dir",
+        type=Path,
+        default=None,
+        help="also save each quantized detector as {'model_state': ...} in this "
+        "directory, relative to --outdir (default: none)",
+    )
+    g.add_argument(
+        "--skip-eval",
+        action="store_true",
+        help="write allocations and distortions only, without mAP/NDS (which need "
+        "a GPU and nuScenes); exit 0",
+    )
     for flag in DEAD_ALLOC_FLAGS:
-        p.add_argument(flag, nargs="*", default=None,
-                       help="accepted for paper compatibility; no effect")
+        p.add_argument(
+            flag, nargs="*", default=None, help="accepted for paper compatibility; no effect"
+        )
 
 
 def _precision(args: argparse.Namespace, device: torch.device) -> str:
@@ -292,10 +504,12 @@ def _precision(args: argparse.Namespace, device: torch.device) -> str:
 
 
 @script_entry(RESUME_HINT)
-def parse_detector_args(argv: list[str] | None, description: str,
-                        add_flags: Callable[[argparse.ArgumentParser], None],
-                        evaluation: bool = False
-                        ) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def parse_detector_args(
+    argv: list[str] | None,
+    description: str,
+    add_flags: Callable[[argparse.ArgumentParser], None],
+    evaluation: bool = False,
+) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """One detection script's parser and parsed flags: the detector's
     (:func:`add_detector_flags`) and the script's own (``add_flags``); logging is set up from
     ``--quiet``. The parser reports the script's input errors (``p.error``)."""
@@ -317,18 +531,25 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
     from rdoq.search import scale_grid
     from rdoq.store import atomic_write_json, curve_set_name
 
-    p, args = parse_detector_args(argv, "Weight (or activation) RD curves of an OpenPCDet detector "
-                               "(the paper's tools/generate_rd_curves_batch.py).", add_curve_flags)
+    p, args = parse_detector_args(
+        argv,
+        "Weight (or activation) RD curves of an OpenPCDet detector "
+        "(the paper's tools/generate_rd_curves_batch.py).",
+        add_curve_flags,
+    )
     try:
         if args.sort_channels:
-            raise InputError("--sort_channels (the paper's channel permutation) is not "
-                             "supported; drop it")
+            raise InputError(
+                "--sort_channels (the paper's channel permutation) is not supported; drop it"
+            )
         kind, estimator = args.kind, args.estimator
         if args.bias_corr_weight and (kind == "act" or estimator == "hessian"):
-            raise InputError("-bcw is offered with measured weight curves only (--kind weight, "
-                             "--estimator measured): the second-order estimator has no bias "
-                             "correction for spconv layers, and activations take none; drop "
-                             "-bcw or the other flag")
+            raise InputError(
+                "-bcw is offered with measured weight curves only (--kind weight, "
+                "--estimator measured): the second-order estimator has no bias "
+                "correction for spconv layers, and activations take none; drop "
+                "-bcw or the other flag"
+            )
         # Activations have no dead-zone quantizer.
         ndz = 1 if args.disable_deadzone or kind == "act" else args.maxdeadzones
         part = resolve_part(args.part_id, args.num_parts)
@@ -340,41 +561,58 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
         layers = adapter.layers(runner)
         act_mode = args.act_mode if kind == "act" else None
         root = args.pathrdcurve or args.outdir / curve_set_name(
-            info.arch, kind, ndz, args.maxrates, spec.frames, args.nchannelbatch,
-            act_mode)
+            info.arch, kind, ndz, args.maxrates, spec.frames, args.nchannelbatch, act_mode
+        )
         check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
         job = CurveJob(
-            kind=kind, act_mode=act_mode, group_size=args.nchannelbatch, nr=args.maxrates,
-            ndz=ndz, max_steps=args.maxsteps, step_grid=1 if kind == "weight" else 4,
+            kind=kind,
+            act_mode=act_mode,
+            group_size=args.nchannelbatch,
+            nr=args.maxrates,
+            ndz=ndz,
+            max_steps=args.maxsteps,
+            step_grid=1 if kind == "weight" else 4,
             precision=_precision(args, setup.device),
             max_batch=256 if estimator == "hessian" else 1,
             max_lookahead=4 if estimator == "hessian" else 1,
-            progress=not args.quiet, estimator=estimator, sweep_batch=args.batch_size,
+            progress=not args.quiet,
+            estimator=estimator,
+            sweep_batch=args.batch_size,
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             step_mode=args.steps or DEFAULT_STEPS[kind],
             bias_corr=args.bias_corr_weight,
-            scales_log2=scale_grid(scale_octaves(args.scale_octaves, estimator),
-                                   args.scale_steps),
-            hessian=(HessianSettings(nprobes=args.nprobes, seed=spec.seed)
-                     if estimator == "hessian" else None),
+            scales_log2=scale_grid(scale_octaves(args.scale_octaves, estimator), args.scale_steps),
+            hessian=(
+                HessianSettings(nprobes=args.nprobes, seed=spec.seed)
+                if estimator == "hessian"
+                else None
+            ),
             # Folds need two frames; each frame is its own unit (generate_curves' default).
-            folds=(min(args.folds, spec.frames) if estimator == "hessian" and spec.frames > 1
-                   else 0),
-            layers=tuple(lay.name for lay in layers))
+            folds=(
+                min(args.folds, spec.frames) if estimator == "hessian" and spec.frames > 1 else 0
+            ),
+            layers=tuple(lay.name for lay in layers),
+        )
         job.search_settings()
     except (InputError, ValueError, ImportError) as e:
         p.error(str(e))
     try:
-        summary = generate_curves(runner, calib.x, vars(info), calib.meta(), job, root, part,
-                                  setup.device)
+        summary = generate_curves(
+            runner, calib.x, vars(info), calib.meta(), job, root, part, setup.device
+        )
     except ValueError as e:
         p.error(str(e))
     if kind == "weight":
         summary["weights_total"] = int(sum(np.prod(lay.shape) for lay in layers))
-    atomic_write_json(Path(root) / f"run_part{part.part_id:03d}.json",
-                      {"job": job_dict(job), "device": str(setup.device), "summary": summary,
-                       "args": {k: (str(v) if isinstance(v, Path) else v)
-                                for k, v in vars(args).items()}})
+    atomic_write_json(
+        Path(root) / f"run_part{part.part_id:03d}.json",
+        {
+            "job": job_dict(job),
+            "device": str(setup.device),
+            "summary": summary,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        },
+    )
     return summary
 
 
@@ -415,36 +653,51 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     from rdoq.report import append_results, format_table
     from rdoq.store import find_act_curve_set, open_curve_set
 
-    p, args = parse_detector_args(argv, "Bit allocation of an OpenPCDet detector from RD curves, "
-                               "then apply and evaluate (the paper's "
-                               "tools/generate_DP_frontier_batch_act_nchan.py).", add_alloc_flags,
-                               evaluation=True)
+    p, args = parse_detector_args(
+        argv,
+        "Bit allocation of an OpenPCDet detector from RD curves, "
+        "then apply and evaluate (the paper's "
+        "tools/generate_DP_frontier_batch_act_nchan.py).",
+        add_alloc_flags,
+        evaluation=True,
+    )
     try:
         store = open_curve_set(args.pathrdcurve, "weight")
         meta = store.meta
         astore = None
         if args.act_curve_root_dir is not None:
-            aroot = find_act_curve_set(args.act_curve_root_dir, meta["model"], args.act_mode,
-                                       meta["group_size"])
+            aroot = find_act_curve_set(
+                args.act_curve_root_dir, meta["model"], args.act_mode, meta["group_size"]
+            )
             astore = open_curve_set(aroot, "act", args.act_mode)
             if astore.meta["calib"].get("sha256") != meta["calib"].get("sha256"):
-                raise InputError(f"the activation curves {aroot} were measured on other "
-                                 f"calibration frames than {args.pathrdcurve} (sha256 "
-                                 f"{str(astore.meta['calib'].get('sha256'))[:12]}… vs "
-                                 f"{str(meta['calib'].get('sha256'))[:12]}…); make both with "
-                                 f"the same --data/--calib_frames/--seed/--set")
+                raise InputError(
+                    f"the activation curves {aroot} were measured on other "
+                    f"calibration frames than {args.pathrdcurve} (sha256 "
+                    f"{str(astore.meta['calib'].get('sha256'))[:12]}… vs "
+                    f"{str(meta['calib'].get('sha256'))[:12]}…); make both with "
+                    f"the same --data/--calib_frames/--seed/--set"
+                )
         elif args.act_target_rates is not None:
-            raise InputError("--act-target-rates needs activation curves: pass "
-                             "--act_curve_root_dir DIR (made with generate_rd_curves_batch.py "
-                             "--kind act)")
-        for flag, mine, key in (("--nchannelbatch", args.nchannelbatch, "group_size"),
-                                ("--maxdeadzones", args.maxdeadzones, "ndz")):
+            raise InputError(
+                "--act-target-rates needs activation curves: pass "
+                "--act_curve_root_dir DIR (made with generate_rd_curves_batch.py "
+                "--kind act)"
+            )
+        for flag, mine, key in (
+            ("--nchannelbatch", args.nchannelbatch, "group_size"),
+            ("--maxdeadzones", args.maxdeadzones, "ndz"),
+        ):
             if mine is not None and mine != meta[key]:
-                raise InputError(f"{flag} {mine} contradicts {args.pathrdcurve}/meta.json "
-                                 f"({key} {meta[key]}); drop the flag or use matching curves")
+                raise InputError(
+                    f"{flag} {mine} contradicts {args.pathrdcurve}/meta.json "
+                    f"({key} {meta[key]}); drop the flag or use matching curves"
+                )
         if args.maxrates is not None and not 2 <= args.maxrates <= len(meta["bits"]):
-            raise InputError(f"--maxrates {args.maxrates} is outside 2..{len(meta['bits'])} "
-                             f"(the bit widths measured in {args.pathrdcurve})")
+            raise InputError(
+                f"--maxrates {args.maxrates} is outside 2..{len(meta['bits'])} "
+                f"(the bit widths measured in {args.pathrdcurve})"
+            )
         outdir = args.outdir or Path(f"{meta['model']}_{args.solver}_results")
         check_outdir(outdir, "--outdir")
         adapter = OpenPCDetAdapter()
@@ -455,22 +708,37 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
         for key in ("model", "checkpoint_sha256"):
             mine = info.arch if key == "model" else info.checkpoint_sha256
             if meta.get(key) != mine:
-                raise InputError(f"{args.pathrdcurve} was measured with {key}={meta.get(key)!r}, "
-                                 f"this run loads {key}={mine!r}; pass the --cfg_file and "
-                                 f"--pretrained_model of the curves")
+                raise InputError(
+                    f"{args.pathrdcurve} was measured with {key}={meta.get(key)!r}, "
+                    f"this run loads {key}={mine!r}; pass the --cfg_file and "
+                    f"--pretrained_model of the curves"
+                )
         names = [e["name"] for e in meta["layers"]]
         max_bits = None if args.maxrates is None else args.maxrates - 1
         modules = dict(runner.named_modules())
-        dims = ({n: adapter.channel_axis(modules[n]) for n in astore.layer_names()
-                 if n in modules}
-                if astore is not None else None)
-        spec = TableSpec(store, astore, act_channel_dims=dims,
-                         uniform_only=bool(args.closedeadzone), allowed_bits=args.bit_list,
-                         min_bits=args.minrate, max_bits=max_bits)
-        points, solve_s = solve_targets_shrunk(spec, list(args.target_rates),
-                                               args.act_target_rates, args.solver,
-                                               args.layerwise, fill=not args.no_fill,
-                                               shrink=args.shrink)
+        dims = (
+            {n: adapter.channel_axis(modules[n]) for n in astore.layer_names() if n in modules}
+            if astore is not None
+            else None
+        )
+        spec = TableSpec(
+            store,
+            astore,
+            act_channel_dims=dims,
+            uniform_only=bool(args.closedeadzone),
+            allowed_bits=args.bit_list,
+            min_bits=args.minrate,
+            max_bits=max_bits,
+        )
+        points, solve_s = solve_targets_shrunk(
+            spec,
+            list(args.target_rates),
+            args.act_target_rates,
+            args.solver,
+            args.layerwise,
+            fill=not args.no_fill,
+            shrink=args.shrink,
+        )
         warn_correction_mismatch(store, "-bcw", args.bias_corr_weight)
     except (InputError, ValueError, FileNotFoundError, ImportError) as e:
         p.error(str(e))
@@ -480,16 +748,20 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     runner.to(dtype=dtype)
     calib = adapter.calib(args, runner, len(setup.frames), setup.spec.seed)
     if calib.meta()["sha256"] != meta["calib"].get("sha256"):
-        p.error(f"the calibration frames rebuilt here ({setup.spec.source()}, "
-                f"{len(setup.frames)} frames) differ from those of {args.pathrdcurve} (sha256 "
-                f"{str(meta['calib'].get('sha256'))[:12]}…); pass the --data/--calib_frames/"
-                f"--seed/--set of the curves")
+        p.error(
+            f"the calibration frames rebuilt here ({setup.spec.source()}, "
+            f"{len(setup.frames)} frames) differ from those of {args.pathrdcurve} (sha256 "
+            f"{str(meta['calib'].get('sha256'))[:12]}…); pass the --data/--calib_frames/"
+            f"--seed/--set of the curves"
+        )
     with torch.no_grad():
         reference = runner(calib.x)  # (N, …)
     stopped = None if args.skip_eval else evaluation_blocker(setup.spec)
     data = adapter.eval_data(args, runner)
-    method = "+".join([args.solver] + [t for t, on in (("bcw", args.bias_corr_weight),
-                                                       ("layerwise", args.layerwise)) if on])
+    method = "+".join(
+        [args.solver]
+        + [t for t, on in (("bcw", args.bias_corr_weight), ("layerwise", args.layerwise)) if on]
+    )
     rows, written = [], []
     # pcdet detectors hold their dataset (spconv's voxel generator cannot be deep-copied), so
     # each target is applied in place to weights restored from this full-precision copy; -bcw
@@ -499,17 +771,21 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
     biasless = [m for m in model.modules() if getattr(m, "bias", 0) is None]
     for target, point in zip(args.target_rates, points, strict=True):
         alloc = point.allocation(args.solver)
-        alloc.update(weights_source=info.weights_source,
-                     checkpoint_sha256=info.checkpoint_sha256,
-                     cfg_file=str(setup.cfg_file), set=list(args.set_cfgs))
+        alloc.update(
+            weights_source=info.weights_source,
+            checkpoint_sha256=info.checkpoint_sha256,
+            cfg_file=str(setup.cfg_file),
+            set=list(args.set_cfgs),
+        )
         # Every target starts from the full-precision detector, never the previous target's.
         remove_act_quantizers(runner)
         for m in biasless:
             m.bias = None
         model.load_state_dict(fp_state)
         if args.bias_corr_weight:
-            alloc["corrections"] = estimate_corrections(runner, alloc, calib.x, bcw=True,
-                                                        bca=False, batch_size=1)
+            alloc["corrections"] = estimate_corrections(
+                runner, alloc, calib.x, bcw=True, bca=False, batch_size=1
+            )
         apath = outdir / f"allocation_{point_label(point.tags)}.json"
         save_allocation(apath, alloc)
         written.append(apath)
@@ -517,28 +793,45 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
         with torch.no_grad():
             out = runner(calib.x)
         size_mb, fp_mb = _size_mb(model, alloc)
-        row = {"model": info.arch, "method": method, "target_bits": float(target),
-               "act_target_bits": point.tags.get("act_target_bits"),
-               "w_bits": alloc["summary"]["w_bits"], "a_bits": alloc["summary"].get("a_bits"),
-               "mAP": None, "NDS": None,
-               "out_mse": _mse(out, reference), "dist": setup.spec.dist,
-               "pred_dist": alloc["summary"]["pred_dist"], "size_mb": size_mb,
-               "fp_size_mb": fp_mb, "solve_s": solve_s,
-               "shrink_alpha": point.record.get("shrink_alpha"),
-               "eval_s": None, "layers": len(names), "allocation": str(apath.relative_to(outdir)),
-               "created": datetime.now(timezone.utc).isoformat()}
+        row = {
+            "model": info.arch,
+            "method": method,
+            "target_bits": float(target),
+            "act_target_bits": point.tags.get("act_target_bits"),
+            "w_bits": alloc["summary"]["w_bits"],
+            "a_bits": alloc["summary"].get("a_bits"),
+            "mAP": None,
+            "NDS": None,
+            "out_mse": _mse(out, reference),
+            "dist": setup.spec.dist,
+            "pred_dist": alloc["summary"]["pred_dist"],
+            "size_mb": size_mb,
+            "fp_size_mb": fp_mb,
+            "solve_s": solve_s,
+            "shrink_alpha": point.record.get("shrink_alpha"),
+            "eval_s": None,
+            "layers": len(names),
+            "allocation": str(apath.relative_to(outdir)),
+            "created": datetime.now(timezone.utc).isoformat(),
+        }
         if args.save_checkpoint_dir is not None:
             cdir = outdir / args.save_checkpoint_dir
             cdir.mkdir(parents=True, exist_ok=True)
             act = point.tags.get("act_target_bits")
             label = f"{target:.2f}" + ("" if act is None else f"_a{act:g}")
             cpath = cdir / f"{info.arch}_rate={label}.pth"
-            blob = {"model_state": {k: v.float() if v.is_floating_point() else v
-                                    for k, v in model.state_dict().items()}}
+            blob = {
+                "model_state": {
+                    k: v.float() if v.is_floating_point() else v
+                    for k, v in model.state_dict().items()
+                }
+            }
             if alloc["acts"]:  # pcdet's loader reads model_state only; the rest is ours
-                blob |= {"act_quantizers": {n: q.state() for n, q in
-                                            runner.rdoq_act_quantizers.items()},
-                         "act_mode": alloc["act_mode"], "allocation": json.dumps(alloc)}
+                blob |= {
+                    "act_quantizers": {n: q.state() for n, q in runner.rdoq_act_quantizers.items()},
+                    "act_mode": alloc["act_mode"],
+                    "allocation": json.dumps(alloc),
+                }
             torch.save(blob, cpath)
             row["checkpoint"] = str(cpath.relative_to(outdir))
         if not args.skip_eval and stopped is None:
@@ -546,24 +839,35 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
             runner.to(dtype=torch.float32)
             data.result_dir = outdir / "eval" / point_label(point.tags)
             metrics = adapter.evaluate(runner, data, None, setup.device)
-            row |= {"mAP": metrics["mAP"], "NDS": metrics["NDS"],
-                    "metrics": metrics["metrics"], "eval_s": time.perf_counter() - t0}
+            row |= {
+                "mAP": metrics["mAP"],
+                "NDS": metrics["NDS"],
+                "metrics": metrics["metrics"],
+                "eval_s": time.perf_counter() - t0,
+            }
             runner.to(dtype=dtype)
         rows.append(row)
         append_results(outdir, [row])
-        log.info("%s target %g: W %.3f A %s bits, distortion %.3e (predicted %.3e)", method,
-                 target, row["w_bits"], "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
-                 row["out_mse"], row["pred_dist"])
+        log.info(
+            "%s target %g: W %.3f A %s bits, distortion %.3e (predicted %.3e)",
+            method,
+            target,
+            row["w_bits"],
+            "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
+            row["out_mse"],
+            row["pred_dist"],
+        )
     remove_act_quantizers(runner)
     for m in biasless:
         m.bias = None
     model.load_state_dict(fp_state)
     if stopped is not None:
-        stopped = (f"mAP/NDS evaluation needs a GPU with OpenPCDet's CUDA ops built and "
-                   f"nuScenes (--data pcdet): {stopped}. Written: "
-                   f"{', '.join(str(w) for w in written)} and the distortion rows in "
-                   f"{outdir / 'results.jsonl'}. To evaluate, run the same command on a GPU "
-                   f"machine from OpenPCDet's tools/ directory with --data pcdet; pass "
-                   f"--skip-eval to stop here without an error")
-    return {"outdir": str(outdir), "rows": rows, "table": format_table(rows),
-            "stopped": stopped}
+        stopped = (
+            f"mAP/NDS evaluation needs a GPU with OpenPCDet's CUDA ops built and "
+            f"nuScenes (--data pcdet): {stopped}. Written: "
+            f"{', '.join(str(w) for w in written)} and the distortion rows in "
+            f"{outdir / 'results.jsonl'}. To evaluate, run the same command on a GPU "
+            f"machine from OpenPCDet's tools/ directory with --data pcdet; pass "
+            f"--skip-eval to stop here without an error"
+        )
+    return {"outdir": str(outdir), "rows": rows, "table": format_table(rows), "stopped": stopped}

@@ -41,6 +41,9 @@ of the prefix needs hooks and ``forward`` replacement, so these are its invarian
    for that layer.
 5. Capturing at a cut ends each forward early by raising ``_StopForward`` from a hook at the
    stop module: the only exception used for control flow, caught in ``_capture`` alone.
+
+Its length (about 520 lines): the cut and replay planning, the capture, the per-chunk install
+and the checks of invariant 4 are one mechanism over shared caches.
 """
 
 from __future__ import annotations
@@ -117,8 +120,14 @@ class MeasuredEngine:
     and the identity reference of every layer is checked against a plain full forward.
     """
 
-    def __init__(self, model: nn.Module, calib: torch.Tensor, max_rows: int,
-                 use_cuts: bool = True, folds: Sequence[int] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        calib: torch.Tensor,
+        max_rows: int,
+        use_cuts: bool = True,
+        folds: Sequence[int] | None = None,
+    ):
         self.model = model.eval()
         self.calib = calib  # (N, ...) on the model's device and dtype
         # Calibration folds (the fold of each sample, (N,)) for per-fold distortions of the
@@ -142,8 +151,10 @@ class MeasuredEngine:
             self.reference = self._full_forward()  # (N, O)
         self._order, self._calls = self._execution_order()
         if use_cuts and not any(kind == "cut" for kind, _ in self._order):
-            log.warning("%s has no recognised sequential trunk: every candidate runs a full "
-                        "forward", type(model).__name__)
+            log.warning(
+                "%s has no recognised sequential trunk: every candidate runs a full forward",
+                type(model).__name__,
+            )
         elif not use_cuts:
             log.info("prefix caching disabled: every candidate runs a full forward")
 
@@ -164,6 +175,7 @@ class MeasuredEngine:
             def record(m, a, o):
                 if isinstance(o, torch.Tensor):
                     self._element_shapes[name] = tuple(o.shape[1:])
+
             return record
 
         def count(name: str) -> Callable:
@@ -171,16 +183,19 @@ class MeasuredEngine:
                 calls[name] = calls.get(name, 0) + 1
                 if calls[name] == 1:
                     events.append(("layer", name))
+
             return record
 
         # Pre-hooks fire in registration order: a trunk element's cut comes before its layer.
         pre = [(self.modules[n], cut(n)) for n in elements]
-        pre += [(m, count(n)) for n, m in self.modules.items()
-                if isinstance(m, nn.Linear | nn.Conv2d)]
+        pre += [
+            (m, count(n)) for n, m in self.modules.items() if isinstance(m, nn.Linear | nn.Conv2d)
+        ]
         post = [(self.modules[n], shape_of(n)) for n in elements]
         if elements:
-            post.append((self.modules[elements[-1]],
-                         lambda m, a, o: events.append(("post", elements[-1]))))
+            post.append(
+                (self.modules[elements[-1]], lambda m, a, o: events.append(("post", elements[-1])))
+            )
         hooked_forward(self.model, self.calib[:1], post=post, pre=pre)
         return events, calls
 
@@ -217,18 +232,23 @@ class MeasuredEngine:
         if cut.name not in self._traces:
             self._traces[cut.name] = self._trace(cut.name)
         events = self._traces[cut.name]
-        start = next((i for i, (kind, name, _) in enumerate(events)
-                      if kind == "pre" and name == layer), None)
+        start = next(
+            (i for i, (kind, name, _) in enumerate(events) if kind == "pre" and name == layer), None
+        )
         if start is None:
             return []
         pre_count: dict[str, int] = {}
         for kind, name, _ in events:
             if kind == "pre":
                 pre_count[name] = pre_count.get(name, 0) + 1
-        done = {name for kind, name, is_tensor in events[:start]
-                if kind == "post" and is_tensor and pre_count.get(name) == 1}
-        return [n for n in done
-                if n.rsplit(".", 1)[0] not in done and not layer.startswith(n + ".")]
+        done = {
+            name
+            for kind, name, is_tensor in events[:start]
+            if kind == "post" and is_tensor and pre_count.get(name) == 1
+        }
+        return [
+            n for n in done if n.rsplit(".", 1)[0] not in done and not layer.startswith(n + ".")
+        ]
 
     def _trace(self, element: str) -> list[tuple[str, str, bool]]:
         """Pre/post events of every descendant of ``element`` in one forward; a post event is
@@ -242,12 +262,20 @@ class MeasuredEngine:
 
         def after(name: str) -> Callable:
             return lambda m, a, o: events.append(
-                ("post", name, isinstance(o, torch.Tensor) and o.dim() > 0
-                 and o.shape[0] == x.shape[0]))
+                (
+                    "post",
+                    name,
+                    isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == x.shape[0],
+                )
+            )
 
         inside = [(n, m) for n, m in self.modules.items() if n.startswith(element + ".")]
-        hooked_forward(self.model, x, post=[(m, after(n)) for n, m in inside],
-                       pre=[(m, before(n)) for n, m in inside])
+        hooked_forward(
+            self.model,
+            x,
+            post=[(m, after(n)) for n, m in inside],
+            pre=[(m, before(n)) for n, m in inside],
+        )
         return events
 
     # -- forwards
@@ -283,14 +311,18 @@ class MeasuredEngine:
         else:
             handles.append(mod.register_forward_pre_hook(lambda m, a: grab("", a[0])))
         for name in replay:
-            handles.append(self.modules[name].register_forward_hook(
-                lambda m, a, o, name=name: grab(name, o)))
+            handles.append(
+                self.modules[name].register_forward_hook(lambda m, a, o, name=name: grab(name, o))
+            )
 
         def halt(*_):
             raise _StopForward
 
-        handles.append(stop.register_forward_hook(halt) if cut.post and stop is mod
-                       else stop.register_forward_pre_hook(halt))
+        handles.append(
+            stop.register_forward_hook(halt)
+            if cut.post and stop is mod
+            else stop.register_forward_pre_hook(halt)
+        )
         try:
             with torch.no_grad():
                 for c in self._chunks(1):
@@ -307,8 +339,9 @@ class MeasuredEngine:
         return tensors
 
     @contextlib.contextmanager
-    def _install(self, cut: Cut | None, cached: dict[str, torch.Tensor], replay: list[str],
-                 chunk: Chunk) -> Iterator[None]:
+    def _install(
+        self, cut: Cut | None, cached: dict[str, torch.Tensor], replay: list[str], chunk: Chunk
+    ) -> Iterator[None]:
         """Substitute the cut input and the replayed modules' outputs for one chunk's forward
         (invariants 1-3 of the module docstring)."""
         # The chunk's rows of each substituted tensor, repeated for its k slots.
@@ -322,21 +355,28 @@ class MeasuredEngine:
                 stop = self._elements.index(cut.name) + (1 if cut.post else 0)
                 for name in self._elements[:stop]:
                     if name in self._element_shapes and name not in replay:
-                        zeros = self.calib.new_zeros((self._dummy_rows,
-                                                      *self._element_shapes[name]))
-                        stack.enter_context(patched_forward(
-                            self.modules[name], lambda *a, zeros=zeros, **kw: zeros))
+                        zeros = self.calib.new_zeros(
+                            (self._dummy_rows, *self._element_shapes[name])
+                        )
+                        stack.enter_context(
+                            patched_forward(self.modules[name], lambda *a, zeros=zeros, **kw: zeros)
+                        )
                 mod = self.modules[cut.name]
-                handle = (mod.register_forward_hook(lambda m, a, o: subst[""]) if cut.post
-                          else mod.register_forward_pre_hook(lambda m, a: (subst[""], *a[1:])))
+                handle = (
+                    mod.register_forward_hook(lambda m, a, o: subst[""])
+                    if cut.post
+                    else mod.register_forward_pre_hook(lambda m, a: (subst[""], *a[1:]))
+                )
                 stack.callback(handle.remove)
             for name in replay:
-                stack.enter_context(patched_forward(
-                    self.modules[name], lambda *a, name=name, **kw: subst[name]))
+                stack.enter_context(
+                    patched_forward(self.modules[name], lambda *a, name=name, **kw: subst[name])
+                )
             yield
 
-    def _run(self, cut: Cut | None, cached: dict[str, torch.Tensor], replay: list[str],
-             chunk: Chunk) -> torch.Tensor:
+    def _run(
+        self, cut: Cut | None, cached: dict[str, torch.Tensor], replay: list[str], chunk: Chunk
+    ) -> torch.Tensor:
         """Output for the chunk's calibration rows, each repeated for its k slots → (k*n, O)."""
         if cut is None:
             x = self.calib[chunk.rows]
@@ -388,16 +428,26 @@ class MeasuredEngine:
         K slots the slot forwards split the batch into."""
         if layer not in self._slot_ok:
             weight = getattr(self.modules[layer], "weight", None)
-            holders = [n for n, m in self.modules.items()
-                       if any(p is weight for p in m.parameters(recurse=False))]
-            self._slot_ok[layer] = (getattr(self.model, "batches_samples", True)
-                                    and self._calls.get(layer, 0) == 1 and holders == [layer])
+            holders = [
+                n
+                for n, m in self.modules.items()
+                if any(p is weight for p in m.parameters(recurse=False))
+            ]
+            self._slot_ok[layer] = (
+                getattr(self.model, "batches_samples", True)
+                and self._calls.get(layer, 0) == 1
+                and holders == [layer]
+            )
         return self._slot_ok[layer]
 
     # -- measurement
-    def measure(self, layer: str, k: int,
-                slots: Callable[[bool], contextlib.AbstractContextManager],
-                per_fold: bool = False) -> np.ndarray:
+    def measure(
+        self,
+        layer: str,
+        k: int,
+        slots: Callable[[bool], contextlib.AbstractContextManager],
+        per_fold: bool = False,
+    ) -> np.ndarray:
         """Distortion of k slot perturbations of ``layer``: (k,) float64, or with
         ``per_fold`` each calibration fold's own, (k, F) (their mean weighted by the fold
         sizes is the former).
@@ -438,9 +488,12 @@ class MeasuredEngine:
                 # Cached references and captures of this layer used the abandoned path.
                 self._ref_cache = {kk: v for kk, v in self._ref_cache.items() if kk[0] != layer}
                 self._capture_cache = None
-                log.warning("layer %s: the identity pass differs from the full forward; "
-                            "retrying without %s", layer,
-                            "replay" if fallback is self._no_replay else "the cut")
+                log.warning(
+                    "layer %s: the identity pass differs from the full forward; "
+                    "retrying without %s",
+                    layer,
+                    "replay" if fallback is self._no_replay else "the cut",
+                )
             try:
                 ref = self._pass(layer, k, slots(True))
             except Exception as e:  # noqa: BLE001 - any failure of a shortcut means: drop it
@@ -448,8 +501,10 @@ class MeasuredEngine:
                 continue
             if all(self._close(ref[i]) for i in range(k)):
                 return ref
-        raise RuntimeError(f"layer {layer}: the engine cannot reproduce the model's output "
-                           f"even with full forwards; please report this model")
+        raise RuntimeError(
+            f"layer {layer}: the engine cannot reproduce the model's output "
+            f"even with full forwards; please report this model"
+        )
 
     def _pass(self, layer: str, k: int, ctx: contextlib.AbstractContextManager) -> torch.Tensor:
         cut = self.cut_for(layer)

@@ -46,8 +46,12 @@ def symbol_entropy(levels: torch.Tensor) -> float:
     return max(0.0, float(-(p * torch.log2(p)).sum()))
 
 
-def group_levels(weight: torch.Tensor, bounds: Sequence[tuple[int, int]], cand: Candidate,
-                 steps: ChannelSteps | None) -> torch.Tensor:
+def group_levels(
+    weight: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    cand: Candidate,
+    steps: ChannelSteps | None,
+) -> torch.Tensor:
     """The integer symbols of ``cand``'s group, ``weight[c0:c1].shape`` int64: the symbols of
     :func:`rdoq.backends.quantized_group` (same quantizer, same arithmetic)."""
     c0, c1 = bounds[cand.group]
@@ -55,9 +59,13 @@ def group_levels(weight: torch.Tensor, bounds: Sequence[tuple[int, int]], cand: 
     return weight_levels(weight[c0:c1], cand.bits, step, phi)
 
 
-def curve_entropy(weight: torch.Tensor, bounds: Sequence[tuple[int, int]],
-                  step_log2: np.ndarray, deadzone: np.ndarray,
-                  steps: ChannelSteps | None) -> np.ndarray:
+def curve_entropy(
+    weight: torch.Tensor,
+    bounds: Sequence[tuple[int, int]],
+    step_log2: np.ndarray,
+    deadzone: np.ndarray,
+    steps: ChannelSteps | None,
+) -> np.ndarray:
     """``entropy (G, D, B)``: bits per element of every curve point of one weight layer.
 
     ``step_log2`` and ``deadzone`` are the layer's curve arrays ``(G, D, B)`` (bit width = index
@@ -70,8 +78,13 @@ def curve_entropy(weight: torch.Tensor, bounds: Sequence[tuple[int, int]],
     for g in range(n_groups):
         for d in range(n_dz):
             for b in range(1, n_bits):
-                cand = Candidate(g, b, float(step_log2[g, d, b]), float(deadzone[g, d, b]),
-                                 dz_index=d if steps is not None else -1)
+                cand = Candidate(
+                    g,
+                    b,
+                    float(step_log2[g, d, b]),
+                    float(deadzone[g, d, b]),
+                    dz_index=d if steps is not None else -1,
+                )
                 if cand.is_zero:
                     continue
                 if steps is None and not math.isfinite(cand.step_log2):

@@ -44,18 +44,31 @@ from rdoq.quantizers import act_bounds
 # Autograd nodes whose output holds only values of their one input, and keeps every channel's
 # share of the elements (views, copies, transposes, max-pooling): a grid, and the average bits
 # over the tensor, carry over. Names without the trailing overload number.
-_GRID_MOVES = frozenset({
-    "ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "AliasBackward",
-    "PermuteBackward", "TransposeBackward", "TBackward", "CloneBackward", "SqueezeBackward",
-    "UnsqueezeBackward", "MaxPool2DWithIndicesBackward", "MaxPool3DWithIndicesBackward",
-    "AdaptiveMaxPool2DBackward",
-})
+_GRID_MOVES = frozenset(
+    {
+        "ViewBackward",
+        "UnsafeViewBackward",
+        "ReshapeAliasBackward",
+        "AliasBackward",
+        "PermuteBackward",
+        "TransposeBackward",
+        "TBackward",
+        "CloneBackward",
+        "SqueezeBackward",
+        "UnsqueezeBackward",
+        "MaxPool2DWithIndicesBackward",
+        "MaxPool3DWithIndicesBackward",
+        "AdaptiveMaxPool2DBackward",
+    }
+)
 # Result keys counting the layer inputs BOPs charge at each kind of bits (:func:`input_charges`).
 BOPS_INPUT_COUNTS = ("bops_inputs_own", "bops_inputs_producer", "bops_inputs_fp32")
 # Clamps, by exact node name: the saved attributes holding their (min, max) scalar bounds;
 # ReLU is a clamp at (0, none).
-_CLAMP_BOUNDS = {"HardtanhBackward0": ("_saved_min_val", "_saved_max_val"),
-                 "ClampBackward1": ("_saved_min", "_saved_max")}
+_CLAMP_BOUNDS = {
+    "HardtanhBackward0": ("_saved_min_val", "_saved_max_val"),
+    "ClampBackward1": ("_saved_min", "_saved_max"),
+}
 
 
 @dataclass
@@ -69,8 +82,10 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         for i in range(0, self.x.shape[0], self.batch_size):
-            yield (self.x[i:i + self.batch_size],
-                   None if self.y is None else self.y[i:i + self.batch_size])
+            yield (
+                self.x[i : i + self.batch_size],
+                None if self.y is None else self.y[i : i + self.batch_size],
+            )
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -84,16 +99,18 @@ def _call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-def reference_outputs(model: nn.Module, data: Iterable, device: torch.device,
-                      run: RunFn = _call) -> tuple[torch.Tensor, torch.Tensor | None]:
+def reference_outputs(
+    model: nn.Module, data: Iterable, device: torch.device, run: RunFn = _call
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The full-precision model's outputs ``(N, K)`` on ``data`` (``run(model, x)`` per batch)
     and the labels ``(N,)`` (None if unlabelled), kept on the CPU: computed once and shared by
     every evaluated allocation."""
     return _outputs(model, data, device, run)
 
 
-def _outputs(model: nn.Module, data: Iterable, device: torch.device,
-             run: RunFn = _call) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _outputs(
+    model: nn.Module, data: Iterable, device: torch.device, run: RunFn = _call
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     dtype = next(model.parameters()).dtype
     outs, labels = [], []
     with torch.no_grad():
@@ -102,8 +119,9 @@ def _outputs(model: nn.Module, data: Iterable, device: torch.device,
             # resolution of the outputs.
             outs.append(run(model, x.to(device=device, dtype=dtype)).double().cpu())
             labels.append(y)
-    lab = None if any(y is None for y in labels) else torch.cat([torch.as_tensor(y)
-                                                                 for y in labels])
+    lab = (
+        None if any(y is None for y in labels) else torch.cat([torch.as_tensor(y) for y in labels])
+    )
     return torch.cat(outs), lab  # (N, K), (N,)
 
 
@@ -117,19 +135,27 @@ def topk_scores(out: torch.Tensor, labels: torch.Tensor | None) -> dict[str, flo
     return {"top1": 100.0 * float(hit[:, 0].sum()) / n, "top5": 100.0 * float(hit.any(1).sum()) / n}
 
 
-def evaluate(model: nn.Module, data: Iterable, ref: torch.Tensor, device: torch.device,
-             run: RunFn = _call) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module, data: Iterable, ref: torch.Tensor, device: torch.device, run: RunFn = _call
+) -> dict[str, Any]:
     """Top-1/top-5 (% of samples; None without labels), the mean squared error of the
     outputs (``run(model, x)`` per batch) against ``ref`` (the FP model's outputs on the same
     data, by the same ``run``) and their mean KL divergence ``kl`` (:func:`mean_kl`)."""
     t0 = time.perf_counter()
     out, lab = _outputs(model, data, device, run)  # (N, K), (N,)
     if out.shape != ref.shape:
-        raise ValueError(f"the data gave outputs {tuple(out.shape)}, the reference has "
-                         f"{tuple(ref.shape)}; evaluate on the data the reference was made on")
+        raise ValueError(
+            f"the data gave outputs {tuple(out.shape)}, the reference has "
+            f"{tuple(ref.shape)}; evaluate on the data the reference was made on"
+        )
     sq = float(((out - ref) ** 2).mean())
-    return {**topk_scores(out, lab), "out_mse": sq, "kl": mean_kl(ref, out),
-            "n_eval": int(out.shape[0]), "eval_s": time.perf_counter() - t0}
+    return {
+        **topk_scores(out, lab),
+        "out_mse": sq,
+        "kl": mean_kl(ref, out),
+        "n_eval": int(out.shape[0]),
+        "eval_s": time.perf_counter() - t0,
+    }
 
 
 def mean_kl(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -141,16 +167,22 @@ def mean_kl(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float((log_p.exp() * (log_p - log_q)).sum(1).mean())
 
 
-def outputs(model: nn.Module, data: Iterable, device: torch.device,
-            run: RunFn = _call) -> tuple[torch.Tensor, torch.Tensor | None]:
+def outputs(
+    model: nn.Module, data: Iterable, device: torch.device, run: RunFn = _call
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Outputs ``(N, K)`` float64 of ``run(model, x)`` over ``data`` and its labels ``(N,)``
     (None without labels): what :func:`evaluate` scores, for paired comparisons."""
     return _outputs(model, data, device, run)
 
 
-def paired_comparison(out_a: torch.Tensor, out_b: torch.Tensor, ref: torch.Tensor,
-                      labels: torch.Tensor | None, n_boot: int = 2000,
-                      seed: int = 0) -> dict[str, Any]:
+def paired_comparison(
+    out_a: torch.Tensor,
+    out_b: torch.Tensor,
+    ref: torch.Tensor,
+    labels: torch.Tensor | None,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """How two quantized models differ on the same samples, with the uncertainty of a finite
     evaluation set: ``out_a, out_b, ref (N, K)`` outputs of A, B and the FP model.
 
@@ -165,21 +197,29 @@ def paired_comparison(out_a: torch.Tensor, out_b: torch.Tensor, ref: torch.Tenso
     from scipy.stats import binomtest
 
     if not (out_a.shape == out_b.shape == ref.shape):
-        raise ValueError(f"outputs of different shapes: {tuple(out_a.shape)}, "
-                         f"{tuple(out_b.shape)}, reference {tuple(ref.shape)}")
+        raise ValueError(
+            f"outputs of different shapes: {tuple(out_a.shape)}, "
+            f"{tuple(out_b.shape)}, reference {tuple(ref.shape)}"
+        )
     d = (((out_a - ref) ** 2).mean(1) - ((out_b - ref) ** 2).mean(1)).double().numpy()  # (N,)
     rng = np.random.default_rng(seed)
     boot = d[rng.integers(0, d.shape[0], size=(n_boot, d.shape[0]))].mean(1)  # (n_boot,)
-    res: dict[str, Any] = {"n": int(d.shape[0]), "mse_diff": float(d.mean()),
-                           "mse_diff_ci95": [float(np.percentile(boot, 2.5)),
-                                             float(np.percentile(boot, 97.5))]}
+    res: dict[str, Any] = {
+        "n": int(d.shape[0]),
+        "mse_diff": float(d.mean()),
+        "mse_diff_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+    }
     if labels is not None:
         a_ok = out_a.argmax(1) == labels  # (N,)
         b_ok = out_b.argmax(1) == labels  # (N,)
         only_a, only_b = int((a_ok & ~b_ok).sum()), int((b_ok & ~a_ok).sum())
-        res.update(only_a_right=only_a, only_b_right=only_b,
-                   mcnemar_p=(float(binomtest(only_a, only_a + only_b).pvalue)
-                              if only_a + only_b else 1.0))
+        res.update(
+            only_a_right=only_a,
+            only_b_right=only_b,
+            mcnemar_p=(
+                float(binomtest(only_a, only_a + only_b).pvalue) if only_a + only_b else 1.0
+            ),
+        )
     return res
 
 
@@ -226,8 +266,7 @@ def _trace(node: Any, out_node: dict[Any, str]) -> InputSource:
         node = node.next_functions[0][0] if node.next_functions else None
 
 
-def input_sources(model: nn.Module, x1: torch.Tensor,
-                  names: list[str]) -> dict[str, InputSource]:
+def input_sources(model: nn.Module, x1: torch.Tensor, names: list[str]) -> dict[str, InputSource]:
     """For each named layer, the named layer (if any) whose output reaches its input through
     grid-keeping ops only, and the clamps on the way (see the module docstring).
 
@@ -246,20 +285,27 @@ def input_sources(model: nn.Module, x1: torch.Tensor,
         def record(mod, args):
             t = args[0] if args and isinstance(args[0], torch.Tensor) else None
             in_nodes[name].append(None if t is None else t.grad_fn)
+
         return record
 
     def post(name: str):
         def record(mod, args, out):
             if isinstance(out, torch.Tensor) and out.grad_fn is not None:
                 out_node[out.grad_fn] = name
+
         return record
 
     x = x1[:1].detach().clone()
     if x.is_floating_point():
         x.requires_grad_(True)  # a graph even where the parameters are frozen
     try:
-        hooked_forward(model, x, post=[(modules[n], post(n)) for n in names],
-                       pre=[(modules[n], pre(n)) for n in names], grad=True)
+        hooked_forward(
+            model,
+            x,
+            post=[(modules[n], post(n)) for n in names],
+            pre=[(modules[n], pre(n)) for n in names],
+            grad=True,
+        )
     except RuntimeError as e:
         # A forward that autograd refuses (e.g. in place on the input): provenance unknown.
         return {n: InputSource(None, why=f"no autograd trace ({e})") for n in names}
@@ -275,8 +321,11 @@ def input_sources(model: nn.Module, x1: torch.Tensor,
     return sources
 
 
-def clamps_keep_grid(entry: dict[str, Any], offset: list[float] | None,
-                     clamps: tuple[tuple[float | None, float | None], ...]) -> bool:
+def clamps_keep_grid(
+    entry: dict[str, Any],
+    offset: list[float] | None,
+    clamps: tuple[tuple[float | None, float | None], ...],
+) -> bool:
     """Whether values on an activation entry's grid — per channel ``k·Δ + o`` for integer ``qmin
     ≤ k ≤ qmax``, ``o`` its ``-bca`` offset — stay on it when clamped at each ``(min, max)``:
     every bound that cuts into a channel's level range must be one of its levels."""
@@ -299,15 +348,23 @@ def clamps_keep_grid(entry: dict[str, Any], offset: list[float] | None,
                 cuts = bound > qmin * step + o if is_min else bound < qmax * step + o  # (c,)
                 k = (bound - o) / step  # (c,) the bound in steps from the offset
                 # Levels are whole multiples of 2^step_log2: on the grid up to float rounding.
-                on = ((np.abs(k - np.round(k)) <= 1e-9 * np.maximum(1.0, np.abs(k)))
-                      & (np.round(k) >= qmin) & (np.round(k) <= qmax))
+                on = (
+                    (np.abs(k - np.round(k)) <= 1e-9 * np.maximum(1.0, np.abs(k)))
+                    & (np.round(k) >= qmin)
+                    & (np.round(k) <= qmax)
+                )
                 if np.any(cuts & ~on):
                     return False
     return True
 
 
-def input_charges(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor, names: list[str],
-                  layer_a_bits: dict[str, float]) -> list[dict[str, Any]]:
+def input_charges(
+    model: nn.Module,
+    alloc: dict[str, Any],
+    x1: torch.Tensor,
+    names: list[str],
+    layer_a_bits: dict[str, float],
+) -> list[dict[str, Any]]:
     """Per named layer, the input bits BOPs charge and why: ``charged`` is ``"own"`` (its input
     quantizer, input-activation curves), ``"producer"`` (the named producer's output quantizer)
     or ``"fp32"`` (32 bits; ``why`` says why). ``layer_a_bits`` are the average bits of each
@@ -330,12 +387,17 @@ def input_charges(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor, nam
             row["why"] = src.why
         elif src.producer not in alloc["acts"]:
             row["why"] = f"the output of {src.producer} is kept in full precision"
-        elif not clamps_keep_grid(alloc["acts"][src.producer], offsets.get(src.producer),
-                                  src.clamps):
+        elif not clamps_keep_grid(
+            alloc["acts"][src.producer], offsets.get(src.producer), src.clamps
+        ):
             row["why"] = f"a clamp puts the output of {src.producer} between its levels"
         else:
-            row |= {"bits": layer_a_bits[src.producer], "charged": "producer",
-                    "producer": src.producer, "why": "its output quantizer"}
+            row |= {
+                "bits": layer_a_bits[src.producer],
+                "charged": "producer",
+                "producer": src.producer,
+                "why": "its output quantizer",
+            }
         out.append(row)
     return out
 
@@ -372,26 +434,33 @@ def bit_report(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor) -> dic
     size_bits = w_bits + 32.0 * (total_params - w_numel)
     # -bcw creates a bias where a layer had none: charged at 32 bits.
     modules = dict(model.named_modules())
-    added_bias = sum(len(v) for k, v in (alloc.get("corrections") or {}).get("bcw", {}).items()
-                     if getattr(modules[k], "bias", None) is None)
+    added_bias = sum(
+        len(v)
+        for k, v in (alloc.get("corrections") or {}).get("bcw", {}).items()
+        if getattr(modules[k], "bias", None) is None
+    )
     size_bits += 32.0 * added_bias
     names = [layer.name for layer in layers]
     macs = layer_macs(model, x1, names)
     charges = input_charges(model, alloc, x1, names, layer_a_bits)
     full = sum(macs.values()) * 32.0 * 32.0
-    bops = sum(macs[c["layer"]] * layer_w_bits.get(c["layer"], 32.0) * c["bits"]
-               for c in charges)
+    bops = sum(macs[c["layer"]] * layer_w_bits.get(c["layer"], 32.0) * c["bits"] for c in charges)
     return {
         "w_bits": w_bits / w_numel if w_numel else None,
         "a_bits": a_bits / a_numel if a_numel else None,
         "avg_bits": (w_bits + a_bits) / (w_numel + a_numel),
-        "w_numel": int(w_numel), "a_numel": int(a_numel),
-        "size_mb": size_bits / 8e6, "fp_size_mb": 32.0 * total_params / 8e6,
+        "w_numel": int(w_numel),
+        "a_numel": int(a_numel),
+        "size_mb": size_bits / 8e6,
+        "fp_size_mb": 32.0 * total_params / 8e6,
         "bops_ratio": bops / full if full else None,
         "bops_inputs": charges,
-        **{key: sum(c["charged"] == key.rsplit("_", 1)[1] for c in charges)
-           for key in BOPS_INPUT_COUNTS},
+        **{
+            key: sum(c["charged"] == key.rsplit("_", 1)[1] for c in charges)
+            for key in BOPS_INPUT_COUNTS
+        },
         "fp_weight_layers": [n for n in names if n not in alloc["weights"]],
-        "fp_act_layers": sorted(set(alloc.get("fp_acts", []))
-                                | {n for n in names if n not in alloc["acts"]}),
+        "fp_act_layers": sorted(
+            set(alloc.get("fp_acts", [])) | {n for n in names if n not in alloc["acts"]}
+        ),
     }

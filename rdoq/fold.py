@@ -88,8 +88,9 @@ def _consumer_edges(outputs: list[torch.Tensor]) -> Counter:
     return edges
 
 
-def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor
-                       ) -> tuple[list[tuple[str, str]], dict[str, str]]:
+def find_conv_bn_pairs(
+    model: nn.Module, example: torch.Tensor
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """The ``(conv, bn)`` name pairs of ``model`` that can be folded (see the module docstring),
     and, per BatchNorm2d left out, why. One forward of ``example`` with autograd on."""
     registered = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
@@ -99,9 +100,13 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor
     # Modules whose inputs count as consumers: leaves, and the convs and norms themselves
     # (BatchNormAct2d has children). A container's input is passed on to its children.
     # nn.Identity hands on the very tensor it gets, so it consumes nothing.
-    watched = {n: m for n, m in modules.items()
-               if n and not isinstance(m, nn.Identity)
-               and (not any(True for _ in m.children()) or n in convs or n in bns)}
+    watched = {
+        n: m
+        for n, m in modules.items()
+        if n
+        and not isinstance(m, nn.Identity)
+        and (not any(True for _ in m.children()) or n in convs or n in bns)
+    }
     calls: Counter = Counter()
     fed: dict[int, list[str]] = {}  # id(tensor) -> watched modules that took it as input
     conv_out: dict[int, tuple[str, Any]] = {}  # id(conv output) -> (conv, its autograd node)
@@ -117,6 +122,7 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor
                 fed.setdefault(id(t), []).append(name)
             if name in bns and args and isinstance(args[0], torch.Tensor):
                 bn_in[name] = (args[0], args[0].grad_fn)
+
         return record
 
     def post(name: str):
@@ -124,14 +130,20 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor
             if isinstance(out, torch.Tensor):
                 keep.append(out)
                 conv_out[id(out)] = (name, out.grad_fn)
+
         return record
 
     def model_output(mod, args, out):
         outputs.extend(_tensors(out))
 
     x = example.detach().clone().requires_grad_(True)
-    hooked_forward(model, x, post=[(convs[n], post(n)) for n in convs] + [(model, model_output)],
-                   pre=[(m, pre(n)) for n, m in watched.items()], grad=True)
+    hooked_forward(
+        model,
+        x,
+        post=[(convs[n], post(n)) for n in convs] + [(model, model_output)],
+        pre=[(m, pre(n)) for n, m in watched.items()],
+        grad=True,
+    )
     edges = _consumer_edges(outputs)
 
     pairs: list[tuple[str, str]] = []
@@ -159,8 +171,10 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor
         elif fed[id(t)] != [bn_name]:
             why = f"the output of {conv_name} also feeds {[n for n in fed[id(t)] if n != bn_name]}"
         elif edges[conv_node] != 1:
-            why = (f"the output of {conv_name} has {edges[conv_node]} consumers in the autograd "
-                   f"graph (e.g. a residual add)")
+            why = (
+                f"the output of {conv_name} has {edges[conv_node]} consumers in the autograd "
+                f"graph (e.g. a residual add)"
+            )
         elif conv.out_channels != bn.num_features:
             why = f"{conv_name} has {conv.out_channels} channels, the norm {bn.num_features}"
         if why:
@@ -184,8 +198,15 @@ def fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     def f64(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().double()
 
-    weight, bias = fuse_conv_bn_weights(f64(conv.weight), f64(conv.bias), f64(bn.running_mean),
-                                        f64(bn.running_var), bn.eps, f64(bn.weight), f64(bn.bias))
+    weight, bias = fuse_conv_bn_weights(
+        f64(conv.weight),
+        f64(conv.bias),
+        f64(bn.running_mean),
+        f64(bn.running_var),
+        bn.eps,
+        f64(bn.weight),
+        f64(bn.bias),
+    )
     conv.weight.copy_(weight.to(dtype))
     if conv.bias is None:
         conv.bias = nn.Parameter(bias.to(dtype), requires_grad=conv.weight.requires_grad)
@@ -193,8 +214,9 @@ def fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(bias.to(dtype))
 
 
-def fold_batchnorm(model: nn.Module, example: torch.Tensor,
-                   rtol: float = 1e-4) -> list[tuple[str, str]]:
+def fold_batchnorm(
+    model: nn.Module, example: torch.Tensor, rtol: float = 1e-4
+) -> list[tuple[str, str]]:
     """Fold, in place, every BatchNorm2d of the eval-mode ``model`` that provably normalises only
     a Conv2d's output (``find_conv_bn_pairs``) into that conv, and return the ``(conv, bn)`` names
     folded. A plain BatchNorm2d becomes ``nn.Identity``; a timm ``BatchNormAct2d`` keeps its drop
@@ -209,12 +231,17 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor,
     are the float64 fold rounded once to the model's dtype. A model in training mode is refused:
     folding uses the running statistics.
     """
-    training = [n or type(model).__name__ for n, m in model.named_modules()
-                if m.training and (m is model or isinstance(m, nn.BatchNorm2d))]
+    training = [
+        n or type(model).__name__
+        for n, m in model.named_modules()
+        if m.training and (m is model or isinstance(m, nn.BatchNorm2d))
+    ]
     if training:
-        raise ValueError(f"BatchNorm folding needs an eval-mode model (running statistics), but "
-                         f"{training[:3]} {'is' if len(training) == 1 else 'are'} in training "
-                         f"mode; call model.eval() first")
+        raise ValueError(
+            f"BatchNorm folding needs an eval-mode model (running statistics), but "
+            f"{training[:3]} {'is' if len(training) == 1 else 'are'} in training "
+            f"mode; call model.eval() first"
+        )
     dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
     if len(dtypes) != 1:
         return _fold_checked(model, example, rtol)
@@ -247,13 +274,23 @@ def _fold_checked(model: nn.Module, example: torch.Tensor, rtol: float) -> list[
     with torch.no_grad():
         out = [t.detach() for t in _tensors(model(example))]
     scale = max((float(r.abs().max()) for r in ref if r.numel()), default=0.0)
-    err = float("inf") if len(out) != len(ref) else max(
-        (float((o - r).abs().max()) for o, r in zip(out, ref, strict=True) if r.numel()),
-        default=0.0)
+    err = (
+        float("inf")
+        if len(out) != len(ref)
+        else max(
+            (float((o - r).abs().max()) for o, r in zip(out, ref, strict=True) if r.numel()),
+            default=0.0,
+        )
+    )
     if not err <= rtol * scale:
-        raise ValueError(f"BatchNorm folding changed the output of {type(model).__name__}: max "
-                         f"error {err:.3g} vs output scale {scale:.3g} (rtol {rtol:g}) after "
-                         f"folding {len(pairs)} pairs; run without --fold-bn and report the model")
-    log.info("folded %d BatchNorm2d into the convolutions before them (%d left in place)",
-             len(pairs), len(skipped))
+        raise ValueError(
+            f"BatchNorm folding changed the output of {type(model).__name__}: max "
+            f"error {err:.3g} vs output scale {scale:.3g} (rtol {rtol:g}) after "
+            f"folding {len(pairs)} pairs; run without --fold-bn and report the model"
+        )
+    log.info(
+        "folded %d BatchNorm2d into the convolutions before them (%d left in place)",
+        len(pairs),
+        len(skipped),
+    )
     return pairs

@@ -19,8 +19,13 @@ if TYPE_CHECKING:
     from rdoq.hessian import HessianSettings
 
 
-def per_sample_weight_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor,
-                           out: torch.Tensor, accumulate: bool = False) -> None:
+def per_sample_weight_grad(
+    module: nn.Module,
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    out: torch.Tensor,
+    accumulate: bool = False,
+) -> None:
     """Write (or add) the weight gradient of each (sample, probe) pair into ``out (B·M, out,
     in_per_out)``, from the layer input of each sample ``x (B, …)`` and the output gradients of
     its ``M`` probes ``dy (B, M, …)`` (the probes share one forward, so inputs are not
@@ -35,11 +40,15 @@ def per_sample_weight_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor,
         _bmm_into(d.reshape(b, -1, x.shape[1]), x, out.view(b, -1, x.shape[-1]), accumulate)
         return
     padding = getattr(module, "padding", None)
-    if (forward is nn.Conv2d.forward and module.padding_mode == "zeros"
-            and not (isinstance(padding, str) and padding != "valid")):
+    if (
+        forward is nn.Conv2d.forward
+        and module.padding_mode == "zeros"
+        and not (isinstance(padding, str) and padding != "valid")
+    ):
         padding = 0 if padding == "valid" else padding
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
-                        stride=module.stride)  # (B, in·kh·kw, L)
+        cols = F.unfold(
+            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+        )  # (B, in·kh·kw, L)
         g = module.groups
         if g == 1:
             d = dy.reshape(b, -1, cols.shape[-1])  # (B, M·out, L)
@@ -60,8 +69,9 @@ def per_sample_weight_grad(module: nn.Module, x: torch.Tensor, dy: torch.Tensor,
         out.copy_(ps)
 
 
-def per_sample_weight_grad_func(module: nn.Module, x: torch.Tensor,
-                                dy: torch.Tensor) -> torch.Tensor:
+def per_sample_weight_grad_func(
+    module: nn.Module, x: torch.Tensor, dy: torch.Tensor
+) -> torch.Tensor:
     """Per-sample, per-probe weight gradients ``(B, M, *W.shape)`` of any layer through its own
     ``forward`` (``torch.func``: a vector-Jacobian product per sample, vmapped over samples and
     probes), from inputs ``x (B, …)`` and output gradients ``dy (B, M, …)``."""
@@ -78,10 +88,15 @@ def per_sample_weight_grad_func(module: nn.Module, x: torch.Tensor,
         return vmap(one_sample)(x.detach(), dy.detach())
 
 
-def per_sample_weight_grad_alone(model: nn.Module, calib: torch.Tensor,
-                                 weights: dict[str, nn.Parameter], rows: dict[str, torch.Tensor],
-                                 settings: HessianSettings, probes: torch.Tensor | None,
-                                 on_sample: Callable[[], None] | None = None) -> None:
+def per_sample_weight_grad_alone(
+    model: nn.Module,
+    calib: torch.Tensor,
+    weights: dict[str, nn.Parameter],
+    rows: dict[str, torch.Tensor],
+    settings: HessianSettings,
+    probes: torch.Tensor | None,
+    on_sample: Callable[[], None] | None = None,
+) -> None:
     """Write the rows ``rows[name] (N·M, out, in_per_out)`` of the layers ``weights`` by
     running each calibration sample alone and backpropagating each of its ``M`` probes to the
     weights: row ``n·M + j`` is ``∂(z_{n,j}ᵀF(x_n))/∂W`` (``probe="norm"``: ``∂‖F(x_n)‖/∂W``),
@@ -96,14 +111,15 @@ def per_sample_weight_grad_alone(model: nn.Module, calib: torch.Tensor,
     try:
         for n in range(calib.shape[0]):
             with torch.enable_grad():
-                y = model(calib[n:n + 1].detach()).reshape(1, -1)  # (1, K)
+                y = model(calib[n : n + 1].detach()).reshape(1, -1)  # (1, K)
                 for j in range(m_rows):
                     if settings.probe == "random":
-                        s = ((probes[n:n + 1, j].to(y) * 2 - 1) * y).sum()
+                        s = ((probes[n : n + 1, j].to(y) * 2 - 1) * y).sum()
                     else:
                         s = y.norm(dim=1).sum()
-                    grads = torch.autograd.grad(s, params, retain_graph=j < m_rows - 1,
-                                                allow_unused=True)
+                    grads = torch.autograd.grad(
+                        s, params, retain_graph=j < m_rows - 1, allow_unused=True
+                    )
                     for name, g in zip(names, grads, strict=True):
                         row = rows[name][n * m_rows + j]  # (out, in_per_out)
                         if g is None:

@@ -42,8 +42,13 @@ def entry_channel_steps(entry: dict) -> list[float]:
     channels = int(entry["channels"])
     values = entry["step_log2"]
     if entry.get("steps", "group") != "channel":
-        values = [v for (c0, c1), v in zip(group_bounds(channels, int(entry["group_size"])),
-                                           values, strict=True) for _ in range(c1 - c0)]
+        values = [
+            v
+            for (c0, c1), v in zip(
+                group_bounds(channels, int(entry["group_size"])), values, strict=True
+            )
+            for _ in range(c1 - c0)
+        ]
     return [float("nan") if v is None else float(v) for v in values]
 
 
@@ -57,8 +62,10 @@ def set_group(weight: torch.Tensor, bounds: tuple[int, int], values: torch.Tenso
     """Overwrite the output channels ``bounds`` of ``weight`` in place."""
     c0, c1 = bounds
     if values.shape != weight[c0:c1].shape:
-        raise ValueError(f"group {bounds} has shape {tuple(weight[c0:c1].shape)}, "
-                         f"got values of shape {tuple(values.shape)}")
+        raise ValueError(
+            f"group {bounds} has shape {tuple(weight[c0:c1].shape)}, "
+            f"got values of shape {tuple(values.shape)}"
+        )
     with torch.no_grad():
         weight[c0:c1].copy_(values)
 
@@ -72,8 +79,9 @@ def channel_dim(module: nn.Module) -> int:
 def is_sparse_tensor(t: object) -> bool:
     """Whether ``t`` is a spconv ``SparseConvTensor`` (features ``(N_active, C)`` and their
     coordinates), recognised by its interface, never by importing spconv."""
-    return not isinstance(t, torch.Tensor) and hasattr(t, "features") and hasattr(
-        t, "replace_feature")
+    return (
+        not isinstance(t, torch.Tensor) and hasattr(t, "features") and hasattr(t, "replace_feature")
+    )
 
 
 def act_values_of(t: torch.Tensor | object) -> torch.Tensor:
@@ -112,15 +120,18 @@ def check_sparse_layout(name: str, module: nn.Module) -> None:
     # ALL_WEIGHT_IS_KRSC runs its native algorithm ("RSKC"/"RSCK"). The shape alone cannot tell
     # them apart when the channel counts equal the kernel size, hence spconv's own rule too.
     constants = sys.modules.get("spconv.constants")
-    krsc = (getattr(constants, "ALL_WEIGHT_IS_KRSC", True)
-            or getattr(module.algo, "name", None) != "Native")
+    krsc = (
+        getattr(constants, "ALL_WEIGHT_IS_KRSC", True)
+        or getattr(module.algo, "name", None) != "Native"
+    )
     groups = getattr(module, "groups", 1)
     if shape != expected or not krsc or groups != 1:
         raise ValueError(
             f"sparse conv layer {name!r} ({type(module).__name__}) has weight shape {shape}, "
             f"groups={groups}; rdoq quantizes spconv weights in the layout (Cout, *kernel, "
             f"Cin) = {expected} with groups=1 only (spconv 2.x's layout, as "
-            f"`pip install -e .[pcdet]` installs it)")
+            f"`pip install -e .[pcdet]` installs it)"
+        )
 
 
 @dataclass(frozen=True)
@@ -147,8 +158,9 @@ def find_layers(model: nn.Module) -> list[LayerInfo]:
             check_sparse_layout(name, m)
         layers.append(LayerInfo(name, type(m).__name__, tuple(m.weight.shape)))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear/nn.Conv2d or spconv layer to "
-                         f"quantize")
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear/nn.Conv2d or spconv layer to quantize"
+        )
     return layers
 
 

@@ -23,6 +23,11 @@ sample axis, get the same rows by running each sample alone with one backward pe
 rows are stored as ``(R, out, in_per_out)``; a candidate costs one ``(R, n_g) × (n_g,)`` product
 — never an ``n_g × n_g`` matrix. For activations the layer's calibration values ``A (N, …)`` and
 output gradients ``D (N, M, …)`` are stored and a candidate costs ``O(N·M·n_g)``.
+
+Its length (about 560 lines): the settings and the sweep (memory planning, dense and sparse
+gradient rows, activation captures) are one mechanism whose parts share the sweep's state; the
+row algebra and the candidate back-ends live in :mod:`rdoq.grad_rows` and
+:mod:`rdoq.hessian_backends`.
 """
 
 from __future__ import annotations
@@ -67,39 +72,60 @@ class HessianSettings:
     preset: str | None = None
 
     @classmethod
-    def from_flags(cls, preset: str | None, probe: str | None, kappa: float | None,
-                   nprobes: int = 4, first_order: bool = False, seed: int = 0
-                   ) -> HessianSettings:
+    def from_flags(
+        cls,
+        preset: str | None,
+        probe: str | None,
+        kappa: float | None,
+        nprobes: int = 4,
+        first_order: bool = False,
+        seed: int = 0,
+    ) -> HessianSettings:
         """Settings from the curve scripts' flags, ``None`` = not given. A preset sets the
         probe and κ; an explicit ``--probe``/``--kappa`` alongside it must agree with the
         preset (ValueError otherwise): silently letting either win would leave one of them
         unapplied."""
         if preset is None:
-            return cls("random" if probe is None else probe, nprobes,
-                       0.0 if kappa is None else kappa, first_order, seed)
+            return cls(
+                "random" if probe is None else probe,
+                nprobes,
+                0.0 if kappa is None else kappa,
+                first_order,
+                seed,
+            )
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
         given = {"--probe": (probe, PAPER_PROBE), "--kappa": (kappa, PAPER_KAPPA)}
-        clash = [f"{flag} {value}" for flag, (value, own) in given.items()
-                 if value is not None and value != own]
+        clash = [
+            f"{flag} {value}"
+            for flag, (value, own) in given.items()
+            if value is not None and value != own
+        ]
         if clash:
-            raise ValueError(f"--paper-hessian sets --probe {PAPER_PROBE} --kappa {PAPER_KAPPA:g}"
-                             f", which contradicts {' '.join(clash)}; drop {' and '.join(clash)}"
-                             f" or drop --paper-hessian")
+            raise ValueError(
+                f"--paper-hessian sets --probe {PAPER_PROBE} --kappa {PAPER_KAPPA:g}"
+                f", which contradicts {' '.join(clash)}; drop {' and '.join(clash)}"
+                f" or drop --paper-hessian"
+            )
         return cls(PAPER_PROBE, nprobes, PAPER_KAPPA, first_order, seed, preset)
 
     def __post_init__(self) -> None:
         if self.probe not in PROBES:
             raise ValueError(f"--probe must be one of {PROBES}, got {self.probe!r}")
-        if self.preset is not None and (self.preset not in PRESETS or (
-                self.probe, self.kappa) != (PAPER_PROBE, PAPER_KAPPA)):
-            raise ValueError(f"preset {self.preset!r} needs probe {PAPER_PROBE!r} and kappa "
-                             f"{PAPER_KAPPA:g}, got {self.probe!r} and {self.kappa:g}")
+        if self.preset is not None and (
+            self.preset not in PRESETS or (self.probe, self.kappa) != (PAPER_PROBE, PAPER_KAPPA)
+        ):
+            raise ValueError(
+                f"preset {self.preset!r} needs probe {PAPER_PROBE!r} and kappa "
+                f"{PAPER_KAPPA:g}, got {self.probe!r} and {self.kappa:g}"
+            )
         if self.nprobes < 1:
             raise ValueError(f"--nprobes must be >= 1, got {self.nprobes}")
         if self.first_order and self.probe != "norm":
-            raise ValueError("--first-order needs --probe norm: the first-order term of a "
-                             "random output probe is zero in expectation")
+            raise ValueError(
+                "--first-order needs --probe norm: the first-order term of a "
+                "random output probe is zero in expectation"
+            )
         if not math.isfinite(self.kappa) or self.kappa < 0:
             raise ValueError(f"--kappa must be a finite number >= 0, got {self.kappa}")
 
@@ -125,10 +151,20 @@ class GradientSweep:
     and ``grads[name] (N, M, …)`` of the layer's output (``mode="out"``) or input (``"in"``).
     """
 
-    def __init__(self, model: nn.Module, calib: torch.Tensor, layers: Sequence[str], kind: str,
-                 settings: HessianSettings, mode: str | None = None, batch_size: int = 16,
-                 mem_budget_mb: float = 2048.0, progress: bool = False,
-                 bias_corr: bool = False, folds: Sequence[int] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        calib: torch.Tensor,
+        layers: Sequence[str],
+        kind: str,
+        settings: HessianSettings,
+        mode: str | None = None,
+        batch_size: int = 16,
+        mem_budget_mb: float = 2048.0,
+        progress: bool = False,
+        bias_corr: bool = False,
+        folds: Sequence[int] | None = None,
+    ):
         self.model, self.calib, self.kind, self.mode = model, calib, kind, mode
         # Cross-validation folds: the fold of each calibration sample ``(N,)``, or None. The
         # rows are per sample, so each fold's own estimate costs no extra sweep
@@ -138,13 +174,17 @@ class GradientSweep:
         if folds is not None:
             fold_of = torch.as_tensor(np.asarray(folds, dtype=np.int64))  # (N,)
             if fold_of.shape != (calib.shape[0],) or (fold_of < 0).any():
-                raise ValueError(f"folds must give a fold index >= 0 for each of the "
-                                 f"{calib.shape[0]} calibration samples")
+                raise ValueError(
+                    f"folds must give a fold index >= 0 for each of the "
+                    f"{calib.shape[0]} calibration samples"
+                )
             self.n_folds = int(fold_of.max()) + 1
             self.fold_sizes = torch.bincount(fold_of, minlength=self.n_folds)  # (F,)
             if (self.fold_sizes == 0).any():
-                raise ValueError(f"folds {torch.nonzero(self.fold_sizes == 0).flatten().tolist()}"
-                                 f" hold no calibration sample")
+                raise ValueError(
+                    f"folds {torch.nonzero(self.fold_sizes == 0).flatten().tolist()}"
+                    f" hold no calibration sample"
+                )
             self.fold_of = fold_of
         self.settings, self.batch_size, self.progress = settings, batch_size, progress
         # -bcw inside the curves (weights): per-sample output-gradient sums per channel
@@ -163,8 +203,11 @@ class GradientSweep:
         sizes = {}
         shapes = self._shapes(layers)
         for name in layers:
-            per = (self.modules[name].weight.numel() * m if kind == "weight"
-                   else math.prod(shapes[name]) * (m + 1))
+            per = (
+                self.modules[name].weight.numel() * m
+                if kind == "weight"
+                else math.prod(shapes[name]) * (m + 1)
+            )
             sizes[name] = per * n * calib.element_size()
         budget = mem_budget_mb * 2**20
         chunks: list[list[str]] = [[]]
@@ -176,17 +219,27 @@ class GradientSweep:
             chunks[-1].append(name)
             used += sizes[name]
         if len(chunks) > 1:
-            log.info("gradient rows of %d layers need %.0f MiB > --mem-budget-mb %.0f: %d sweeps",
-                     len(layers), sum(sizes.values()) / 2**20, mem_budget_mb, len(chunks))
+            log.info(
+                "gradient rows of %d layers need %.0f MiB > --mem-budget-mb %.0f: %d sweeps",
+                len(layers),
+                sum(sizes.values()) / 2**20,
+                mem_budget_mb,
+                len(chunks),
+            )
         self._chunks = [c for c in chunks if c]
         self.n_sweeps = len(self._chunks)
         # The forward/backward of a sweep batch must fit the budget too (the rows above are
         # held beside it): samples per batch from the per-sample working set.
         fits = max(int(budget // max(self._per_sample_bytes, 1)), 1)
         if fits < batch_size:
-            log.info("sweep batch %d -> %d samples: a forward/backward needs ~%.0f MiB per "
-                     "sample, --mem-budget-mb %.0f", batch_size, fits,
-                     self._per_sample_bytes / 2**20, mem_budget_mb)
+            log.info(
+                "sweep batch %d -> %d samples: a forward/backward needs ~%.0f MiB per "
+                "sample, --mem-budget-mb %.0f",
+                batch_size,
+                fits,
+                self._per_sample_bytes / 2**20,
+                mem_budget_mb,
+            )
             self.batch_size = fits
         self._shapes_of = shapes
         self._loaded: list[str] = []
@@ -225,20 +278,26 @@ class GradientSweep:
             sizes["targets"] += t.numel * 2
             if self.kind == "weight" and isinstance(c.module, nn.Conv2d):
                 positions = c.out.numel // max(c.out.shape[0], 1)
-                sizes["unfold"] = max(sizes["unfold"],
-                                      c.module.weight[0].numel() * c.module.groups * positions)
+                sizes["unfold"] = max(
+                    sizes["unfold"], c.module.weight[0].numel() * c.module.groups * positions
+                )
         m_rows = self.settings.rows_per_sample
         self._per_sample_bytes = self.calib.element_size() * (
-            2 * sizes["leaves"] + m_rows * sizes["targets"] + 2 * sizes["unfold"])
+            2 * sizes["leaves"] + m_rows * sizes["targets"] + 2 * sizes["unfold"]
+        )
         missing = [n for n in layers if n not in shapes]
         if missing:
-            raise ValueError(f"layers {missing} are never called in forward (their weight is "
-                             f"used by a parent module); the Hessian estimator cannot see them")
+            raise ValueError(
+                f"layers {missing} are never called in forward (their weight is "
+                f"used by a parent module); the Hessian estimator cannot see them"
+            )
         if self.kind == "act":
             repeated = [n for n in layers if calls[n] > 1]
             if repeated:
-                raise ValueError(f"layers {repeated} are called several times per forward; "
-                                 f"use the measured activation curves for this model")
+                raise ValueError(
+                    f"layers {repeated} are called several times per forward; "
+                    f"use the measured activation curves for this model"
+                )
         return shapes
 
     def _sweep(self, layers: list[str], shapes: dict[str, tuple[int, ...]]) -> None:
@@ -251,29 +310,38 @@ class GradientSweep:
             for name in layers:
                 w = self.modules[name].weight
                 # Every row is written by the sweep (zeros where a layer gets no gradient).
-                self.rows[name] = torch.empty(n_total * m_rows, w.shape[0], w[0].numel(),
-                                              dtype=dt, device=w.device)  # (R, out, in/out)
+                self.rows[name] = torch.empty(
+                    n_total * m_rows, w.shape[0], w[0].numel(), dtype=dt, device=w.device
+                )  # (R, out, in/out)
                 if self.bias_corr:
-                    self.bias_rows[name] = torch.zeros(n_total * m_rows, w.shape[0], dtype=dt,
-                                                       device=w.device)  # (R, out)
+                    self.bias_rows[name] = torch.zeros(
+                        n_total * m_rows, w.shape[0], dtype=dt, device=w.device
+                    )  # (R, out)
         else:
             for name in layers:
-                self.acts[name] = torch.empty(n_total, *shapes[name], dtype=dt,
-                                              device=self.calib.device)  # (N, …)
-                self.grads[name] = torch.empty(n_total, m_rows, *shapes[name], dtype=dt,
-                                               device=self.calib.device)  # (N, M, …)
+                self.acts[name] = torch.empty(
+                    n_total, *shapes[name], dtype=dt, device=self.calib.device
+                )  # (N, …)
+                self.grads[name] = torch.empty(
+                    n_total, m_rows, *shapes[name], dtype=dt, device=self.calib.device
+                )  # (N, M, …)
         # Every (sample, probe) has its own Rademacher vector, drawn up front in sample order:
         # the rows do not depend on how the sweep is batched or split.
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        probes = (torch.randint(0, 2, (n_total, m_rows, self.out_numel), generator=gen,
-                                dtype=torch.int8) if cfg.probe == "random" else None)
+        probes = (
+            torch.randint(0, 2, (n_total, m_rows, self.out_numel), generator=gen, dtype=torch.int8)
+            if cfg.probe == "random"
+            else None
+        )
         captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         # Layers whose rows the batched capture below cannot give (spconv) get theirs sample by
         # sample after it (per_sample_weight_grad_alone).
         alone = [n for n in layers if needs_own_pass(self.modules[n])]
         if alone and (self.kind != "weight" or self.bias_corr):
-            raise ValueError(f"the second-order estimator gives spconv layers {alone[:4]} plain "
-                             f"weight curves only (no activation curves, no -bcw)")
+            raise ValueError(
+                f"the second-order estimator gives spconv layers {alone[:4]} plain "
+                f"weight curves only (no activation curves, no -bcw)"
+            )
         layers = [n for n in layers if n not in alone]
         # A model that runs each sample alone (FrameRunner) calls a layer once per sample:
         # one sample per forward keeps every captured call that sample's.
@@ -292,6 +360,7 @@ class GradientSweep:
                 # inplace=True) would otherwise overwrite the captured output, its stored
                 # values and the gradients taken with respect to it.
                 return o.clone()
+
             return record
 
         use_input = self.kind == "act" and self.mode == "in"
@@ -308,6 +377,7 @@ class GradientSweep:
                 t = a[0].clone()
                 pending.setdefault(name, []).append(t)
                 return (t, *a[1:])
+
             return swap
 
         def hook_in(name: str):
@@ -317,21 +387,32 @@ class GradientSweep:
                 if not recording[0]:
                     return None
                 return record(m, (pending[name].pop(0), *a[1:]), o)
+
             return take
 
         if use_input:
-            handles = [h for n in layers for h in (
-                self.modules[n].register_forward_pre_hook(own_input(n)),
-                self.modules[n].register_forward_hook(hook_in(n)))]
+            handles = [
+                h
+                for n in layers
+                for h in (
+                    self.modules[n].register_forward_pre_hook(own_input(n)),
+                    self.modules[n].register_forward_hook(hook_in(n)),
+                )
+            ]
         else:
             handles = [self.modules[n].register_forward_hook(hook(n)) for n in layers]
-        bar = tqdm(total=n_total * (bool(layers) + bool(alone)), unit="sample", leave=False,
-                   disable=not self.progress, desc=f"gradient sweep {self.sweeps}/{self.n_sweeps}")
+        bar = tqdm(
+            total=n_total * (bool(layers) + bool(alone)),
+            unit="sample",
+            leave=False,
+            disable=not self.progress,
+            desc=f"gradient sweep {self.sweeps}/{self.n_sweeps}",
+        )
         try:
             # (No batched pass when every layer is swept alone.)
             for b0 in range(0, n_total if layers else 0, batch):
                 captured.clear()
-                x = self.calib[b0:b0 + batch].detach().clone().requires_grad_(True)
+                x = self.calib[b0 : b0 + batch].detach().clone().requires_grad_(True)
                 with torch.enable_grad():
                     y = self.model(x)
                     y = y.reshape(y.shape[0], -1)  # (B, K)
@@ -341,14 +422,19 @@ class GradientSweep:
                     per_probe = []
                     for j in range(m_rows):
                         if cfg.probe == "random":
-                            z = probes[b0:b0 + y.shape[0], j].to(y) * 2 - 1  # (B, K)
+                            z = probes[b0 : b0 + y.shape[0], j].to(y) * 2 - 1  # (B, K)
                             s = (z * y).sum()
                         else:
                             s = y.norm(dim=1).sum()
-                        per_probe.append(torch.autograd.grad(
-                            s, targets, retain_graph=j < m_rows - 1, allow_unused=True))
-                    grads = [None if gs[0] is None else torch.stack(gs, 1)
-                             for gs in zip(*per_probe, strict=True)]
+                        per_probe.append(
+                            torch.autograd.grad(
+                                s, targets, retain_graph=j < m_rows - 1, allow_unused=True
+                            )
+                        )
+                    grads = [
+                        None if gs[0] is None else torch.stack(gs, 1)
+                        for gs in zip(*per_probe, strict=True)
+                    ]
                     per_probe.clear()  # the stacked copies replace them
                 recording[0] = False
                 self._accumulate(layers, captured, grads, b0, y.shape[0], use_input)
@@ -356,8 +442,14 @@ class GradientSweep:
                 bar.update(y.shape[0])
             if alone:
                 per_sample_weight_grad_alone(
-                    self.model, self.calib, {n: self.modules[n].weight for n in alone},
-                    self.rows, cfg, probes, lambda: bar.update(1))
+                    self.model,
+                    self.calib,
+                    {n: self.modules[n].weight for n in alone},
+                    self.rows,
+                    cfg,
+                    probes,
+                    lambda: bar.update(1),
+                )
         finally:
             bar.close()
             for h in handles:
@@ -367,9 +459,15 @@ class GradientSweep:
                 total, count = self.input_means[name]
                 self.input_means[name] = total / count
 
-    def _accumulate(self, layers: list[str],
-                    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
-                    grads: list[torch.Tensor | None], b0: int, b: int, use_input: bool) -> None:
+    def _accumulate(
+        self,
+        layers: list[str],
+        captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+        grads: list[torch.Tensor | None],
+        b0: int,
+        b: int,
+        use_input: bool,
+    ) -> None:
         """Store the rows of samples ``b0 … b0+b`` from each target's gradients ``(B, M, …)``."""
         m_rows = self.settings.rows_per_sample
         k = 0
@@ -379,9 +477,9 @@ class GradientSweep:
             if self.kind == "weight":
                 # Row of (sample n, probe j) = n·M + j; a layer called several times per
                 # forward sums its calls' gradients.
-                block = self.rows[name][b0 * m_rows:(b0 + b) * m_rows]  # (B·M, out, …)
+                block = self.rows[name][b0 * m_rows : (b0 + b) * m_rows]  # (B·M, out, …)
                 written = False
-                for (inp, _), g in zip(calls, grads[k:k + len(calls)], strict=True):
+                for (inp, _), g in zip(calls, grads[k : k + len(calls)], strict=True):
                     if g is not None:
                         per_sample_weight_grad(module, inp.detach(), g, block, written)
                         written = True
@@ -391,12 +489,19 @@ class GradientSweep:
                     block.zero_()
             else:
                 (inp, out), g = calls[0], grads[k]
-                self.acts[name][b0:b0 + b] = (inp if use_input else out).detach()
-                self.grads[name][b0:b0 + b] = 0.0 if g is None else g
+                self.acts[name][b0 : b0 + b] = (inp if use_input else out).detach()
+                self.grads[name][b0 : b0 + b] = 0.0 if g is None else g
             k += len(calls)
 
-    def _add_bias_rows(self, name: str, module: nn.Module, inp: torch.Tensor,
-                       g: torch.Tensor | None, b0: int, b: int) -> None:
+    def _add_bias_rows(
+        self,
+        name: str,
+        module: nn.Module,
+        inp: torch.Tensor,
+        g: torch.Tensor | None,
+        b0: int,
+        b: int,
+    ) -> None:
         """-bcw: add this call's per-sample output-gradient sums per channel (the gradient of a
         bias shift) and its input sums (for the mean input of each weight)."""
         m_rows = self.settings.rows_per_sample
@@ -405,7 +510,7 @@ class GradientSweep:
             axis = dim + 1 if dim >= 0 else g.dim() + dim  # channel axis of (B, M, …)
             other = [a for a in range(2, g.dim()) if a != axis]
             gb = g.sum(other) if other else g  # (B, M, out)
-            self.bias_rows[name][b0 * m_rows:(b0 + b) * m_rows] += gb.reshape(b * m_rows, -1)
+            self.bias_rows[name][b0 * m_rows : (b0 + b) * m_rows] += gb.reshape(b * m_rows, -1)
         total, count = input_sum(module, inp)
         if name in self.input_means:
             prev, n = self.input_means[name]
@@ -420,8 +525,9 @@ class GradientSweep:
             return 1.0 / (n * self.settings.nprobes * self.out_numel)
         return 1.0 / (2.0 * n)
 
-    def combine(self, p: torch.Tensor, delta_sq: torch.Tensor | None,
-                per_fold: bool = False) -> np.ndarray:
+    def combine(
+        self, p: torch.Tensor, delta_sq: torch.Tensor | None, per_fold: bool = False
+    ) -> np.ndarray:
         """δ̂ per candidate from ``P (…, R, K)`` and ``‖Δ‖² (…, K)`` (needed only when
         κ ≠ 0; for activations the mean over the samples of ``‖Δa_n‖²``): ``(…, K)``.
 

@@ -26,9 +26,14 @@ from rdoq.slots import SlotGrid
 from rdoq.steps import ChannelSteps, candidate_params
 
 
-def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate], slots: SlotGrid,
-                             rows: slice, bounds: Sequence[tuple[int, int]],
-                             steps: ChannelSteps | None = None) -> torch.Tensor:
+def quantize_weights_batched(
+    w: torch.Tensor,
+    cands: Sequence[Candidate],
+    slots: SlotGrid,
+    rows: slice,
+    bounds: Sequence[tuple[int, int]],
+    steps: ChannelSteps | None = None,
+) -> torch.Tensor:
     """Quantized weights ``(g, width, n)`` of the grid rows ``rows`` of ``slots``, from the
     stacked group weights ``w (g, 1, n)`` (``n = channels × elements per channel``, zero-padded
     channels in a final partial group): entry ``[r, k]`` holds ``quantize_weight`` of that group
@@ -52,15 +57,20 @@ def quantize_weights_batched(w: torch.Tensor, cands: Sequence[Candidate], slots:
         return slots.grid(values, fill, w, rows)[:, cols, None, None]  # (g, width, 1, 1)
 
     def uniform(cols: slice) -> torch.Tensor:
-        return quantize_uniform_fast(wc, per_channel(step_k, 1.0, cols),
-                                     per_cand([b[0] for b in levels], 0.0, cols),
-                                     per_cand([b[1] for b in levels], 0.0, cols))
+        return quantize_uniform_fast(
+            wc,
+            per_channel(step_k, 1.0, cols),
+            per_cand([b[0] for b in levels], 0.0, cols),
+            per_cand([b[1] for b in levels], 0.0, cols),
+        )
 
     def deadzone(cols: slice) -> torch.Tensor:
-        return quantize_deadzone_fast(wc, per_channel(step_k, 1.0, cols),
-                                      per_channel(phi_k, 0.0, cols),
-                                      per_cand([deadzone_magnitudes(c.bits) for c in cands],
-                                               0.0, cols))
+        return quantize_deadzone_fast(
+            wc,
+            per_channel(step_k, 1.0, cols),
+            per_channel(phi_k, 0.0, cols),
+            per_cand([deadzone_magnitudes(c.bits) for c in cands], 0.0, cols),
+        )
 
     def flat(q: torch.Tensor) -> torch.Tensor:
         return q.reshape(q.shape[0], q.shape[1], n)
@@ -83,7 +93,7 @@ def _stack_groups(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     out = parts[0].new_empty(len(parts), *parts[0].shape[:-1], n_max)
     for g, t in enumerate(parts):
         out[g, ..., : t.shape[-1]] = t
-        out[g, ..., t.shape[-1]:] = 0.0
+        out[g, ..., t.shape[-1] :] = 0.0
     return out
 
 
@@ -91,8 +101,13 @@ class HessianWeightBackend:
     """Evaluates weight candidates of one layer with the quadratic model (``Evaluate``), all
     groups of a batch in one product."""
 
-    def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]],
-                 steps: ChannelSteps | None = None):
+    def __init__(
+        self,
+        sweep: GradientSweep,
+        layer: str,
+        bounds: Sequence[tuple[int, int]],
+        steps: ChannelSteps | None = None,
+    ):
         sweep.ensure(layer)
         self.sweep, self.bounds, self.steps = sweep, bounds, steps
         weight = sweep.modules[layer].weight.detach()
@@ -100,17 +115,23 @@ class HessianWeightBackend:
         r = rows.shape[0]
         self.numel = [(c1 - c0) * weight[0].numel() for c0, c1 in bounds]
         # Per group, contiguous and zero-padded: its chains come back to it in every round.
-        self.w = _stack_groups([weight[c0:c1].reshape(1, -1).to(rows.dtype)
-                                for c0, c1 in bounds])  # (G, 1, n)
+        self.w = _stack_groups(
+            [weight[c0:c1].reshape(1, -1).to(rows.dtype) for c0, c1 in bounds]
+        )  # (G, 1, n)
         if sweep.bias_corr:
             # -bcw shifts each output channel's bias by -(ΔW·mean input), so a weight's row
             # becomes G_w − G_b·mean: the output change of the corrected layer.
             gb, mean = sweep.bias_rows[layer], sweep.input_means[layer].to(rows.dtype)
-            self.rows = _stack_groups([(rows[:, c0:c1] - gb[:, c0:c1, None] * mean[c0:c1])
-                                       .reshape(r, -1) for c0, c1 in bounds])  # (G, R, n)
+            self.rows = _stack_groups(
+                [
+                    (rows[:, c0:c1] - gb[:, c0:c1, None] * mean[c0:c1]).reshape(r, -1)
+                    for c0, c1 in bounds
+                ]
+            )  # (G, R, n)
         else:
-            self.rows = _stack_groups([rows[:, c0:c1].reshape(r, -1)
-                                       for c0, c1 in bounds])  # (G, R, n)
+            self.rows = _stack_groups(
+                [rows[:, c0:c1].reshape(r, -1) for c0, c1 in bounds]
+            )  # (G, R, n)
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
         dist, mse = self._evaluate(cands, per_fold=False)
@@ -120,8 +141,9 @@ class HessianWeightBackend:
         """Each fold's δ̂ of the candidates, ``(K, F)`` (:meth:`GradientSweep.combine`)."""
         return self._evaluate(cands, per_fold=True)[0]
 
-    def _evaluate(self, cands: Sequence[Candidate],
-                  per_fold: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _evaluate(
+        self, cands: Sequence[Candidate], per_fold: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         # Dead-zone candidates in their own columns: each quantization rule runs once per
         # candidate rather than both on all.
         slots = SlotGrid.of(cands, split=[c.deadzone > 0 for c in cands])
@@ -132,8 +154,9 @@ class HessianWeightBackend:
         for run in slots.runs(self.w.shape[-1]):
             gs = slots.group_range(run)
             w = self.w[gs]  # (g, 1, n)
-            deltas = quantize_weights_batched(w, cands, slots, run, self.bounds,
-                                              self.steps).sub_(w)  # (g, width, n)
+            deltas = quantize_weights_batched(w, cands, slots, run, self.bounds, self.steps).sub_(
+                w
+            )  # (g, width, n)
             sq = deltas.pow(2).sum(-1)  # (g, width)
             p = torch.bmm(self.rows[gs], deltas.transpose(1, 2))  # (g, R, width)
             dist[run] = self.sweep.combine(p, sq, per_fold)
@@ -153,9 +176,15 @@ class HessianActBackend:
     """Evaluates activation candidates of one layer with the quadratic model (``Evaluate``);
     each sample's perturbation is paired with that sample's gradients."""
 
-    def __init__(self, sweep: GradientSweep, layer: str, bounds: Sequence[tuple[int, int]],
-                 stats: ActGroupStats, steps: ChannelSteps | None = None,
-                 bias_corr: bool = False):
+    def __init__(
+        self,
+        sweep: GradientSweep,
+        layer: str,
+        bounds: Sequence[tuple[int, int]],
+        stats: ActGroupStats,
+        steps: ChannelSteps | None = None,
+        bias_corr: bool = False,
+    ):
         sweep.ensure(layer)
         self.sweep, self.stats, self.bounds, self.steps = sweep, stats, bounds, steps
         # -bca inside the curves: each channel's perturbation loses its calibration mean (the
@@ -168,8 +197,9 @@ class HessianActBackend:
         n, m = grads.shape[:2]
         self.numel = [acts[..., c0:c1][0].numel() for c0, c1 in bounds]
         # Per group, contiguous and zero-padded: A (G, N, 1, n), D (G, N, M, n).
-        self.acts = _stack_groups([acts[..., c0:c1].reshape(n, -1)
-                                   for c0, c1 in bounds]).unsqueeze(2)
+        self.acts = _stack_groups([acts[..., c0:c1].reshape(n, -1) for c0, c1 in bounds]).unsqueeze(
+            2
+        )
         self.grads = _stack_groups([grads[..., c0:c1].reshape(n, m, -1) for c0, c1 in bounds])
 
     def __call__(self, cands: Sequence[Candidate]) -> tuple[np.ndarray, None]:
@@ -198,17 +228,23 @@ class HessianActBackend:
             def grid(values: list[float], fill: float, run: slice = run) -> torch.Tensor:
                 return slots.grid(values, fill, a, run).view(-1, 1, slots.width, 1)  # noqa: B023  # only called in this iteration
 
-            step = (grid(steps, 1.0) if per_channel is None
-                    else self._element_steps(cands, per_channel, slots, run, a))
+            step = (
+                grid(steps, 1.0)
+                if per_channel is None
+                else self._element_steps(cands, per_channel, slots, run, a)
+            )
             # All candidates of these groups in one broadcast quantization, candidates outside
             # the group's elements so that every pass runs along n: (g, N, width, n).
-            delta = quantize_uniform_fast(a, step, grid([b[0] for b in bounds], 0.0),
-                                          grid([b[1] for b in bounds], 0.0)).sub_(a)
+            delta = quantize_uniform_fast(
+                a, step, grid([b[0] for b in bounds], 0.0), grid([b[1] for b in bounds], 0.0)
+            ).sub_(a)
             if self.bias_corr:
                 self._center(delta, slots.groups[run])
             g = delta.shape[0]
-            p = torch.bmm(delta.view(g * n, slots.width, n_g),
-                          self.grads[gs].view(g * n, m, n_g).transpose(1, 2))  # (g·N, width, M)
+            p = torch.bmm(
+                delta.view(g * n, slots.width, n_g),
+                self.grads[gs].view(g * n, m, n_g).transpose(1, 2),
+            )  # (g·N, width, M)
             # κ/2·‖Δa‖² is a per-sample mean, like the ‖P‖² term: summed over the samples it
             # would grow with --testsize and outweigh ‖P‖² the more samples calibrate.
             sq = delta.pow(2).sum((1, 3)) / n if self.sweep.settings.kappa else None
@@ -227,8 +263,14 @@ class HessianActBackend:
             d = delta[r, :, :, :numel].view(n, width, numel // (c1 - c0), c1 - c0)  # (N, w, P, c)
             d.sub_(d.mean((0, 2), keepdim=True))
 
-    def _element_steps(self, cands: Sequence[Candidate], per: np.ndarray, slots: SlotGrid,
-                       run: slice, like: torch.Tensor) -> torch.Tensor:
+    def _element_steps(
+        self,
+        cands: Sequence[Candidate],
+        per: np.ndarray,
+        slots: SlotGrid,
+        run: slice,
+        like: torch.Tensor,
+    ) -> torch.Tensor:
         """The candidates' per-channel steps ``per (K, width)`` for the grid rows ``run``, on
         every element of their group (channels fastest, as stacked): ``(g, 1, width, n)``."""
         out = np.ones((run.stop - run.start, slots.width, like.shape[-1]))  # (g, width, n)
@@ -237,8 +279,9 @@ class HessianActBackend:
             if run.start <= r < run.stop:
                 c0, c1 = self.bounds[cand.group]
                 numel = self.numel[cand.group]  # positions × channels of the group
-                out[r - run.start, slots.cols[i], :numel] = np.tile(per[i, :c1 - c0],
-                                                                    numel // (c1 - c0))
+                out[r - run.start, slots.cols[i], :numel] = np.tile(
+                    per[i, : c1 - c0], numel // (c1 - c0)
+                )
         return torch.from_numpy(out).to(like).unsqueeze(1)
 
     def dist_of(self, group: int, delta: torch.Tensor) -> np.ndarray:

@@ -34,8 +34,10 @@ class NaiveEvaluator:
             self.reference = self.forward()
 
     def forward(self) -> torch.Tensor:
-        outs = [self.model(self.calib[i:i + self.batch_size])
-                for i in range(0, self.calib.shape[0], self.batch_size)]
+        outs = [
+            self.model(self.calib[i : i + self.batch_size])
+            for i in range(0, self.calib.shape[0], self.batch_size)
+        ]
         return torch.cat([o.reshape(o.shape[0], -1) for o in outs])  # (N, O)
 
     def dist(self) -> float:
@@ -43,9 +45,13 @@ class NaiveEvaluator:
             d = (self.forward() - self.reference).double()
         return float((d * d).mean())
 
-    def weights(self, layer: str, bounds: Sequence[tuple[int, int]],
-                steps: ChannelSteps | None = None,
-                input_mean: torch.Tensor | None = None) -> Callable:
+    def weights(
+        self,
+        layer: str,
+        bounds: Sequence[tuple[int, int]],
+        steps: ChannelSteps | None = None,
+        input_mean: torch.Tensor | None = None,
+    ) -> Callable:
         """An ``Evaluate`` for weight candidates of ``layer`` (``steps``: per-channel mode;
         ``input_mean``: with the ``-bcw`` correction, as a bias shift after the layer)."""
         module = self.modules[layer]
@@ -64,7 +70,8 @@ class NaiveEvaluator:
                     shift = torch.zeros(1, weight.shape[0], dtype=weight.dtype)
                     shift[0, c0:c1] = bcw_shift(orig, wq, input_mean[c0:c1])
                     handle = module.register_forward_hook(
-                        lambda m, a, y, s=shift: add_slot_offsets(y, s, dim))
+                        lambda m, a, y, s=shift: add_slot_offsets(y, s, dim)
+                    )
                 with torch.no_grad():
                     weight[c0:c1] = wq
                     try:
@@ -77,15 +84,22 @@ class NaiveEvaluator:
 
         return evaluate
 
-    def acts(self, layer: str, mode: str, bounds: Sequence[tuple[int, int]],
-             signed: np.ndarray, steps: ChannelSteps | None = None,
-             bias_corr: bool = False) -> Callable:
+    def acts(
+        self,
+        layer: str,
+        mode: str,
+        bounds: Sequence[tuple[int, int]],
+        signed: np.ndarray,
+        steps: ChannelSteps | None = None,
+        bias_corr: bool = False,
+    ) -> Callable:
         """An ``Evaluate`` for activation candidates of ``layer`` (``steps``: per-channel
         mode; ``bias_corr``: with the ``-bca`` offsets of each candidate added)."""
         module = self.modules[layer]
         dim = channel_dim(module)
-        values = (act_values(self.model, self.calib, layer, mode, self.batch_size)
-                  if bias_corr else None)
+        values = (
+            act_values(self.model, self.calib, layer, mode, self.batch_size) if bias_corr else None
+        )
 
         def quantize(t: torch.Tensor, cand: Candidate) -> torch.Tensor:
             c0, c1 = bounds[cand.group]
@@ -117,7 +131,8 @@ class NaiveEvaluator:
                     h = module.register_forward_hook(lambda m, a, o, c=cand: quantize(o, c))
                 else:
                     h = module.register_forward_pre_hook(
-                        lambda m, a, c=cand: (quantize(a[0], c), *a[1:]))
+                        lambda m, a, c=cand: (quantize(a[0], c), *a[1:])
+                    )
                 try:
                     dist[i] = self.dist()
                 finally:

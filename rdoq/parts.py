@@ -32,8 +32,9 @@ def resolve_part(part_id: int | None, num_parts: int | None) -> PartSpec:
     if num_parts < 1:
         raise ValueError(f"--num_parts must be >= 1, got {num_parts}")
     if not 0 <= part_id < num_parts:
-        raise ValueError(f"--part_id {part_id} is outside 0..{num_parts - 1}; "
-                         f"use --part_id < --num_parts")
+        raise ValueError(
+            f"--part_id {part_id} is outside 0..{num_parts - 1}; use --part_id < --num_parts"
+        )
     return PartSpec(part_id, num_parts, int(local) if local is not None and world > 1 else None)
 
 
@@ -61,8 +62,9 @@ def assign_parts(costs: list[float], num_parts: int) -> list[int]:
     return part
 
 
-def suffix_costs(names: list[str], macs: dict[str, int], groups: dict[str, int],
-                 candidates_per_group: int) -> list[float]:
+def suffix_costs(
+    names: list[str], macs: dict[str, int], groups: dict[str, int], candidates_per_group: int
+) -> list[float]:
     """Measured-engine cost estimate per layer: groups × candidates × MACs from the layer on."""
     tail = 0
     out = [0.0] * len(names)

@@ -72,19 +72,26 @@ class TableSpec:
         w = fold_sizes(self.weights) is not None
         a = self.acts is not None and fold_sizes(self.acts) is not None
         if w and a and self.acts.meta["folds"] != self.weights.meta["folds"]:
-            log.warning("the activation curves' calibration folds differ from the weight "
-                        "curves'; --shrink pools the weight curves only")
+            log.warning(
+                "the activation curves' calibration folds differ from the weight "
+                "curves'; --shrink pools the weight curves only"
+            )
             a = False
         return w, a
 
-    def views(self, alpha: float = 1.0,
-              held_out: int | None = None) -> tuple[ShrunkCurves, ShrunkCurves | None]:
+    def views(
+        self, alpha: float = 1.0, held_out: int | None = None
+    ) -> tuple[ShrunkCurves, ShrunkCurves | None]:
         """The weight and activation sets shrunk by ``alpha`` (without fold ``held_out``)."""
         pooled = self.pooled
-        views = [None if s is None else
-                 ShrunkCurves(s, self._caches.setdefault(str(s.root), {}), alpha, held_out,
-                              pooled=ok)
-                 for s, ok in zip((self.weights, self.acts), pooled, strict=True)]
+        views = [
+            None
+            if s is None
+            else ShrunkCurves(
+                s, self._caches.setdefault(str(s.root), {}), alpha, held_out, pooled=ok
+            )
+            for s, ok in zip((self.weights, self.acts), pooled, strict=True)
+        ]
         return views[0], views[1]
 
     def monotone_mask(self, table: ItemTable) -> np.ndarray:
@@ -95,16 +102,32 @@ class TableSpec:
         """The constrained item table of the curves (without fold ``held_out``) shrunk by
         ``alpha`` (rdoq.shrink; sets that take no part as stored)."""
         w, a = self.views(alpha, held_out)
-        t = build_table(w, a, self.fp_acts, uniform_only=self.uniform_only,
-                        act_channel_dims=self.act_channel_dims, rate=self.rate)
-        return restrict(t, allowed_bits=self.allowed_bits, min_bits=self.min_bits,
-                        max_bits=self.max_bits, smooth=self.smooth,
-                        monotone=self.monotone_mask(t))
+        t = build_table(
+            w,
+            a,
+            self.fp_acts,
+            uniform_only=self.uniform_only,
+            act_channel_dims=self.act_channel_dims,
+            rate=self.rate,
+        )
+        return restrict(
+            t,
+            allowed_bits=self.allowed_bits,
+            min_bits=self.min_bits,
+            max_bits=self.max_bits,
+            smooth=self.smooth,
+            monotone=self.monotone_mask(t),
+        )
 
 
-def shrink_alphas(spec: TableSpec, shrink: str, targets: list[float],
-                  act_targets: list[float | None], layerwise: bool,
-                  table: ItemTable) -> tuple[list[float], list[ShrinkChoice | None]]:
+def shrink_alphas(
+    spec: TableSpec,
+    shrink: str,
+    targets: list[float],
+    act_targets: list[float | None],
+    layerwise: bool,
+    table: ItemTable,
+) -> tuple[list[float], list[ShrinkChoice | None]]:
     """The shrinkage weight α of each target (``--shrink``: auto, cv, off or a weight; 1 = the
     raw curves) and, where the cross-validation chose it, its :class:`ShrinkChoice`.
     ``table``: ``spec.table()``, for its width.
@@ -118,21 +141,27 @@ def shrink_alphas(spec: TableSpec, shrink: str, targets: list[float],
     pooled = spec.pooled
     if shrink == "auto":
         if not any(pooled):
-            log.info("--shrink auto: the curve sets store no calibration folds (made without "
-                     "--folds), so group curves are used as measured")
+            log.info(
+                "--shrink auto: the curve sets store no calibration folds (made without "
+                "--folds), so group curves are used as measured"
+            )
             return [1.0] * n, [None] * n
         if not spec.weights.meta.get("bias_corr"):
-            log.info("--shrink auto: the weight curves were measured without -bcw, so group "
-                     "curves are used as measured (pooling them measured worse; --shrink cv "
-                     "forces it)")
+            log.info(
+                "--shrink auto: the weight curves were measured without -bcw, so group "
+                "curves are used as measured (pooling them measured worse; --shrink cv "
+                "forces it)"
+            )
             return [1.0] * n, [None] * n
         shrink = "cv"
     if shrink == "off":
         return [1.0] * n, [None] * n
     if not any(pooled):
-        raise InputError(f"--shrink {shrink} needs curves that store calibration folds: make "
-                         f"them with the second-order curve scripts (--folds, default "
-                         f"{DEFAULT_FOLDS}), or use --shrink off")
+        raise InputError(
+            f"--shrink {shrink} needs curves that store calibration folds: make "
+            f"them with the second-order curve scripts (--folds, default "
+            f"{DEFAULT_FOLDS}), or use --shrink off"
+        )
     if shrink not in ("auto", "cv"):
         return [float(shrink)] * n, [None] * n
     sizes = fold_sizes(spec.weights if pooled[0] else spec.acts)
@@ -144,10 +173,15 @@ def shrink_alphas(spec: TableSpec, shrink: str, targets: list[float],
     alphas, choices = [], []
     for t, a_t in zip(targets, act_targets, strict=True):
         got = choose_alpha(spec.table, held, sizes, t, a_t, layerwise)
-        log.info("--shrink: target %g, held-out distortion by α (change vs raw ± se) %s "
-                 "-> α = %g", t, {f"{a:g}": f"{v:.4g} ({got.change[a][0]:+.1%} ± "
-                                  f"{got.change[a][1]:.1%})" for a, v in got.cv.items()},
-                 got.alpha)
+        log.info(
+            "--shrink: target %g, held-out distortion by α (change vs raw ± se) %s -> α = %g",
+            t,
+            {
+                f"{a:g}": f"{v:.4g} ({got.change[a][0]:+.1%} ± {got.change[a][1]:.1%})"
+                for a, v in got.cv.items()
+            },
+            got.alpha,
+        )
         alphas.append(got.alpha)
         choices.append(got)
     return alphas, choices
@@ -168,32 +202,48 @@ class SolvedPoint:
     def allocation(self, solver: str) -> dict[str, Any]:
         """The allocation file's content (``rdoq.allocfile.make_allocation``), with the
         cross-validation's figures when it chose α."""
-        alloc = make_allocation(self.table, self.choice, target_bits=self.tags.get("target_bits"),
-                                solver=solver, record=self.record,
-                                extra={k: v for k, v in self.tags.items() if k != "target_bits"})
+        alloc = make_allocation(
+            self.table,
+            self.choice,
+            target_bits=self.tags.get("target_bits"),
+            solver=solver,
+            record=self.record,
+            extra={k: v for k, v in self.tags.items() if k != "target_bits"},
+        )
         if self.shrink is not None:
             # The held-out distortion of every shrinkage weight tried, and its relative change
             # against the raw curves with its standard error (rdoq.shrink).
             alloc["shrink_cv"] = {f"{a:g}": v for a, v in self.shrink.cv.items()}
-            alloc["shrink_cv_change"] = {f"{a:g}": list(v)
-                                         for a, v in self.shrink.change.items()}
+            alloc["shrink_cv_change"] = {f"{a:g}": list(v) for a, v in self.shrink.change.items()}
         return alloc
 
 
-def solve_targets_shrunk(spec: TableSpec, targets: list[float],
-                         act_targets: list[float] | None, solver: str, layerwise: bool,
-                         fill: bool, shrink: str = "off"
-                         ) -> tuple[list[SolvedPoint], float]:
+def solve_targets_shrunk(
+    spec: TableSpec,
+    targets: list[float],
+    act_targets: list[float] | None,
+    solver: str,
+    layerwise: bool,
+    fill: bool,
+    shrink: str = "off",
+) -> tuple[list[SolvedPoint], float]:
     """Each target's allocation (in target order) and the mean solver seconds per target:
     the shrinkage weight of each target (:func:`shrink_alphas`), then one solve per distinct
     weight (the DP shares its table between that weight's targets). ``act_targets``: one per
     target, one for all, or None (joint budget)."""
     n = len(targets)
     if act_targets is not None and len(act_targets) not in (1, n):
-        raise InputError(f"--act-target-rates takes one value or one per --target_rates ({n}), "
-                         f"got {len(act_targets)}")
-    act_of = ([None] * n if act_targets is None
-              else act_targets * n if len(act_targets) == 1 else list(act_targets))
+        raise InputError(
+            f"--act-target-rates takes one value or one per --target_rates ({n}), "
+            f"got {len(act_targets)}"
+        )
+    act_of = (
+        [None] * n
+        if act_targets is None
+        else act_targets * n
+        if len(act_targets) == 1
+        else list(act_targets)
+    )
     table = spec.table()
     alphas, cvs = shrink_alphas(spec, shrink, targets, act_of, layerwise, table)
     points: list[SolvedPoint | None] = [None] * n
@@ -201,22 +251,40 @@ def solve_targets_shrunk(spec: TableSpec, targets: list[float],
     for alpha in sorted(set(alphas)):
         idx = [i for i in range(n) if alphas[i] == alpha]
         t_a = table if alpha == 1.0 else spec.table(alpha)
-        solved = solve_recorded(t_a, [targets[i] for i in idx], solver,
-                                None if act_targets is None else [act_of[i] for i in idx],
-                                layerwise, fill=fill)
+        solved = solve_recorded(
+            t_a,
+            [targets[i] for i in idx],
+            solver,
+            None if act_targets is None else [act_of[i] for i in idx],
+            layerwise,
+            fill=fill,
+        )
         seconds += solved.seconds
         for i, c, rec in zip(idx, solved.choices, solved.records, strict=True):
             shrunk = {"shrink_alpha": alpha} if cvs[i] is not None or alpha != 1.0 else {}
-            points[i] = SolvedPoint(c, t_a, {**rec, **shrunk},
-                                    {"target_bits": targets[i], "act_target_bits": act_of[i]},
-                                    cvs[i])
+            points[i] = SolvedPoint(
+                c,
+                t_a,
+                {**rec, **shrunk},
+                {"target_bits": targets[i], "act_target_bits": act_of[i]},
+                cvs[i],
+            )
     return points, seconds / max(n, 1)
 
 
-def run_points(args: argparse.Namespace, adapter: Adapter, model: torch.nn.Module, info, data,
-                calib: torch.Tensor | None, outdir: Path, name: str,
-                points: list[tuple[dict[str, Any], dict[str, Any]]],
-                solve_s: float | None, device: torch.device) -> dict[str, Any]:
+def run_points(
+    args: argparse.Namespace,
+    adapter: Adapter,
+    model: torch.nn.Module,
+    info,
+    data,
+    calib: torch.Tensor | None,
+    outdir: Path,
+    name: str,
+    points: list[tuple[dict[str, Any], dict[str, Any]]],
+    solve_s: float | None,
+    device: torch.device,
+) -> dict[str, Any]:
     """Correct, save, apply and evaluate each allocation; write results (one line as each point
     finishes) and plots. Refuses, before any work, to overwrite an allocation file that holds a
     different allocation (made with other settings) — use another --outdir.
@@ -228,15 +296,21 @@ def run_points(args: argparse.Namespace, adapter: Adapter, model: torch.nn.Modul
     adir = outdir / name  # one subdirectory per method: methods may share --outdir
     planned = []
     for alloc, tags in points:
-        alloc.update(model=info.arch, method=name, weights_source=info.weights_source,
-                     checkpoint_sha256=info.checkpoint_sha256)
+        alloc.update(
+            model=info.arch,
+            method=name,
+            weights_source=info.weights_source,
+            checkpoint_sha256=info.checkpoint_sha256,
+        )
         apath = adir / f"allocation_{point_label(tags)}.json"
         if apath.is_file():
             old = {k: v for k, v in load_allocation(apath).items() if k != "corrections"}
             if old != json.loads(json.dumps(alloc)):
                 diff = sorted(k for k in set(old) | set(alloc) if old.get(k) != alloc.get(k))
-                raise InputError(f"{apath} holds another allocation (differs in {diff}); use "
-                                 f"another --outdir to keep both")
+                raise InputError(
+                    f"{apath} holds another allocation (differs in {diff}); use "
+                    f"another --outdir to keep both"
+                )
         planned.append((alloc, tags, apath))
     outdir.mkdir(parents=True, exist_ok=True)
     ref, labels = reference_outputs(model, data, device, adapter.run)
@@ -246,8 +320,13 @@ def run_points(args: argparse.Namespace, adapter: Adapter, model: torch.nn.Modul
     for alloc, tags, apath in tqdm(planned, desc=name, unit="point", disable=args.quiet):
         if calib is not None:
             alloc["corrections"] = estimate_corrections(
-                model, alloc, calib, bcw=args.bias_corr_weight, bca=args.bias_corr_act,
-                batch_size=args.batchsize)
+                model,
+                alloc,
+                calib,
+                bcw=args.bias_corr_weight,
+                bca=args.bias_corr_act,
+                batch_size=args.batchsize,
+            )
         label = point_label(tags)
         save_allocation(apath, alloc)
         q_model = apply_allocation(model, alloc)
@@ -255,30 +334,59 @@ def run_points(args: argparse.Namespace, adapter: Adapter, model: torch.nn.Modul
         if args.save_model:
             save_quantized(adir / f"model_{label}.pth", q_model, alloc)
         bits = bit_report(model, alloc, x1)
-        row = {"model": info.arch, "method": name, **tags, **alloc["summary"],
-               **{k: bits[k] for k in ("w_bits", "a_bits", "avg_bits", "size_mb", "fp_size_mb",
-                                       "bops_ratio", *BOPS_INPUT_COUNTS)},
-               **metrics, "fp_top1": fp["top1"], "fp_top5": fp["top5"], "solve_s": solve_s,
-               "smooth_dists": getattr(args, "smooth_dists", False),
-               "monotone": getattr(args, "monotone_applied", None),
-               "allocation": str(apath.relative_to(outdir)),
-               "fp_weight_layers": bits["fp_weight_layers"],
-               "fp_act_layers": bits["fp_act_layers"], "bops_inputs": bits["bops_inputs"],
-               "created": datetime.now(timezone.utc).isoformat()}
+        row = {
+            "model": info.arch,
+            "method": name,
+            **tags,
+            **alloc["summary"],
+            **{
+                k: bits[k]
+                for k in (
+                    "w_bits",
+                    "a_bits",
+                    "avg_bits",
+                    "size_mb",
+                    "fp_size_mb",
+                    "bops_ratio",
+                    *BOPS_INPUT_COUNTS,
+                )
+            },
+            **metrics,
+            "fp_top1": fp["top1"],
+            "fp_top5": fp["top5"],
+            "solve_s": solve_s,
+            "smooth_dists": getattr(args, "smooth_dists", False),
+            "monotone": getattr(args, "monotone_applied", None),
+            "allocation": str(apath.relative_to(outdir)),
+            "fp_weight_layers": bits["fp_weight_layers"],
+            "fp_act_layers": bits["fp_act_layers"],
+            "bops_inputs": bits["bops_inputs"],
+            "created": datetime.now(timezone.utc).isoformat(),
+        }
         rows.append(row)
         all_rows = append_results(outdir, [row])
-        log.info("%s %s: W %.3f A %s bits, top-1 %s, out MSE %.3e", name, label, row["w_bits"],
-                 "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
-                 "-" if row["top1"] is None else f"{row['top1']:.2f}", row["out_mse"])
+        log.info(
+            "%s %s: W %.3f A %s bits, top-1 %s, out MSE %.3e",
+            name,
+            label,
+            row["w_bits"],
+            "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
+            "-" if row["top1"] is None else f"{row['top1']:.2f}",
+            row["out_mse"],
+        )
         if not args.no_plots and alloc["solver"] != "uniform":
             plot_allocation(alloc, adir / f"bits_{label}.png")
         del q_model
     if not args.no_plots and rows:
-        plot_results([r for r in all_rows if r.get("model") == info.arch],
-                     outdir / "results.png", info.arch)
-    fp_line = (f"full precision: top-1 {fp['top1']:.2f} %, top-5 {fp['top5']:.2f} % on "
-               f"{fp['n_eval']} samples" if fp["top1"] is not None
-               else f"full precision: {fp['n_eval']} unlabelled samples (output MSE only)")
+        plot_results(
+            [r for r in all_rows if r.get("model") == info.arch], outdir / "results.png", info.arch
+        )
+    fp_line = (
+        f"full precision: top-1 {fp['top1']:.2f} %, top-5 {fp['top5']:.2f} % on "
+        f"{fp['n_eval']} samples"
+        if fp["top1"] is not None
+        else f"full precision: {fp['n_eval']} unlabelled samples (output MSE only)"
+    )
     return {"outdir": str(outdir), "rows": rows, "table": fp_line + "\n" + format_table(rows)}
 
 
@@ -303,5 +411,3 @@ def point_label(tags: dict[str, Any]) -> str:
     if tags.get("act_target_bits") is not None:
         label += f"_a{tags['act_target_bits']:g}"
     return label
-
-

@@ -19,10 +19,13 @@ from torch import nn
 from rdoq.groups import is_sparse_tensor
 
 
-def hooked_forward(model: nn.Module, x: torch.Tensor,
-                   post: Iterable[tuple[nn.Module, Callable]] = (),
-                   pre: Iterable[tuple[nn.Module, Callable]] = (),
-                   grad: bool = False) -> None:
+def hooked_forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    post: Iterable[tuple[nn.Module, Callable]] = (),
+    pre: Iterable[tuple[nn.Module, Callable]] = (),
+    grad: bool = False,
+) -> None:
     """One forward of ``x`` with forward (``post``) and pre-forward (``pre``) hooks installed;
     the hooks are removed whatever happens. No-grad unless ``grad`` (hooks that inspect the
     autograd graph, as BatchNorm folding does, need it)."""
@@ -105,6 +108,7 @@ def probe(model: nn.Module, x: torch.Tensor, names: Sequence[str] = ()) -> Probe
         def record(m: nn.Module, args: tuple, out: object) -> None:
             alive.append(out)
             calls.append(Call(name, m, _side(args[0]) if args else Side("other"), _side(out)))
+
         return record
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in modules if n in wanted]

@@ -75,8 +75,9 @@ def quantize_deadzone(
     return torch.where(keep, rec, torch.zeros_like(x))
 
 
-def quantize_weight(x: torch.Tensor, bits: int, step_log2: float | torch.Tensor,
-                    deadzone: float | torch.Tensor) -> torch.Tensor:
+def quantize_weight(
+    x: torch.Tensor, bits: int, step_log2: float | torch.Tensor, deadzone: float | torch.Tensor
+) -> torch.Tensor:
     """Quantize one weight group with the rule the curves were measured with.
 
     ``step_log2`` and ``deadzone`` are scalars (one step for the group, the paper's quantizer) or
@@ -85,13 +86,13 @@ def quantize_weight(x: torch.Tensor, bits: int, step_log2: float | torch.Tensor,
     """
     if bits == 0:
         return torch.zeros_like(x)
-    step = (2.0**step_log2 if not isinstance(step_log2, torch.Tensor)
-            else channel_steps(step_log2))
+    step = 2.0**step_log2 if not isinstance(step_log2, torch.Tensor) else channel_steps(step_log2)
     return quantize_weight_steps(x, bits, step, deadzone)
 
 
-def quantize_weight_steps(x: torch.Tensor, bits: int, step: float | torch.Tensor,
-                          deadzone: float | torch.Tensor) -> torch.Tensor:
+def quantize_weight_steps(
+    x: torch.Tensor, bits: int, step: float | torch.Tensor, deadzone: float | torch.Tensor
+) -> torch.Tensor:
     """:func:`quantize_weight` given the steps themselves (scalar or per channel ``(c,)``)."""
     if bits == 0:
         return torch.zeros_like(x)
@@ -111,8 +112,9 @@ def quantize_weight_steps(x: torch.Tensor, bits: int, step: float | torch.Tensor
     return torch.where(dz, q_dz, quantize_uniform(x, step, lo, hi))
 
 
-def weight_levels(x: torch.Tensor, bits: int, step: float | torch.Tensor,
-                  deadzone: float | torch.Tensor) -> torch.Tensor:
+def weight_levels(
+    x: torch.Tensor, bits: int, step: float | torch.Tensor, deadzone: float | torch.Tensor
+) -> torch.Tensor:
     """The integer symbols (int64, ``x``'s shape) that :func:`quantize_weight_steps` codes.
 
     Uniform: ``l = clamp(round(x/Δ), -2^(b-1), 2^(b-1)-1)``, value ``l·Δ``. Dead zone: ``l = 0``
@@ -160,8 +162,9 @@ _COARSE_LOG2 = [r / 8 for r in range(-48, 1)]
 _FINE_LOG2 = [r / 128 for r in range(-16, 17)]
 
 
-def mse_steps(x: torch.Tensor, bits: int, signed: torch.Tensor,
-              deadzone: torch.Tensor | None = None) -> torch.Tensor:
+def mse_steps(
+    x: torch.Tensor, bits: int, signed: torch.Tensor, deadzone: torch.Tensor | None = None
+) -> torch.Tensor:
     """``step_log2 (C,)`` minimising each channel's quantization MSE at ``bits`` bits.
 
     ``x (C, n)`` holds each channel's values; ``signed (C,)`` picks the signed or unsigned grid of
@@ -175,8 +178,11 @@ def mse_steps(x: torch.Tensor, bits: int, signed: torch.Tensor,
         raise ValueError(f"a step needs bits >= 1, got {bits}")
     x = x.detach().double()
     c = x.shape[0]
-    phi = (torch.zeros(c, dtype=torch.float64, device=x.device) if deadzone is None
-           else deadzone.double().to(x.device))  # (C,)
+    phi = (
+        torch.zeros(c, dtype=torch.float64, device=x.device)
+        if deadzone is None
+        else deadzone.double().to(x.device)
+    )  # (C,)
     dz = phi > 0  # (C,)
     lo_s, hi_s = signed_bounds(bits)
     lo_u, hi_u = unsigned_bounds(bits)
@@ -186,8 +192,10 @@ def mse_steps(x: torch.Tensor, bits: int, signed: torch.Tensor,
     mags = deadzone_magnitudes(bits)
     # The step that fits the channel's range into the levels (the dead-zone quantizer's top
     # level is φ + (M - ½)Δ).
-    reach_u = torch.maximum(x.max(1).values.clamp(min=0) / qmax.clamp(min=1),
-                            (-x.min(1).values).clamp(min=0) / (-qmin).clamp(min=1))
+    reach_u = torch.maximum(
+        x.max(1).values.clamp(min=0) / qmax.clamp(min=1),
+        (-x.min(1).values).clamp(min=0) / (-qmin).clamp(min=1),
+    )
     reach_dz = (x.abs().max(1).values - phi).clamp(min=0) / max(mags - 0.5, 0.5)
     reach = torch.where(dz, reach_dz, reach_u)  # (C,)
     reach = torch.where(reach > 0, reach, torch.ones_like(reach))
@@ -197,8 +205,12 @@ def mse_steps(x: torch.Tensor, bits: int, signed: torch.Tensor,
         if not bool(mask.any()) or (error is _deadzone_error and mags == 0):
             continue
         xn = (x[mask] / reach[mask, None]).float()  # (c, n) in units of the range-fitting step
-        args = (qmin[mask, None].float(), qmax[mask, None].float(),
-                (phi[mask] / reach[mask])[:, None].float(), float(mags))
+        args = (
+            qmin[mask, None].float(),
+            qmax[mask, None].float(),
+            (phi[mask] / reach[mask])[:, None].float(),
+            float(mags),
+        )
         best = torch.full((xn.shape[0],), math.inf, device=x.device)
         rel = torch.zeros(xn.shape[0], dtype=torch.float64, device=x.device)
         for r in _COARSE_LOG2:
@@ -220,8 +232,9 @@ def mse_steps(x: torch.Tensor, bits: int, signed: torch.Tensor,
     return out.cpu()
 
 
-def quantize_uniform_fast(x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor,
-                          hi: torch.Tensor) -> torch.Tensor:
+def quantize_uniform_fast(
+    x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> torch.Tensor:
     """``quantize_uniform(x, step, lo, hi)`` (same operations, same values) in one buffer: the
     broadcast candidate tensors are large, and fresh allocations of that size cost more than
     the arithmetic."""
@@ -231,8 +244,9 @@ def quantize_uniform_fast(x: torch.Tensor, step: torch.Tensor, lo: torch.Tensor,
     return q.round_().clamp_min_(lo).clamp_max_(hi).mul_(step)
 
 
-def quantize_deadzone_fast(x: torch.Tensor, step: torch.Tensor, deadzone: torch.Tensor,
-                           magnitudes: torch.Tensor) -> torch.Tensor:
+def quantize_deadzone_fast(
+    x: torch.Tensor, step: torch.Tensor, deadzone: torch.Tensor, magnitudes: torch.Tensor
+) -> torch.Tensor:
     """``quantize_deadzone(x, step, deadzone, magnitudes)`` (the same values) in one buffer,
     for small ``x`` broadcast against many candidates' parameters."""
     mag = x.abs()
@@ -241,14 +255,26 @@ def quantize_deadzone_fast(x: torch.Tensor, step: torch.Tensor, deadzone: torch.
     return q.masked_fill_((mag <= deadzone) | (magnitudes <= 0), 0.0)
 
 
-def _uniform_error(x: torch.Tensor, step: float | torch.Tensor, qmin: torch.Tensor,
-                   qmax: torch.Tensor, phi: torch.Tensor, mags: float) -> torch.Tensor:
+def _uniform_error(
+    x: torch.Tensor,
+    step: float | torch.Tensor,
+    qmin: torch.Tensor,
+    qmax: torch.Tensor,
+    phi: torch.Tensor,
+    mags: float,
+) -> torch.Tensor:
     """Per-channel MSE of the uniform quantizer at ``step`` (``phi``, ``mags`` unused)."""
     return quantize_uniform_fast(x, step, qmin, qmax).sub_(x).square_().mean(1)
 
 
-def _deadzone_error(x: torch.Tensor, step: float | torch.Tensor, qmin: torch.Tensor,
-                    qmax: torch.Tensor, phi: torch.Tensor, mags: float) -> torch.Tensor:
+def _deadzone_error(
+    x: torch.Tensor,
+    step: float | torch.Tensor,
+    qmin: torch.Tensor,
+    qmax: torch.Tensor,
+    phi: torch.Tensor,
+    mags: float,
+) -> torch.Tensor:
     """Per-channel MSE of the dead-zone quantizer at ``step`` (``qmin``, ``qmax`` unused)."""
     return quantize_deadzone_fast(x, step, phi, mags).sub_(x).square_().mean(1)
 

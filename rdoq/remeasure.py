@@ -113,15 +113,21 @@ def select_layers(ranked: Sequence[tuple[str, float]], spec: str) -> list[str]:
     wanted = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in names]
     if not wanted or unknown:
-        raise InputError(f"--layers {spec}: {unknown or 'no layer'} is not a layer of the curve "
-                         f"set (its layers include {names[:6]}); pass top:K, share:F, all or "
-                         f"layer names")
+        raise InputError(
+            f"--layers {spec}: {unknown or 'no layer'} is not a layer of the curve "
+            f"set (its layers include {names[:6]}); pass top:K, share:F, all or "
+            f"layer names"
+        )
     return [n for n in names if n in set(wanted)]
 
 
-def remeasure_job(meta: dict[str, Any], layers: Sequence[str],
-                  scales_log2: Sequence[float] | None = None, folds: bool = True,
-                  **engine: Any) -> CurveJob:
+def remeasure_job(
+    meta: dict[str, Any],
+    layers: Sequence[str],
+    scales_log2: Sequence[float] | None = None,
+    folds: bool = True,
+    **engine: Any,
+) -> CurveJob:
     """The measured-engine job that repeats a curve set's search (``meta``) on ``layers``:
     same kind, groups, widths, dead zones, step rules, precision, ``-bcw`` and (unless
     ``folds`` is False) calibration folds; the group scales ``scales_log2`` (default: the
@@ -129,20 +135,35 @@ def remeasure_job(meta: dict[str, Any], layers: Sequence[str],
     ``mem_budget_mb``, ``use_cuts``, ``progress``, ``argv``)."""
     kind = meta["kind"]
     steps = meta.get("steps") or "group"
-    scales = tuple(scales_log2) if scales_log2 is not None else tuple(meta.get("scales_log2")
-                                                                      or (0.0,))
+    scales = (
+        tuple(scales_log2) if scales_log2 is not None else tuple(meta.get("scales_log2") or (0.0,))
+    )
     return CurveJob(
-        kind=kind, act_mode=meta.get("act_mode"), group_size=int(meta["group_size"]),
-        nr=len(meta["bits"]), ndz=int(meta.get("ndz") or 1), max_steps=int(meta["max_steps"]),
-        step_grid=int(meta["step_grid"]), precision=meta.get("precision") or "float64",
-        estimator="measured", step_mode=steps, scales_log2=scales,
+        kind=kind,
+        act_mode=meta.get("act_mode"),
+        group_size=int(meta["group_size"]),
+        nr=len(meta["bits"]),
+        ndz=int(meta.get("ndz") or 1),
+        max_steps=int(meta["max_steps"]),
+        step_grid=int(meta["step_grid"]),
+        precision=meta.get("precision") or "float64",
+        estimator="measured",
+        step_mode=steps,
+        scales_log2=scales,
         bias_corr=bool(meta.get("bias_corr")),
         folds=int(meta["folds"]["count"]) if folds and meta.get("folds") else 0,
-        layers=tuple(layers), **engine)
+        layers=tuple(layers),
+        **engine,
+    )
 
 
-def remeasured_meta(src: dict[str, Any], job: CurveJob, layers: Sequence[str], rule: str,
-                    targets: Sequence[float] | None) -> dict[str, Any]:
+def remeasured_meta(
+    src: dict[str, Any],
+    job: CurveJob,
+    layers: Sequence[str],
+    rule: str,
+    targets: Sequence[float] | None,
+) -> dict[str, Any]:
     """meta.json of the re-checked set: the source's, with the estimator and what was
     re-measured (in ``estimator_params``, a settings key, so a resume with another selection
     into the same directory is refused)."""
@@ -152,11 +173,13 @@ def remeasured_meta(src: dict[str, Any], job: CurveJob, layers: Sequence[str], r
     meta["estimator"] = MIXED_ESTIMATOR
     meta["estimator_params"] = {
         **(src.get("estimator_params") or {}),
-        "remeasured": {"layers": list(layers), "rule": rule,
-                       "targets": list(targets) if targets is not None else None,
-                       "scales_log2": list(job.scales_log2) if job.channel_steps else None,
-                       "source": {"estimator": src.get("estimator"),
-                                  "created": src.get("created")}},
+        "remeasured": {
+            "layers": list(layers),
+            "rule": rule,
+            "targets": list(targets) if targets is not None else None,
+            "scales_log2": list(job.scales_log2) if job.channel_steps else None,
+            "source": {"estimator": src.get("estimator"), "created": src.get("created")},
+        },
     }
     meta["argv"] = job.argv or sys.argv
     meta["created"] = datetime.now(timezone.utc).isoformat()
@@ -166,12 +189,16 @@ def remeasured_meta(src: dict[str, Any], job: CurveJob, layers: Sequence[str], r
 def check_source(src: CurveStore) -> None:
     """An InputError unless ``src`` is a complete second-order curve set."""
     if src.meta.get("estimator") != "hessian":
-        raise InputError(f"{src.root} holds {src.meta.get('estimator')} curves; re-measuring "
-                         f"applies to second-order (hessian) curve sets")
+        raise InputError(
+            f"{src.root} holds {src.meta.get('estimator')} curves; re-measuring "
+            f"applies to second-order (hessian) curve sets"
+        )
     missing = src.missing_layers()
     if missing:
-        raise InputError(f"{src.root} is incomplete ({len(missing)} layers missing, e.g. "
-                         f"{missing[:3]}); finish its curve runs first")
+        raise InputError(
+            f"{src.root} is incomplete ({len(missing)} layers missing, e.g. "
+            f"{missing[:3]}); finish its curve runs first"
+        )
 
 
 def default_targets(meta: dict[str, Any]) -> list[float]:
@@ -184,16 +211,26 @@ def default_targets(meta: dict[str, Any]) -> list[float]:
 
 def _check_plan(plan: LayerPlan, entry: dict[str, Any], root: Path) -> None:
     if plan.meta()["groups"] != entry["groups"] or plan.meta()["numel"] != entry["numel"]:
-        raise InputError(f"layer {plan.name} of the model has {plan.meta()['groups']} groups of "
-                         f"{plan.meta()['numel']} elements, {root}/meta.json says "
-                         f"{entry['groups']} of {entry['numel']}; pass the model the curves "
-                         f"were measured on")
+        raise InputError(
+            f"layer {plan.name} of the model has {plan.meta()['groups']} groups of "
+            f"{plan.meta()['numel']} elements, {root}/meta.json says "
+            f"{entry['groups']} of {entry['numel']}; pass the model the curves "
+            f"were measured on"
+        )
 
 
-def remeasure_curves(model: nn.Module, calib_x: torch.Tensor, src: CurveStore, root: Path,
-                     layers: Sequence[str], job: CurveJob, part: PartSpec, device: torch.device,
-                     rule: str = "names", targets: Sequence[float] | None = None
-                     ) -> dict[str, Any]:
+def remeasure_curves(
+    model: nn.Module,
+    calib_x: torch.Tensor,
+    src: CurveStore,
+    root: Path,
+    layers: Sequence[str],
+    job: CurveJob,
+    part: PartSpec,
+    device: torch.device,
+    rule: str = "names",
+    targets: Sequence[float] | None = None,
+) -> dict[str, Any]:
     """Write the re-checked curve set at ``root``: ``layers`` re-measured by ``job`` (from
     :func:`remeasure_job`; this part's share of them, balanced by cost), every other layer of
     ``src`` copied. ``calib_x`` must be the calibration set ``src`` was measured on. Resumable:
@@ -209,13 +246,17 @@ def remeasure_curves(model: nn.Module, calib_x: torch.Tensor, src: CurveStore, r
     if (Path(root) / "meta.json").is_file():
         old = (CurveStore.read_meta(root).get("estimator_params") or {}).get("remeasured") or {}
         new = meta["estimator_params"]["remeasured"]
-        if old and (old.get("layers"), old.get("scales_log2")) != (new["layers"],
-                                                                    new["scales_log2"]):
-            raise InputError(f"{root} already holds a re-check of {old.get('layers')} (scales "
-                             f"{old.get('scales_log2')}, chosen by {old.get('rule')!r}), this "
-                             f"run re-measures {new['layers']} (scales {new['scales_log2']}); "
-                             f"use another --outdir, or the same --layers, --targets and "
-                             f"--scale-octaves to resume")
+        if old and (old.get("layers"), old.get("scales_log2")) != (
+            new["layers"],
+            new["scales_log2"],
+        ):
+            raise InputError(
+                f"{root} already holds a re-check of {old.get('layers')} (scales "
+                f"{old.get('scales_log2')}, chosen by {old.get('rule')!r}), this "
+                f"run re-measures {new['layers']} (scales {new['scales_log2']}); "
+                f"use another --outdir, or the same --layers, --targets and "
+                f"--scale-octaves to resume"
+            )
     store = CurveStore.open(root, meta)
     chosen = set(layers)
     for name in src.layer_names():
@@ -235,24 +276,39 @@ def remeasure_curves(model: nn.Module, calib_x: torch.Tensor, src: CurveStore, r
     owner = assign_parts(costs, part.num_parts)
     mine = [p for p, o in zip(plans, owner, strict=True) if o == part.part_id]
     todo = [p for p in mine if not store.has_layer(p.name)]
-    log.info("part %d/%d: re-measuring %d of %d chosen layers (%d already done)", part.part_id,
-             part.num_parts, len(todo), len(plans), len(mine) - len(todo))
-    summary: dict[str, Any] = {"curve_set": str(root), "source": str(src.root),
-                               "layers_chosen": list(layers), "layers_written": 0,
-                               "candidates": 0, "ratio_measured_to_estimate": {}}
+    log.info(
+        "part %d/%d: re-measuring %d of %d chosen layers (%d already done)",
+        part.part_id,
+        part.num_parts,
+        len(todo),
+        len(plans),
+        len(mine) - len(todo),
+    )
+    summary: dict[str, Any] = {
+        "curve_set": str(root),
+        "source": str(src.root),
+        "layers_chosen": list(layers),
+        "layers_written": 0,
+        "candidates": 0,
+        "ratio_measured_to_estimate": {},
+    }
     if todo:
         folds = src.meta.get("folds") if job.folds else None
         max_rows = max_rows_for(model, x[:1], job.mem_budget_mb)
-        engine = MeasuredEngine(model, x, max_rows=max_rows, use_cuts=job.use_cuts,
-                                folds=folds["of_sample"] if folds else None)
+        engine = MeasuredEngine(
+            model,
+            x,
+            max_rows=max_rows,
+            use_cuts=job.use_cuts,
+            folds=folds["of_sample"] if folds else None,
+        )
 
         def backend_for(plan: LayerPlan, stats: Any, steps: Any) -> Any:
             return layer_backend(engine, plan, job, stats, steps)
 
         for plan in tqdm(todo, desc="re-measure", unit="layer", disable=not job.progress):
             lt = time.perf_counter()
-            curves, n = layer_curves(model, x, plan, job, max_rows, backend_for, None,
-                                     job.folds)
+            curves, n = layer_curves(model, x, plan, job, max_rows, backend_for, None, job.folds)
             estimate = src.read_layer(plan.name).dist  # (G, D, B)
             curves.extra["dist_second_order"] = estimate
             store.write_layer(plan.name, curves)
@@ -260,8 +316,14 @@ def remeasure_curves(model: nn.Module, calib_x: torch.Tensor, src: CurveStore, r
             summary["layers_written"] += 1
             summary["candidates"] += n
             summary["ratio_measured_to_estimate"][plan.name] = ratio
-            log.info("layer %s: %d groups, %d candidates, measured/second-order %.3g (median), "
-                     "%.1fs", plan.name, len(plan.bounds), n, ratio, time.perf_counter() - lt)
+            log.info(
+                "layer %s: %d groups, %d candidates, measured/second-order %.3g (median), %.1fs",
+                plan.name,
+                len(plan.bounds),
+                n,
+                ratio,
+                time.perf_counter() - lt,
+            )
     summary["seconds"] = time.perf_counter() - t0
     summary["missing_layers"] = len(store.missing_layers())
     return summary
@@ -276,8 +338,9 @@ def estimate_ratio(measured: np.ndarray, estimate: np.ndarray, min_bits: int = 2
     return float(np.median(m[ok] / e[ok])) if ok.any() else float("nan")
 
 
-def remeasure_main(argv: list[str] | None = None,
-                   adapters: Mapping[str, Adapter] | None = None) -> dict[str, Any]:
+def remeasure_main(
+    argv: list[str] | None = None, adapters: Mapping[str, Adapter] | None = None
+) -> dict[str, Any]:
     """Entry point of ``classification/remeasure_curves.py``; returns the run summary (with
     ``--list``: the ranking, the choice and a ``table`` for people, which the script prints)."""
     from rdoq.adapters import adapter_registry, get_adapter
@@ -298,30 +361,53 @@ def remeasure_main(argv: list[str] | None = None,
     adapters = adapter_registry() if adapters is None else adapters
     p = argparse.ArgumentParser(
         description="Re-measure, with the measured engine, the layers whose second-order "
-                    "estimates decide the allocation, into a new complete curve set.")
+        "estimates decide the allocation, into a new complete curve set."
+    )
     add_model_data_flags(p, datasets=adapters)
     p.set_defaults(testsize=None)
     r = p.add_argument_group("re-measure")
-    r.add_argument("--pathrdcurve", type=Path, required=True,
-                   help="the complete second-order curve set to re-check (read only)")
-    r.add_argument("--outdir", type=Path, default=Path("."),
-                   help="directory that receives the new set, named after the source with "
-                        "'_remeasured' appended (default: current directory)")
-    r.add_argument("--layers", default=DEFAULT_SELECTION,
-                   help="which layers: top:K (the K with the largest share of the estimated "
-                        "distortion at the allocations for --targets), share:F (the fewest "
-                        "covering that share), all, or comma-separated names "
-                        "(default: %(default)s)")
-    r.add_argument("--targets", type=float, nargs="+", default=None,
-                   help="average bit widths the layers are ranked at; pass the targets you "
-                        "will allocate (default: those of 3 4 5 6 8 the curves reach)")
-    r.add_argument("--list", action="store_true",
-                   help="print the ranking (layer, share) and the choice, measure nothing")
+    r.add_argument(
+        "--pathrdcurve",
+        type=Path,
+        required=True,
+        help="the complete second-order curve set to re-check (read only)",
+    )
+    r.add_argument(
+        "--outdir",
+        type=Path,
+        default=Path("."),
+        help="directory that receives the new set, named after the source with "
+        "'_remeasured' appended (default: current directory)",
+    )
+    r.add_argument(
+        "--layers",
+        default=DEFAULT_SELECTION,
+        help="which layers: top:K (the K with the largest share of the estimated "
+        "distortion at the allocations for --targets), share:F (the fewest "
+        "covering that share), all, or comma-separated names "
+        "(default: %(default)s)",
+    )
+    r.add_argument(
+        "--targets",
+        type=float,
+        nargs="+",
+        default=None,
+        help="average bit widths the layers are ranked at; pass the targets you "
+        "will allocate (default: those of 3 4 5 6 8 the curves reach)",
+    )
+    r.add_argument(
+        "--list",
+        action="store_true",
+        help="print the ranking (layer, share) and the choice, measure nothing",
+    )
     add_scale_flags(r, "the set's grid; the measured curve scripts search 1")
-    r.add_argument("--no-folds", action="store_true",
-                   help="drop the set's calibration folds: the measured engine evaluates each "
-                        "chosen point once more for them, so this halves the cost; --shrink "
-                        "then has no folds to pool (default: keep them)")
+    r.add_argument(
+        "--no-folds",
+        action="store_true",
+        help="drop the set's calibration folds: the measured engine evaluates each "
+        "chosen point once more for them, so this halves the cost; --shrink "
+        "then has no folds to pool (default: keep them)",
+    )
     add_engine_flags(p.add_argument_group("engine"), second_order=False)
     args = p.parse_args(argv)
     setup_logging(args.quiet)
@@ -333,38 +419,62 @@ def remeasure_main(argv: list[str] | None = None,
         layers = select_layers(ranked, args.layers)
         if args.list:
             text = "\n".join(f"{'*' if n in layers else ' '} {s:8.4f}  {n}" for n, s in ranked)
-            return {"ranking": ranked, "chosen": layers,
-                    "table": f"layers by share of the estimated distortion at targets "
-                             f"{args.targets} (* = chosen by --layers {args.layers}):\n{text}"}
+            return {
+                "ranking": ranked,
+                "chosen": layers,
+                "table": f"layers by share of the estimated distortion at targets "
+                f"{args.targets} (* = chosen by --layers {args.layers}):\n{text}",
+            }
         root = args.outdir / f"{src.root.name}_remeasured"
         check_outdir(root, "--outdir")
         if args.testsize is not None and args.testsize != src.meta["calib"]["size"]:
-            raise InputError(f"--testsize {args.testsize} differs from the curve set's "
-                             f"{src.meta['calib']['size']} calibration samples; drop "
-                             f"--testsize (the set's calibration data is rebuilt)")
+            raise InputError(
+                f"--testsize {args.testsize} differs from the curve set's "
+                f"{src.meta['calib']['size']} calibration samples; drop "
+                f"--testsize (the set's calibration data is rebuilt)"
+            )
         args.dataset = resolve_dataset(args.archname, args.dataset)
         adapter = get_adapter(args.dataset, adapters)
         part = resolve_part(args.part_id, args.num_parts)
         device = resolve_device(args, part.local_rank)
         on_cuda = device.type == "cuda"
-        scales = (scale_grid(args.scale_octaves, args.scale_steps)
-                  if args.scale_octaves is not None else None)
+        scales = (
+            scale_grid(args.scale_octaves, args.scale_steps)
+            if args.scale_octaves is not None
+            else None
+        )
         job = remeasure_job(
-            src.meta, layers, scales, not args.no_folds,
+            src.meta,
+            layers,
+            scales,
+            not args.no_folds,
             max_batch=args.max_batch or (64 if on_cuda else 1),
             max_lookahead=args.lookahead or (4 if on_cuda else 1),
-            mem_budget_mb=args.mem_budget_mb or (
-                0.4 * torch.cuda.mem_get_info(device)[0] / 2**20 if on_cuda else 2048.0),
-            use_cuts=not args.no_prefix_cache, progress=not args.quiet,
-            argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+            mem_budget_mb=args.mem_budget_mb
+            or (0.4 * torch.cuda.mem_get_info(device)[0] / 2**20 if on_cuda else 2048.0),
+            use_cuts=not args.no_prefix_cache,
+            progress=not args.quiet,
+            argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
+        )
         model, info = build_any_model(args, adapter)
         check_curves_match(args, info, src.meta, src.root)
         calib = rebuild_calib(args, model, src.meta, adapter, "the re-measured curves")
-        summary = remeasure_curves(model, calib.x, src, root, layers, job, part, device,
-                                   rule=args.layers, targets=args.targets)
+        summary = remeasure_curves(
+            model,
+            calib.x,
+            src,
+            root,
+            layers,
+            job,
+            part,
+            device,
+            rule=args.layers,
+            targets=args.targets,
+        )
     except (InputError, ValueError, FileNotFoundError) as err:
         p.error(str(err))
-    atomic_write_json(root / f"run_remeasure_part{part.part_id:03d}.json",
-                      {"job": job_dict(job), "device": str(device), "summary": summary,
-                       "ranking": ranked})
+    atomic_write_json(
+        root / f"run_remeasure_part{part.part_id:03d}.json",
+        {"job": job_dict(job), "device": str(device), "summary": summary, "ranking": ranked},
+    )
     return summary

@@ -17,12 +17,19 @@ from rdoq.store import atomic_write_bytes
 
 # Columns of the printed table: (key, header, format).
 TABLE_COLUMNS = (
-    ("model", "model", "{}"), ("method", "method", "{}"), ("target_bits", "target", "{:.2f}"),
-    ("slope_log2", "log2 λ", "{:.1f}"), ("w_bits", "W bits", "{:.3f}"),
+    ("model", "model", "{}"),
+    ("method", "method", "{}"),
+    ("target_bits", "target", "{:.2f}"),
+    ("slope_log2", "log2 λ", "{:.1f}"),
+    ("w_bits", "W bits", "{:.3f}"),
     ("w_entropy_bits", "W entropy", "{:.3f}"),
-    ("a_bits", "A bits", "{:.3f}"), ("top1", "top-1 %", "{:.2f}"), ("top5", "top-5 %", "{:.2f}"),
-    ("mAP", "mAP", "{:.4f}"), ("NDS", "NDS", "{:.4f}"),
-    ("out_mse", "out MSE", "{:.3e}"), ("pred_dist", "pred dist", "{:.3e}"),
+    ("a_bits", "A bits", "{:.3f}"),
+    ("top1", "top-1 %", "{:.2f}"),
+    ("top5", "top-5 %", "{:.2f}"),
+    ("mAP", "mAP", "{:.4f}"),
+    ("NDS", "NDS", "{:.4f}"),
+    ("out_mse", "out MSE", "{:.3e}"),
+    ("pred_dist", "pred dist", "{:.3e}"),
     ("size_mb", "size MB", "{:.3f}"),
 )
 
@@ -33,8 +40,10 @@ POINT_KEYS = ("model", "method", "target_bits", "act_target_bits", "allocation")
 
 
 def _point(row: dict[str, Any]) -> tuple:
-    return tuple(json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
-                 for v in (row.get(k) for k in POINT_KEYS))
+    return tuple(
+        json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+        for v in (row.get(k) for k in POINT_KEYS)
+    )
 
 
 def append_results(outdir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,8 +89,9 @@ def read_results(path: Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {i + 1} is not JSON ({e}); move the file away "
-                                 f"or fix that line") from e
+                raise ValueError(
+                    f"{path} line {i + 1} is not JSON ({e}); move the file away or fix that line"
+                ) from e
     return rows
 
 
@@ -93,12 +103,21 @@ def _fmt(fmt: str, value: Any) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table of result rows (method × target: bits, accuracy, MSE)."""
-    cols = [(k, h, f) for k, h, f in TABLE_COLUMNS if any(r.get(k) is not None for r in rows)
-            and (k != "model" or len({r.get("model") for r in rows}) > 1)]
+    cols = [
+        (k, h, f)
+        for k, h, f in TABLE_COLUMNS
+        if any(r.get(k) is not None for r in rows)
+        and (k != "model" or len({r.get("model") for r in rows}) > 1)
+    ]
     cells = [[h for _, h, _ in cols]] + [[_fmt(f, r.get(k)) for k, _, f in cols] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                       enumerate(zip(row, widths, strict=True))) for row in cells]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -117,8 +136,9 @@ def plot_results(rows: list[dict[str, Any]], path: Path, title: str = "") -> Non
     average bit width, one colour per method (without labels: the distortion panel only)."""
     plt = _matplotlib()
     labelled = any(r.get("top1") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if labelled else 1, figsize=(10 if labelled else 5.5, 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if labelled else 1, figsize=(10 if labelled else 5.5, 4), squeeze=False
+    )
     ax_d = axes[0, 0]
     methods = list(dict.fromkeys(r.get("method", "?") for r in rows))
     for i, m in enumerate(methods):
@@ -128,13 +148,24 @@ def plot_results(rows: list[dict[str, Any]], path: Path, title: str = "") -> Non
         ax_d.semilogy(x, [r["out_mse"] for r in pts], "o-", color=color, label=f"{m} measured")
         pred = [r.get("pred_dist") for r in pts]
         if any(p is not None for p in pred):
-            ax_d.semilogy(x, [np.nan if p is None else p for p in pred], "x--", color=color,
-                          label=f"{m} predicted")
+            ax_d.semilogy(
+                x,
+                [np.nan if p is None else p for p in pred],
+                "x--",
+                color=color,
+                label=f"{m} predicted",
+            )
         if labelled:
-            axes[0, 1].plot(x, [np.nan if r.get("top1") is None else r["top1"] for r in pts],
-                            "o-", color=color, label=m)
-    ax_d.set(xlabel="average bits", ylabel="output MSE vs full precision",
-             title="output distortion")
+            axes[0, 1].plot(
+                x,
+                [np.nan if r.get("top1") is None else r["top1"] for r in pts],
+                "o-",
+                color=color,
+                label=m,
+            )
+    ax_d.set(
+        xlabel="average bits", ylabel="output MSE vs full precision", title="output distortion"
+    )
     if labelled:
         fp = next((r.get("fp_top1") for r in rows if r.get("fp_top1") is not None), None)
         if fp is not None:
@@ -194,15 +225,20 @@ def plot_allocation(alloc: dict[str, Any], path: Path) -> None:
     # Cells hold the index of their width among those present: one colour bin each.
     index = np.searchsorted(widths, np.nan_to_num(grid, nan=widths[0])).astype(float)  # (L, G)
     index[np.isnan(grid)] = np.nan
-    cmap = ListedColormap([width_colour(w) for w in widths],
-                          name="bit_widths").with_extremes(bad="white")  # past a layer's groups
+    cmap = ListedColormap([width_colour(w) for w in widths], name="bit_widths").with_extremes(
+        bad="white"
+    )  # past a layer's groups
     norm = BoundaryNorm(np.arange(len(widths) + 1) - 0.5, len(widths))
 
     rows_in = min(BITS_ROW_IN * len(rows), BITS_MAX_ROWS_IN)
     every = math.ceil(1.25 * BITS_FONT_PT / (72.0 * rows_in / len(rows)))
     label_in = max(len(n) for n in names) * 0.6 * BITS_FONT_PT / 72.0 + 0.3
-    fig, ax = plt.subplots(figsize=(label_in + min(1.0 + 0.25 * n_groups, 14.0) + 1.2,
-                                    BITS_MARGIN_IN + max(rows_in, BITS_ROW_IN * len(widths))))
+    fig, ax = plt.subplots(
+        figsize=(
+            label_in + min(1.0 + 0.25 * n_groups, 14.0) + 1.2,
+            BITS_MARGIN_IN + max(rows_in, BITS_ROW_IN * len(widths)),
+        )
+    )
     im = ax.imshow(index, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
     shown = range(0, len(names), every)
     ax.set_yticks(list(shown), [names[i] for i in shown], fontsize=BITS_FONT_PT)
@@ -217,8 +253,9 @@ def plot_allocation(alloc: dict[str, Any], path: Path) -> None:
     bar.set_label("bits")
     bar.ax.tick_params(labelsize=BITS_FONT_PT + 1, length=0)
     t = alloc.get("target_bits")
-    ax.set_title(f"{alloc['model']} {alloc.get('solver', '')} "
-                 + (f"target {t}" if t is not None else ""))
+    ax.set_title(
+        f"{alloc['model']} {alloc.get('solver', '')} " + (f"target {t}" if t is not None else "")
+    )
     fig.tight_layout()
     _save(fig, path)
 

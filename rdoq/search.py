@@ -71,9 +71,11 @@ class SearchSettings:
         if self.step_grid < 1:
             raise ValueError(f"step_grid must be >= 1, got {self.step_grid}")
         if self.max_steps < self.back_octaves * self.step_grid + 1:
-            raise ValueError(f"max_steps={self.max_steps} cannot reach the previous best step "
-                             f"({self.back_octaves} octaves at 1/{self.step_grid} octave); use "
-                             f"--maxsteps >= {self.back_octaves * self.step_grid + 1}")
+            raise ValueError(
+                f"max_steps={self.max_steps} cannot reach the previous best step "
+                f"({self.back_octaves} octaves at 1/{self.step_grid} octave); use "
+                f"--maxsteps >= {self.back_octaves * self.step_grid + 1}"
+            )
 
 
 class _BitWalk:
@@ -154,8 +156,9 @@ class Chain(_BitWalk):
         if self.bits == 0:
             return Candidate(self.group, 0, math.nan, 0.0)
         step = self._start + s / self.settings.step_grid
-        return Candidate(self.group, self.bits, step, self.deadzone,
-                         self._same_as_bits(self.bits, 2.0**step))
+        return Candidate(
+            self.group, self.bits, step, self.deadzone, self._same_as_bits(self.bits, 2.0**step)
+        )
 
     def _same_as_bits(self, bits: int, step: float) -> int:
         """Fewest bits ≤ ``bits`` giving the same quantized group at ``step`` (0: all zeros).
@@ -224,9 +227,12 @@ class Chain(_BitWalk):
     def best_candidates(self) -> list[Candidate]:
         """The candidate each finished bit width chose, in bit order (the all-zero candidate
         where only it was possible)."""
-        return [Candidate(self.group, b, s, self.deadzone) if b and not math.isnan(s)
-                else Candidate(self.group, 0, math.nan, 0.0)
-                for b, s in zip(self.settings.bits, self.best_step, strict=False)]
+        return [
+            Candidate(self.group, b, s, self.deadzone)
+            if b and not math.isnan(s)
+            else Candidate(self.group, 0, math.nan, 0.0)
+            for b, s in zip(self.settings.bits, self.best_step, strict=False)
+        ]
 
     def _finish_bit(self) -> None:
         best = int(np.argmin(self._dists))
@@ -249,15 +255,17 @@ class ScaleSettings:
 
     def __post_init__(self) -> None:
         if 0.0 not in self.scales_log2:
-            raise ValueError(f"the scales {self.scales_log2} must include 0 (the per-channel "
-                             f"MSE-optimal steps)")
+            raise ValueError(
+                f"the scales {self.scales_log2} must include 0 (the per-channel MSE-optimal steps)"
+            )
 
 
 def scale_grid(octaves: float, per_octave: int) -> tuple[float, ...]:
     """Scales ``j/per_octave`` for ``|j/per_octave| <= octaves``, 0 first (ties keep it)."""
     if per_octave < 1 or octaves < 0 or not math.isfinite(octaves):
-        raise ValueError(f"scale grid needs per_octave >= 1 and octaves >= 0, got "
-                         f"{per_octave} and {octaves}")
+        raise ValueError(
+            f"scale grid needs per_octave >= 1 and octaves >= 0, got {per_octave} and {octaves}"
+        )
     n = int(math.floor(octaves * per_octave + 1e-9))
     return (0.0, *[j / per_octave for j in range(-n, n + 1) if j != 0])
 
@@ -282,8 +290,10 @@ class ScaleChain(_BitWalk):
         zero = Candidate(self.group, bits, math.nan, self.ratio, dz_index=self.dz_index)
         if zero.is_zero:
             return [zero]
-        return [Candidate(self.group, bits, s, self.ratio, dz_index=self.dz_index)
-                for s in self.settings.scales_log2]
+        return [
+            Candidate(self.group, bits, s, self.ratio, dz_index=self.dz_index)
+            for s in self.settings.scales_log2
+        ]
 
     def propose(self, lookahead: int) -> list[Candidate]:
         """Every candidate of the current bit width (``lookahead`` is not needed here)."""
@@ -292,8 +302,10 @@ class ScaleChain(_BitWalk):
     def best_candidates(self) -> list[Candidate]:
         """The candidate each finished bit width chose, in bit order (the all-zero candidate
         where only it was possible)."""
-        return [Candidate(self.group, b, s, self.ratio, dz_index=self.dz_index)
-                for b, s in zip(self.settings.bits, self.best_step, strict=False)]
+        return [
+            Candidate(self.group, b, s, self.ratio, dz_index=self.dz_index)
+            for b, s in zip(self.settings.bits, self.best_step, strict=False)
+        ]
 
     def consume(self, dists: Sequence[float], aux: Sequence[float] | None) -> None:
         """Results for all candidates last proposed, in order."""
@@ -307,10 +319,14 @@ class ScaleChain(_BitWalk):
         self.bit_index += 1
 
 
-def run_chains(chains: list[Chain] | list[ScaleChain], evaluate: Evaluate, max_batch: int,
-               on_chain_done: Callable[[Chain], None] | None = None,
-               max_lookahead: int = 1,
-               on_evaluated: Callable[[int], None] | None = None) -> int:
+def run_chains(
+    chains: list[Chain] | list[ScaleChain],
+    evaluate: Evaluate,
+    max_batch: int,
+    on_chain_done: Callable[[Chain], None] | None = None,
+    max_lookahead: int = 1,
+    on_evaluated: Callable[[int], None] | None = None,
+) -> int:
     """Drive all chains to completion; returns the number of distinct candidates evaluated.
 
     Each round takes the next candidate of every active chain, drops duplicates (all-zero
@@ -336,7 +352,7 @@ def run_chains(chains: list[Chain] | list[ScaleChain], evaluate: Evaluate, max_b
                     unique.setdefault(key, cand)
         todo = list(unique.items())
         for i in range(0, len(todo), max_batch):
-            chunk = todo[i:i + max_batch]
+            chunk = todo[i : i + max_batch]
             dist, aux = evaluate([cand for _, cand in chunk])
             if on_evaluated is not None:
                 on_evaluated(len(chunk))
@@ -356,8 +372,9 @@ def run_chains(chains: list[Chain] | list[ScaleChain], evaluate: Evaluate, max_b
     return len(results)
 
 
-def chains_to_arrays(chains: list[Chain] | list[ScaleChain], n_groups: int, n_dz: int,
-                     n_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def chains_to_arrays(
+    chains: list[Chain] | list[ScaleChain], n_groups: int, n_dz: int, n_bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Collect finished chains into ``dist, step_log2, deadzone`` arrays of shape (G, D, B)."""
     dist = np.full((n_groups, n_dz, n_bits), np.inf)  # (G, D, B)
     step = np.full((n_groups, n_dz, n_bits), np.nan)  # (G, D, B)

@@ -85,8 +85,14 @@ class ShrunkCurves(CurveStore):
     (``pooled``: it stores the folds the cross-validation uses) is changed; others read as
     stored. Layers are read once (``cache``, shared between views of the same set)."""
 
-    def __init__(self, store: CurveStore, cache: dict[str, LayerCurves], alpha: float = 1.0,
-                 held_out: int | None = None, pooled: bool = True):
+    def __init__(
+        self,
+        store: CurveStore,
+        cache: dict[str, LayerCurves],
+        alpha: float = 1.0,
+        held_out: int | None = None,
+        pooled: bool = True,
+    ):
         super().__init__(store.root, store.meta)
         self._store, self._cache = store, cache
         self.alpha, self.held_out = alpha, held_out
@@ -104,15 +110,19 @@ class ShrunkCurves(CurveStore):
         if self.sizes is None:
             return c
         if folds is None or folds.shape[0] != len(self.sizes):
-            raise ValueError(f"{self.layer_path(name)} lacks the {len(self.sizes)} fold curves "
-                             f"(dist_folds) its meta.json promises; recompute that layer")
+            raise ValueError(
+                f"{self.layer_path(name)} lacks the {len(self.sizes)} fold curves "
+                f"(dist_folds) its meta.json promises; recompute that layer"
+            )
         dist = c.dist if self.held_out is None else train_dist(folds, self.sizes, self.held_out)
-        return LayerCurves(shrink_dist(dist, c.numel, self.alpha), c.step_log2, c.deadzone,
-                           c.numel, c.extra)
+        return LayerCurves(
+            shrink_dist(dist, c.numel, self.alpha), c.step_log2, c.deadzone, c.numel, c.extra
+        )
 
 
-def held_out_items(stores: Sequence[tuple[ShrunkCurves, list[str]]], n_folds: int, n_cols: int,
-                   uniform_only: bool) -> np.ndarray:
+def held_out_items(
+    stores: Sequence[tuple[ShrunkCurves, list[str]]], n_folds: int, n_cols: int, uniform_only: bool
+) -> np.ndarray:
     """Each fold's own distortion of every item at every (dead zone, width), in the order of
     :func:`rdoq.allocation.build_table`'s items: ``(F, I, D, K)`` (inf pads). ``stores``: the
     views of each curve set with the layers it contributes, in table order; a set that takes no
@@ -122,12 +132,15 @@ def held_out_items(stores: Sequence[tuple[ShrunkCurves, list[str]]], n_folds: in
     for view, names in stores:
         for name in names:
             c = view.raw(name)
-            d = (np.broadcast_to(c.dist, (n_folds, *c.dist.shape)) if view.sizes is None
-                 else c.extra["dist_folds"])  # (F, G, D, B)
+            d = (
+                np.broadcast_to(c.dist, (n_folds, *c.dist.shape))
+                if view.sizes is None
+                else c.extra["dist_folds"]
+            )  # (F, G, D, B)
             if uniform_only:
                 d = d[:, :, :1]
             out = np.full((n_folds, d.shape[1], n_dz, n_cols), np.inf)  # (F, G, D, K)
-            out[:, :, :d.shape[2], :d.shape[3]] = d
+            out[:, :, : d.shape[2], : d.shape[3]] = d
             parts.append(out)
     return np.concatenate(parts, axis=1)
 
@@ -143,9 +156,15 @@ class ShrinkChoice:
     change: dict[float, tuple[float, float]]
 
 
-def choose_alpha(make_table: Callable[[float, int | None], ItemTable], held: np.ndarray,
-                 sizes: np.ndarray, target: float, act_target: float | None,
-                 layerwise: bool, alphas: Sequence[float] = CV_ALPHAS) -> ShrinkChoice:
+def choose_alpha(
+    make_table: Callable[[float, int | None], ItemTable],
+    held: np.ndarray,
+    sizes: np.ndarray,
+    target: float,
+    act_target: float | None,
+    layerwise: bool,
+    alphas: Sequence[float] = CV_ALPHAS,
+) -> ShrinkChoice:
     """The α of the lowest cross-validated distortion at ``target`` (see the module text),
     among those that beat the raw curves (α = 1) by more than one standard error of the
     per-fold paired change; α = 1 when none does (a gain inside the folds' noise is not

@@ -30,9 +30,14 @@ from rdoq.search import Candidate
 # A "slot forward" replaces a layer's computation for a batch of K*n rows laid out as K slots of n
 # samples; slot k uses its own weight or its own activation quantizer.
 
+
 @contextlib.contextmanager
-def weight_slots(module: nn.Module, weights: torch.Tensor, shared_input: bool = False,
-                 offsets: torch.Tensor | None = None) -> Iterator[None]:
+def weight_slots(
+    module: nn.Module,
+    weights: torch.Tensor,
+    shared_input: bool = False,
+    offsets: torch.Tensor | None = None,
+) -> Iterator[None]:
     """Make ``module`` compute slot k of its input with ``weights[k]``; weights: (K, *W.shape).
 
     ``shared_input``: every slot's input is the same (the layer is the first perturbed op), so the
@@ -50,15 +55,20 @@ def weight_slots(module: nn.Module, weights: torch.Tensor, shared_input: bool = 
             out = F.linear(x1, w_all, b_all)  # (n, ..., K*out)
             out = out.reshape(*out.shape[:-1], k, -1).movedim(-2, 0)  # (K, n, ..., out)
             return out.reshape(-1, *out.shape[2:])
-    elif (shared_input and cls_forward is nn.Conv2d.forward
-          and module.padding_mode == "zeros"):
+    elif shared_input and cls_forward is nn.Conv2d.forward and module.padding_mode == "zeros":
         g = module.groups
         out_c = weights.shape[1]
         # Interleave so that each conv group holds its K slots' channels contiguously.
-        w_all = (weights.reshape(k, g, out_c // g, *weights.shape[2:]).transpose(0, 1)
-                 .reshape(-1, *weights.shape[2:]))  # (g*K*out/g, in/g, kh, kw)
-        b_all = (module.bias.reshape(g, 1, -1).expand(g, k, -1).reshape(-1)
-                 if module.bias is not None else None)
+        w_all = (
+            weights.reshape(k, g, out_c // g, *weights.shape[2:])
+            .transpose(0, 1)
+            .reshape(-1, *weights.shape[2:])
+        )  # (g*K*out/g, in/g, kh, kw)
+        b_all = (
+            module.bias.reshape(g, 1, -1).expand(g, k, -1).reshape(-1)
+            if module.bias is not None
+            else None
+        )
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             x1 = x[: x.shape[0] // k]
@@ -67,6 +77,7 @@ def weight_slots(module: nn.Module, weights: torch.Tensor, shared_input: bool = 
             out = out.reshape(n, g, k, out_c // g, h, w).permute(2, 0, 1, 3, 4, 5)
             return out.reshape(k * n, out_c, h, w)
     elif cls_forward is nn.Linear.forward:
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             lead = x.shape[:-1]
             xk = x.reshape(k, -1, x.shape[-1])  # (K, M, in)
@@ -75,13 +86,15 @@ def weight_slots(module: nn.Module, weights: torch.Tensor, shared_input: bool = 
                 out = out + module.bias
             return out.reshape(*lead, weights.shape[1])
     elif cls_forward is nn.Conv2d.forward and module.padding_mode == "zeros":
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             n = x.shape[0] // k
             xs = x.reshape(k, n, *x.shape[1:]).transpose(0, 1).reshape(n, -1, *x.shape[2:])
             w = weights.reshape(-1, *weights.shape[2:])  # (K*out, in/groups, kh, kw)
             b = module.bias.repeat(k) if module.bias is not None else None
-            out = F.conv2d(xs, w, b, module.stride, module.padding, module.dilation,
-                           module.groups * k)  # (n, K*out, H', W')
+            out = F.conv2d(
+                xs, w, b, module.stride, module.padding, module.dilation, module.groups * k
+            )  # (n, K*out, H', W')
             out = out.reshape(n, k, -1, *out.shape[2:]).transpose(0, 1)
             return out.reshape(k * n, *out.shape[2:])
     else:
@@ -97,11 +110,13 @@ def weight_slots(module: nn.Module, weights: torch.Tensor, shared_input: bool = 
             finally:
                 module.weight.data = original
             return torch.cat(outs)
+
     if offsets is not None:
         plain, dim = forward, channel_dim(module)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return add_slot_offsets(plain(x), offsets, dim)
+
     with patched_forward(module, forward):
         yield
 
@@ -173,7 +188,8 @@ def act_slots(module: nn.Module, mode: str, params: ActSlotParams) -> Iterator[N
         handle = module.register_forward_hook(lambda m, i, o: map_act(o, quantize))
     else:
         handle = module.register_forward_pre_hook(
-            lambda m, args: (map_act(args[0], quantize), *args[1:]))
+            lambda m, args: (map_act(args[0], quantize), *args[1:])
+        )
     try:
         yield
     finally:
@@ -220,11 +236,18 @@ class SlotGrid:
         groups = np.array(sorted(counts[0].keys() | counts[1].keys()), dtype=np.int64)
         row_of = {g: r for r, g in enumerate(groups.tolist())}
         rows = np.fromiter((row_of[c.group] for c in cands), dtype=np.int64, count=len(cands))
-        return cls(groups, rows, cols, split_col + max(counts[1].values(), default=0), split_col,
-                   split is not None)
+        return cls(
+            groups,
+            rows,
+            cols,
+            split_col + max(counts[1].values(), default=0),
+            split_col,
+            split is not None,
+        )
 
-    def grid(self, values: Sequence[float], fill: float, like: torch.Tensor,
-             rows: slice = slice(None)) -> torch.Tensor:
+    def grid(
+        self, values: Sequence[float], fill: float, like: torch.Tensor, rows: slice = slice(None)
+    ) -> torch.Tensor:
         """``values`` per candidate as a ``(Gu, width)`` tensor (``fill`` in the padding),
         restricted to the grid rows ``rows``."""
         a = np.full((len(self.groups), self.width), fill, dtype=np.float64)
@@ -237,8 +260,7 @@ class SlotGrid:
         cap = max(_MAX_DELTA_ELEMENTS // max(per_group_elements * self.width, 1), 1)
         out, r0 = [], 0
         for r in range(1, len(self.groups) + 1):
-            if (r == len(self.groups) or self.groups[r] != self.groups[r - 1] + 1
-                    or r - r0 >= cap):
+            if r == len(self.groups) or self.groups[r] != self.groups[r - 1] + 1 or r - r0 >= cap:
                 out.append(slice(r0, r))
                 r0 = r
         return out

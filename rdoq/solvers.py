@@ -20,7 +20,7 @@ trade-off (exact breakpoints, no slope bisection tolerance). :func:`solve_dp` an
 :func:`solve_dp_multi` are exact up to a stated budget resolution (rates rounded *up*, so the
 budget always holds). :func:`solve_ilp` is the exact reference (HiGHS via ``scipy.optimize.milp``).
 
-Its length (about 630 lines): every solver of the padded table and the validation, constraints,
+Its length (about 720 lines): every solver of the padded table and the validation, constraints,
 monotone fit and budget fill they share are kept in one module, so that the solvers' contract
 (the table's shape, ``inf`` columns, original column indices, rates rounded up) lives in one
 place.
@@ -57,29 +57,37 @@ def _check_table(dist: np.ndarray, rate: np.ndarray) -> tuple[np.ndarray, np.nda
     dist = np.asarray(dist, dtype=np.float64)
     rate = np.asarray(rate, dtype=np.float64)
     if dist.ndim != 2 or dist.shape != rate.shape:
-        raise ValueError(f"dist and rate must both be (I, K) arrays of one shape, got "
-                         f"{dist.shape} and {rate.shape}")
+        raise ValueError(
+            f"dist and rate must both be (I, K) arrays of one shape, got "
+            f"{dist.shape} and {rate.shape}"
+        )
     if dist.shape[0] == 0 or dist.shape[1] == 0:
         raise ValueError(f"empty item table {dist.shape}: need at least one item and one choice")
     nan = np.argwhere(np.isnan(dist))
     if nan.size:
         i, k = nan[0]
-        raise ValueError(f"dist[{i}, {k}] is NaN ({len(nan)} NaN entries); fix the curve or set "
-                         "the entry to np.inf to disallow that choice")
+        raise ValueError(
+            f"dist[{i}, {k}] is NaN ({len(nan)} NaN entries); fix the curve or set "
+            "the entry to np.inf to disallow that choice"
+        )
     if np.any(dist == -np.inf):
         i, k = np.argwhere(dist == -np.inf)[0]
-        raise ValueError(f"dist[{i}, {k}] is -inf; distortions must be finite or +inf (= not "
-                         "allowed)")
+        raise ValueError(
+            f"dist[{i}, {k}] is -inf; distortions must be finite or +inf (= not allowed)"
+        )
     allowed = np.isfinite(dist)
     none = np.flatnonzero(~allowed.any(axis=1))
     if none.size:
-        raise ValueError(f"item {none[0]} has no allowed choice (every dist is inf; "
-                         f"{none.size} such items); relax the bit constraints for it")
+        raise ValueError(
+            f"item {none[0]} has no allowed choice (every dist is inf; "
+            f"{none.size} such items); relax the bit constraints for it"
+        )
     bad = allowed & ~(np.isfinite(rate) & (rate >= 0))
     if bad.any():
         i, k = np.argwhere(bad)[0]
-        raise ValueError(f"rate[{i}, {k}] = {rate[i, k]} for an allowed choice; rates must be "
-                         "finite and >= 0")
+        raise ValueError(
+            f"rate[{i}, {k}] = {rate[i, k]} for an allowed choice; rates must be finite and >= 0"
+        )
     return dist, rate
 
 
@@ -93,9 +101,11 @@ def _check_budget(budget: float, min_rate: float) -> float:
     if math.isnan(budget):
         raise ValueError("budget is NaN; pass a number in the unit of rate (bits)")
     if budget < min_rate:
-        raise ValueError(f"budget {budget:.6g} is below the smallest achievable rate "
-                         f"{min_rate:.6g}; raise the target or relax the min-bits / allowed-bits "
-                         "constraints")
+        raise ValueError(
+            f"budget {budget:.6g} is below the smallest achievable rate "
+            f"{min_rate:.6g}; raise the target or relax the min-bits / allowed-bits "
+            "constraints"
+        )
     return budget
 
 
@@ -109,9 +119,14 @@ def choice_totals(dist: np.ndarray, rate: np.ndarray, choice: np.ndarray) -> tup
 # Constraints
 
 
-def constrain(dist: np.ndarray, bits: np.ndarray, *, allowed_bits: Iterable[int] | None = None,
-              min_bits: float | np.ndarray | None = None,
-              max_bits: float | np.ndarray | None = None) -> np.ndarray:
+def constrain(
+    dist: np.ndarray,
+    bits: np.ndarray,
+    *,
+    allowed_bits: Iterable[int] | None = None,
+    min_bits: float | np.ndarray | None = None,
+    max_bits: float | np.ndarray | None = None,
+) -> np.ndarray:
     """A copy of ``dist`` with ``inf`` in every column whose bit width breaks a constraint.
 
     ``bits`` is the bit width of each column, ``(K,)`` or ``(I, K)``; ``min_bits`` / ``max_bits``
@@ -136,9 +151,11 @@ def constrain(dist: np.ndarray, bits: np.ndarray, *, allowed_bits: Iterable[int]
     none = np.flatnonzero(~np.isfinite(out).any(axis=1))
     if none.size:
         i = none[0]
-        raise ValueError(f"item {i} has no allowed choice under the constraints (its bit widths "
-                         f"{sorted(set(bits[i].tolist()))}, allowed_bits={allowed_bits}, "
-                         f"min_bits={min_bits}, max_bits={max_bits}); relax them")
+        raise ValueError(
+            f"item {i} has no allowed choice under the constraints (its bit widths "
+            f"{sorted(set(bits[i].tolist()))}, allowed_bits={allowed_bits}, "
+            f"min_bits={min_bits}, max_bits={max_bits}); relax them"
+        )
     return out
 
 
@@ -184,8 +201,9 @@ def _pool_non_increasing(y: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(means), sizes)
 
 
-def fill_budget(dist: np.ndarray, rate: np.ndarray, choice: np.ndarray,
-                budget: float) -> np.ndarray:
+def fill_budget(
+    dist: np.ndarray, rate: np.ndarray, choice: np.ndarray, budget: float
+) -> np.ndarray:
     """Spend what a solution leaves of ``budget`` on upgrades that do not raise any distortion.
 
     Greedy: while some item can move to a costlier column whose distortion is not higher and
@@ -201,8 +219,10 @@ def fill_budget(dist: np.ndarray, rate: np.ndarray, choice: np.ndarray,
     idx = np.arange(len(choice))
     left = float(budget) - float(rate[idx, choice].sum())
     if left < 0:
-        raise ValueError(f"the choice spends {float(rate[idx, choice].sum()):.6g} bits, over "
-                         f"the budget {budget:.6g}")
+        raise ValueError(
+            f"the choice spends {float(rate[idx, choice].sum()):.6g} bits, over "
+            f"the budget {budget:.6g}"
+        )
     finite = np.isfinite(dist)
     heap: list[tuple[float, float, int, int, int]] = []
 
@@ -213,8 +233,10 @@ def fill_budget(dist: np.ndarray, rate: np.ndarray, choice: np.ndarray,
         ok = finite[rows] & (extra > 0) & (extra <= left) & (dist[rows] <= d0)
         for r, k in np.argwhere(ok).tolist():
             e = float(extra[r, k])
-            heapq.heappush(heap, (-float(d0[r, 0] - dist[rows[r], k]) / e, e, int(rows[r]),
-                                  int(k), int(cur[r])))
+            heapq.heappush(
+                heap,
+                (-float(d0[r, 0] - dist[rows[r], k]) / e, e, int(rows[r]), int(k), int(cur[r])),
+            )
 
     push(idx)
     # Pop the best move; a stale one (its item moved since) or one that no longer fits (what is
@@ -229,8 +251,9 @@ def fill_budget(dist: np.ndarray, rate: np.ndarray, choice: np.ndarray,
     return choice
 
 
-def merge_layers(dist: np.ndarray, rate: np.ndarray,
-                 layer: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def merge_layers(
+    dist: np.ndarray, rate: np.ndarray, layer: Sequence | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge the groups of each layer into one item, for whole-layer (uniform) allocation.
 
     ``layer (I,)`` labels each item with its layer (any hashable values). Returns ``(dist_L,
@@ -242,8 +265,9 @@ def merge_layers(dist: np.ndarray, rate: np.ndarray,
     dist, rate = _check_table(dist, rate)
     layer = np.asarray(layer)
     if layer.shape != (dist.shape[0],):
-        raise ValueError(f"layer must have one label per item ({dist.shape[0]}), got shape "
-                         f"{layer.shape}")
+        raise ValueError(
+            f"layer must have one label per item ({dist.shape[0]}), got shape {layer.shape}"
+        )
     labels, item_layer = np.unique(layer, return_inverse=True)
     n_layers = int(item_layer.max()) + 1
     dist_l = np.zeros((n_layers, dist.shape[1]))  # (L, K)
@@ -252,8 +276,10 @@ def merge_layers(dist: np.ndarray, rate: np.ndarray,
     np.add.at(rate_l, item_layer, np.where(np.isfinite(dist), rate, 0.0))
     none = np.flatnonzero(~np.isfinite(dist_l).any(axis=1))
     if none.size:
-        raise ValueError(f"layer {labels.tolist()[none[0]]!r} has no bit width allowed for all its "
-                         "groups; relax the constraints or allocate it per group")
+        raise ValueError(
+            f"layer {labels.tolist()[none[0]]!r} has no bit width allowed for all its "
+            "groups; relax the constraints or allocate it per group"
+        )
     return dist_l, rate_l, item_layer
 
 
@@ -262,8 +288,13 @@ def expand_layers(choice_l: np.ndarray, item_layer: np.ndarray) -> np.ndarray:
     return np.asarray(choice_l)[np.asarray(item_layer)]
 
 
-def solve_separate(dist: np.ndarray, rate: np.ndarray, part: np.ndarray,
-                   budgets: Sequence[float], solver: Solver | None = None) -> np.ndarray:
+def solve_separate(
+    dist: np.ndarray,
+    rate: np.ndarray,
+    part: np.ndarray,
+    budgets: Sequence[float],
+    solver: Solver | None = None,
+) -> np.ndarray:
     """Solve one independent problem per part, each with its own budget.
 
     ``part (I,)`` holds the part index of every item in ``0..P-1`` (e.g. 0 = weights,
@@ -273,11 +304,14 @@ def solve_separate(dist: np.ndarray, rate: np.ndarray, part: np.ndarray,
     dist, rate = _check_table(dist, rate)
     part = np.asarray(part)
     if part.shape != (dist.shape[0],):
-        raise ValueError(f"part must have one entry per item ({dist.shape[0]}), got shape "
-                         f"{part.shape}")
+        raise ValueError(
+            f"part must have one entry per item ({dist.shape[0]}), got shape {part.shape}"
+        )
     if part.size and (part.min() < 0 or part.max() >= len(budgets)):
-        raise ValueError(f"part values must lie in 0..{len(budgets) - 1} (one budget each), got "
-                         f"{part.min()}..{part.max()}")
+        raise ValueError(
+            f"part values must lie in 0..{len(budgets) - 1} (one budget each), got "
+            f"{part.min()}..{part.max()}"
+        )
     solver = solve_dp if solver is None else solver
     choice = np.zeros(dist.shape[0], dtype=np.int64)
     for p, budget in enumerate(budgets):
@@ -313,8 +347,9 @@ def _hulls(dist: np.ndarray, rate: np.ndarray) -> _Hull:
             best = d_i[k]
             while len(hull) >= 2:
                 a, b = hull[-2], hull[-1]
-                cross = ((r_i[b] - r_i[a]) * (d_i[k] - d_i[a])
-                         - (d_i[b] - d_i[a]) * (r_i[k] - r_i[a]))
+                cross = (r_i[b] - r_i[a]) * (d_i[k] - d_i[a]) - (d_i[b] - d_i[a]) * (
+                    r_i[k] - r_i[a]
+                )
                 if cross > 0:
                     break
                 hull.pop()  # b lies on or above the chord a-k
@@ -327,8 +362,9 @@ def _hulls(dist: np.ndarray, rate: np.ndarray) -> _Hull:
     return _Hull(cols, slopes)
 
 
-def lagrangian_frontier(dist: np.ndarray, rate: np.ndarray,
-                        slopes: Sequence[float] | np.ndarray) -> np.ndarray:
+def lagrangian_frontier(
+    dist: np.ndarray, rate: np.ndarray, slopes: Sequence[float] | np.ndarray
+) -> np.ndarray:
     """Choices ``(I, len(slopes))`` minimising ``dist + slope × rate`` per item, per slope.
 
     Ties go to the lower rate, so the rate of every item never rises as the slope grows.
@@ -411,8 +447,12 @@ def _offset_rates(dist: np.ndarray, rate: np.ndarray) -> tuple[np.ndarray, np.nd
     return extra, min_rate
 
 
-def dp_resolution(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float] | float,
-                  max_cells: int = DP_MAX_CELLS) -> float:
+def dp_resolution(
+    dist: np.ndarray,
+    rate: np.ndarray,
+    budgets: Sequence[float] | float,
+    max_cells: int = DP_MAX_CELLS,
+) -> float:
     """The budget unit :func:`solve_dp` uses by default.
 
     The gcd of all (integer) rates above each item's minimum when the table fits — ``I × cells
@@ -435,8 +475,10 @@ def dp_resolution(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float] |
     # Each item may round up by almost one unit: keep I + 2 cells of the row for that window.
     per_item = row - (n_items + 2)
     if per_item < 16:
-        raise ValueError(f"max_cells={max_cells} is too small for {n_items} items; allow at "
-                         f"least {n_items * (n_items + 18)} cells")
+        raise ValueError(
+            f"max_cells={max_cells} is too small for {n_items} items; allow at "
+            f"least {n_items * (n_items + 18)} cells"
+        )
     unit = top / per_item
     if gcd is not None:
         unit = math.ceil(unit / gcd) * gcd
@@ -454,9 +496,13 @@ def _rate_units(extra: np.ndarray, allowed: np.ndarray, unit: float) -> np.ndarr
     return np.where(allowed, units, 0)
 
 
-def solve_dp_multi(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float],
-                   resolution: float | None = None,
-                   max_cells: int = DP_MAX_CELLS) -> DPResult:
+def solve_dp_multi(
+    dist: np.ndarray,
+    rate: np.ndarray,
+    budgets: Sequence[float],
+    resolution: float | None = None,
+    max_cells: int = DP_MAX_CELLS,
+) -> DPResult:
     """Exact multiple-choice knapsack by DP (paper eq. 24) for several budgets from one table.
 
     ``S[i, j] = min_k dist[i, k] + S[i-1, j - units[i, k]]`` over budget cells ``j`` of
@@ -492,9 +538,11 @@ def solve_dp_multi(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float],
         spans.append((max(first - 2, 0), math.floor(min(b - base + slack, top) / unit)))
     n_cells = int(min(max(last for _, last in spans), max_units.sum())) + 1
     if n_items * n_cells > max_cells:
-        raise ValueError(f"resolution {unit:.6g} needs {n_items} × {n_cells} DP cells, more "
-                         f"than max_cells={max_cells}; use resolution >= "
-                         f"{dp_resolution(dist, rate, budgets, max_cells):.6g} or raise max_cells")
+        raise ValueError(
+            f"resolution {unit:.6g} needs {n_items} × {n_cells} DP cells, more "
+            f"than max_cells={max_cells}; use resolution >= "
+            f"{dp_resolution(dist, rate, budgets, max_cells):.6g} or raise max_cells"
+        )
 
     # Small items first: the prefix of items can reach only the sum of their largest rates, so
     # the rows stay short for most of the sweep.
@@ -509,7 +557,7 @@ def solve_dp_multi(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float],
     prev_cap = 0
     for pos, i in enumerate(order):
         n = int(caps[pos]) + 1
-        prev[prev_cap + 1:n] = prev[prev_cap]
+        prev[prev_cap + 1 : n] = prev[prev_cap]
         row = cur[:n]
         row.fill(np.inf)
         arg = np.zeros(n, dtype=arg_dtype)
@@ -527,7 +575,7 @@ def solve_dp_multi(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float],
         args.append(arg)
         prev, cur = cur, prev
         prev_cap = n - 1
-    final = prev[:prev_cap + 1]
+    final = prev[: prev_cap + 1]
 
     choices = []
     idx = np.arange(n_items)
@@ -551,14 +599,21 @@ def solve_dp_multi(dist: np.ndarray, rate: np.ndarray, budgets: Sequence[float],
                 picked = cand[:, m]
                 break
         if picked is None:
-            raise ValueError(f"budget {b:.6g} is too close to the smallest rate {base:.6g} for "
-                             f"resolution {unit:.6g}; pass a finer resolution")
+            raise ValueError(
+                f"budget {b:.6g} is too close to the smallest rate {base:.6g} for "
+                f"resolution {unit:.6g}; pass a finer resolution"
+            )
         choices.append(picked)
     return DPResult(tuple(choices), unit, slack, n_cells)
 
 
-def solve_dp(dist: np.ndarray, rate: np.ndarray, budget: float, resolution: float | None = None,
-             max_cells: int = DP_MAX_CELLS) -> np.ndarray:
+def solve_dp(
+    dist: np.ndarray,
+    rate: np.ndarray,
+    budget: float,
+    resolution: float | None = None,
+    max_cells: int = DP_MAX_CELLS,
+) -> np.ndarray:
     """One-budget :func:`solve_dp_multi`; the unit it uses is ``dp_resolution(dist, rate,
     budget, max_cells)`` unless ``resolution`` is given."""
     return solve_dp_multi(dist, rate, [budget], resolution, max_cells).choices[0]
@@ -580,8 +635,14 @@ class ILPResult:
     message: str
 
 
-def solve_ilp_result(dist: np.ndarray, rate: np.ndarray, budget: float, *,
-                     time_limit: float | None = None, mip_rel_gap: float = 1e-9) -> ILPResult:
+def solve_ilp_result(
+    dist: np.ndarray,
+    rate: np.ndarray,
+    budget: float,
+    *,
+    time_limit: float | None = None,
+    mip_rel_gap: float = 1e-9,
+) -> ILPResult:
     """Exact multiple-choice knapsack with HiGHS: binary ``x[i, k]``, one choice per item."""
     dist, rate = _check_table(dist, rate)
     n_items = dist.shape[0]
@@ -596,17 +657,24 @@ def solve_ilp_result(dist: np.ndarray, rate: np.ndarray, budget: float, *,
     scale = ref if ref > 0 else 1.0
     r = rate[rows, cols]
     r_scale = max(float(r.max()), 1.0)
-    one_each = csr_array((np.ones(rows.size), (rows, np.arange(rows.size))),
-                         shape=(n_items, rows.size))
+    one_each = csr_array(
+        (np.ones(rows.size), (rows, np.arange(rows.size))), shape=(n_items, rows.size)
+    )
     rhs = budget / r_scale
     options = {"mip_rel_gap": mip_rel_gap}
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     for _ in range(5):
-        res = milp(c / scale, integrality=np.ones(rows.size), bounds=Bounds(0, 1),
-                   constraints=[LinearConstraint(one_each, 1, 1),
-                                LinearConstraint((r / r_scale)[None, :], -np.inf, rhs)],
-                   options=options)
+        res = milp(
+            c / scale,
+            integrality=np.ones(rows.size),
+            bounds=Bounds(0, 1),
+            constraints=[
+                LinearConstraint(one_each, 1, 1),
+                LinearConstraint((r / r_scale)[None, :], -np.inf, rhs),
+            ],
+            options=options,
+        )
         if res.x is None:
             raise RuntimeError(f"HiGHS found no solution for budget {budget:.6g}: {res.message}")
         # The largest x of each item is its choice (x is 0/1 up to HiGHS's tolerance); rows are
@@ -627,11 +695,21 @@ def solve_ilp_result(dist: np.ndarray, rate: np.ndarray, budget: float, *,
     return ILPResult(choice, optimal, total_dist, bound, str(res.message))
 
 
-def solve_ilp(dist: np.ndarray, rate: np.ndarray, budget: float, *,
-              time_limit: float | None = None, mip_rel_gap: float = 1e-9) -> np.ndarray:
+def solve_ilp(
+    dist: np.ndarray,
+    rate: np.ndarray,
+    budget: float,
+    *,
+    time_limit: float | None = None,
+    mip_rel_gap: float = 1e-9,
+) -> np.ndarray:
     """Exact reference choice by ILP (HiGHS); warns if ``time_limit`` stopped it early."""
     res = solve_ilp_result(dist, rate, budget, time_limit=time_limit, mip_rel_gap=mip_rel_gap)
     if not res.optimal:
-        warnings.warn(f"ILP not proven optimal ({res.message}); dist {res.objective:.6g}, lower "
-                      f"bound {res.bound:.6g}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ILP not proven optimal ({res.message}); dist {res.objective:.6g}, lower "
+            f"bound {res.bound:.6g}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return res.choice

@@ -74,8 +74,12 @@ class ChannelSteps:
         return cls(steps, np.zeros((c, 1)))
 
 
-def candidate_params(cands: Sequence[Candidate], bounds: Sequence[tuple[int, int]], width: int,
-                     steps: ChannelSteps | None) -> tuple[np.ndarray, np.ndarray]:
+def candidate_params(
+    cands: Sequence[Candidate],
+    bounds: Sequence[tuple[int, int]],
+    width: int,
+    steps: ChannelSteps | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per candidate and channel of its group: ``step (K, width)`` and ``φ (K, width)``.
 
     Channels past the group's end (a final partial group) get step 1 and φ 0. With ``steps``
@@ -90,8 +94,10 @@ def candidate_params(cands: Sequence[Candidate], bounds: Sequence[tuple[int, int
         c0, c1 = bounds[cand.group]
         n = c1 - c0
         if (steps is None) != (cand.dz_index < 0):
-            raise ValueError(f"candidate {cand} and {'no ' if steps is None else ''}per-channel "
-                             f"steps: per-channel candidates need their layer's ChannelSteps")
+            raise ValueError(
+                f"candidate {cand} and {'no ' if steps is None else ''}per-channel "
+                f"steps: per-channel candidates need their layer's ChannelSteps"
+            )
         if steps is None:
             if cand.bits > 0 and math.isfinite(cand.step_log2):
                 step[i, :n] = 2.0**cand.step_log2
@@ -105,9 +111,9 @@ def candidate_params(cands: Sequence[Candidate], bounds: Sequence[tuple[int, int
     return step, phi
 
 
-def candidate_quantizer(bounds: Sequence[tuple[int, int]], cand: Candidate,
-                        steps: ChannelSteps | None
-                        ) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+def candidate_quantizer(
+    bounds: Sequence[tuple[int, int]], cand: Candidate, steps: ChannelSteps | None
+) -> tuple[float | torch.Tensor, float | torch.Tensor]:
     """Step and φ that quantize ``cand``'s group (for ``quantize_weight_steps`` and
     ``weight_levels``): Python scalars for the paper's one step per group, else per channel
     ``(c,)`` float64 tensors from :func:`candidate_params`."""

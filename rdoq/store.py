@@ -26,9 +26,26 @@ SCHEMA = "rdoq.curves/2"
 # Keys of meta.json that describe *how* curves were made; two runs may share a directory only if
 # all of them agree. ``argv``/``created``/``part`` describe one invocation and may differ.
 SETTINGS_KEYS = (
-    "schema", "kind", "estimator", "act_mode", "model", "checkpoint_sha256", "weights_source",
-    "group_size", "bits", "ndz", "step_grid", "max_steps", "precision", "calib", "layers",
-    "estimator_params", "steps", "scales_log2", "bias_corr", "folds",
+    "schema",
+    "kind",
+    "estimator",
+    "act_mode",
+    "model",
+    "checkpoint_sha256",
+    "weights_source",
+    "group_size",
+    "bits",
+    "ndz",
+    "step_grid",
+    "max_steps",
+    "precision",
+    "calib",
+    "layers",
+    "estimator_params",
+    "steps",
+    "scales_log2",
+    "bias_corr",
+    "folds",
 )
 LAYER_ARRAYS = ("dist", "step_log2", "deadzone", "numel")
 # What reading a damaged .npz raises (a copy or a full disk that stopped half way, flipped bytes):
@@ -38,12 +55,15 @@ DAMAGED_FILE_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFi
 log = logging.getLogger("rdoq")
 
 
-def curve_set_name(arch: str, kind: str, ndz: int, nr: int, ns: int, nf: int,
-                   act_mode: str | None = None) -> str:
+def curve_set_name(
+    arch: str, kind: str, ndz: int, nr: int, ns: int, nf: int, act_mode: str | None = None
+) -> str:
     """The paper's directory name for a curve set (a label only; the truth is in meta.json)."""
     if kind == "weight":
-        return (f"{arch}_ndz_{ndz:04d}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}"
-                "_rdcurves_channelwise_opt_dist")
+        return (
+            f"{arch}_ndz_{ndz:04d}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}"
+            "_rdcurves_channelwise_opt_dist"
+        )
     if kind != "act":
         raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
     where = "out_channelwise" if act_mode == "out" else "channelwise"
@@ -102,8 +122,9 @@ def read_json_artifact(path: Path, schema: str, keys: tuple[str, ...]) -> dict[s
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(obj, dict) or obj.get("schema") != schema:
         found = obj.get("schema") if isinstance(obj, dict) else None
-        raise ValueError(f"{path}: schema {found!r} is not {schema!r}; re-create it with this "
-                         f"version of rdoq")
+        raise ValueError(
+            f"{path}: schema {found!r} is not {schema!r}; re-create it with this version of rdoq"
+        )
     for key in keys:
         if key not in obj:
             raise ValueError(f"{path}: missing key {key!r}")
@@ -135,6 +156,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def _check_meta(path: Path, meta: dict[str, Any]) -> None:
     """The parts of a curve set's meta.json that readers index into; ValueError names the file."""
+
     def bad(what: str) -> ValueError:
         return ValueError(f"{path}: {what}; re-create the curve set with the curve script")
 
@@ -150,11 +172,15 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
     for i, entry in enumerate(meta["layers"]):
         if not isinstance(entry, dict):
             raise bad(f"layers[{i}] is not an object")
-        for key, kind in (("name", str), ("type", str), ("shape", list), ("groups", int),
-                          ("numel", int)):
+        for key, kind in (
+            ("name", str),
+            ("type", str),
+            ("shape", list),
+            ("groups", int),
+            ("numel", int),
+        ):
             if not isinstance(entry.get(key), kind):
-                raise bad(f"layers[{i}] ({entry.get('name', '?')}) has no {kind.__name__} "
-                          f"{key!r}")
+                raise bad(f"layers[{i}] ({entry.get('name', '?')}) has no {kind.__name__} {key!r}")
 
 
 @dataclass
@@ -173,20 +199,24 @@ class LayerCurves:
         g, d, b = self.dist.shape
         for key in ("step_log2", "deadzone"):
             if getattr(self, key).shape != (g, d, b):
-                raise ValueError(f"layer {name}: {key} has shape {getattr(self, key).shape}, "
-                                 f"expected {(g, d, b)}")
+                raise ValueError(
+                    f"layer {name}: {key} has shape {getattr(self, key).shape}, "
+                    f"expected {(g, d, b)}"
+                )
         if self.numel.shape != (g,):
             raise ValueError(f"layer {name}: numel has shape {self.numel.shape}, expected {(g,)}")
         # Optional (weight curves made before entropy rates were stored lack it).
         entropy = self.extra.get("entropy")
         if entropy is not None and entropy.shape != (g, d, b):
-            raise ValueError(f"layer {name}: entropy has shape {entropy.shape}, expected "
-                             f"{(g, d, b)}")
+            raise ValueError(
+                f"layer {name}: entropy has shape {entropy.shape}, expected {(g, d, b)}"
+            )
         # Optional: each calibration fold's own curve (second-order curves with --folds).
         folds = self.extra.get("dist_folds")
         if folds is not None and (folds.ndim != 4 or folds.shape[1:] != (g, d, b)):
-            raise ValueError(f"layer {name}: dist_folds has shape {folds.shape}, expected "
-                             f"(F, {g}, {d}, {b})")
+            raise ValueError(
+                f"layer {name}: dist_folds has shape {folds.shape}, expected (F, {g}, {d}, {b})"
+            )
         if np.isnan(self.dist).any():
             raise ValueError(f"layer {name}: dist contains NaN")
 
@@ -219,12 +249,16 @@ class CurveStore:
         for key in SETTINGS_KEYS:
             if _canonical(old.get(key)) != _canonical(meta.get(key)):
                 # Sets made before folds were stored resume with the flag that turns them off.
-                hint = (f" (--folds {old['folds']['count'] if old.get('folds') else 0})"
-                        if key == "folds" else "")
+                hint = (
+                    f" (--folds {old['folds']['count'] if old.get('folds') else 0})"
+                    if key == "folds"
+                    else ""
+                )
                 raise ValueError(
                     f"{root} already holds curves made with {key}={_short(old.get(key))}, "
                     f"this run has {key}={_short(meta.get(key))}; use another --outdir or "
-                    f"the same settings{hint} to resume")
+                    f"the same settings{hint} to resume"
+                )
         return cls(root, old)
 
     @classmethod
@@ -262,8 +296,13 @@ class CurveStore:
         try:
             arrays = _load_npz(path)
         except DAMAGED_FILE_ERRORS as e:
-            log.warning("%s is unreadable (%s: %s): counted as missing; a curve run into %s "
-                        "recomputes it", path, type(e).__name__, e, self.root)
+            log.warning(
+                "%s is unreadable (%s: %s): counted as missing; a curve run into %s recomputes it",
+                path,
+                type(e).__name__,
+                e,
+                self.root,
+            )
             return False
         stamp = arrays.get("settings_digest")
         return stamp is not None and str(stamp) == self.settings_digest
@@ -289,12 +328,16 @@ class CurveStore:
         try:
             arrays = _load_npz(path)
         except DAMAGED_FILE_ERRORS as e:
-            raise ValueError(f"{path} is unreadable ({type(e).__name__}: {e}); re-run the curve "
-                             f"script into {self.root} to recompute it") from e
+            raise ValueError(
+                f"{path} is unreadable ({type(e).__name__}: {e}); re-run the curve "
+                f"script into {self.root} to recompute it"
+            ) from e
         digest = arrays.pop("settings_digest", None)
         if digest is None or str(digest) != self.settings_digest:
-            raise ValueError(f"{path} was made with other settings than {self.root}/meta.json; "
-                             f"re-run the curve script into this directory to recompute it")
+            raise ValueError(
+                f"{path} was made with other settings than {self.root}/meta.json; "
+                f"re-run the curve script into this directory to recompute it"
+            )
         missing = [k for k in LAYER_ARRAYS if k not in arrays]
         if missing:
             raise ValueError(f"{path} lacks arrays {missing}")
@@ -302,8 +345,9 @@ class CurveStore:
         curves.validate(name)
         entry = next((x for x in self.meta["layers"] if x["name"] == name), None)
         if entry is not None and curves.dist.shape[0] != entry["groups"]:
-            raise ValueError(f"{path}: {curves.dist.shape[0]} groups, meta.json says "
-                             f"{entry['groups']}")
+            raise ValueError(
+                f"{path}: {curves.dist.shape[0]} groups, meta.json says {entry['groups']}"
+            )
         return curves
 
 
@@ -328,13 +372,19 @@ def summarize(root: Path | str) -> dict[str, Any]:
         ratios.append(best[live] / best[live, :1])
     table = np.concatenate(ratios) if ratios else np.zeros((0, len(meta["bits"])))  # (G, B)
     return {
-        "curve_set": Path(root).name, "kind": meta["kind"], "act_mode": meta.get("act_mode"),
-        "estimator": meta.get("estimator"), "model": meta.get("model"),
-        "group_size": meta["group_size"], "layers": len(meta["layers"]),
+        "curve_set": Path(root).name,
+        "kind": meta["kind"],
+        "act_mode": meta.get("act_mode"),
+        "estimator": meta.get("estimator"),
+        "model": meta.get("model"),
+        "group_size": meta["group_size"],
+        "layers": len(meta["layers"]),
         "missing_layers": missing,
         "groups": int(sum(layer["groups"] for layer in meta["layers"])),
-        "median_dist_ratio": {int(b): float(np.median(table[:, i])) if len(table) else None
-                              for i, b in enumerate(meta["bits"])},
+        "median_dist_ratio": {
+            int(b): float(np.median(table[:, i])) if len(table) else None
+            for i, b in enumerate(meta["bits"])
+        },
     }
 
 
@@ -351,18 +401,23 @@ def open_curve_set(root: Path | str, kind: str, act_mode: str | None = None) -> 
     if meta["kind"] != kind:
         raise ValueError(f"{root} holds {meta['kind']} curves, expected {kind} curves")
     if kind == "act" and act_mode is not None and meta.get("act_mode") != act_mode:
-        raise ValueError(f"{root} holds activation curves of layer {meta.get('act_mode')}puts, "
-                         f"this script needs {act_mode}put curves")
+        raise ValueError(
+            f"{root} holds activation curves of layer {meta.get('act_mode')}puts, "
+            f"this script needs {act_mode}put curves"
+        )
     missing = store.missing_layers()
     if missing:
         more = f" … ({len(missing)} in all)" if len(missing) > 5 else ""
-        raise ValueError(f"curve set {root} misses layers {missing[:5]}{more}; run the curve "
-                         f"script again with the same settings (and every --part_id) to finish it")
+        raise ValueError(
+            f"curve set {root} misses layers {missing[:5]}{more}; run the curve "
+            f"script again with the same settings (and every --part_id) to finish it"
+        )
     return store
 
 
-def find_act_curve_set(root: Path | str, model: str, act_mode: str,
-                       group_size: int | None = None) -> Path:
+def find_act_curve_set(
+    root: Path | str, model: str, act_mode: str, group_size: int | None = None
+) -> Path:
     """The activation curve set under ``root`` (the paper's ``--act_curve_root_dir``) for
     ``model`` and ``act_mode``; ``root`` may also be the curve set itself."""
     root = Path(root)
@@ -373,16 +428,23 @@ def find_act_curve_set(root: Path | str, model: str, act_mode: str,
     found = []
     for d in sorted(p for p in root.iterdir() if (p / "meta.json").is_file()):
         meta = CurveStore.read_meta(d)
-        if (meta["kind"] == "act" and meta.get("act_mode") == act_mode
-                and meta.get("model") == model
-                and (group_size is None or meta["group_size"] == group_size)):
+        if (
+            meta["kind"] == "act"
+            and meta.get("act_mode") == act_mode
+            and meta.get("model") == model
+            and (group_size is None or meta["group_size"] == group_size)
+        ):
             found.append(d)
     if not found:
-        raise FileNotFoundError(f"no {act_mode}put activation curve set of {model} under {root}; "
-                                f"run the activation curve script with --outdir {root}")
+        raise FileNotFoundError(
+            f"no {act_mode}put activation curve set of {model} under {root}; "
+            f"run the activation curve script with --outdir {root}"
+        )
     if len(found) > 1:
-        raise ValueError(f"several activation curve sets of {model} under {root}: "
-                         f"{[d.name for d in found]}; pass one of them as --act_curve_root_dir")
+        raise ValueError(
+            f"several activation curve sets of {model} under {root}: "
+            f"{[d.name for d in found]}; pass one of them as --act_curve_root_dir"
+        )
     return found[0]
 
 
@@ -390,6 +452,8 @@ def check_same_model(weight_meta: dict[str, Any], act_meta: dict[str, Any]) -> N
     """Weight and activation curves must describe the same model and weights."""
     for key in ("model", "checkpoint_sha256", "weights_source"):
         if weight_meta.get(key) != act_meta.get(key):
-            raise ValueError(f"the weight and activation curve sets differ in {key}: "
-                             f"{weight_meta.get(key)!r} vs {act_meta.get(key)!r}; use curves of "
-                             f"the same model and checkpoint")
+            raise ValueError(
+                f"the weight and activation curve sets differ in {key}: "
+                f"{weight_meta.get(key)!r} vs {act_meta.get(key)!r}; use curves of "
+                f"the same model and checkpoint"
+            )

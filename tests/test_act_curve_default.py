@@ -21,8 +21,17 @@ pytestmark = pytest.mark.slow
 def curves(tmp_path_factory) -> dict[str, Path]:
     """Weight and output-activation curve sets of test_vit side by side in one directory."""
     root = tmp_path_factory.mktemp("curves")
-    common = [*MODEL, "--testsize", "2", "--nchannelbatch", "64", "--maxrates", "4",
-              "--outdir", str(root)]
+    common = [
+        *MODEL,
+        "--testsize",
+        "2",
+        "--nchannelbatch",
+        "64",
+        "--maxrates",
+        "4",
+        "--outdir",
+        str(root),
+    ]
     curves_main("weight", None, [*common, "--maxdeadzones", "1", "--maxsteps", "4"])
     curves_main("act", "out", [*common, "--maxsteps", "10"])
     weight = next(p for p in root.iterdir() if p.name.endswith("_channelwise_opt_dist"))
@@ -30,12 +39,24 @@ def curves(tmp_path_factory) -> dict[str, Path]:
 
 
 def alloc_flags(curves, outdir: Path, *extra: str) -> list[str]:
-    return [*MODEL, "--pathrdcurve", str(curves["weight"]), "--target_rates", "3",
-            "--testsize", "4", "--batchsize", "4", "--no-plots", "--outdir", str(outdir), *extra]
+    return [
+        *MODEL,
+        "--pathrdcurve",
+        str(curves["weight"]),
+        "--target_rates",
+        "3",
+        "--testsize",
+        "4",
+        "--batchsize",
+        "4",
+        "--no-plots",
+        "--outdir",
+        str(outdir),
+        *extra,
+    ]
 
 
-def test_no_act_curves_without_weights_only_is_a_clear_error(tmp_path, curves, capsys,
-                                                             monkeypatch):
+def test_no_act_curves_without_weights_only_is_a_clear_error(tmp_path, curves, capsys, monkeypatch):
     empty = tmp_path / "elsewhere"
     empty.mkdir()
     monkeypatch.chdir(empty)
@@ -67,7 +88,15 @@ def test_default_finds_the_act_curves_in_the_current_directory(tmp_path, curves,
 
 def test_weights_only_contradicts_an_act_curve_dir(tmp_path, curves, capsys):
     with pytest.raises(SystemExit):
-        allocate_main("dp", argv=alloc_flags(curves, tmp_path / "x", "--weights-only",
-                                             "--act_curve_root_dir", str(curves["root"])))
+        allocate_main(
+            "dp",
+            argv=alloc_flags(
+                curves,
+                tmp_path / "x",
+                "--weights-only",
+                "--act_curve_root_dir",
+                str(curves["root"]),
+            ),
+        )
     err = capsys.readouterr().err
     assert "--weights-only" in err and "contradict" in err

@@ -23,8 +23,16 @@ from rdoq.evaluate import TensorBatches, reference_outputs
 from rdoq.groups import channel_dim, find_layers
 
 BUILT_IN = ("imagenet", "digits", "synthetic", "natural")
-INTERFACE = ("build", "example_input", "calib", "eval_data", "run", "evaluate", "layers",
-             "channel_axis")
+INTERFACE = (
+    "build",
+    "example_input",
+    "calib",
+    "eval_data",
+    "run",
+    "evaluate",
+    "layers",
+    "channel_axis",
+)
 
 
 def make_imagefolder(root: Path) -> Path:
@@ -41,11 +49,23 @@ def make_imagefolder(root: Path) -> Path:
 
 def flags(name: str, tmp_path: Path) -> argparse.Namespace:
     """The flags an adapter reads, with a model each that builds offline in a second."""
-    model = {"archname": "digits_cnn", "random_init": False} if name == "digits" else \
-        {"archname": "test_resnet", "random_init": True}
+    model = (
+        {"archname": "digits_cnn", "random_init": False}
+        if name == "digits"
+        else {"archname": "test_resnet", "random_init": True}
+    )
     datapath = make_imagefolder(tmp_path / "imagenet") if name == "imagenet" else tmp_path
-    return argparse.Namespace(dataset=name, checkpoint=None, seed=0, testsize=3, batchsize=2,
-                              workers=0, datapath=datapath, fold_bn=False, **model)
+    return argparse.Namespace(
+        dataset=name,
+        checkpoint=None,
+        seed=0,
+        testsize=3,
+        batchsize=2,
+        workers=0,
+        datapath=datapath,
+        fold_bn=False,
+        **model,
+    )
 
 
 def test_registry_is_fresh_and_keyed_by_name():
@@ -69,8 +89,10 @@ def test_registry_names_are_the_dataset_choices(capsys):
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(InputError, match="--dataset 'nope' has no adapter; choose one of "
-                                         "imagenet, digits, synthetic, natural"):
+    with pytest.raises(
+        InputError,
+        match="--dataset 'nope' has no adapter; choose one of imagenet, digits, synthetic, natural",
+    ):
         get_adapter("nope")
 
 
@@ -81,8 +103,10 @@ def test_every_registered_adapter_satisfies_the_interface(name, tmp_path):
     adapter = get_adapter(name)
     assert isinstance(adapter, Adapter) and not type(adapter).__abstractmethods__
     for method in INTERFACE:  # overrides keep the interface's parameters
-        assert (list(inspect.signature(getattr(adapter, method)).parameters)
-                == list(inspect.signature(getattr(Adapter, method)).parameters)[1:]), method
+        assert (
+            list(inspect.signature(getattr(adapter, method)).parameters)
+            == list(inspect.signature(getattr(Adapter, method)).parameters)[1:]
+        ), method
     args = flags(name, tmp_path)
     model, info = adapter.build(args)
     assert isinstance(model, nn.Module) and not model.training and isinstance(info, ModelInfo)
@@ -100,8 +124,9 @@ def test_every_registered_adapter_satisfies_the_interface(name, tmp_path):
     layers = adapter.layers(model)
     assert layers == find_layers(model)
     modules = dict(model.named_modules())
-    assert all(adapter.channel_axis(modules[la.name]) == channel_dim(modules[la.name])
-               for la in layers)
+    assert all(
+        adapter.channel_axis(modules[la.name]) == channel_dim(modules[la.name]) for la in layers
+    )
     cpu = torch.device("cpu")
     ref, _ = reference_outputs(model, batches, cpu, adapter.run)  # (3, K)
     metrics = adapter.evaluate(model, batches, ref, cpu)
@@ -137,10 +162,10 @@ class BlobsAdapter(Adapter):
     def example_input(self, model: nn.Module, count: int, seed: int) -> torch.Tensor:
         return torch.randn(count, 1, 6, 6, generator=torch.Generator().manual_seed(seed))
 
-    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
-              seed: int) -> CalibSet:
-        return CalibSet(self.example_input(model, size, seed), "blobs:randn",
-                        list(range(size)), seed)
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int, seed: int) -> CalibSet:
+        return CalibSet(
+            self.example_input(model, size, seed), "blobs:randn", list(range(size)), seed
+        )
 
     def eval_data(self, args: argparse.Namespace, model: nn.Module) -> TensorBatches:
         x = self.example_input(model, args.testsize, 99)  # (N, 1, 6, 6)
@@ -155,19 +180,52 @@ def test_a_new_adapter_runs_through_the_entry_points_without_cli_changes(tmp_pat
     blobs = BlobsAdapter()
     adapters = {**adapter_registry(), blobs.name: blobs}
     model = ["--archname", "blobs_net", "--dataset", "blobs", "--device", "cpu", "--quiet"]
-    summary = cli_curves.curves_main("weight", None, [
-        *model, "--testsize", "4", "--nchannelbatch", "4", "--maxrates", "3", "--maxsteps", "4",
-        "--maxdeadzones", "1", "--outdir", str(tmp_path)], adapters=adapters)
+    summary = cli_curves.curves_main(
+        "weight",
+        None,
+        [
+            *model,
+            "--testsize",
+            "4",
+            "--nchannelbatch",
+            "4",
+            "--maxrates",
+            "3",
+            "--maxsteps",
+            "4",
+            "--maxdeadzones",
+            "1",
+            "--outdir",
+            str(tmp_path),
+        ],
+        adapters=adapters,
+    )
     root = Path(summary["curve_set"])
     meta = json.loads((root / "meta.json").read_text())
     assert meta["model"] == "blobs_net" and meta["calib"]["source"] == "blobs:randn"
     assert summary["layers_written"] == 2  # conv and head
     out = tmp_path / "dp"
     # -bcw rebuilds the calibration through the adapter and checks it against the curves' sha256.
-    result = cli_alloc.allocate_main("dp", argv=[
-        *model, "--pathrdcurve", str(root), "--weights-only", "--target_rates", "1.5",
-        "--testsize", "8", "--batchsize", "4", "-bcw", "--no-plots", "--outdir", str(out)],
-        adapters=adapters)
+    result = cli_alloc.allocate_main(
+        "dp",
+        argv=[
+            *model,
+            "--pathrdcurve",
+            str(root),
+            "--weights-only",
+            "--target_rates",
+            "1.5",
+            "--testsize",
+            "8",
+            "--batchsize",
+            "4",
+            "-bcw",
+            "--no-plots",
+            "--outdir",
+            str(out),
+        ],
+        adapters=adapters,
+    )
     (row,) = result["rows"]
     assert row["model"] == "blobs_net" and row["n_eval"] == 8 and row["top1"] is not None
     assert blobs.runs == 2 * 2  # reference and quantized outputs, two batches each

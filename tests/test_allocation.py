@@ -53,13 +53,21 @@ INFO = {"arch": "tinynet", "weights_source": "test", "checkpoint_sha256": None}
 CALIB = {"size": 8, "seed": 0, "source": "test", "sha256": "x", "items": list(range(8))}
 
 
-def fake_curve_set(root, model, kind, nr=5, ndz=2, group_size=2, act_mode=None, seed=0,
-                   model_name="tinynet"):
+def fake_curve_set(
+    root, model, kind, nr=5, ndz=2, group_size=2, act_mode=None, seed=0, model_name="tinynet"
+):
     """A complete curve set with random decreasing curves for ``model``."""
     rng = np.random.default_rng(seed)
-    job = CurveJob(kind=kind, act_mode=act_mode, group_size=group_size, nr=nr,
-                   ndz=ndz if kind == "weight" else 1, max_steps=4, step_grid=1,
-                   step_mode="group")
+    job = CurveJob(
+        kind=kind,
+        act_mode=act_mode,
+        group_size=group_size,
+        nr=nr,
+        ndz=ndz if kind == "weight" else 1,
+        max_steps=4,
+        step_grid=1,
+        step_mode="group",
+    )
     x1 = torch.randn(1, 3, 8, 8)
     plans = plan_layers(model, x1, job)
     store = CurveStore.open(root, build_meta(job, {**INFO, "arch": model_name}, CALIB, plans))
@@ -98,13 +106,15 @@ def test_table_takes_best_dead_zone_and_counts_elements(stores, net):
     assert t.dist.shape == (len(t.kind), 5)
     np.testing.assert_array_equal(t.dist[t.layers[0].rows], first.dist.min(axis=1))
     best = first.dist.argmin(axis=1)  # (G, B)
-    np.testing.assert_array_equal(t.step_log2[t.layers[0].rows],
-                                  np.take_along_axis(first.step_log2, best[:, None], 1)[:, 0])
+    np.testing.assert_array_equal(
+        t.step_log2[t.layers[0].rows], np.take_along_axis(first.step_log2, best[:, None], 1)[:, 0]
+    )
     # Rates: bits × elements; weights first, then activation groups per sample.
     np.testing.assert_array_equal(t.rate[:, 3], 3 * t.numel)
     assert t.part_numel(WEIGHT) == sum(m.weight.numel() for m in (net.c1, net.c2, net.f1, net.f2))
-    assert (t.kind[: t.layers[4].rows.start] == WEIGHT).all() and (t.kind[t.layers[4].rows]
-                                                                   == ACT).all()
+    assert (t.kind[: t.layers[4].rows.start] == WEIGHT).all() and (
+        t.kind[t.layers[4].rows] == ACT
+    ).all()
     # f1 output: 7 channels in groups of 3 → 3, 3, 1.
     f1 = next(lay for lay in t.layers if lay.kind == ACT and lay.name == "f1")
     np.testing.assert_array_equal(t.numel[f1.rows], [3, 3, 1])
@@ -155,12 +165,22 @@ def test_smoothing_never_pays_for_useless_bits():
     from rdoq.allocation import ItemTable, LayerEntry
 
     dist = np.array([[1.0, 0.3, 0.5, 0.1]])
-    t = ItemTable(dist=dist, rate=np.arange(4.0)[None] * 10, numel=np.array([10.0]),
-                  kind=np.array([WEIGHT]), layer=np.array([0]), step_log2=np.zeros((1, 4)),
-                  deadzone=np.zeros((1, 4)), source=np.arange(4)[None].copy(),
-                  dz_index=np.zeros((1, 4), dtype=np.int64), bits=np.arange(4),
-                  layers=[LayerEntry(WEIGHT, "x", "Linear", (1, 10), 1, 1, slice(0, 1))],
-                  model="m", curve_sets={}, act_mode=None)
+    t = ItemTable(
+        dist=dist,
+        rate=np.arange(4.0)[None] * 10,
+        numel=np.array([10.0]),
+        kind=np.array([WEIGHT]),
+        layer=np.array([0]),
+        step_log2=np.zeros((1, 4)),
+        deadzone=np.zeros((1, 4)),
+        source=np.arange(4)[None].copy(),
+        dz_index=np.zeros((1, 4), dtype=np.int64),
+        bits=np.arange(4),
+        layers=[LayerEntry(WEIGHT, "x", "Linear", (1, 10), 1, 1, slice(0, 1))],
+        model="m",
+        curve_sets={},
+        act_mode=None,
+    )
     s = restrict(t, smooth=True)
     np.testing.assert_array_equal(s.dist[0], [1.0, 0.3, 0.3, 0.1])
     np.testing.assert_array_equal(choice_columns(s, np.array([2])), [1])
@@ -218,8 +238,9 @@ def test_apply_quantizes_each_group_as_allocated(stores, net):
         wq = dict(q.named_modules())[name].weight
         wf = dict(net.named_modules())[name].weight
         for g, (c0, c1) in enumerate(group_bounds(e["channels"], e["group_size"])):
-            ref = quantize_weight(wf[c0:c1].double(), e["bits"][g], e["step_log2"][g],
-                                  e["deadzone"][g]).float()
+            ref = quantize_weight(
+                wf[c0:c1].double(), e["bits"][g], e["step_log2"][g], e["deadzone"][g]
+            ).float()
             assert torch.equal(wq[c0:c1], ref), (name, g)
 
 
@@ -271,9 +292,11 @@ def test_allocation_for_another_model_is_refused(tmp_path, stores, net):
     with pytest.raises(ValueError, match="'ghost'"):
         apply_allocation(net, alloc)
     path = tmp_path / "bad.json"
-    path.write_text('{"schema": "rdoq.allocation/2", "model": "m", "weights": {"f1": '
-                    '{"channels": 7, "group_size": 2, "bits": [1], "step_log2": [0], '
-                    '"deadzone": [0]}}, "acts": {}}')
+    path.write_text(
+        '{"schema": "rdoq.allocation/2", "model": "m", "weights": {"f1": '
+        '{"channels": 7, "group_size": 2, "bits": [1], "step_log2": [0], '
+        '"deadzone": [0]}}, "acts": {}}'
+    )
     with pytest.raises(ValueError, match="wrong length"):
         load_allocation(path)
 
@@ -315,8 +338,13 @@ def test_evaluate_and_bit_report(stores, net):
     assert unlabelled["top1"] is None
     r = bit_report(net, alloc, x[:1])
     w_numel = sum(m.weight.numel() for m in (net.c1, net.c2, net.f1, net.f2))
-    bits = sum(b * n for e in alloc["weights"].values() for b, n in zip(
-        e["bits"], [quantized_weight_numel(e, g) for g in range(len(e["bits"]))], strict=True))
+    bits = sum(
+        b * n
+        for e in alloc["weights"].values()
+        for b, n in zip(
+            e["bits"], [quantized_weight_numel(e, g) for g in range(len(e["bits"]))], strict=True
+        )
+    )
     assert r["w_numel"] == w_numel and r["w_bits"] == pytest.approx(bits / w_numel)
     assert r["w_bits"] == pytest.approx(alloc["summary"]["w_bits"])
     assert r["a_bits"] == pytest.approx(alloc["summary"]["a_bits"])
@@ -333,8 +361,13 @@ def quantized_weight_numel(entry, g):
 
 def test_quantized_weight_matches_the_curve_quantizer_with_dead_zone():
     w = torch.randn(4, 10)
-    e = {"channels": 4, "group_size": 3, "bits": [3, 0], "step_log2": [-3.0, 0.0],
-         "deadzone": [0.2, 0.0]}
+    e = {
+        "channels": 4,
+        "group_size": 3,
+        "bits": [3, 0],
+        "step_log2": [-3.0, 0.0],
+        "deadzone": [0.2, 0.0],
+    }
     q = quantized_weight(w, e)
     assert torch.equal(q[3:], torch.zeros(1, 10))
     assert torch.equal(q[:3], quantize_weight(w[:3].double(), 3, -3.0, 0.2).float())
@@ -364,8 +397,7 @@ def test_uniform_allocation_is_an_ordinary_allocation(net):
     calib = torch.randn(8, 3, 8, 8)
     alloc = uniform_allocation(net, calib, 3, 4, ["c2", "f1"], "out")
     alloc["model"] = "tinynet"
-    assert set(alloc["weights"]) == {"c1", "c2", "f1", "f2"} and set(alloc["acts"]) == {"c2",
-                                                                                        "f1"}
+    assert set(alloc["weights"]) == {"c1", "c2", "f1", "f2"} and set(alloc["acts"]) == {"c2", "f1"}
     for e in alloc["weights"].values():
         assert e["group_size"] == 1 and set(e["bits"]) == {3}
     assert set(alloc["acts"]["f1"]["bits"]) == {4} and len(alloc["acts"]["f1"]["signed"]) == 7
@@ -421,8 +453,9 @@ def test_conv_subclasses_use_the_model_channel_axis_and_their_own_forward(tmp_pa
     calib = torch.randn(12, 3, 8, 8, dtype=torch.float64)
     alloc["corrections"] = estimate_corrections(net, alloc, calib, bcw=True, bca=False)
     q = apply_allocation(net, alloc)
-    torch.testing.assert_close(q.c1(calib).mean((0, 2, 3)), net.c1(calib).mean((0, 2, 3)),
-                               atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        q.c1(calib).mean((0, 2, 3)), net.c1(calib).mean((0, 2, 3)), atol=1e-10, rtol=0
+    )
 
 
 def test_allocation_files_are_strict_json(tmp_path, stores, net):

@@ -13,9 +13,24 @@ pytestmark = pytest.mark.slow  # benchmark scripts in subprocesses
 
 
 def test_bench_hessian_runs_and_ends_with_its_json_summary():
-    proc = run_script("benchmarks/bench_hessian.py", "--models", "digits_cnn", "--testsize", "8",
-                      "--maxrates", "4", "--maxdeadzones", "2", "--targets", "2", "3",
-                      "--min-seconds", "0", "--threads", "1")
+    proc = run_script(
+        "benchmarks/bench_hessian.py",
+        "--models",
+        "digits_cnn",
+        "--testsize",
+        "8",
+        "--maxrates",
+        "4",
+        "--maxdeadzones",
+        "2",
+        "--targets",
+        "2",
+        "3",
+        "--min-seconds",
+        "0",
+        "--threads",
+        "1",
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"speedup", "speedup_min", "rank_corr", "max_top1_gap"} <= set(summary)
     model = summary["models"]["digits_cnn"]
@@ -25,12 +40,28 @@ def test_bench_hessian_runs_and_ends_with_its_json_summary():
 
 
 def test_bench_hessian_preset_runs_and_ends_with_its_json_summary():
-    proc = run_script("benchmarks/bench_hessian_preset.py", "--models", "digits_cnn", "--seeds",
-                      "0", "--testsize", "8", "--maxrates", "4", "--maxdeadzones", "1",
-                      "--targets", "3", "--threads", "1")
+    proc = run_script(
+        "benchmarks/bench_hessian_preset.py",
+        "--models",
+        "digits_cnn",
+        "--seeds",
+        "0",
+        "--testsize",
+        "8",
+        "--maxrates",
+        "4",
+        "--maxdeadzones",
+        "1",
+        "--targets",
+        "3",
+        "--threads",
+        "1",
+    )
     lines = proc.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
-    assert [(r["setting"], r["target"]) for r in summary["rows"]] == [("default", 3.0),
-                                                                     ("paper", 3.0)]
+    assert [(r["setting"], r["target"]) for r in summary["rows"]] == [
+        ("default", 3.0),
+        ("paper", 3.0),
+    ]
     assert summary["comparisons"] == 1 and "digits_cnn@3" in summary["paper_vs_default"]
     assert any(line.startswith("| digits_cnn | paper | 3 |") for line in lines)

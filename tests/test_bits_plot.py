@@ -13,13 +13,22 @@ from rdoq import report
 def fake_alloc(n_layers: int, widths: list[int], groups: int = 6) -> dict:
     """``n_layers`` weight layers then as many activation layers, bits cycling through
     ``widths``, with long timm-like names."""
-    def entries(offset: int) -> dict:
-        return {f"blocks.{i}.mlp.fc{1 + i % 2}": {
-            "bits": [widths[(offset + i + g) % len(widths)] for g in range(groups - i % 3)]}
-            for i in range(n_layers)}
 
-    return {"model": "vit_test", "solver": "dp", "target_bits": 3.0,
-            "weights": entries(0), "acts": entries(1)}
+    def entries(offset: int) -> dict:
+        return {
+            f"blocks.{i}.mlp.fc{1 + i % 2}": {
+                "bits": [widths[(offset + i + g) % len(widths)] for g in range(groups - i % 3)]
+            }
+            for i in range(n_layers)
+        }
+
+    return {
+        "model": "vit_test",
+        "solver": "dp",
+        "target_bits": 3.0,
+        "weights": entries(0),
+        "acts": entries(1),
+    }
 
 
 def capture(monkeypatch, tmp_path, alloc):
@@ -48,8 +57,12 @@ def test_one_distinct_colour_per_width(monkeypatch, tmp_path):
         assert len(colours) == 1, (w, colours)
         rgba[w] = colours.pop()
     # Clearly different colours, 3 and 4 bits included (RGB distance, 0..sqrt(3)).
-    dist = min(np.linalg.norm(np.subtract(rgba[a][:3], rgba[b][:3]))
-               for a in widths for b in widths if a < b)
+    dist = min(
+        np.linalg.norm(np.subtract(rgba[a][:3], rgba[b][:3]))
+        for a in widths
+        for b in widths
+        if a < b
+    )
     assert dist >= 0.2, rgba
     # The legend (or a discrete colour bar) names exactly the widths present.
     legend = fig.axes[0].get_legend()
@@ -57,8 +70,12 @@ def test_one_distinct_colour_per_width(monkeypatch, tmp_path):
         texts = [t.get_text() for t in legend.get_texts()]
     else:
         fig.canvas.draw()
-        texts = [t.get_text() for ax in fig.axes[1:]
-                 for t in ax.get_yticklabels() + ax.get_xticklabels() if t.get_text()]
+        texts = [
+            t.get_text()
+            for ax in fig.axes[1:]
+            for t in ax.get_yticklabels() + ax.get_xticklabels()
+            if t.get_text()
+        ]
     assert sorted(int(t.split(" ")[0]) for t in texts) == widths, texts
 
 
@@ -68,7 +85,7 @@ def bits_grid(alloc: dict) -> np.ndarray:
     rows = [e["bits"] for part in ("weights", "acts") for e in alloc[part].values()]
     grid = np.full((len(rows), max(len(r) for r in rows)), np.nan)  # (L, G)
     for i, r in enumerate(rows):
-        grid[i, :len(r)] = r
+        grid[i, : len(r)] = r
     return grid
 
 
@@ -88,6 +105,8 @@ def test_labels_readable_and_height_grows(monkeypatch, tmp_path, n_layers):
 
 
 def test_height_grows_with_the_layer_count(monkeypatch, tmp_path):
-    heights = [capture(monkeypatch, tmp_path, fake_alloc(n, [2, 4])).get_size_inches()[1]
-               for n in (3, 14, 60)]
+    heights = [
+        capture(monkeypatch, tmp_path, fake_alloc(n, [2, 4])).get_size_inches()[1]
+        for n in (3, 14, 60)
+    ]
     assert heights[0] < heights[1] < heights[2]

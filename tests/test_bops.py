@@ -37,9 +37,17 @@ class InPlaceAdd(nn.Module):
         return x
 
 
-def make_alloc(model: nn.Module, x1: torch.Tensor, w_bits: int, a_bits: int,
-               acts: list[str] | None = None, step_log2: float = -3.0, signed: bool = True,
-               mode: str = "out", offset: float | None = None) -> dict:
+def make_alloc(
+    model: nn.Module,
+    x1: torch.Tensor,
+    w_bits: int,
+    a_bits: int,
+    acts: list[str] | None = None,
+    step_log2: float = -3.0,
+    signed: bool = True,
+    mode: str = "out",
+    offset: float | None = None,
+) -> dict:
     """A hand-made allocation: every weight at ``w_bits``; the ``acts`` layers' outputs (or
     inputs, ``mode="in"``) at ``a_bits`` in one group, all with one step."""
     modules = dict(model.named_modules())
@@ -49,30 +57,43 @@ def make_alloc(model: nn.Module, x1: torch.Tensor, w_bits: int, a_bits: int,
     weights = {}
     for n in names:
         w = modules[n].weight
-        weights[n] = {"type": type(modules[n]).__name__, "shape": list(w.shape),
-                      "channels": w.shape[0], "group_size": w.shape[0], "bits": [w_bits],
-                      "steps": "group", "step_log2": [-4.0], "deadzone": [0.0]}
+        weights[n] = {
+            "type": type(modules[n]).__name__,
+            "shape": list(w.shape),
+            "channels": w.shape[0],
+            "group_size": w.shape[0],
+            "bits": [w_bits],
+            "steps": "group",
+            "step_log2": [-4.0],
+            "deadzone": [0.0],
+        }
     entries = {}
     for n in acts:
         shape = shapes[n]
         dim = channel_dim(modules[n])
         c = shape[dim - 1] if dim > 0 else shape[-1]
-        entries[n] = {"type": type(modules[n]).__name__, "shape": list(shape), "channels": c,
-                      "group_size": c, "bits": [a_bits], "steps": "group",
-                      "step_log2": [step_log2], "signed": [signed]}
-    alloc = {"model": "test", "act_mode": mode, "weights": weights, "acts": entries,
-             "fp_acts": []}
+        entries[n] = {
+            "type": type(modules[n]).__name__,
+            "shape": list(shape),
+            "channels": c,
+            "group_size": c,
+            "bits": [a_bits],
+            "steps": "group",
+            "step_log2": [step_log2],
+            "signed": [signed],
+        }
+    alloc = {"model": "test", "act_mode": mode, "weights": weights, "acts": entries, "fp_acts": []}
     if offset is not None:
         alloc["corrections"] = {"bca": {n: [offset] * e["channels"] for n, e in entries.items()}}
     return alloc
 
 
-def expected_ratio(model: nn.Module, x1: torch.Tensor, w_bits: int,
-                   in_bits: dict[str, float]) -> float:
+def expected_ratio(
+    model: nn.Module, x1: torch.Tensor, w_bits: int, in_bits: dict[str, float]
+) -> float:
     names = [layer.name for layer in find_layers(model)]
     macs = layer_macs(model, x1, names)
-    return (sum(macs[n] * w_bits * in_bits[n] for n in names)
-            / (32.0 * 32.0 * sum(macs.values())))
+    return sum(macs[n] * w_bits * in_bits[n] for n in names) / (32.0 * 32.0 * sum(macs.values()))
 
 
 def charges(report: dict) -> dict[str, dict]:
@@ -103,17 +124,28 @@ def test_gelu_between_convs_charges_32_bits():
     assert c["charged"] == "fp32" and c["bits"] == 32 and "Gelu" in c["why"]
 
 
-@pytest.mark.parametrize("mid, second, grid_kept", [
-    # Values move, are copied or selected: still on the grid.
-    (nn.Sequential(nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(0.5), nn.Identity(),
-                   nn.Flatten()), nn.Linear(8 * 4 * 4, 5), True),
-    (nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.1)), nn.Linear(8 * 4 * 4, 5),
-     True),
-    # Averaging, an in-place shift of the tensor itself, a norm: off the grid.
-    (nn.Sequential(nn.AvgPool2d(2), nn.Flatten()), nn.Linear(8 * 4 * 4, 5), False),
-    (InPlaceAdd(), None, False),
-    (nn.BatchNorm2d(8), None, False),
-])
+@pytest.mark.parametrize(
+    "mid, second, grid_kept",
+    [
+        # Values move, are copied or selected: still on the grid.
+        (
+            nn.Sequential(
+                nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(0.5), nn.Identity(), nn.Flatten()
+            ),
+            nn.Linear(8 * 4 * 4, 5),
+            True,
+        ),
+        (
+            nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.1)),
+            nn.Linear(8 * 4 * 4, 5),
+            True,
+        ),
+        # Averaging, an in-place shift of the tensor itself, a norm: off the grid.
+        (nn.Sequential(nn.AvgPool2d(2), nn.Flatten()), nn.Linear(8 * 4 * 4, 5), False),
+        (InPlaceAdd(), None, False),
+        (nn.BatchNorm2d(8), None, False),
+    ],
+)
 def test_grid_keeping_ops_pass_the_producer_bits_on(mid, second, grid_kept):
     torch.manual_seed(0)
     model = Chain(mid, second).eval()
@@ -123,13 +155,16 @@ def test_grid_keeping_ops_pass_the_producer_bits_on(mid, second, grid_kept):
     assert c["bits"] == (3 if grid_kept else 32)
 
 
-@pytest.mark.parametrize("bits, step_log2, offset, kept", [
-    (8, -2.0, None, True),  # 6 = 24 steps of 0.25: on the grid
-    (8, math.log2(0.7), None, False),  # the clamp at 6 binds between grid points
-    (2, math.log2(0.7), None, True),  # the grid tops out at 0.7: the clamp never binds
-    (8, -2.0, 0.1, False),  # a -bca offset moves the grid off 0 and 6
-    (8, -2.0, 0.5, True),  # an offset of whole steps keeps 0 and 6 on it
-])
+@pytest.mark.parametrize(
+    "bits, step_log2, offset, kept",
+    [
+        (8, -2.0, None, True),  # 6 = 24 steps of 0.25: on the grid
+        (8, math.log2(0.7), None, False),  # the clamp at 6 binds between grid points
+        (2, math.log2(0.7), None, True),  # the grid tops out at 0.7: the clamp never binds
+        (8, -2.0, 0.1, False),  # a -bca offset moves the grid off 0 and 6
+        (8, -2.0, 0.5, True),  # an offset of whole steps keeps 0 and 6 on it
+    ],
+)
 def test_relu6_keeps_the_grid_only_if_its_bounds_are_on_it(bits, step_log2, offset, kept):
     torch.manual_seed(0)
     model = Chain(nn.ReLU6()).eval()

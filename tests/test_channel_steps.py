@@ -40,8 +40,16 @@ CALIB = {"size": 16, "seed": 0, "source": "test", "sha256": "x", "items": []}
 
 
 def _job(**kw) -> CurveJob:
-    base = dict(kind="weight", group_size=4, nr=9, ndz=2, max_steps=24, step_grid=1,
-                max_batch=64, progress=False)
+    base = dict(
+        kind="weight",
+        group_size=4,
+        nr=9,
+        ndz=2,
+        max_steps=24,
+        step_grid=1,
+        max_batch=64,
+        progress=False,
+    )
     return CurveJob(**{**base, **kw})
 
 
@@ -73,8 +81,9 @@ def test_dead_zone_mse_steps_and_thresholds():
     assert torch.equal(channel_deadzones(w, 0.0), torch.zeros(4, dtype=torch.float64))
     steps = mse_steps(w, 3, torch.ones(4, dtype=torch.bool), phi)
     for c in (0, 1):
-        err = float((quantize_deadzone(w[c], 2.0 ** float(steps[c]), float(phi[c]), 3)
-                     - w[c]).pow(2).mean())
+        err = float(
+            (quantize_deadzone(w[c], 2.0 ** float(steps[c]), float(phi[c]), 3) - w[c]).pow(2).mean()
+        )
         for r in np.linspace(-2, 2, 41):
             q = quantize_deadzone(w[c], 2.0 ** (float(steps[c]) + r), float(phi[c]), 3)
             assert err <= float((q - w[c]).pow(2).mean()) * (1 + 1e-9)
@@ -217,8 +226,13 @@ def test_hessian_and_measured_backends_quantize_per_channel_identically():
     job = _job(ndz=3, nr=4, group_size=3)
     plan = plan_layers(model, x[:1], job)[0]
     steps = layer_steps(model[0].weight, job)
-    cands = [Candidate(g, b, s, d / 3, dz_index=d) for g in (2, 0) for b in (1, 2, 3)
-             for s in (-0.5, 0.0, 0.25) for d in range(3)]
+    cands = [
+        Candidate(g, b, s, d / 3, dz_index=d)
+        for g in (2, 0)
+        for b in (1, 2, 3)
+        for s in (-0.5, 0.0, 0.25)
+        for d in range(3)
+    ]
     sweep = GradientSweep(model, x, ["0"], "weight", HessianSettings(nprobes=2), batch_size=4)
     be = HessianWeightBackend(sweep, "0", plan.bounds, steps)
     dist, mse = be(cands)
@@ -226,8 +240,9 @@ def test_hessian_and_measured_backends_quantize_per_channel_identically():
     for k, c in enumerate(cands):
         c0, c1 = plan.bounds[c.group]
         delta = quantized_group(w, plan.bounds, c, steps) - w[c0:c1]
-        assert dist[k] == pytest.approx(be.dist_of(c.group, delta.reshape(-1, 1))[0],
-                                        rel=1e-12, abs=1e-300)
+        assert dist[k] == pytest.approx(
+            be.dist_of(c.group, delta.reshape(-1, 1))[0], rel=1e-12, abs=1e-300
+        )
         assert mse[k] == pytest.approx(float(delta.pow(2).mean()), rel=1e-12, abs=1e-300)
     # The measured path gives the same quantized groups (and refuses mixed-up modes).
     naive = layer_backend(NaiveEvaluator(model, x, 10), plan, job, None)
@@ -258,8 +273,9 @@ def test_measured_curves_with_bcw_see_the_corrected_layer(tmp_path):
     job = _job(nr=4, ndz=2, group_size=2, bias_corr=True, scales_log2=scale_grid(0.5, 2))
     store = _curves(tmp_path, model, x, job, "bcw")
     assert store.meta["bias_corr"] is True
-    plain = _curves(tmp_path, model, x, _job(nr=4, ndz=2, group_size=2,
-                                              scales_log2=scale_grid(0.5, 2)), "plain")
+    plain = _curves(
+        tmp_path, model, x, _job(nr=4, ndz=2, group_size=2, scales_log2=scale_grid(0.5, 2)), "plain"
+    )
     with torch.no_grad():
         y0 = model(x)
     conv = model.conv
@@ -294,8 +310,15 @@ def test_second_order_rows_with_bcw_are_gradients_of_the_corrected_layer():
     model = ConvHead().double().eval()
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64) + 0.3
     m = 2
-    sweep = GradientSweep(model, x, ["conv"], "weight", HessianSettings(nprobes=m, seed=2),
-                          batch_size=3, bias_corr=True)
+    sweep = GradientSweep(
+        model,
+        x,
+        ["conv"],
+        "weight",
+        HessianSettings(nprobes=m, seed=2),
+        batch_size=3,
+        bias_corr=True,
+    )
     be = HessianWeightBackend(sweep, "conv", group_bounds(5, 5))
     mean = sweep.input_means["conv"]  # (out, in·k·k)
     cols = nn.functional.unfold(x, 3, padding=1)  # (N, 27, L)
@@ -312,9 +335,8 @@ def test_second_order_rows_with_bcw_are_gradients_of_the_corrected_layer():
     for n in range(4):
         for j in range(m):
             w = w0.clone().requires_grad_(True)
-            (g,) = torch.autograd.grad((zs[n, j] * out(w, x[n:n + 1])).sum(), [w])
-            torch.testing.assert_close(be.rows[0, n * m + j], g.reshape(-1), rtol=1e-10,
-                                       atol=1e-12)
+            (g,) = torch.autograd.grad((zs[n, j] * out(w, x[n : n + 1])).sum(), [w])
+            torch.testing.assert_close(be.rows[0, n * m + j], g.reshape(-1), rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -335,12 +357,23 @@ class ActNet(nn.Module):
 
 
 def _act_job(**kw) -> CurveJob:
-    return _job(**{"kind": "act", "act_mode": "out", "ndz": 1, "nr": 6, "step_grid": 4,
-                   "max_steps": 24, "group_size": 4, **kw})
+    return _job(
+        **{
+            "kind": "act",
+            "act_mode": "out",
+            "ndz": 1,
+            "nr": 6,
+            "step_grid": 4,
+            "max_steps": 24,
+            "group_size": 4,
+            **kw,
+        }
+    )
 
 
-def _quantize_channels(t: torch.Tensor, c0: int, c1: int, step_log2: np.ndarray, bits: int,
-                       signed: bool) -> torch.Tensor:
+def _quantize_channels(
+    t: torch.Tensor, c0: int, c1: int, step_log2: np.ndarray, bits: int, signed: bool
+) -> torch.Tensor:
     """``t (n, C, …)`` with channels c0:c1 quantized by one step per channel, by hand."""
     lo, hi = signed_bounds(bits) if signed else (0, 2**bits - 1)
     out = t.clone()
@@ -399,8 +432,9 @@ def test_activation_curve_points_are_exact_and_allocation_applies_them(tmp_path)
     weights = _curves(tmp_path, model, x, _job(ndz=1, nr=6), "w")
     table = build_table(weights, chan)
     for col in (2, 4):
-        alloc = make_allocation(table, np.full(len(table.kind), col), target_bits=col,
-                                solver="test")
+        alloc = make_allocation(
+            table, np.full(len(table.kind), col), target_bits=col, solver="test"
+        )
         e = alloc["acts"]["conv"]
         assert e["steps"] == "channel" and len(e["step_log2"]) == 6 and "deadzone" not in e
         assert e["signed"] == [bool(s) for s in c.extra["signed"]]
@@ -431,19 +465,23 @@ def test_second_order_activation_estimate_with_channel_steps_is_that_of_the_pert
     bounds = group_bounds(6, 4)
     stats = act_group_stats(model, x, "conv", "out", bounds, rows=5, keep_rows=True)
     steps = ChannelSteps.of_acts(stats.rows, stats.channel_signed(bounds), 5)
-    sweep = GradientSweep(model, x, ["conv"], "act", HessianSettings(nprobes=2), mode="out",
-                          batch_size=2)
+    sweep = GradientSweep(
+        model, x, ["conv"], "act", HessianSettings(nprobes=2), mode="out", batch_size=2
+    )
     be = HessianActBackend(sweep, "conv", bounds, stats, steps)
-    cands = [Candidate(g, b, s, 0.0, dz_index=0) for g in (1, 0) for b in (0, 2, 4)
-             for s in (-0.25, 0.0, 0.5)]
+    cands = [
+        Candidate(g, b, s, 0.0, dz_index=0)
+        for g in (1, 0)
+        for b in (0, 2, 4)
+        for s in (-0.25, 0.0, 0.5)
+    ]
     dist, _ = be(cands)
     with torch.no_grad():
         y = model.conv(x)
     for k, cand in enumerate(cands):
         c0, c1 = bounds[cand.group]
-        step = candidate_params([cand], bounds, 4, steps)[0][0, :c1 - c0]
-        yq = _quantize_channels(y, c0, c1, np.log2(step), cand.bits,
-                                bool(stats.signed[cand.group]))
+        step = candidate_params([cand], bounds, 4, steps)[0][0, : c1 - c0]
+        yq = _quantize_channels(y, c0, c1, np.log2(step), cand.bits, bool(stats.signed[cand.group]))
         delta = (yq - y)[:, c0:c1].movedim(1, -1).unsqueeze(-1)  # (N, …, c_g, 1)
         assert dist[k] == pytest.approx(be.dist_of(cand.group, delta)[0], rel=1e-10, abs=1e-300)
 
@@ -452,20 +490,56 @@ def test_curve_scripts_default_steps_per_kind_and_take_either(tmp_path):
     from rdoq.cli import DEFAULT_STEPS
     from rdoq.cli_curves import curves_main
 
-    argv = ["--archname", "digits_cnn", "--testsize", "8", "--nchannelbatch", "16",
-            "--maxrates", "3", "--quiet", "--folds", "0"]
+    argv = [
+        "--archname",
+        "digits_cnn",
+        "--testsize",
+        "8",
+        "--nchannelbatch",
+        "16",
+        "--maxrates",
+        "3",
+        "--quiet",
+        "--folds",
+        "0",
+    ]
     for kind, mode in (("weight", None), ("act", "out")):
-        default = curves_main(kind, mode, [*argv, "--maxdeadzones", "1", "--outdir",
-                                           str(tmp_path / kind / "d")], estimator="hessian")
+        default = curves_main(
+            kind,
+            mode,
+            [*argv, "--maxdeadzones", "1", "--outdir", str(tmp_path / kind / "d")],
+            estimator="hessian",
+        )
         assert CurveStore.load(default["curve_set"]).meta["steps"] == DEFAULT_STEPS[kind]
         for steps in ("channel", "group"):
-            got = curves_main(kind, mode, [*argv, "--maxdeadzones", "1", "--steps", steps,
-                                           "--outdir", str(tmp_path / kind / steps)],
-                              estimator="hessian")
+            got = curves_main(
+                kind,
+                mode,
+                [
+                    *argv,
+                    "--maxdeadzones",
+                    "1",
+                    "--steps",
+                    steps,
+                    "--outdir",
+                    str(tmp_path / kind / steps),
+                ],
+                estimator="hessian",
+            )
             assert CurveStore.load(got["curve_set"]).meta["steps"] == steps
-        alias = curves_main(kind, mode, [*argv, "--maxdeadzones", "1", "--group-step",
-                                         "--outdir", str(tmp_path / kind / "alias")],
-                            estimator="hessian")
+        alias = curves_main(
+            kind,
+            mode,
+            [
+                *argv,
+                "--maxdeadzones",
+                "1",
+                "--group-step",
+                "--outdir",
+                str(tmp_path / kind / "alias"),
+            ],
+            estimator="hessian",
+        )
         assert CurveStore.load(alias["curve_set"]).meta["steps"] == "group"
 
 
@@ -498,8 +572,9 @@ def test_activation_curves_with_bca_see_the_corrected_quantizer(tmp_path):
                 yq[:, c0:c1] += off
                 with torch.no_grad():
                     out = model.fc(torch.relu(yq).mean((2, 3)))
-                assert c.dist[g, 0, b] == pytest.approx(float((out - ref).pow(2).mean()),
-                                                        rel=1e-9), (steps, g, b)
+                assert c.dist[g, 0, b] == pytest.approx(
+                    float((out - ref).pow(2).mean()), rel=1e-9
+                ), (steps, g, b)
 
 
 def test_second_order_activation_estimate_with_bca_is_that_of_the_centred_perturbation():
@@ -511,8 +586,9 @@ def test_second_order_activation_estimate_with_bca_is_that_of_the_centred_pertur
     x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
     bounds = group_bounds(6, 4)
     stats = act_group_stats(model, x, "conv", "out", bounds, rows=5)
-    sweep = GradientSweep(model, x, ["conv"], "act", HessianSettings(nprobes=2, kappa=0.5),
-                          mode="out", batch_size=2)
+    sweep = GradientSweep(
+        model, x, ["conv"], "act", HessianSettings(nprobes=2, kappa=0.5), mode="out", batch_size=2
+    )
     be = HessianActBackend(sweep, "conv", bounds, stats, bias_corr=True)
     plain = HessianActBackend(sweep, "conv", bounds, stats)
     cands = [Candidate(g, b, s, 0.0) for g in (1, 0) for b in (0, 2, 3) for s in (-3.0, -1.0)]
@@ -534,16 +610,45 @@ def test_bca_flag_of_the_activation_scripts_is_recorded_and_checked(tmp_path, ca
     from rdoq.cli_alloc import allocate_main
     from rdoq.cli_curves import curves_main
 
-    argv = ["--archname", "digits_cnn", "--testsize", "8", "--nchannelbatch", "16",
-            "--maxrates", "3", "--quiet", "--folds", "0"]
-    w = curves_main("weight", None, [*argv, "--maxdeadzones", "1", "--outdir", str(tmp_path)],
-                    estimator="hessian")
-    a = curves_main("act", "out", [*argv, "-bca", "--outdir", str(tmp_path)],
-                    estimator="hessian")
+    argv = [
+        "--archname",
+        "digits_cnn",
+        "--testsize",
+        "8",
+        "--nchannelbatch",
+        "16",
+        "--maxrates",
+        "3",
+        "--quiet",
+        "--folds",
+        "0",
+    ]
+    w = curves_main(
+        "weight",
+        None,
+        [*argv, "--maxdeadzones", "1", "--outdir", str(tmp_path)],
+        estimator="hessian",
+    )
+    a = curves_main("act", "out", [*argv, "-bca", "--outdir", str(tmp_path)], estimator="hessian")
     assert CurveStore.load(a["curve_set"]).meta["bias_corr"] is True
-    base = ["--archname", "digits_cnn", "--pathrdcurve", w["curve_set"], "--act_curve_root_dir",
-            str(tmp_path), "--testsize", "16", "--no-plots", "--quiet", "--target_rates", "2",
-            "--act-target-rates", "2", "--fp-act-layers", "none"]
+    base = [
+        "--archname",
+        "digits_cnn",
+        "--pathrdcurve",
+        w["curve_set"],
+        "--act_curve_root_dir",
+        str(tmp_path),
+        "--testsize",
+        "16",
+        "--no-plots",
+        "--quiet",
+        "--target_rates",
+        "2",
+        "--act-target-rates",
+        "2",
+        "--fp-act-layers",
+        "none",
+    ]
     with caplog.at_level("WARNING", logger="rdoq"):
         allocate_main("dp", argv=[*base, "--outdir", str(tmp_path / "off")])
     assert "act curves were measured with -bca" in caplog.text

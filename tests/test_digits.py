@@ -59,8 +59,9 @@ def test_preprocess_shapes_values_and_constants(raw):
     assert x.shape == (5, 1, 16, 16) and x.dtype == torch.float32
     flat = preprocess(np.full((2, 8, 8), 16.0))  # all-white → (1 - MEAN) / STD everywhere
     assert torch.allclose(flat, torch.full_like(flat, (1 - digits.MEAN) / digits.STD))
-    assert torch.allclose(preprocess(np.zeros((1, 8, 8))),
-                          torch.full((1, 1, 16, 16), -digits.MEAN / digits.STD))
+    assert torch.allclose(
+        preprocess(np.zeros((1, 8, 8))), torch.full((1, 1, 16, 16), -digits.MEAN / digits.STD)
+    )
     # The hard-coded constants really normalise the train split.
     train, _ = digits_split()
     xt = preprocess(images[train])
@@ -117,7 +118,10 @@ def test_bundled_model_passes_sha_check_and_is_accurate(name):
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert (info.arch, info.weights_source, info.checkpoint_sha256) == (
-        name, f"bundled:{name}.pt", WEIGHTS_SHA256[name])
+        name,
+        f"bundled:{name}.pt",
+        WEIGHTS_SHA256[name],
+    )
     x, y = digits_eval()
     assert digits_accuracy(model, x, y) >= 0.97
 
@@ -179,8 +183,16 @@ def test_training_is_reproducible_in_process():
 def test_train_script_writes_only_its_outdir(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    proc = run_script("classification/train_digits.py", "--archname", "digits_cnn",
-                      "--epochs", "1", "--outdir", str(out), cwd=tmp_path)
+    proc = run_script(
+        "classification/train_digits.py",
+        "--archname",
+        "digits_cnn",
+        "--epochs",
+        "1",
+        "--outdir",
+        str(out),
+        cwd=tmp_path,
+    )
     (result,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["digits_cnn.pt", "out"]
     assert result["sha256"] == file_sha256(out / "digits_cnn.pt")

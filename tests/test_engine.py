@@ -54,12 +54,14 @@ def curves(model, x, job, layer_names, backend_kind, max_batch=8, lookahead=2):
         chains, stats = make_chains(model, x, plan, job, 64)
         chains = [c for c in chains if c.group in groups]
         if backend_kind == "ours":
-            run_chains(chains, layer_backend(engine, plan, job, stats), max_batch,
-                       max_lookahead=lookahead)
+            run_chains(
+                chains, layer_backend(engine, plan, job, stats), max_batch, max_lookahead=lookahead
+            )
         else:
             run_chains(chains, layer_backend(naive, plan, job, stats), 1)
-        dist, step, _ = chains_to_arrays(chains, len(plan.bounds), job.ndz if job.kind ==
-                                         "weight" else 1, job.nr)
+        dist, step, _ = chains_to_arrays(
+            chains, len(plan.bounds), job.ndz if job.kind == "weight" else 1, job.nr
+        )
         out[plan.name] = (dist[groups], step[groups], engine.cut_for(plan.name))
     return out
 
@@ -71,26 +73,43 @@ def weight_curves_both(model, x, plan, job, engine, naive, n_chains=None):
         chains, _ = make_chains(model, x, plan, job, 64)
         chains = chains[:n_chains] if n_chains else chains
         run_chains(chains, be, 4)
-        dist = chains_to_arrays(chains, len(plan.bounds), job.ndz, job.nr)[0] if not n_chains \
+        dist = (
+            chains_to_arrays(chains, len(plan.bounds), job.ndz, job.nr)[0]
+            if not n_chains
             else np.array([c.best_dist for c in chains])
+        )
         out.append(dist)
     return out
 
 
 # test_resnet and the weight curves take 10-20 s each: `slow`; test_vit's activations stay fast.
-@pytest.mark.parametrize("arch,layers", [
-    ("test_vit", ["patch_embed.proj", "blocks.2.attn.proj", "blocks.4.mlp.fc2", "head"]),
-    pytest.param("test_resnet", ["conv1.0", "layer2.0.conv2", "layer3.0.downsample.1", "fc"],
-                 marks=pytest.mark.slow),
-])
-@pytest.mark.parametrize("kind,mode", [pytest.param("weight", None, marks=pytest.mark.slow),
-                                       ("act", "out"), ("act", "in")])
+@pytest.mark.parametrize(
+    "arch,layers",
+    [
+        ("test_vit", ["patch_embed.proj", "blocks.2.attn.proj", "blocks.4.mlp.fc2", "head"]),
+        pytest.param(
+            "test_resnet",
+            ["conv1.0", "layer2.0.conv2", "layer3.0.downsample.1", "fc"],
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "kind,mode",
+    [pytest.param("weight", None, marks=pytest.mark.slow), ("act", "out"), ("act", "in")],
+)
 def test_engine_equals_naive(arch, layers, kind, mode):
     model = tiny(arch)
     x = calib_for(model)
-    job = CurveJob(kind=kind, act_mode=mode, group_size=24, nr=4,
-                   ndz=2 if kind == "weight" else 1, max_steps=24,
-                   step_grid=1 if kind == "weight" else 2)
+    job = CurveJob(
+        kind=kind,
+        act_mode=mode,
+        group_size=24,
+        nr=4,
+        ndz=2 if kind == "weight" else 1,
+        max_steps=24,
+        step_grid=1 if kind == "weight" else 2,
+    )
     ours = curves(model, x, job, layers, "ours")
     naive = curves(model, x, job, layers, "naive")
     assert set(ours) == set(layers)
@@ -114,8 +133,7 @@ def test_zero_perturbation_is_exactly_zero():
             weights = w.unsqueeze(0).repeat(k, *([1] * w.dim())).clone()
 
             def slots(identity, weights=weights, layer=layer):
-                return weight_slots(engine.modules[layer], weights,
-                                    engine.shares_input(layer))
+                return weight_slots(engine.modules[layer], weights, engine.shares_input(layer))
 
             dist = engine.measure(layer, k, slots)
             assert dist.shape == (k,)
@@ -142,8 +160,7 @@ class SkipFromStem(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Linear(6, 8)
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh())
-                                      for _ in range(3)])
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
@@ -167,13 +184,18 @@ def test_invalid_cut_falls_back_and_stays_exact():
 
 def test_slot_forwards_match_plain_layers():
     torch.manual_seed(0)
-    layers = [nn.Linear(6, 5), nn.Conv2d(4, 6, 3, padding=1),
-              nn.Conv2d(6, 6, 3, groups=6, padding=1), nn.Conv2d(4, 6, 1, groups=2)]
+    layers = [
+        nn.Linear(6, 5),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.Conv2d(6, 6, 3, groups=6, padding=1),
+        nn.Conv2d(4, 6, 1, groups=2),
+    ]
     for layer in layers:
         layer = layer.double()
         k, n = 3, 2
-        x1 = (torch.randn(n, 4, 5, 5) if isinstance(layer, nn.Conv2d) else
-              torch.randn(n, 7, 6)).double()
+        x1 = (
+            torch.randn(n, 4, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(n, 7, 6)
+        ).double()
         if isinstance(layer, nn.Conv2d) and layer.in_channels == 6:
             x1 = torch.randn(n, 6, 5, 5).double()
         weights = torch.randn(k, *layer.weight.shape).double()
@@ -186,18 +208,28 @@ def test_slot_forwards_match_plain_layers():
                     if isinstance(layer, nn.Linear):
                         ref = nn.functional.linear(x1, weights[i], layer.bias)
                     else:
-                        ref = nn.functional.conv2d(x1, weights[i], layer.bias, layer.stride,
-                                                   layer.padding, layer.dilation, layer.groups)
-                torch.testing.assert_close(out[i * n:(i + 1) * n], ref, rtol=1e-12, atol=1e-12)
+                        ref = nn.functional.conv2d(
+                            x1,
+                            weights[i],
+                            layer.bias,
+                            layer.stride,
+                            layer.padding,
+                            layer.dilation,
+                            layer.groups,
+                        )
+                torch.testing.assert_close(out[i * n : (i + 1) * n], ref, rtol=1e-12, atol=1e-12)
         assert "forward" not in layer.__dict__, "slot forward must be removed afterwards"
 
 
-@pytest.mark.parametrize("arch,size", [
-    ("test_efficientnet", None),        # EfficientNet / MobileNet blocks (nested Sequential)
-    ("mobilenetv2_050", (3, 96, 96)),
-    ("test_convnext", None),            # stages with their own forward
-    pytest.param("swin_tiny_patch4_window7_224", None, marks=pytest.mark.slow),  # 30 s
-])
+@pytest.mark.parametrize(
+    "arch,size",
+    [
+        ("test_efficientnet", None),  # EfficientNet / MobileNet blocks (nested Sequential)
+        ("mobilenetv2_050", (3, 96, 96)),
+        ("test_convnext", None),  # stages with their own forward
+        pytest.param("swin_tiny_patch4_window7_224", None, marks=pytest.mark.slow),  # 30 s
+    ],
+)
 def test_prefix_cuts_on_model_families(arch, size):
     """The trunk cut is found, validated and exact on each supported family."""
     torch.manual_seed(0)
@@ -256,8 +288,17 @@ def test_engine_equals_naive_with_bca_inside(mode):
     model = tiny("test_vit")
     x = calib_for(model)
     layers = ["patch_embed.proj", "blocks.2.attn.proj", "head"]
-    job = CurveJob(kind="act", act_mode=mode, group_size=24, nr=4, ndz=1, max_steps=24,
-                   step_grid=2, bias_corr=True, step_mode="group")
+    job = CurveJob(
+        kind="act",
+        act_mode=mode,
+        group_size=24,
+        nr=4,
+        ndz=1,
+        max_steps=24,
+        step_grid=2,
+        bias_corr=True,
+        step_mode="group",
+    )
     ours = curves(model, x, job, layers, "ours")
     naive = curves(model, x, job, layers, "naive")
     plain = curves(model, x, CurveJob(**{**job_dict(job), "bias_corr": False}), layers, "ours")
@@ -265,7 +306,6 @@ def test_engine_equals_naive_with_bca_inside(mode):
         # The offsets are means of the layer's calibration values, which the engine (cached
         # prefix) and the naive evaluator (full forwards) compute in a different order; the
         # small distortions left after the correction amplify that rounding to ~1e-8.
-        np.testing.assert_allclose(ours[name][0], naive[name][0], rtol=1e-6, atol=0,
-                                   err_msg=name)
+        np.testing.assert_allclose(ours[name][0], naive[name][0], rtol=1e-6, atol=0, err_msg=name)
         np.testing.assert_array_equal(ours[name][1], naive[name][1], err_msg=name)
     assert any(not np.allclose(ours[n][0], plain[n][0]) for n in layers)

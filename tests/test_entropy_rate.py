@@ -41,8 +41,9 @@ from tests.conftest import run_script
 # ------------------------------------------------------------------------ symbols and entropy
 
 
-def _reconstruct(levels: torch.Tensor, bits: int, step: torch.Tensor,
-                 phi: torch.Tensor) -> torch.Tensor:
+def _reconstruct(
+    levels: torch.Tensor, bits: int, step: torch.Tensor, phi: torch.Tensor
+) -> torch.Tensor:
     """Values of integer levels ``(c, n)``: ``l·Δ`` (uniform channels) or
     ``sign(l)·(φ + (|l|−½)Δ)`` (dead-zone channels, φ > 0), 0 for level 0."""
     x = levels.double()
@@ -56,9 +57,11 @@ def test_levels_reconstruct_the_quantizer_bitwise(bits):
     torch.manual_seed(bits)
     x = torch.randn(6, 40, dtype=torch.float64)
     step = torch.rand(6, dtype=torch.float64) * 0.5 + 0.05
-    for phi in (torch.zeros(6, dtype=torch.float64),  # uniform
-                torch.full((6,), 0.3, dtype=torch.float64),  # dead zone
-                torch.tensor([0.0, 0.2, 0.0, 0.4, 0.1, 0.0], dtype=torch.float64)):  # mixed
+    for phi in (
+        torch.zeros(6, dtype=torch.float64),  # uniform
+        torch.full((6,), 0.3, dtype=torch.float64),  # dead zone
+        torch.tensor([0.0, 0.2, 0.0, 0.4, 0.1, 0.0], dtype=torch.float64),
+    ):  # mixed
         q = quantize_weight_steps(x, bits, step, phi)
         lv = weight_levels(x, bits, step, phi)
         assert lv.dtype == torch.int64
@@ -83,8 +86,11 @@ def test_group_levels_match_the_engine_quantizer():
     w = torch.randn(10, 3, 2, 2, dtype=torch.float64)
     bounds = group_bounds(10, 4)  # 4, 4, 2
     steps = ChannelSteps.of(w, 2, 5)
-    for cand in (Candidate(2, 3, -0.25, 0.5, dz_index=1), Candidate(0, 4, 0.0, 0.0, dz_index=0),
-                 Candidate(1, 1, math.nan, 0.5, dz_index=1)):
+    for cand in (
+        Candidate(2, 3, -0.25, 0.5, dz_index=1),
+        Candidate(0, 4, 0.0, 0.0, dz_index=0),
+        Candidate(1, 1, math.nan, 0.5, dz_index=1),
+    ):
         lv = group_levels(w, bounds, cand, steps)
         c0, c1 = bounds[cand.group]
         step = 2.0 ** (steps.step_log2[c0:c1, cand.dz_index, cand.bits] + cand.step_log2)
@@ -101,8 +107,10 @@ def test_group_levels_match_the_engine_quantizer():
 def test_curve_entropy_bounds_uniform_weights_and_constant_groups():
     # Group 0: every one of the 2^3 levels of step 0.5 equally often; group 1: constant.
     levels = (torch.arange(8).repeat(4) - 4).double() * 0.5  # (32,)
-    w = torch.stack([levels.reshape(4, 8)[i] for i in range(4)]
-                    + [torch.full((8,), 0.7, dtype=torch.float64)] * 4)  # (8, 8)
+    w = torch.stack(
+        [levels.reshape(4, 8)[i] for i in range(4)]
+        + [torch.full((8,), 0.7, dtype=torch.float64)] * 4
+    )  # (8, 8)
     bounds = group_bounds(8, 4)
     nr = 5
     step_log2 = np.full((2, 2, nr), -1.0)  # (G, D, B) step 0.5 everywhere
@@ -120,8 +128,7 @@ def test_curve_entropy_bounds_uniform_weights_and_constant_groups():
 @pytest.mark.parametrize("mode", ["channel", "group"])
 def test_curve_entropy_never_exceeds_the_width(mode):
     torch.manual_seed(1)
-    w = torch.randn(7, 5, 3, 3, dtype=torch.float64) * torch.logspace(-2, 1, 7)[:, None, None,
-                                                                               None]
+    w = torch.randn(7, 5, 3, 3, dtype=torch.float64) * torch.logspace(-2, 1, 7)[:, None, None, None]
     bounds = group_bounds(7, 3)
     nr, ndz = 6, 2
     rng = np.random.default_rng(0)
@@ -153,18 +160,30 @@ class TinyNet(nn.Module):
         return self.f1(torch.relu(self.c1(x)).mean((2, 3)))
 
 
-def _curve_set(root: Path, kind: str, entropy: bool, nr: int = 5, act_mode: str | None = None
-               ) -> CurveStore:
+def _curve_set(
+    root: Path, kind: str, entropy: bool, nr: int = 5, act_mode: str | None = None
+) -> CurveStore:
     """Random decreasing curves of TinyNet (and, for weights, random entropies ≤ bits)."""
     rng = np.random.default_rng(0)
-    job = CurveJob(kind=kind, act_mode=act_mode, group_size=2, nr=nr,
-                   ndz=2 if kind == "weight" else 1, max_steps=4, step_grid=1, step_mode="group")
+    job = CurveJob(
+        kind=kind,
+        act_mode=act_mode,
+        group_size=2,
+        nr=nr,
+        ndz=2 if kind == "weight" else 1,
+        max_steps=4,
+        step_grid=1,
+        step_mode="group",
+    )
     plans = plan_layers(TinyNet(), torch.randn(1, 3, 8, 8), job)
     store = CurveStore.open(root, build_meta(job, INFO, CALIB, plans))
     for p in plans:
         g, d = len(p.bounds), job.ndz
-        dist = rng.uniform(0.5, 2.0, (g, d, 1)) * 4.0 ** -np.arange(nr) * rng.uniform(
-            0.8, 1.2, (g, d, nr))  # (G, D, B)
+        dist = (
+            rng.uniform(0.5, 2.0, (g, d, 1))
+            * 4.0 ** -np.arange(nr)
+            * rng.uniform(0.8, 1.2, (g, d, nr))
+        )  # (G, D, B)
         step = rng.integers(-6, -1, size=(g, d, nr)).astype(float)
         extra: dict[str, np.ndarray] = {}
         if kind == "act":
@@ -204,14 +223,24 @@ def test_entropy_table_rates_are_entropy_times_elements(tmp_path):
 def test_smoothing_charges_the_entropy_of_the_point_used(tmp_path):
     # The curve rises at 2 bits: smoothing realises column 2 with column 1's quantizer, so
     # column 2 must cost column 1's entropy, not its own.
-    t = ItemTable(dist=np.array([[1.0, 0.3, 0.5, 0.1]]), rate=np.array([[0.0, 8.0, 5.0, 20.0]]),
-                  numel=np.array([10.0]), kind=np.array([WEIGHT]), layer=np.array([0]),
-                  step_log2=np.zeros((1, 4)), deadzone=np.zeros((1, 4)),
-                  source=np.arange(4)[None].copy(), dz_index=np.zeros((1, 4), dtype=np.int64),
-                  bits=np.arange(4),
-                  layers=[LayerEntry(WEIGHT, "x", "Linear", (1, 10), 1, 1, slice(0, 1))],
-                  model="m", curve_sets={}, act_mode=None, rate_kind="entropy",
-                  entropy=np.array([[0.0, 0.8, 0.5, 2.0]]))
+    t = ItemTable(
+        dist=np.array([[1.0, 0.3, 0.5, 0.1]]),
+        rate=np.array([[0.0, 8.0, 5.0, 20.0]]),
+        numel=np.array([10.0]),
+        kind=np.array([WEIGHT]),
+        layer=np.array([0]),
+        step_log2=np.zeros((1, 4)),
+        deadzone=np.zeros((1, 4)),
+        source=np.arange(4)[None].copy(),
+        dz_index=np.zeros((1, 4), dtype=np.int64),
+        bits=np.arange(4),
+        layers=[LayerEntry(WEIGHT, "x", "Linear", (1, 10), 1, 1, slice(0, 1))],
+        model="m",
+        curve_sets={},
+        act_mode=None,
+        rate_kind="entropy",
+        entropy=np.array([[0.0, 0.8, 0.5, 2.0]]),
+    )
     s = restrict(t, smooth=True)
     np.testing.assert_array_equal(s.rate[0], [0.0, 8.0, 8.0, 20.0])
     np.testing.assert_array_equal(s.entropy[0], [0.0, 0.8, 0.8, 2.0])
@@ -235,16 +264,28 @@ def test_entropy_rate_is_refused_without_entropy_or_with_activations(tmp_path):
 # ------------------------------------------------------------------- digits CNN, end to end
 
 DIGITS = ["--archname", "digits_cnn", "--dataset", "digits"]
-CURVE_FLAGS = [*DIGITS, "--testsize", "8", "--maxrates", "5", "--maxdeadzones", "2",
-               "--nchannelbatch", "8", "--quiet"]
+CURVE_FLAGS = [
+    *DIGITS,
+    "--testsize",
+    "8",
+    "--maxrates",
+    "5",
+    "--maxdeadzones",
+    "2",
+    "--nchannelbatch",
+    "8",
+    "--quiet",
+]
 DP = "classification/generate_DP_batch_distortion_act_out_nchan.py"
 
 
 @pytest.fixture(scope="module")
 def digits_curves(tmp_path_factory) -> dict[str, Path]:
     out = {}
-    for key, script in (("measured", "generate_RD_curves_batch.py"),
-                        ("hessian", "generate_rd_curves_batch_hessian.py")):
+    for key, script in (
+        ("measured", "generate_RD_curves_batch.py"),
+        ("hessian", "generate_rd_curves_batch_hessian.py"),
+    ):
         root = tmp_path_factory.mktemp(key)
         proc = run_script(f"classification/{script}", *CURVE_FLAGS, "--outdir", str(root))
         out[key] = Path(json.loads(proc.stdout.strip().splitlines()[-1])["curve_set"])
@@ -272,8 +313,9 @@ def _deployed_entropy_bits(alloc: dict) -> float:
     for name, entry in alloc["weights"].items():
         w = modules[name].weight.detach()
         q = quantized_weight(w, entry).double().reshape(w.shape[0], -1)  # (C, n)
-        step = torch.tensor([math.nan if s is None else 2.0**s for s in entry["step_log2"]],
-                            dtype=torch.float64)[:, None]  # (C, 1)
+        step = torch.tensor(
+            [math.nan if s is None else 2.0**s for s in entry["step_log2"]], dtype=torch.float64
+        )[:, None]  # (C, 1)
         phi = torch.tensor(entry["deadzone"], dtype=torch.float64)[:, None]  # (C, 1)
         mag = torch.where(phi > 0, (q.abs() - phi) / step + 0.5, q.abs() / step)
         sym = torch.where(q == 0, 0.0, torch.sign(q) * torch.round(mag)).nan_to_num(0.0)
@@ -287,9 +329,21 @@ def _deployed_entropy_bits(alloc: dict) -> float:
 
 @pytest.mark.slow
 def test_dp_with_entropy_rate_end_to_end(tmp_path, digits_curves):
-    base = [*DIGITS, "--pathrdcurve", str(digits_curves["measured"]), "--weights-only",
-            "--testsize", "64", "--batchsize", "32", "--quiet", "--no-plots",
-            "--target_rates", "1.5", "2.5"]
+    base = [
+        *DIGITS,
+        "--pathrdcurve",
+        str(digits_curves["measured"]),
+        "--weights-only",
+        "--testsize",
+        "64",
+        "--batchsize",
+        "32",
+        "--quiet",
+        "--no-plots",
+        "--target_rates",
+        "1.5",
+        "2.5",
+    ]
     run_script(DP, *base, "--outdir", str(tmp_path / "a"), "--rate", "entropy")
     # The paper's spelling: --bit_rate 0 = entropy, 1 = fixed-width bits.
     run_script(DP, *base, "--outdir", str(tmp_path / "a"), "--bit_rate", "1")
@@ -312,23 +366,62 @@ def test_dp_with_entropy_rate_end_to_end(tmp_path, digits_curves):
     for e, f in zip(ent, fixed, strict=True):
         assert e["w_bits"] > f["w_bits"]
     # The hessian curves carry entropy too: the frontier sweeps on entropy rates.
-    fr = allocate_main("frontier", argv=[*DIGITS, "--pathrdcurve", str(digits_curves["hessian"]),
-                                         "--weights-only", "--testsize", "16", "--quiet",
-                                         "--no-plots", "--slopes", "-20", "-10",
-                                         "--outdir", str(tmp_path / "fr"), "--bit_rate", "0"])
+    fr = allocate_main(
+        "frontier",
+        argv=[
+            *DIGITS,
+            "--pathrdcurve",
+            str(digits_curves["hessian"]),
+            "--weights-only",
+            "--testsize",
+            "16",
+            "--quiet",
+            "--no-plots",
+            "--slopes",
+            "-20",
+            "-10",
+            "--outdir",
+            str(tmp_path / "fr"),
+            "--bit_rate",
+            "0",
+        ],
+    )
     assert fr["rows"] and all(r["rate"] == "entropy" for r in fr["rows"])
 
 
 def test_entropy_rate_errors_at_the_cli(tmp_path, digits_curves, capsys):
-    base = [*DIGITS, "--pathrdcurve", str(digits_curves["measured"]), "--testsize", "8",
-            "--quiet", "--no-plots", "--target_rates", "2", "--outdir", str(tmp_path / "x")]
+    base = [
+        *DIGITS,
+        "--pathrdcurve",
+        str(digits_curves["measured"]),
+        "--testsize",
+        "8",
+        "--quiet",
+        "--no-plots",
+        "--target_rates",
+        "2",
+        "--outdir",
+        str(tmp_path / "x"),
+    ]
     # Activation curves in the table: entropy rates of activations are not offered.
     act_root = tmp_path / "acts"
-    run_script("classification/generate_RD_curves_act_out_nchan.py", *DIGITS, "--testsize", "8",
-               "--maxrates", "5", "--nchannelbatch", "8", "--quiet", "--outdir", str(act_root))
+    run_script(
+        "classification/generate_RD_curves_act_out_nchan.py",
+        *DIGITS,
+        "--testsize",
+        "8",
+        "--maxrates",
+        "5",
+        "--nchannelbatch",
+        "8",
+        "--quiet",
+        "--outdir",
+        str(act_root),
+    )
     with pytest.raises(SystemExit):
-        allocate_main("dp", argv=[*base, "--act_curve_root_dir", str(act_root), "--rate",
-                                  "entropy"])
+        allocate_main(
+            "dp", argv=[*base, "--act_curve_root_dir", str(act_root), "--rate", "entropy"]
+        )
     err = capsys.readouterr().err
     assert "not offered" in err and "--weights-only" in err
     # Contradicting spellings.
@@ -346,7 +439,8 @@ def test_entropy_rate_errors_at_the_cli(tmp_path, digits_curves, capsys):
         with np.load(f) as z:
             np.savez(dst / "layers" / f.name, **{k: z[k] for k in z.files if k != "entropy"})
     with pytest.raises(SystemExit):
-        allocate_main("dp", argv=[*base, "--weights-only", "--pathrdcurve", str(dst),
-                                  "--rate", "entropy"])
+        allocate_main(
+            "dp", argv=[*base, "--weights-only", "--pathrdcurve", str(dst), "--rate", "entropy"]
+        )
     err = capsys.readouterr().err
     assert "no entropy rates" in err and "--rate bits" in err

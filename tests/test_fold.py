@@ -37,8 +37,9 @@ class Net(nn.Module):
         self.conv4 = nn.Conv2d(c, c, 1)  # residual add between conv4 and bn4: must not fold
         self.bn4 = nn.BatchNorm2d(c)
         self.conv5 = nn.Conv2d(c, c, 3, padding=1, groups=c)  # depthwise → BatchNormAct2d: folds
-        self.bn5 = BatchNormAct2d(c, act_layer=nn.ReLU,
-                                  drop_layer=functools.partial(nn.Dropout, 0.5))
+        self.bn5 = BatchNormAct2d(
+            c, act_layer=nn.ReLU, drop_layer=functools.partial(nn.Dropout, 0.5)
+        )
         self.conv6 = Conv2dSame(c, c, 3, stride=2, bias=False)  # timm SAME padding → bn6: folds
         self.bn6 = nn.BatchNorm2d(c)
         self.conv7 = nn.Conv2d(c, c, 1)  # modified in place before bn7: must not fold
@@ -110,8 +111,9 @@ def test_folds_exactly_the_safe_pairs_and_keeps_the_output():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == len(KEPT)
     # Other modules are untouched.
     for name in ("conv3", "conv4", "conv7", "head"):
-        for p, q in zip(modules[name].parameters(), dict(before.named_modules())[name].parameters(),
-                        strict=True):
+        for p, q in zip(
+            modules[name].parameters(), dict(before.named_modules())[name].parameters(), strict=True
+        ):
             assert torch.equal(p, q)
 
 
@@ -124,10 +126,12 @@ def test_folded_weights_follow_the_formula(conv, bn):
     scale = b.weight / torch.sqrt(b.running_var + b.eps)  # (C,)
     bias = c.bias if c.bias is not None else torch.zeros_like(scale)
     new = dict(model.named_modules())[conv]
-    torch.testing.assert_close(new.weight, c.weight * scale[:, None, None, None],
-                               rtol=1e-14, atol=0)
-    torch.testing.assert_close(new.bias, (bias - b.running_mean) * scale + b.bias,
-                               rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(
+        new.weight, c.weight * scale[:, None, None, None], rtol=1e-14, atol=0
+    )
+    torch.testing.assert_close(
+        new.bias, (bias - b.running_mean) * scale + b.bias, rtol=1e-14, atol=1e-15
+    )
     assert new.bias.requires_grad == new.weight.requires_grad
 
 
@@ -154,8 +158,9 @@ def test_float32_model_is_folded_in_float64_and_keeps_its_dtype():
     model, x = make_net(torch.float32), example(torch.float32)
     ref64 = forward(copy.deepcopy(model).double(), x.double())
     assert fold_batchnorm(model, x) == FOLDED
-    assert {t.dtype for t in [*model.parameters(), *model.buffers()]
-            if t.is_floating_point()} == {torch.float32}
+    assert {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()} == {
+        torch.float32
+    }
     assert model.conv2.bias.dtype == torch.float32
     out = forward(model, x)
     assert out.dtype == torch.float32
@@ -201,8 +206,18 @@ def test_timm_resnet_folds_every_norm():
 # ------------------------------------------------------------------------- scripts, end to end
 
 DIGITS = ["--archname", "digits_cnn", "--dataset", "digits"]
-CURVES = [*DIGITS, "--testsize", "8", "--maxrates", "3", "--maxdeadzones", "1",
-          "--nchannelbatch", "8", "--quiet"]
+CURVES = [
+    *DIGITS,
+    "--testsize",
+    "8",
+    "--maxrates",
+    "3",
+    "--maxdeadzones",
+    "1",
+    "--nchannelbatch",
+    "8",
+    "--quiet",
+]
 
 
 # Two curve-script runs in subprocesses: the users of this fixture are `slow`.
@@ -225,20 +240,39 @@ def test_curve_script_with_fold_bn_records_it(digits_curves):
     assert "--fold-bn" in folded["argv"]
     # Same layers (the convs and the head), folded weights: different curves.
     assert [x["name"] for x in folded["layers"]] == [x["name"] for x in plain["layers"]]
-    assert (digits_curves["folded"] / "layers" / "features.0.npz").read_bytes() != \
-        (digits_curves["plain"] / "layers" / "features.0.npz").read_bytes()
+    assert (digits_curves["folded"] / "layers" / "features.0.npz").read_bytes() != (
+        digits_curves["plain"] / "layers" / "features.0.npz"
+    ).read_bytes()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("curves,flag,expect", [
-    ("plain", ["--fold-bn"], "without --fold-bn"),
-    ("folded", [], "pass --fold-bn"),
-])
+@pytest.mark.parametrize(
+    "curves,flag,expect",
+    [
+        ("plain", ["--fold-bn"], "without --fold-bn"),
+        ("folded", [], "pass --fold-bn"),
+    ],
+)
 def test_allocation_refuses_a_fold_mismatch(tmp_path, digits_curves, capsys, curves, flag, expect):
     with pytest.raises(SystemExit):
-        allocate_main("dp", argv=[*DIGITS, "--pathrdcurve", str(digits_curves[curves]),
-                                  "--weights-only", "--target_rates", "2", "--testsize", "8",
-                                  "--quiet", "--no-plots", "--outdir", str(tmp_path), *flag])
+        allocate_main(
+            "dp",
+            argv=[
+                *DIGITS,
+                "--pathrdcurve",
+                str(digits_curves[curves]),
+                "--weights-only",
+                "--target_rates",
+                "2",
+                "--testsize",
+                "8",
+                "--quiet",
+                "--no-plots",
+                "--outdir",
+                str(tmp_path),
+                *flag,
+            ],
+        )
     err = capsys.readouterr().err
     assert expect in err and "--fold-bn" in err
     assert not any(tmp_path.iterdir())
@@ -246,15 +280,39 @@ def test_allocation_refuses_a_fold_mismatch(tmp_path, digits_curves, capsys, cur
 
 @pytest.mark.slow
 def test_evaluate_allocation_folds_like_the_allocation(tmp_path, digits_curves):
-    res = allocate_main("dp", argv=[*DIGITS, "--pathrdcurve", str(digits_curves["folded"]),
-                                    "--weights-only", "--target_rates", "2", "--testsize", "16",
-                                    "--quiet", "--no-plots", "--outdir", str(tmp_path),
-                                    "--fold-bn"])
+    res = allocate_main(
+        "dp",
+        argv=[
+            *DIGITS,
+            "--pathrdcurve",
+            str(digits_curves["folded"]),
+            "--weights-only",
+            "--target_rates",
+            "2",
+            "--testsize",
+            "16",
+            "--quiet",
+            "--no-plots",
+            "--outdir",
+            str(tmp_path),
+            "--fold-bn",
+        ],
+    )
     row = res["rows"][0]
     path = tmp_path / row["allocation"]  # relative to --outdir
     assert json.loads(path.read_text())["weights_source"].endswith("+fold-bn")
     # No --fold-bn here: the allocation says its weights were folded.
-    ev = evaluate_main([str(path), "--dataset", "digits", "--testsize", "16", "--quiet",
-                        "--outdir", str(tmp_path / "eval")])["rows"][0]
+    ev = evaluate_main(
+        [
+            str(path),
+            "--dataset",
+            "digits",
+            "--testsize",
+            "16",
+            "--quiet",
+            "--outdir",
+            str(tmp_path / "eval"),
+        ]
+    )["rows"][0]
     assert ev["out_mse"] == pytest.approx(row["out_mse"], rel=1e-6)
     assert ev["top1"] == row["top1"]

@@ -36,8 +36,9 @@ SCRIPTS = {
 
 def curve_set(out: Path, estimator: str, kind: str, device: str) -> CurveStore:
     extra = ["--maxdeadzones", "2"] if kind == "weight" else []
-    run_script(SCRIPTS[estimator, kind], *CURVE_FLAGS, *extra, "--device", device,
-               "--outdir", str(out))
+    run_script(
+        SCRIPTS[estimator, kind], *CURVE_FLAGS, *extra, "--device", device, "--outdir", str(out)
+    )
     (root,) = [p for p in out.iterdir() if (p / "meta.json").exists()]
     return CurveStore.load(root)
 
@@ -53,23 +54,39 @@ def test_cuda_curves_equal_cpu_curves(tmp_path, estimator, kind):
         # float64 on both devices (TF32 off): the same steps win, distortions agree closely.
         np.testing.assert_allclose(b.dist, a.dist, rtol=1e-6, atol=1e-12, err_msg=name)
         assert np.array_equal(np.isnan(a.step_log2), np.isnan(b.step_log2)), name
-        np.testing.assert_array_equal(np.nan_to_num(b.step_log2), np.nan_to_num(a.step_log2),
-                                      err_msg=name)
+        np.testing.assert_array_equal(
+            np.nan_to_num(b.step_log2), np.nan_to_num(a.step_log2), err_msg=name
+        )
 
 
 def test_cuda_allocation_and_evaluation_equal_cpu(tmp_path):
     curves = tmp_path / "curves"
     curve_set(curves, "measured", "weight", "cpu")
-    run_script(SCRIPTS["measured", "act"], *CURVE_FLAGS, "--device", "cpu",
-               "--outdir", str(curves))
+    run_script(SCRIPTS["measured", "act"], *CURVE_FLAGS, "--device", "cpu", "--outdir", str(curves))
     weight = next(p for p in curves.iterdir() if p.name.endswith("_channelwise_opt_dist"))
     rows = {}
     for device in ("cpu", "cuda"):
         out = tmp_path / device
-        run_script("classification/generate_DP_batch_distortion_act_out_nchan.py", *DIGITS,
-                   "--pathrdcurve", str(weight), "--act_curve_root_dir", str(curves),
-                   "--target_rates", "4", "--testsize", "-1", "--quiet", "--no-plots",
-                   "-bcw", "-bca", "--device", device, "--outdir", str(out))
+        run_script(
+            "classification/generate_DP_batch_distortion_act_out_nchan.py",
+            *DIGITS,
+            "--pathrdcurve",
+            str(weight),
+            "--act_curve_root_dir",
+            str(curves),
+            "--target_rates",
+            "4",
+            "--testsize",
+            "-1",
+            "--quiet",
+            "--no-plots",
+            "-bcw",
+            "-bca",
+            "--device",
+            device,
+            "--outdir",
+            str(out),
+        )
         rows[device] = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     cpu, gpu = rows["cpu"], rows["cuda"]
     assert gpu["w_bits"] == cpu["w_bits"] and gpu["a_bits"] == cpu["a_bits"]
@@ -92,12 +109,28 @@ def test_resolve_device_turns_tf32_off():
 def test_driver_runs_one_part_per_visible_gpu(tmp_path):
     # The same GPU listed twice: two parts, each in its own process on "its" GPU.
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PY": sys.executable,
-           "OUTDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": f"{gpu},{gpu}",
-           "MODELNAME": "digits_cnn", "TESTSIZE": "16", "NCHANNELBATCH": "16", "MAXRATES": "5",
-           "MAXDEADZONES": "1", "TARGET_RATES": "3 4", "EVALSIZE": "200"}
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gen_rd_hessian_curves_digits_all.sh")],
-                          env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "PY": sys.executable,
+        "OUTDIR": str(tmp_path),
+        "CUDA_VISIBLE_DEVICES": f"{gpu},{gpu}",
+        "MODELNAME": "digits_cnn",
+        "TESTSIZE": "16",
+        "NCHANNELBATCH": "16",
+        "MAXRATES": "5",
+        "MAXDEADZONES": "1",
+        "TARGET_RATES": "3 4",
+        "EVALSIZE": "200",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gen_rd_hessian_curves_digits_all.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 part(s)" in proc.stdout
     for d in (tmp_path / "curves").iterdir():

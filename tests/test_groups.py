@@ -151,7 +151,9 @@ def test_find_layers_plain_sequential():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     layers = find_layers(model)
     assert [(x.name, x.type, x.shape) for x in layers] == [
-        ("0", "Linear", (4, 3)), ("2", "Linear", (2, 4))]
+        ("0", "Linear", (4, 3)),
+        ("2", "Linear", (2, 4)),
+    ]
 
 
 def test_find_layers_timm_test_resnet():
@@ -161,9 +163,14 @@ def test_find_layers_timm_test_resnet():
     order = list(modules)
     names = [x.name for x in layers]
     # every 4-D conv weight and 2-D linear weight of the model is found, nothing else
-    expected = [n for n, m in model.named_modules()
-                if getattr(m, "weight", None) is not None and isinstance(m.weight, torch.Tensor)
-                and m.weight.dim() in (2, 4) and not isinstance(m, nn.Embedding)]
+    expected = [
+        n
+        for n, m in model.named_modules()
+        if getattr(m, "weight", None) is not None
+        and isinstance(m.weight, torch.Tensor)
+        and m.weight.dim() in (2, 4)
+        and not isinstance(m, nn.Embedding)
+    ]
     assert names == expected
     assert len(names) == len(set(names))
     assert [order.index(n) for n in names] == sorted(order.index(n) for n in names)

@@ -83,16 +83,20 @@ def test_random_probes_estimate_the_output_mse_for_vector_outputs():
 def test_quadratic_in_the_perturbation_and_zero_at_zero():
     model = seeded(Linear2, 3)
     x = torch.randn(6, 6)
-    for settings in (HessianSettings(nprobes=2, kappa=0.3),
-                     HessianSettings(probe="norm", kappa=0.1)):
-        be = HessianWeightBackend(GradientSweep(model, x, ["a", "b"], "weight", settings),
-                                  "a", group_bounds(5, 3))
+    for settings in (
+        HessianSettings(nprobes=2, kappa=0.3),
+        HessianSettings(probe="norm", kappa=0.1),
+    ):
+        be = HessianWeightBackend(
+            GradientSweep(model, x, ["a", "b"], "weight", settings), "a", group_bounds(5, 3)
+        )
         d = torch.randn(3 * 6, 1)
         one, two, zero = (be.dist_of(0, d * s)[0] for s in (1.0, 2.0, 0.0))
         assert zero == 0.0 and one > 0 and two == pytest.approx(4 * one, rel=1e-12)
     # With the paper's first-order term: linear part doubles, quadratic part quadruples.
-    sweep = GradientSweep(model, x, ["a"], "weight", HessianSettings(probe="norm",
-                                                                     first_order=True))
+    sweep = GradientSweep(
+        model, x, ["a"], "weight", HessianSettings(probe="norm", first_order=True)
+    )
     be = HessianWeightBackend(sweep, "a", group_bounds(5, 3))
     d = torch.randn(18, 1)
     f1, f2, fm = (be.dist_of(0, d * s)[0] for s in (1.0, 2.0, -1.0))
@@ -116,10 +120,12 @@ def test_rows_are_per_sample_not_per_batch():
 def test_activation_perturbations_meet_their_own_sample(batch_size):
     model = seeded(Gated)
     x = torch.randn(6, 4)
-    sweep = GradientSweep(model, x, ["a"], "act", HessianSettings(nprobes=2), mode="out",
-                          batch_size=batch_size)
-    stats = ActGroupStats(np.zeros(2), np.array([True, True]), 4, np.full(2, -np.inf),
-                          np.full(2, np.inf))
+    sweep = GradientSweep(
+        model, x, ["a"], "act", HessianSettings(nprobes=2), mode="out", batch_size=batch_size
+    )
+    stats = ActGroupStats(
+        np.zeros(2), np.array([True, True]), 4, np.full(2, -np.inf), np.full(2, np.inf)
+    )
     be = HessianActBackend(sweep, "a", group_bounds(4, 2), stats)
     with torch.no_grad():
         h = model.a(x)
@@ -139,12 +145,11 @@ def test_conv_per_sample_gradients_match_autograd():
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2).eval()
     model = nn.Sequential(conv, nn.Flatten()).eval()
     x = torch.randn(3, 4, 7, 7)
-    sweep = GradientSweep(model, x, ["0"], "weight", HessianSettings(probe="norm"),
-                          batch_size=2)
+    sweep = GradientSweep(model, x, ["0"], "weight", HessianSettings(probe="norm"), batch_size=2)
     sweep.ensure("0")
     for n in range(3):
         w = conv.weight
-        (g,) = torch.autograd.grad(model(x[n:n + 1]).norm(), [w])
+        (g,) = torch.autograd.grad(model(x[n : n + 1]).norm(), [w])
         torch.testing.assert_close(sweep.rows["0"][n], g.reshape(6, -1), rtol=1e-10, atol=1e-12)
 
 
@@ -159,21 +164,23 @@ def test_convs_that_pad_inside_forward_get_exact_per_sample_gradients(layer):
             return super().forward(x * 2.0)
 
     torch.manual_seed(5)
-    conv = (Conv2dSame(3, 4, 3, stride=2, groups=1) if layer == "same"
-            else Scaled(3, 4, 3, padding=1)).double()
+    conv = (
+        Conv2dSame(3, 4, 3, stride=2, groups=1) if layer == "same" else Scaled(3, 4, 3, padding=1)
+    ).double()
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
     x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
     model(x[:1])
     model.eval()
     m = 2
-    sweep = GradientSweep(model, x, ["0"], "weight", HessianSettings(nprobes=m, seed=1),
-                          batch_size=3)
+    sweep = GradientSweep(
+        model, x, ["0"], "weight", HessianSettings(nprobes=m, seed=1), batch_size=3
+    )
     sweep.ensure("0")
     gen = torch.Generator().manual_seed(1)
     zs = torch.randint(0, 2, (5, m, 2), generator=gen, dtype=torch.int8).double() * 2 - 1
     for n in range(5):
         for j in range(m):
-            (g,) = torch.autograd.grad((zs[n, j] * model(x[n:n + 1])[0]).sum(), [conv.weight])
+            (g,) = torch.autograd.grad((zs[n, j] * model(x[n : n + 1])[0]).sum(), [conv.weight])
             row = sweep.rows["0"][n * m + j]
             torch.testing.assert_close(row, g.reshape(row.shape), rtol=1e-10, atol=1e-12)
 
@@ -184,20 +191,31 @@ def test_in_place_op_after_the_layer_changes_nothing(kind):
     # (before the fix the conv's rows were off by a relative 1.56 and its stored outputs were the
     # rectified ones).
     torch.manual_seed(7)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(),
-                          nn.Linear(3 * 3 * 3, 2)).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(3 * 3 * 3, 2)
+        )
+        .double()
+        .eval()
+    )
     ref = nn.Sequential(model[0], nn.ReLU(), model[2], model[3]).eval()
     x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
-    sweep = GradientSweep(model, x, ["0"], kind, HessianSettings(probe="norm"),
-                          mode="out" if kind == "act" else None, batch_size=3)
+    sweep = GradientSweep(
+        model,
+        x,
+        ["0"],
+        kind,
+        HessianSettings(probe="norm"),
+        mode="out" if kind == "act" else None,
+        batch_size=3,
+    )
     sweep.ensure("0")
     for n in range(4):
         if kind == "weight":
-            (g,) = torch.autograd.grad(ref(x[n:n + 1]).norm(), [model[0].weight])
-            torch.testing.assert_close(sweep.rows["0"][n], g.reshape(3, -1), rtol=1e-10,
-                                       atol=1e-12)
+            (g,) = torch.autograd.grad(ref(x[n : n + 1]).norm(), [model[0].weight])
+            torch.testing.assert_close(sweep.rows["0"][n], g.reshape(3, -1), rtol=1e-10, atol=1e-12)
         else:
-            h = model[0](x[n:n + 1]).detach().requires_grad_(True)
+            h = model[0](x[n : n + 1]).detach().requires_grad_(True)
             (g,) = torch.autograd.grad(ref[1:](h).norm(), [h])
             torch.testing.assert_close(sweep.acts["0"][n], h[0].detach(), rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(sweep.grads["0"][n, 0], g[0], rtol=1e-10, atol=1e-12)
@@ -223,8 +241,9 @@ def test_input_activation_estimate_excludes_the_skip_path():
     with torch.no_grad():
         model.lin.weight.mul_(0.1)
     x = torch.randn(7, 6, dtype=torch.float64)
-    sweep = GradientSweep(model, x, ["lin"], "act", HessianSettings(nprobes=2), mode="in",
-                          batch_size=3)
+    sweep = GradientSweep(
+        model, x, ["lin"], "act", HessianSettings(nprobes=2), mode="in", batch_size=3
+    )
     bounds = group_bounds(6, 3)
     stats = ActGroupStats(np.zeros(2), np.array([True, True]), 6, -np.ones(2), np.ones(2))
     be = HessianActBackend(sweep, "lin", bounds, stats)
@@ -278,23 +297,30 @@ def test_batched_weight_quantization_equals_one_call_per_candidate(split):
 
     torch.manual_seed(3)
     w = torch.randn(3, 50)  # three groups
-    cands = [Candidate(g, b, s, dz) for b in (0, 1, 2, 3, 5) for s in (-4.0, -2.5, 0.0)
-             for dz in (0.0, 0.3) for g in (2, 0)] + [Candidate(2, 0, float("nan"), 0.0)]
+    cands = [
+        Candidate(g, b, s, dz)
+        for b in (0, 1, 2, 3, 5)
+        for s in (-4.0, -2.5, 0.0)
+        for dz in (0.0, 0.3)
+        for g in (2, 0)
+    ] + [Candidate(2, 0, float("nan"), 0.0)]
     slots = SlotGrid.of(cands, split=[c.deadzone > 0 for c in cands] if split else None)
     assert list(slots.groups) == [0, 2]
     # Split: group 2 has 16 uniform candidates (15 + the NaN-step one) then 15 dead-zone ones.
     assert (slots.width, slots.split_col) == ((31, 16) if split else (31, 31))
     bounds = group_bounds(3, 1)  # one 50-element channel per group
-    out = quantize_weights_batched(w[slots.groups].unsqueeze(1), cands, slots, slice(None),
-                                   bounds)  # (2, 31, 50)
+    out = quantize_weights_batched(
+        w[slots.groups].unsqueeze(1), cands, slots, slice(None), bounds
+    )  # (2, 31, 50)
     for k, c in enumerate(cands):
         got = out[slots.rows[k], slots.cols[k]]
         assert torch.equal(got, quantize_weight(w[c.group], c.bits, c.step_log2, c.deadzone)), c
     # Only dead-zone candidates (an empty uniform block when split).
     dz_only = [c for c in cands if c.deadzone > 0]
     slots = SlotGrid.of(dz_only, split=[True] * len(dz_only) if split else None)
-    out = quantize_weights_batched(w[slots.groups].unsqueeze(1), dz_only, slots, slice(None),
-                                   bounds)
+    out = quantize_weights_batched(
+        w[slots.groups].unsqueeze(1), dz_only, slots, slice(None), bounds
+    )
     for k, c in enumerate(dz_only):
         got = out[slots.rows[k], slots.cols[k]]
         assert torch.equal(got, quantize_weight(w[c.group], c.bits, c.step_log2, c.deadzone)), c
@@ -324,21 +350,34 @@ def test_batched_backend_equals_one_group_at_a_time(kind):
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
     x = torch.randn(9, 5)
     bounds = group_bounds(7, 3)
-    cands = [Candidate(g, b, s, dz if kind == "weight" else 0.0)
-             for g in (2, 0, 1) for b in (0, 2, 3) for s in (-3.0, -1.5) for dz in (0.0, 0.2)]
+    cands = [
+        Candidate(g, b, s, dz if kind == "weight" else 0.0)
+        for g in (2, 0, 1)
+        for b in (0, 2, 3)
+        for s in (-3.0, -1.5)
+        for dz in (0.0, 0.2)
+    ]
     cands = list({c.key(): c for c in cands}.values())
     layer = "0" if kind == "weight" else "1"
-    sweep = GradientSweep(model, x, [layer], kind, HessianSettings(nprobes=3),
-                          mode="out" if kind == "act" else None, batch_size=4)
+    sweep = GradientSweep(
+        model,
+        x,
+        [layer],
+        kind,
+        HessianSettings(nprobes=3),
+        mode="out" if kind == "act" else None,
+        batch_size=4,
+    )
     if kind == "weight":
         be = HessianWeightBackend(sweep, layer, bounds)
         w = model[0].weight.detach()
         dist, mse = be(cands)
         for k, c in enumerate(cands):
             c0, c1 = bounds[c.group]
-            d = (quantize_weight(w[c0:c1], c.bits, c.step_log2, c.deadzone) - w[c0:c1])
-            assert dist[k] == pytest.approx(be.dist_of(c.group, d.reshape(-1, 1))[0],
-                                            rel=1e-12, abs=1e-300)
+            d = quantize_weight(w[c0:c1], c.bits, c.step_log2, c.deadzone) - w[c0:c1]
+            assert dist[k] == pytest.approx(
+                be.dist_of(c.group, d.reshape(-1, 1))[0], rel=1e-12, abs=1e-300
+            )
             assert mse[k] == pytest.approx(float(d.pow(2).mean()), rel=1e-12, abs=1e-300)
     else:
         with torch.no_grad():
@@ -352,16 +391,18 @@ def test_batched_backend_equals_one_group_at_a_time(kind):
             lo, hi = (signed_bounds if signed[c.group] else unsigned_bounds)(c.bits)
             step = 2.0**c.step_log2 if c.bits else 1.0
             d = quantize_uniform(h[:, c0:c1], step, lo, hi) - h[:, c0:c1]
-            assert dist[k] == pytest.approx(be.dist_of(c.group, d.unsqueeze(-1))[0],
-                                            rel=1e-12, abs=1e-300)
+            assert dist[k] == pytest.approx(
+                be.dist_of(c.group, d.unsqueeze(-1))[0], rel=1e-12, abs=1e-300
+            )
 
 
 def test_sweeps_split_by_memory_give_the_same_rows():
     model = seeded(Linear2, 3)
     x = torch.randn(5, 6)
     one = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=2))
-    split = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=2),
-                          mem_budget_mb=1e-6)
+    split = GradientSweep(
+        model, x, ["a", "b"], "weight", HessianSettings(nprobes=2), mem_budget_mb=1e-6
+    )
     assert one.n_sweeps == 1 and split.n_sweeps == 2
     for name in ("a", "b"):
         one.ensure(name)
@@ -377,11 +418,19 @@ def test_sweep_batch_fits_the_memory_budget_and_never_changes_the_rows():
     model = seeded(Linear2, 4)
     x = torch.randn(6, 6)
     big = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=3), batch_size=4)
-    small = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=3),
-                          batch_size=4, mem_budget_mb=big._per_sample_bytes * 2.5 / 2**20)
+    small = GradientSweep(
+        model,
+        x,
+        ["a", "b"],
+        "weight",
+        HessianSettings(nprobes=3),
+        batch_size=4,
+        mem_budget_mb=big._per_sample_bytes * 2.5 / 2**20,
+    )
     assert big.batch_size == 4 and small.batch_size == 2
-    tiny = GradientSweep(model, x, ["a", "b"], "weight", HessianSettings(nprobes=3),
-                         batch_size=4, mem_budget_mb=1e-9)
+    tiny = GradientSweep(
+        model, x, ["a", "b"], "weight", HessianSettings(nprobes=3), batch_size=4, mem_budget_mb=1e-9
+    )
     assert tiny.batch_size == 1
     for name in ("a", "b"):
         for sweep in (big, small, tiny):
@@ -411,17 +460,17 @@ def test_random_probe_rows_are_signed_per_sample_gradients(batch_size):
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 1)).eval()
     x = torch.randn(5, 2, 5, 5)
     m = 3
-    sweep = GradientSweep(model, x, ["0", "3"], "weight", HessianSettings(nprobes=m),
-                          batch_size=batch_size)
+    sweep = GradientSweep(
+        model, x, ["0", "3"], "weight", HessianSettings(nprobes=m), batch_size=batch_size
+    )
     sweep.ensure("0")
     for name, w in (("0", conv.weight), ("3", model[3].weight)):
         for n in range(5):
-            (g,) = torch.autograd.grad(model(x[n:n + 1]).sum(), [w])
+            (g,) = torch.autograd.grad(model(x[n : n + 1]).sum(), [w])
             for j in range(m):
                 row = sweep.rows[name][n * m + j]
                 sign = 1.0 if torch.dot(row.flatten(), g.flatten()) > 0 else -1.0
-                torch.testing.assert_close(row, sign * g.reshape(row.shape), rtol=1e-10,
-                                           atol=1e-12)
+                torch.testing.assert_close(row, sign * g.reshape(row.shape), rtol=1e-10, atol=1e-12)
 
 
 def test_fast_deadzone_quantizer_is_bitwise_the_reference_one():
@@ -455,23 +504,26 @@ def test_rows_of_a_layer_called_twice_sum_both_calls(probe):
     model = seeded(Twice)
     x = torch.randn(5, 4)
     m = 1 if probe == "norm" else 2
-    sweep = GradientSweep(model, x, ["a"], "weight", HessianSettings(probe=probe, nprobes=m),
-                          batch_size=2)
+    sweep = GradientSweep(
+        model, x, ["a"], "weight", HessianSettings(probe=probe, nprobes=m), batch_size=2
+    )
     sweep.ensure("a")
     for n in range(5):
-        y = model(x[n:n + 1])
+        y = model(x[n : n + 1])
         if probe == "norm":
             (g,) = torch.autograd.grad(y.norm(), [model.a.weight])
             torch.testing.assert_close(sweep.rows["a"][n], g, rtol=1e-10, atol=1e-12)
         else:
             # Each row is the gradient of z·F for some z in {±1}²: match one of the four.
-            grads = [torch.autograd.grad((torch.tensor(z) * y).sum(), [model.a.weight],
-                                         retain_graph=True)[0]
-                     for z in ([1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0])]
+            grads = [
+                torch.autograd.grad(
+                    (torch.tensor(z) * y).sum(), [model.a.weight], retain_graph=True
+                )[0]
+                for z in ([1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0])
+            ]
             for j in range(m):
                 row = sweep.rows["a"][n * m + j]
                 assert any(torch.allclose(row, g, rtol=1e-10, atol=1e-12) for g in grads)
-
 
 
 def test_activation_kappa_term_does_not_grow_with_the_calibration_size():
@@ -481,16 +533,23 @@ def test_activation_kappa_term_does_not_grow_with_the_calibration_size():
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
     x = torch.randn(8, 5)
     bounds = group_bounds(6, 3)
-    stats = ActGroupStats(np.zeros(2), np.array([True, True]), 6, np.full(2, -np.inf),
-                          np.full(2, np.inf))
+    stats = ActGroupStats(
+        np.zeros(2), np.array([True, True]), 6, np.full(2, -np.inf), np.full(2, np.inf)
+    )
     cands = [Candidate(g, b, s, 0.0) for g in (0, 1) for b in (0, 2, 4) for s in (-3.0, -1.0)]
     dist, single = {}, {}
     for copies in (1, 2):
         xs = torch.cat([x] * copies)
         for kappa in (0.0, 0.5):
-            sweep = GradientSweep(model, xs, ["1"], "act",
-                                  HessianSettings(probe="norm", kappa=kappa), mode="out",
-                                  batch_size=4)
+            sweep = GradientSweep(
+                model,
+                xs,
+                ["1"],
+                "act",
+                HessianSettings(probe="norm", kappa=kappa),
+                mode="out",
+                batch_size=4,
+            )
             be = HessianActBackend(sweep, "1", bounds, stats)
             dist[copies, kappa] = be(cands)[0]
             delta = torch.full((xs.shape[0], 3, 1), 0.1)  # 0.1 on every element of group 0
@@ -524,8 +583,21 @@ def test_paper_preset_lands_in_meta_and_is_not_resumed_without_it(tmp_path, caps
 
     from rdoq.cli_curves import curves_main
 
-    argv = ["--archname", "digits_cnn", "--testsize", "4", "--nchannelbatch", "16",
-            "--maxrates", "3", "--maxdeadzones", "1", "--outdir", str(tmp_path), "--quiet"]
+    argv = [
+        "--archname",
+        "digits_cnn",
+        "--testsize",
+        "4",
+        "--nchannelbatch",
+        "16",
+        "--maxrates",
+        "3",
+        "--maxdeadzones",
+        "1",
+        "--outdir",
+        str(tmp_path),
+        "--quiet",
+    ]
     curves_main("weight", None, [*argv, "--paper-hessian"], estimator="hessian")
     (meta_path,) = tmp_path.glob("*/meta.json")
     params = json.loads(meta_path.read_text())["estimator_params"]
@@ -538,6 +610,7 @@ def test_paper_preset_lands_in_meta_and_is_not_resumed_without_it(tmp_path, caps
         assert "estimator_params" in capsys.readouterr().err
     # A contradicting flag is refused before any work.
     with pytest.raises(SystemExit):
-        curves_main("weight", None, [*argv, "--paper-hessian", "--probe", "random"],
-                    estimator="hessian")
+        curves_main(
+            "weight", None, [*argv, "--paper-hessian", "--probe", "random"], estimator="hessian"
+        )
     assert "contradicts --probe random" in capsys.readouterr().err

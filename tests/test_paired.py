@@ -47,12 +47,40 @@ def test_shapes_must_match():
 
 
 def test_evaluate_allocation_paired(tmp_path):
-    res = cli_eval.uniform_main(["--archname", "digits_cnn", "--target_rates", "3", "8",
-                                 "--calibsize", "2", "--testsize", "64", "--batchsize", "32",
-                                 "--quiet", "--no-plots", "--no-acts", "--outdir", str(tmp_path)])
+    res = cli_eval.uniform_main(
+        [
+            "--archname",
+            "digits_cnn",
+            "--target_rates",
+            "3",
+            "8",
+            "--calibsize",
+            "2",
+            "--testsize",
+            "64",
+            "--batchsize",
+            "32",
+            "--quiet",
+            "--no-plots",
+            "--no-acts",
+            "--outdir",
+            str(tmp_path),
+        ]
+    )
     paths = [str(tmp_path / r["allocation"]) for r in res["rows"]]
-    out = cli_eval.evaluate_main([*paths, "--testsize", "64", "--batchsize", "32", "--quiet",
-                                  "--paired", "--outdir", str(tmp_path / "eval")])
+    out = cli_eval.evaluate_main(
+        [
+            *paths,
+            "--testsize",
+            "64",
+            "--batchsize",
+            "32",
+            "--quiet",
+            "--paired",
+            "--outdir",
+            str(tmp_path / "eval"),
+        ]
+    )
     first, second = out["rows"]
     assert "paired" not in first
     p = second["paired"]

@@ -224,8 +224,9 @@ def test_deadzone_ratio_puts_that_fraction_in_the_dead_zone(case, ratio):
 
 
 @PROPERTY
-@given(st.lists(deadzone_cases(), min_size=1, max_size=4),
-       st.floats(min_value=0.01, max_value=0.99))
+@given(
+    st.lists(deadzone_cases(), min_size=1, max_size=4), st.floats(min_value=0.01, max_value=0.99)
+)
 def test_channel_deadzones_put_the_ratio_of_each_channel_in_its_dead_zone(cases, ratio):
     n = min(c[0].numel() for c in cases)
     w = torch.stack([c[0][:n].double() for c in cases])  # (C, n)
@@ -263,12 +264,17 @@ def candidate_grids(draw, deadzone: bool):
 
     if not deadzone:
         signed = draw(st.lists(st.booleans(), min_size=k, max_size=k))
-        b = [signed_bounds(q) if s else unsigned_bounds(q)
-             for q, s in zip(bits, signed, strict=True)]
+        b = [
+            signed_bounds(q) if s else unsigned_bounds(q) for q, s in zip(bits, signed, strict=True)
+        ]
         return x, col(steps), col([lo for lo, _ in b]), col([hi for _, hi in b])
     phis = draw(st.lists(st.floats(min_value=0.0, max_value=8.0), min_size=k, max_size=k))
-    return (x, col(steps), col([p * base for p in phis]),
-            col([float(deadzone_magnitudes(q)) for q in bits]))
+    return (
+        x,
+        col(steps),
+        col([p * base for p in phis]),
+        col([float(deadzone_magnitudes(q)) for q in bits]),
+    )
 
 
 @PROPERTY
@@ -285,11 +291,15 @@ def test_fast_uniform_is_bitwise_the_reference(case):
     assert _same_bits(x, before)  # the input is not overwritten
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "quantize_uniform_fast's vectorised clamp_min_ turns -0 into +0 when qmin == 0 (unsigned "
-    "grid, 0 bits); torch.clamp in quantize_uniform, and the scalar tail, keep -0. Same values, "
-    "different sign of zero. Found by test_fast_uniform_is_bitwise_the_reference: x = 15 × 0.0 "
-    "then -0.0 (float32), step 1, qmin = qmax = 0."))
+@pytest.mark.xfail(
+    strict=False,
+    reason=(
+        "quantize_uniform_fast's vectorised clamp_min_ turns -0 into +0 when qmin == 0 "
+        "(unsigned grid, 0 bits); torch.clamp in quantize_uniform, and the scalar tail, keep -0. "
+        "Same values, different sign of zero. Found by test_fast_uniform_is_bitwise_the_reference: "
+        "x = 15 × 0.0 then -0.0 (float32), step 1, qmin = qmax = 0."
+    ),
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fast_uniform_keeps_the_sign_of_zero_on_the_unsigned_grid(dtype):
     x = torch.full((1, 64), -0.0, dtype=dtype)  # (1, n): more than one SIMD vector

@@ -163,8 +163,9 @@ def test_deadzone_idempotent(bits):
             phi = deadzone_threshold(x, ratio)
             for step in STEPS:
                 q = quantize_deadzone(x, step, phi, m)
-                torch.testing.assert_close(quantize_deadzone(q, step, phi, m), q,
-                                           rtol=0, atol=1e-12)
+                torch.testing.assert_close(
+                    quantize_deadzone(q, step, phi, m), q, rtol=0, atol=1e-12
+                )
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 5, 8])
@@ -236,8 +237,9 @@ def test_quantize_weight_picks_rule_by_deadzone():
     x = torch.randn(100, dtype=torch.float64)
     lo, hi = signed_bounds(4)
     assert torch.equal(quantize_weight(x, 4, -2.0, 0.0), quantize_uniform(x, 0.25, lo, hi))
-    assert torch.equal(quantize_weight(x, 4, -2.0, 0.3),
-                       quantize_deadzone(x, 0.25, 0.3, deadzone_magnitudes(4)))
+    assert torch.equal(
+        quantize_weight(x, 4, -2.0, 0.3), quantize_deadzone(x, 0.25, 0.3, deadzone_magnitudes(4))
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,18 @@ from tests.conftest import ROOT, run_script
 WEIGHTS = "classification/generate_RD_curves_batch.py"
 ACT_OUT = "classification/generate_RD_curves_act_out_nchan.py"
 ACT_IN = "classification/generate_RD_curves_act_nchan.py"
-SMALL = ["--random-init", "--dataset", "synthetic", "--testsize", "2", "--nchannelbatch", "64",
-         "--maxrates", "3", "--quiet"]
+SMALL = [
+    "--random-init",
+    "--dataset",
+    "synthetic",
+    "--testsize",
+    "2",
+    "--nchannelbatch",
+    "64",
+    "--maxrates",
+    "3",
+    "--quiet",
+]
 SMALL_W = [*SMALL, "--maxdeadzones", "2", "--maxsteps", "6"]
 SMALL_A = [*SMALL, "--maxsteps", "12"]
 
@@ -38,8 +48,12 @@ def load_all(curve_set: Path) -> dict[str, dict[str, np.ndarray]]:
     out = {}
     for name in store.layer_names():
         c = store.read_layer(name)
-        out[name] = {"dist": c.dist, "step_log2": c.step_log2, "deadzone": c.deadzone,
-                     "numel": c.numel}
+        out[name] = {
+            "dist": c.dist,
+            "step_log2": c.step_log2,
+            "deadzone": c.deadzone,
+            "numel": c.numel,
+        }
     return out
 
 
@@ -53,18 +67,23 @@ def vit_weight_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["test_vit", "test_resnet"])
-@pytest.mark.parametrize("script,extra,kind,mode", [
-    (WEIGHTS, SMALL_W, "weight", None),
-    (ACT_OUT, SMALL_A, "act", "out"),
-    (ACT_IN, SMALL_A, "act", "in"),
-])
+@pytest.mark.parametrize(
+    "script,extra,kind,mode",
+    [
+        (WEIGHTS, SMALL_W, "weight", None),
+        (ACT_OUT, SMALL_A, "act", "out"),
+        (ACT_IN, SMALL_A, "act", "in"),
+    ],
+)
 def test_scripts_end_to_end(tmp_path, arch, script, extra, kind, mode):
     proc = run_script(script, "--archname", arch, *extra, "--outdir", str(tmp_path))
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     curve_set = only_dir(tmp_path)
-    suffix = {"weight": "_rdcurves_channelwise_opt_dist",
-              "out": "_rdcurves_out_channelwise_opt_dist_act",
-              "in": "_rdcurves_channelwise_opt_dist_act"}[mode or kind]
+    suffix = {
+        "weight": "_rdcurves_channelwise_opt_dist",
+        "out": "_rdcurves_out_channelwise_opt_dist_act",
+        "in": "_rdcurves_channelwise_opt_dist_act",
+    }[mode or kind]
     assert curve_set.name.startswith(f"{arch}_") and curve_set.name.endswith(suffix)
     assert "_nf_0064_" in curve_set.name and "_ns_0002_" in curve_set.name
     meta = json.loads((curve_set / "meta.json").read_text())
@@ -101,18 +120,31 @@ def _wait_for_layers(proc: subprocess.Popen, layers_dir: Path, n: int, what: str
 
 @pytest.mark.slow
 def test_resume_after_kill_gives_the_same_curves(tmp_path, vit_weight_run):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / WEIGHTS), "--archname", "test_vit", *SMALL_W,
-           "--outdir", str(tmp_path)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        sys.executable,
+        str(ROOT / WEIGHTS),
+        "--archname",
+        "test_vit",
+        *SMALL_W,
+        "--outdir",
+        str(tmp_path),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     layers_dir = tmp_path / vit_weight_run.name / "layers"
     _wait_for_layers(proc, layers_dir, 3, "killed")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     store = CurveStore.load(tmp_path / vit_weight_run.name)
-    done_before = {n: store.layer_path(n).stat().st_mtime_ns for n in store.layer_names()
-                   if store.has_layer(n)}
+    done_before = {
+        n: store.layer_path(n).stat().st_mtime_ns for n in store.layer_names() if store.has_layer(n)
+    }
     assert 3 <= len(done_before) < len(store.layer_names())
     run_script(WEIGHTS, "--archname", "test_vit", *SMALL_W, "--outdir", str(tmp_path))
     assert store.missing_layers() == []
@@ -140,8 +172,9 @@ def test_truncated_layer_file_is_recomputed_on_resume(tmp_path, vit_weight_run):
     with pytest.raises(ValueError, match=broken):
         open_curve_set(curve_set, "weight")
     assert "missing layers: 1" in show_main([str(curve_set)])
-    summary = curves_main("weight", None, ["--archname", "test_vit", *SMALL_W, "--outdir",
-                                            str(tmp_path)])
+    summary = curves_main(
+        "weight", None, ["--archname", "test_vit", *SMALL_W, "--outdir", str(tmp_path)]
+    )
     assert summary["layers_written"] == 1 and summary["missing_layers"] == 0
     for name, mtime in mtimes.items():
         if name != broken:
@@ -156,8 +189,18 @@ def test_truncated_layer_file_is_recomputed_on_resume(tmp_path, vit_weight_run):
 def test_parts_are_disjoint_and_complete(tmp_path, vit_weight_run):
     written = []
     for part in (0, 1):
-        proc = run_script(WEIGHTS, "--archname", "test_vit", *SMALL_W, "--outdir", str(tmp_path),
-                          "--part_id", str(part), "--num_parts", "2")
+        proc = run_script(
+            WEIGHTS,
+            "--archname",
+            "test_vit",
+            *SMALL_W,
+            "--outdir",
+            str(tmp_path),
+            "--part_id",
+            str(part),
+            "--num_parts",
+            "2",
+        )
         written.append(json.loads(proc.stdout.strip().splitlines()[-1])["layers_written"])
     curve_set = tmp_path / vit_weight_run.name
     store = CurveStore.load(curve_set)
@@ -173,8 +216,11 @@ def test_torchrun_environment_selects_the_part(tmp_path, monkeypatch, vit_weight
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    summary = curves_main("weight", None, ["--archname", "test_vit", *SMALL_W, "--outdir",
-                                            str(tmp_path), "--device", "cpu"])
+    summary = curves_main(
+        "weight",
+        None,
+        ["--archname", "test_vit", *SMALL_W, "--outdir", str(tmp_path), "--device", "cpu"],
+    )
     assert summary["layers_part"] < summary["layers_total"]
     run = json.loads((tmp_path / vit_weight_run.name / "run_part001.json").read_text())
     assert 0 < run["summary"]["layers_written"] < run["summary"]["layers_total"]
@@ -188,14 +234,20 @@ def bad(capsys, tmp_path, kind, argv) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,expect", [
-    (["--datapath", "/nonexistent/imagenet"], "--datapath /nonexistent/imagenet does not exist"),
-    (["--nchannelbatch", "0"], "--nchannelbatch must be > 0, got 0"),
-    (["--maxrates", "1"], "--maxrates must be >= 2"),
-    (["--testsize", "0"], "--testsize must be > 0, got 0"),
-    (["--part_id", "2", "--num_parts", "2"], "--part_id 2 is outside 0..1"),
-    (["--maxsteps", "2"], "--maxsteps >= 3"),
-])
+@pytest.mark.parametrize(
+    "argv,expect",
+    [
+        (
+            ["--datapath", "/nonexistent/imagenet"],
+            "--datapath /nonexistent/imagenet does not exist",
+        ),
+        (["--nchannelbatch", "0"], "--nchannelbatch must be > 0, got 0"),
+        (["--maxrates", "1"], "--maxrates must be >= 2"),
+        (["--testsize", "0"], "--testsize must be > 0, got 0"),
+        (["--part_id", "2", "--num_parts", "2"], "--part_id 2 is outside 0..1"),
+        (["--maxsteps", "2"], "--maxsteps >= 3"),
+    ],
+)
 def test_bad_flags_are_refused_and_write_nothing(tmp_path, capsys, argv, expect):
     base = ["--archname", "test_vit", "--random-init", "--quiet"]
     if "--datapath" not in argv:
@@ -212,14 +264,17 @@ def test_datapath_problems(tmp_path, capsys):
     base = ["--archname", "test_vit", "--random-init", "--quiet"]
     assert "is empty" in bad(capsys, out, "weight", [*base, "--datapath", str(empty)])
     (empty / "val").mkdir()
-    assert "has no train/ folder" in bad(capsys, out, "weight", [*base, "--datapath",
-                                                                 str(empty)])
+    assert "has no train/ folder" in bad(capsys, out, "weight", [*base, "--datapath", str(empty)])
     assert not out.exists()
 
 
 def test_unknown_arch_suggests_names(tmp_path, capsys):
-    err = bad(capsys, tmp_path, "weight", ["--archname", "deit_tiny_patch16_22", "--random-init",
-                                           "--dataset", "synthetic"])
+    err = bad(
+        capsys,
+        tmp_path,
+        "weight",
+        ["--archname", "deit_tiny_patch16_22", "--random-init", "--dataset", "synthetic"],
+    )
     assert "unknown --archname 'deit_tiny_patch16_22'" in err
     assert "deit_tiny_patch16_224" in err
 
@@ -255,22 +310,38 @@ def test_torchrun_rank_picks_the_part_when_only_num_parts_is_given(monkeypatch):
     assert resolve_part(1, 3).part_id == 1
 
 
-@pytest.mark.parametrize("argv,expect", [
-    (["--max-batch", "0"], "--max-batch must be > 0"),
-    (["--mem-budget-mb", "-1"], "--mem-budget-mb must be > 0"),
-    (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
-    (["--checkpoint", "x.pth"], "--checkpoint and --random-init contradict"),
-])
+@pytest.mark.parametrize(
+    "argv,expect",
+    [
+        (["--max-batch", "0"], "--max-batch must be > 0"),
+        (["--mem-budget-mb", "-1"], "--mem-budget-mb must be > 0"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+        (["--checkpoint", "x.pth"], "--checkpoint and --random-init contradict"),
+    ],
+)
 def test_more_bad_flags(tmp_path, capsys, argv, expect):
-    err = bad(capsys, tmp_path, "weight", ["--archname", "test_vit", "--random-init",
-                                           "--dataset", "synthetic", "--quiet", *argv])
+    err = bad(
+        capsys,
+        tmp_path,
+        "weight",
+        ["--archname", "test_vit", "--random-init", "--dataset", "synthetic", "--quiet", *argv],
+    )
     assert expect in err, err
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["not json", "no kind", "old schema", "layer without groups",
-                                    "layers not a list", "bits not ints"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "not json",
+        "no kind",
+        "old schema",
+        "layer without groups",
+        "layers not a list",
+        "bits not ints",
+    ],
+)
 def test_show_curves_names_a_bad_meta_json(tmp_path, capsys, vit_weight_run, damage):
     meta = json.loads((vit_weight_run / "meta.json").read_text())
     if damage == "no kind":
@@ -294,15 +365,18 @@ def test_show_curves_names_a_bad_meta_json(tmp_path, capsys, vit_weight_run, dam
     assert len(err) == 1 and str(path) in err[0], err
 
 
-@pytest.mark.parametrize("main,args,hint", [
-    ("curves_main", ("weight",), "re-run the same command to resume"),
-    ("allocate_main", ("dp",), "results.jsonl"),
-    ("uniform_main", (), "results.jsonl"),
-    ("evaluate_main", (), "results.jsonl"),
-    ("show_main", (), "interrupted"),
-    ("results_main", (), "interrupted"),
-    ("train_digits", (), "interrupted"),
-])
+@pytest.mark.parametrize(
+    "main,args,hint",
+    [
+        ("curves_main", ("weight",), "re-run the same command to resume"),
+        ("allocate_main", ("dp",), "results.jsonl"),
+        ("uniform_main", (), "results.jsonl"),
+        ("evaluate_main", (), "results.jsonl"),
+        ("show_main", (), "interrupted"),
+        ("results_main", (), "interrupted"),
+        ("train_digits", (), "interrupted"),
+    ],
+)
 def test_ctrl_c_exits_with_one_line_and_code_130(monkeypatch, capsys, main, args, hint):
     import argparse
     import importlib.util
@@ -311,13 +385,13 @@ def test_ctrl_c_exits_with_one_line_and_code_130(monkeypatch, capsys, main, args
 
     if main == "train_digits":
         spec = importlib.util.spec_from_file_location(
-            "train_digits", ROOT / "classification/train_digits.py")
+            "train_digits", ROOT / "classification/train_digits.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         main = module.main
     else:
-        main = next(getattr(m, main) for m in (cli_curves, cli_alloc, cli_eval)
-                    if hasattr(m, main))
+        main = next(getattr(m, main) for m in (cli_curves, cli_alloc, cli_eval) if hasattr(m, main))
 
     def interrupted(self, argv=None, namespace=None):
         raise KeyboardInterrupt
@@ -332,15 +406,32 @@ def test_ctrl_c_exits_with_one_line_and_code_130(monkeypatch, capsys, main, args
 
 @pytest.mark.slow
 def test_ctrl_c_in_a_curve_run_keeps_finished_layers(tmp_path, vit_weight_run):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / WEIGHTS), "--archname", "test_vit", *SMALL_W,
-           "--outdir", str(tmp_path)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        sys.executable,
+        str(ROOT / WEIGHTS),
+        "--archname",
+        "test_vit",
+        *SMALL_W,
+        "--outdir",
+        str(tmp_path),
+    ]
     # A test run started in the background inherits SIGINT ignored, and Python then keeps it
     # ignored in the child: give the script the default disposition a terminal would.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     layers_dir = tmp_path / vit_weight_run.name / "layers"
     _wait_for_layers(proc, layers_dir, 2, "interrupted")
     proc.send_signal(signal.SIGINT)
@@ -348,7 +439,8 @@ def test_ctrl_c_in_a_curve_run_keeps_finished_layers(tmp_path, vit_weight_run):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines() == [
         "generate_RD_curves_batch.py: interrupted; finished layers are kept, re-run the same "
-        "command to resume"], err
+        "command to resume"
+    ], err
     store = CurveStore.load(tmp_path / vit_weight_run.name)
     assert 2 <= len(store.layer_names()) - len(store.missing_layers())
     assert not list(layers_dir.glob(".*.tmp"))

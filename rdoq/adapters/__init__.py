@@ -31,6 +31,5 @@ def get_adapter(name: str, adapters: Mapping[str, Adapter] | None = None) -> Ada
     an unknown name is an InputError listing the known ones."""
     adapters = adapter_registry() if adapters is None else adapters
     if name not in adapters:
-        raise InputError(f"--dataset {name!r} has no adapter; choose one of "
-                         f"{', '.join(adapters)}")
+        raise InputError(f"--dataset {name!r} has no adapter; choose one of {', '.join(adapters)}")
     return adapters[name]

@@ -66,8 +66,14 @@ class CalibSet:
 
     def meta(self) -> dict[str, Any]:
         digest = hashlib.sha256(self.x.float().contiguous().numpy().tobytes()).hexdigest()
-        return {"size": int(self.x.shape[0]), "seed": self.seed, "source": self.source,
-                "sha256": digest, "items": self.items, **self.extra}
+        return {
+            "size": int(self.x.shape[0]),
+            "seed": self.seed,
+            "source": self.source,
+            "sha256": digest,
+            "items": self.items,
+            **self.extra,
+        }
 
 
 def file_sha256(path: Path) -> str:
@@ -90,8 +96,10 @@ def _torch_load_failure(path: Path, err: Exception) -> str:
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         return f"it is neither a torch.save zip archive nor a pickle: it begins with {head!r}"
     if "Weights only load failed" in str(err):
-        return ("it pickles Python objects other than tensors, which are not loaded because "
-                "that could run code")
+        return (
+            "it pickles Python objects other than tensors, which are not loaded because "
+            "that could run code"
+        )
     lines = str(err).strip().splitlines()
     return (lines[0] if lines else type(err).__name__)[:200]
 
@@ -101,13 +109,17 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--checkpoint {path} does not exist; pass a state-dict file")
-    expected = ("expected a PyTorch state dict saved with torch.save(model.state_dict(), FILE), "
-                "a timm checkpoint, or a model_<target>.pth written by --save-model")
+    expected = (
+        "expected a PyTorch state dict saved with torch.save(model.state_dict(), FILE), "
+        "a timm checkpoint, or a model_<target>.pth written by --save-model"
+    )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise InputError(f"--checkpoint {path} is not a readable torch file "
-                         f"({_torch_load_failure(path, e)}); {expected}") from e
+        raise InputError(
+            f"--checkpoint {path} is not a readable torch file "
+            f"({_torch_load_failure(path, e)}); {expected}"
+        ) from e
     # timm's training checkpoints keep the plain weights under "state_dict" (EMA weights, when
     # present, under "state_dict_ema"); like timm's own loader we take the plain ones.
     for key in ("state_dict", "model"):
@@ -141,8 +153,7 @@ class Adapter(ABC):
         CPU: what ``--fold-bn`` checks the folded network on."""
 
     @abstractmethod
-    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
-              seed: int) -> CalibSet:
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int, seed: int) -> CalibSet:
         """``size`` calibration samples on the CPU, the same tensor for the same flags, ``size``
         and ``seed``: its sha256 goes into curve sets and is checked on resume and when -bcw /
         -bca rebuild it. The caller moves ``x`` to the device once and keeps it there."""
@@ -159,8 +170,9 @@ class Adapter(ABC):
         detector adapter will return e.g. the dense BEV feature its head consumes."""
         return model(x)
 
-    def evaluate(self, model: nn.Module, data: Batches, ref: torch.Tensor,
-                 device: torch.device) -> dict[str, Any]:
+    def evaluate(
+        self, model: nn.Module, data: Batches, ref: torch.Tensor, device: torch.device
+    ) -> dict[str, Any]:
         """Metrics of ``model`` on ``data``: top-1/top-5 (None without labels), output MSE and
         KL divergence against ``ref``, the full-precision ``run`` outputs on the same data
         (``rdoq.evaluate.reference_outputs(..., run=self.run)``)."""
@@ -177,8 +189,9 @@ class Adapter(ABC):
         return channel_dim(module)
 
 
-def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Path,
-                   arch: str) -> None:
+def fit_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: Path, arch: str
+) -> None:
     """Load ``state`` into ``model`` strictly: a shape mismatch, a missing or an unexpected key
     is an :class:`InputError` naming ``source`` (the file the weights came from)."""
     try:
@@ -186,9 +199,11 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: Pat
     except RuntimeError as e:  # shape mismatches
         raise InputError(f"--checkpoint {source} does not fit {arch}: {str(e)[:300]}") from e
     if missing or unexpected:
-        raise InputError(f"--checkpoint {source} does not fit {arch}: missing "
-                         f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
-                         f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+        raise InputError(
+            f"--checkpoint {source} does not fit {arch}: missing "
+            f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+        )
 
 
 def load_checkpoint(model: nn.Module, checkpoint: Path, arch: str) -> ModelInfo:
@@ -197,4 +212,3 @@ def load_checkpoint(model: nn.Module, checkpoint: Path, arch: str) -> ModelInfo:
     checkpoint = Path(checkpoint)
     fit_state_dict(model, load_state_dict(checkpoint), checkpoint, arch)
     return ModelInfo(arch, f"checkpoint:{checkpoint.name}", file_sha256(checkpoint))
-

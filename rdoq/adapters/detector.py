@@ -77,8 +77,10 @@ def _find(path: Path, tools: Path | None, flag: str, what: str) -> Path:
         tried.append(tools / path)
         if (tools / path).exists():
             return (tools / path).resolve()
-    raise InputError(f"{flag} {path} does not exist (tried {', '.join(map(str, tried))}); pass "
-                     f"{what}, run from OpenPCDet's tools/ directory or pass --pcdet_tools")
+    raise InputError(
+        f"{flag} {path} does not exist (tried {', '.join(map(str, tried))}); pass "
+        f"{what}, run from OpenPCDet's tools/ directory or pass --pcdet_tools"
+    )
 
 
 @dataclass
@@ -92,8 +94,11 @@ class CalibSpec:
     dist: str
 
     def source(self) -> str:
-        return (f"synthetic frames ({self.points_per_frame} points)" if self.data == "synthetic"
-                else "pcdet dataset, train split (no shuffling, seeded sweep choice)")
+        return (
+            f"synthetic frames ({self.points_per_frame} points)"
+            if self.data == "synthetic"
+            else "pcdet dataset, train split (no shuffling, seeded sweep choice)"
+        )
 
 
 def calib_spec(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> CalibSpec:
@@ -106,10 +111,13 @@ def calib_spec(args: argparse.Namespace, stored: dict[str, Any] | None = None) -
     points = args.points_per_frame or stored.get("points_per_frame")
     if data == "synthetic" and points is None:
         points = DEFAULT_SYNTHETIC_POINTS
-    return CalibSpec(data=data, frames=frames or int(stored.get("size", DEFAULT_CALIB_FRAMES)),
-                     seed=args.seed if args.seed is not None else int(stored.get("seed", 0)),
-                     points_per_frame=points if data == "synthetic" else None,
-                     dist=args.dist or stored.get("dist") or "bev")
+    return CalibSpec(
+        data=data,
+        frames=frames or int(stored.get("size", DEFAULT_CALIB_FRAMES)),
+        seed=args.seed if args.seed is not None else int(stored.get("seed", 0)),
+        points_per_frame=points if data == "synthetic" else None,
+        dist=args.dist or stored.get("dist") or "bev",
+    )
 
 
 def _train_split_cfg(data_cfg: Any) -> Any:
@@ -124,16 +132,23 @@ def _train_split_cfg(data_cfg: Any) -> Any:
     return data_cfg
 
 
-def _pcdet_dataset(cfg: Any, data_cfg: Any, batch_size: int, workers: int,
-                   training_split: bool) -> tuple[Any, Any]:
+def _pcdet_dataset(
+    cfg: Any, data_cfg: Any, batch_size: int, workers: int, training_split: bool
+) -> tuple[Any, Any]:
     """pcdet's (dataset, dataloader) from ``build_dataloader`` in test mode, unshuffled."""
     from pcdet.datasets import build_dataloader
 
     if training_split:
         data_cfg = _train_split_cfg(data_cfg)
-    dataset, loader, _ = build_dataloader(dataset_cfg=data_cfg, class_names=cfg.CLASS_NAMES,
-                                          batch_size=batch_size, dist=False, workers=workers,
-                                          logger=log, training=False)
+    dataset, loader, _ = build_dataloader(
+        dataset_cfg=data_cfg,
+        class_names=cfg.CLASS_NAMES,
+        batch_size=batch_size,
+        dist=False,
+        workers=workers,
+        logger=log,
+        training=False,
+    )
     return dataset, loader
 
 
@@ -151,9 +166,11 @@ def _numpy_seed(seed: Sequence[int]):
 def _frame_indices(n_available: int, n: int, where: str) -> list[int]:
     """``n`` frame indices spread evenly over the split (scenes differ along it)."""
     if n_available < n:
-        raise InputError(f"--calib_frames {n} but the train split ({where}) holds {n_available} "
-                         f"frames; use fewer frames, create the dataset's info files (OpenPCDet's "
-                         f"docs/GETTING_STARTED.md) or pass --data synthetic")
+        raise InputError(
+            f"--calib_frames {n} but the train split ({where}) holds {n_available} "
+            f"frames; use fewer frames, create the dataset's info files (OpenPCDet's "
+            f"docs/GETTING_STARTED.md) or pass --data synthetic"
+        )
     return sorted({int(i) for i in np.linspace(0, n_available - 1, n).round()})
 
 
@@ -182,8 +199,9 @@ def build_setup(args: argparse.Namespace, stored_calib: dict[str, Any] | None = 
 
     src, tools = _pcdet_paths(args)
     cfg_file = _find(args.cfg_file, tools, "--cfg_file", "an OpenPCDet model config")
-    checkpoint = _find(args.pretrained_model, tools, "--pretrained_model",
-                       "a checkpoint in OpenPCDet's format")
+    checkpoint = _find(
+        args.pretrained_model, tools, "--pretrained_model", "a checkpoint in OpenPCDet's format"
+    )
     device = torch.device(args.device or "cpu")  # resolved by the script
     spec = calib_spec(args, stored_calib)
     import_pcdet(src)
@@ -196,26 +214,48 @@ def build_setup(args: argparse.Namespace, stored_calib: dict[str, Any] | None = 
         made["frames"], _ = _pcdet_dataset(cfg, cfg.DATA_CONFIG, 1, 0, training_split=True)
         return made["frames"]
 
-    det = build_detector(cfg_file, checkpoint, args.set_cfgs, make_dataset=make_dataset,
-                         pcdet_src=src, device=device, seed=spec.seed)
+    det = build_detector(
+        cfg_file,
+        checkpoint,
+        args.set_cfgs,
+        make_dataset=make_dataset,
+        pcdet_src=src,
+        device=device,
+        seed=spec.seed,
+    )
     data = made["frames"]
     if spec.data == "synthetic":
         items = list(range(spec.frames))
         batches = [data.batch([i]) for i in items]
     else:
         dcfg = det.cfg.DATA_CONFIG
-        items = _frame_indices(len(data), spec.frames,
-                               f"{data.root_path} {list(dcfg.INFO_PATH.get('train', []))}")
+        items = _frame_indices(
+            len(data), spec.frames, f"{data.root_path} {list(dcfg.INFO_PATH.get('train', []))}"
+        )
         batches = []
         for i in items:
             with _numpy_seed([spec.seed, i]):  # the same sweeps every run
                 batches.append(data.collate_batch([data[i]]))
     frames = [to_device(b, device) for b in batches]
     frame_ids = [str(np.asarray(b["frame_id"]).ravel()[0]) for b in batches]
-    info = {"arch": det.cfg.MODEL.NAME, "weights_source": f"pcdet:{checkpoint.name}",
-            "checkpoint_sha256": file_sha256(checkpoint)}
-    return Setup(det.model, det.cfg, cfg_file, checkpoint, info, frames, frame_ids, spec, device,
-                 tools, list(args.set_cfgs))
+    info = {
+        "arch": det.cfg.MODEL.NAME,
+        "weights_source": f"pcdet:{checkpoint.name}",
+        "checkpoint_sha256": file_sha256(checkpoint),
+    }
+    return Setup(
+        det.model,
+        det.cfg,
+        cfg_file,
+        checkpoint,
+        info,
+        frames,
+        frame_ids,
+        spec,
+        device,
+        tools,
+        list(args.set_cfgs),
+    )
 
 
 def distortion_run(dist: str) -> Callable[[nn.Module, Any], torch.Tensor]:
@@ -238,24 +278,41 @@ def evaluate_detection(setup: Setup, model: nn.Module, split: EvalSplit) -> dict
 
     from rdoq.adapters.openpcdet import deterministic_data_cfg
 
-    _, loader = _pcdet_dataset(setup.cfg, deterministic_data_cfg(setup.cfg.DATA_CONFIG),
-                               split.batch_size, split.workers, training_split=False)
+    _, loader = _pcdet_dataset(
+        setup.cfg,
+        deterministic_data_cfg(setup.cfg.DATA_CONFIG),
+        split.batch_size,
+        split.workers,
+        training_split=False,
+    )
     model.eval()
-    ret = eval_utils.eval_one_epoch(setup.cfg, SimpleNamespace(save_to_file=False), model,
-                                    loader, epoch_id="rdoq", logger=log, dist_test=False,
-                                    result_dir=split.result_dir)
-    per_class = {k: float(v) for k, v in ret.items()
-                 if isinstance(v, (int, float)) and k not in ("mAP", "NDS")}
-    return {"mAP": float(ret["mAP"]) if "mAP" in ret else None,
-            "NDS": float(ret["NDS"]) if "NDS" in ret else None, "metrics": per_class}
+    ret = eval_utils.eval_one_epoch(
+        setup.cfg,
+        SimpleNamespace(save_to_file=False),
+        model,
+        loader,
+        epoch_id="rdoq",
+        logger=log,
+        dist_test=False,
+        result_dir=split.result_dir,
+    )
+    per_class = {
+        k: float(v)
+        for k, v in ret.items()
+        if isinstance(v, (int, float)) and k not in ("mAP", "NDS")
+    }
+    return {
+        "mAP": float(ret["mAP"]) if "mAP" in ret else None,
+        "NDS": float(ret["NDS"]) if "NDS" in ret else None,
+        "metrics": per_class,
+    }
 
 
 def evaluation_blocker(spec: CalibSpec) -> str | None:
     """Why mAP/NDS cannot be computed in this process, or None."""
     from rdoq.adapters.openpcdet import is_stand_in
 
-    stand_ins = [n for n, m in sys.modules.items() if n.startswith("pcdet.ops.")
-                 and is_stand_in(m)]
+    stand_ins = [n for n, m in sys.modules.items() if n.startswith("pcdet.ops.") and is_stand_in(m)]
     if not torch.cuda.is_available():
         return "no CUDA device"
     if stand_ins:
@@ -306,26 +363,33 @@ class OpenPCDetAdapter(Adapter):
         """The first ``count`` frame indices (the frames are the detector's only inputs)."""
         return model.indices()[:count]  # (count, 1)
 
-    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
-              seed: int) -> CalibSet:
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int, seed: int) -> CalibSet:
         """The frames read by :meth:`build` as their indices ``(N, 1)``; ``size`` and ``seed``
         must be theirs."""
         s = model.setup
         if (size, seed) != (len(s.frames), s.spec.seed):
-            raise ValueError(f"the detector was built with {len(s.frames)} calibration frames "
-                             f"(seed {s.spec.seed}), not {size} (seed {seed})")
+            raise ValueError(
+                f"the detector was built with {len(s.frames)} calibration frames "
+                f"(seed {s.spec.seed}), not {size} (seed {seed})"
+            )
         spec = s.spec
-        extra = {"sha256": model.sha256(), "data": spec.data,
-                 "points_per_frame": spec.points_per_frame, "dist": spec.dist,
-                 "cfg_file": str(s.cfg_file), "set": s.cfg_set}
+        extra = {
+            "sha256": model.sha256(),
+            "data": spec.data,
+            "points_per_frame": spec.points_per_frame,
+            "dist": spec.dist,
+            "cfg_file": str(s.cfg_file),
+            "set": s.cfg_set,
+        }
         return CalibSet(model.indices(), spec.source(), s.frame_ids, spec.seed, extra)
 
     def eval_data(self, args: argparse.Namespace, model: nn.Module) -> EvalSplit:
         """The config's evaluation split in batches of ``--batch_size`` (read when evaluated)."""
         return EvalSplit(args.batch_size, args.workers)
 
-    def evaluate(self, model: nn.Module, data: EvalSplit, ref: torch.Tensor | None,
-                 device: torch.device) -> dict[str, Any]:
+    def evaluate(
+        self, model: nn.Module, data: EvalSplit, ref: torch.Tensor | None, device: torch.device
+    ) -> dict[str, Any]:
         """mAP, NDS and ``metrics`` (per-class AP, recalls) by pcdet's ``eval_one_epoch``
         (needs a GPU and pcdet's CUDA ops); ``ref`` is not used (no output distortion on the
         evaluation split)."""

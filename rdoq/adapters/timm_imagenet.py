@@ -65,32 +65,52 @@ def _mae_finetuned(size: str, builder: str) -> ModelSpec:
     exist only as MAE's released file. MAE evaluates with bicubic resize 256, centre crop 224
     and the ImageNet mean/std, not timm's ViT defaults."""
     name = f"mae_finetuned_vit_{size}"
-    return ModelSpec(name, "timm", builder, checkpoint=f"{name}.pth",
-                     kwargs=(("global_pool", "avg"), ("fc_norm", True)),
-                     cfg_overlay=(("crop_pct", 0.875), ("interpolation", "bicubic"),
-                                  ("mean", (0.485, 0.456, 0.406)),
-                                  ("std", (0.229, 0.224, 0.225))))
+    return ModelSpec(
+        name,
+        "timm",
+        builder,
+        checkpoint=f"{name}.pth",
+        kwargs=(("global_pool", "avg"), ("fc_norm", True)),
+        cfg_overlay=(
+            ("crop_pct", 0.875),
+            ("interpolation", "bicubic"),
+            ("mean", (0.485, 0.456, 0.406)),
+            ("std", (0.229, 0.224, 0.225)),
+        ),
+    )
 
 
 # The authors' model-zoo names (their loadnetwork): torchvision's networks and ImageNet weights,
 # through timm's ports where timm has them (identical weights), torchvision's builders
 # otherwise; DeiT-B and MAE's fine-tuned ViTs as the authors loaded them.
-PAPER_ZOO = MappingProxyType({
-    "alexnetpy": ModelSpec("torchvision.alexnet", "torchvision", "alexnet",
-                           tv_weights="AlexNet_Weights.IMAGENET1K_V1"),
-    "vgg16py": _tv_port("vgg16_bn", "VGG16_BN_Weights.IMAGENET1K_V1"),
-    "resnet18py": _tv_port("resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
-    "resnet34py": _tv_port("resnet34", "ResNet34_Weights.IMAGENET1K_V1"),
-    "resnet50py": _tv_port("resnet50", "ResNet50_Weights.IMAGENET1K_V1"),
-    "resnet101py": _tv_port("resnet101", "ResNet101_Weights.IMAGENET1K_V1"),
-    "densenet121py": _tv_port("densenet121", "DenseNet121_Weights.IMAGENET1K_V1"),
-    "mobilenetv2py": ModelSpec("torchvision.mobilenet_v2", "torchvision", "mobilenet_v2",
-                               tv_weights="MobileNet_V2_Weights.IMAGENET1K_V1"),
-    "deit_b_224": ModelSpec("deit_base_patch16_224", "timm", "deit_base_patch16_224", "fb_in1k"),
-    "mae_finetuned_vit_base": _mae_finetuned("base", "vit_base_patch16_224"),
-    "mae_finetuned_vit_large": _mae_finetuned("large", "vit_large_patch16_224"),
-    "mae_finetuned_vit_huge": _mae_finetuned("huge", "vit_huge_patch14_224"),
-})
+PAPER_ZOO = MappingProxyType(
+    {
+        "alexnetpy": ModelSpec(
+            "torchvision.alexnet",
+            "torchvision",
+            "alexnet",
+            tv_weights="AlexNet_Weights.IMAGENET1K_V1",
+        ),
+        "vgg16py": _tv_port("vgg16_bn", "VGG16_BN_Weights.IMAGENET1K_V1"),
+        "resnet18py": _tv_port("resnet18", "ResNet18_Weights.IMAGENET1K_V1"),
+        "resnet34py": _tv_port("resnet34", "ResNet34_Weights.IMAGENET1K_V1"),
+        "resnet50py": _tv_port("resnet50", "ResNet50_Weights.IMAGENET1K_V1"),
+        "resnet101py": _tv_port("resnet101", "ResNet101_Weights.IMAGENET1K_V1"),
+        "densenet121py": _tv_port("densenet121", "DenseNet121_Weights.IMAGENET1K_V1"),
+        "mobilenetv2py": ModelSpec(
+            "torchvision.mobilenet_v2",
+            "torchvision",
+            "mobilenet_v2",
+            tv_weights="MobileNet_V2_Weights.IMAGENET1K_V1",
+        ),
+        "deit_b_224": ModelSpec(
+            "deit_base_patch16_224", "timm", "deit_base_patch16_224", "fb_in1k"
+        ),
+        "mae_finetuned_vit_base": _mae_finetuned("base", "vit_base_patch16_224"),
+        "mae_finetuned_vit_large": _mae_finetuned("large", "vit_large_patch16_224"),
+        "mae_finetuned_vit_huge": _mae_finetuned("huge", "vit_huge_patch14_224"),
+    }
+)
 
 
 def resolve_arch(name: str) -> ModelSpec:
@@ -115,8 +135,13 @@ def tv_data_cfg(weights_name: str) -> dict[str, Any]:
 
     t = get_weight(weights_name).transforms()
     crop, resize = t.crop_size[0], t.resize_size[0]
-    return {"input_size": (3, crop, crop), "crop_pct": crop / resize,
-            "interpolation": t.interpolation.value, "mean": tuple(t.mean), "std": tuple(t.std)}
+    return {
+        "input_size": (3, crop, crop),
+        "crop_pct": crop / resize,
+        "interpolation": t.interpolation.value,
+        "mean": tuple(t.mean),
+        "std": tuple(t.std),
+    }
 
 
 def create_model(spec: ModelSpec, pretrained: bool, **kwargs: Any) -> nn.Module:
@@ -133,18 +158,27 @@ def create_model(spec: ModelSpec, pretrained: bool, **kwargs: Any) -> nn.Module:
         model = get_model(spec.builder, weights=weights, **kwargs)
         # timm's resolve_data_config reads ``pretrained_cfg``: with one, eval_transform and
         # synthetic_calib treat torchvision models like timm models.
-        model.pretrained_cfg = {"tag": spec.tv_weights,
-                                "num_classes": kwargs.get("num_classes", 1000), **overlay}
+        model.pretrained_cfg = {
+            "tag": spec.tv_weights,
+            "num_classes": kwargs.get("num_classes", 1000),
+            **overlay,
+        }
         return model
     import timm
 
     name = spec.builder if spec.tag is None else f"{spec.builder}.{spec.tag}"
-    return timm.create_model(name, pretrained=pretrained,
-                             pretrained_cfg_overlay=overlay or None, **kwargs)
+    return timm.create_model(
+        name, pretrained=pretrained, pretrained_cfg_overlay=overlay or None, **kwargs
+    )
 
 
-def build_model(name: str, checkpoint: Path | None = None, random_init: bool = False,
-                seed: int = 0, num_classes: int | None = None) -> tuple[nn.Module, ModelInfo]:
+def build_model(
+    name: str,
+    checkpoint: Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> tuple[nn.Module, ModelInfo]:
     """A timm or torchvision model in eval mode with real weights: hub weights, ``checkpoint``,
     or (explicitly) a seeded random init. Never silently random."""
     spec = resolve_arch(name)
@@ -158,16 +192,20 @@ def build_model(name: str, checkpoint: Path | None = None, random_init: bool = F
         model = create_model(spec, pretrained=False, **kwargs)
         info = ModelInfo(arch, f"random-init:seed={seed}")
     elif spec.checkpoint is not None:
-        raise InputError(f"--archname {name} has no downloadable weights; get {spec.checkpoint} "
-                         f"(MAE's release, github.com/facebookresearch/mae) and pass "
-                         f"--checkpoint {spec.checkpoint}")
+        raise InputError(
+            f"--archname {name} has no downloadable weights; get {spec.checkpoint} "
+            f"(MAE's release, github.com/facebookresearch/mae) and pass "
+            f"--checkpoint {spec.checkpoint}"
+        )
     else:
         try:
             model = create_model(spec, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub/network errors come in many types
-            raise InputError(f"pretrained weights for {name} ({spec.library} {spec.builder}) "
-                             f"are unreachable ({type(e).__name__}: {str(e)[:200]}); pass "
-                             f"--checkpoint FILE or --random-init") from e
+            raise InputError(
+                f"pretrained weights for {name} ({spec.library} {spec.builder}) "
+                f"are unreachable ({type(e).__name__}: {str(e)[:200]}); pass "
+                f"--checkpoint FILE or --random-init"
+            ) from e
         tag = spec.tv_weights if spec.library == "torchvision" else model.pretrained_cfg.get("tag")
         info = ModelInfo(arch, f"{spec.library}-pretrained:{tag or 'default'}")
     return model.eval(), info
@@ -184,14 +222,18 @@ def check_imagefolder(root: Path, split: str = "train") -> Path:
     """``root/split`` as an ImageFolder directory, or an InputError naming what is wrong."""
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"--datapath {root} does not exist; pass an ImageNet root with train/ "
-                         f"and val/ (or --dataset synthetic for a smoke test)")
+        raise InputError(
+            f"--datapath {root} does not exist; pass an ImageNet root with train/ "
+            f"and val/ (or --dataset synthetic for a smoke test)"
+        )
     if not any(root.iterdir()):
         raise InputError(f"--datapath {root} is empty; it must hold train/ and val/ folders")
     split_dir = root / split
     if not split_dir.is_dir():
-        raise InputError(f"--datapath {root} has no {split}/ folder; ImageNet must be laid out as "
-                         f"{root}/{split}/<class>/<image>")
+        raise InputError(
+            f"--datapath {root} has no {split}/ folder; ImageNet must be laid out as "
+            f"{root}/{split}/<class>/<image>"
+        )
     return split_dir
 
 
@@ -208,15 +250,18 @@ def class_spread_files(split_dir: Path, count: int) -> list[Path]:
     images still wanted, evenly spaced classes over the whole class list. A plain round-robin
     would take ``--testsize 64`` from the first 64 ImageNet synsets (fish, birds, reptiles)."""
     classes = sorted(p for p in split_dir.iterdir() if p.is_dir())
-    files = [sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-             for c in classes]
+    files = [
+        sorted(f for f in c.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) for c in classes
+    ]
     files = [f for f in files if f]
     total = sum(len(f) for f in files)
     if total == 0:
         raise InputError(f"{split_dir} holds no images in class folders")
     if count > total:
-        raise InputError(f"--testsize {count} exceeds the {total} images in {split_dir}; "
-                         f"use --testsize <= {total}")
+        raise InputError(
+            f"--testsize {count} exceeds the {total} images in {split_dir}; "
+            f"use --testsize <= {total}"
+        )
     picked: list[Path] = []
     depth = 0
     while len(picked) < count:
@@ -273,16 +318,21 @@ class LabelledFiles(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB")), self.labels[i]
 
 
-def imagenet_eval(datapath: Path, count: int, model: nn.Module, batch_size: int,
-                  workers: int = 4) -> torch.utils.data.DataLoader:
+def imagenet_eval(
+    datapath: Path, count: int, model: nn.Module, batch_size: int, workers: int = 4
+) -> torch.utils.data.DataLoader:
     """Labelled batches of ``datapath/val`` (``count`` = -1: every image; otherwise a
     deterministic class-spread subset). Labels are the indices of the sorted class folders, the
     ImageNet class order of timm models."""
     split_dir = check_imagefolder(datapath, "val")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     if count == -1:
-        files = [f for c in classes for f in sorted((split_dir / c).iterdir())
-                 if f.suffix.lower() in IMAGE_EXTENSIONS]
+        files = [
+            f
+            for c in classes
+            for f in sorted((split_dir / c).iterdir())
+            if f.suffix.lower() in IMAGE_EXTENSIONS
+        ]
         if not files:
             raise InputError(f"{split_dir} holds no images in class folders")
     else:
@@ -290,8 +340,9 @@ def imagenet_eval(datapath: Path, count: int, model: nn.Module, batch_size: int,
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[f.parent.name] for f in files]
     data = LabelledFiles(files, labels, eval_transform(model))
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
-                                       num_workers=workers)
+    return torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=False, num_workers=workers
+    )
 
 
 class ImageNetAdapter(Adapter):
@@ -306,8 +357,7 @@ class ImageNetAdapter(Adapter):
     def example_input(self, model: nn.Module, count: int, seed: int) -> torch.Tensor:
         return synthetic_calib(count, model, seed).x
 
-    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
-              seed: int) -> CalibSet:
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int, seed: int) -> CalibSet:
         return imagenet_calib(args.datapath, size, model, seed)
 
     def eval_data(self, args: argparse.Namespace, model: nn.Module) -> Batches:
@@ -320,12 +370,12 @@ class SyntheticAdapter(ImageNetAdapter):
 
     name = "synthetic"
 
-    def calib(self, args: argparse.Namespace, model: nn.Module, size: int,
-              seed: int) -> CalibSet:
+    def calib(self, args: argparse.Namespace, model: nn.Module, size: int, seed: int) -> CalibSet:
         return synthetic_calib(size, model, seed)
 
     def eval_data(self, args: argparse.Namespace, model: nn.Module) -> TensorBatches:
         n = 64 if args.testsize == -1 else args.testsize
         # A seed apart from the calibration's, so evaluation never sees calibration inputs.
-        return TensorBatches(synthetic_calib(n, model, args.seed + 10_007).x, None,
-                             args.batchsize, "synthetic:randn")
+        return TensorBatches(
+            synthetic_calib(n, model, args.seed + 10_007).x, None, args.batchsize, "synthetic:randn"
+        )

@@ -14,8 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PCDET_TARBALL = ROOT.parent / "shared" / "third_party" / "OpenPCDet-8caccce.tar.gz"
 # What pcdet imports that `pip install -e .[pcdet]` provides (module names).
-PCDET_DEPS = ("spconv.pytorch", "easydict", "yaml", "numba", "SharedArray", "pyquaternion",
-              "skimage")
+PCDET_DEPS = (
+    "spconv.pytorch",
+    "easydict",
+    "yaml",
+    "numba",
+    "SharedArray",
+    "pyquaternion",
+    "skimage",
+)
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +33,9 @@ def pcdet_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.environ.get("PCDET_SRC"):
         src = Path(os.environ["PCDET_SRC"])
         if not (src / "pcdet" / "__init__.py").is_file():
-            pytest.fail(f"PCDET_SRC={src} holds no pcdet/__init__.py; point it at an OpenPCDet "
-                        f"checkout")
+            pytest.fail(
+                f"PCDET_SRC={src} holds no pcdet/__init__.py; point it at an OpenPCDet checkout"
+            )
         return src
     if not PCDET_TARBALL.is_file():
         pytest.skip(f"no OpenPCDet source: neither PCDET_SRC nor {PCDET_TARBALL} exists")

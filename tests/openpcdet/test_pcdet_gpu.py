@@ -62,11 +62,14 @@ def test_spconv_forwards_on_cuda_are_deterministic(detector, batch):
 
 
 def test_stock_eval_path_with_nms_on_synthetic_frames(detector, batch):
-    stand_ins = [n for n in ("pcdet.ops.iou3d_nms.iou3d_nms_cuda",)
-                 if is_stand_in(sys.modules.get(n))]
+    stand_ins = [
+        n for n in ("pcdet.ops.iou3d_nms.iou3d_nms_cuda",) if is_stand_in(sys.modules.get(n))
+    ]
     if stand_ins:
-        pytest.skip(f"pcdet's CUDA ops are not built ({stand_ins}): python setup.py develop "
-                    f"in the OpenPCDet checkout")
+        pytest.skip(
+            f"pcdet's CUDA ops are not built ({stand_ins}): python setup.py develop "
+            f"in the OpenPCDet checkout"
+        )
     preds, _ = predict_boxes(detector.model, batch)
     assert len(preds) == 2
     for p in preds:

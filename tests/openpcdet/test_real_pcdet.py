@@ -130,8 +130,16 @@ def test_predict_boxes_without_gpu_raises_the_clear_error(detector, batch):
 def test_random_checkpoint_in_pcdet_format_loads_fully(detector, cfg_file: Path, tmp_path: Path):
     path = tmp_path / "checkpoint_epoch_1.pth"
     # What pcdet's train_utils.save_checkpoint writes, less the optimizer.
-    torch.save({"epoch": 1, "it": 0, "model_state": detector.model.state_dict(),
-                "optimizer_state": None, "version": "pcdet+0.6.0"}, path)
+    torch.save(
+        {
+            "epoch": 1,
+            "it": 0,
+            "model_state": detector.model.state_dict(),
+            "optimizer_state": None,
+            "version": "pcdet+0.6.0",
+        },
+        path,
+    )
     other = build_detector(cfg_file, path, CROP, seed=1)
     expected = detector.model.state_dict()
     got = other.model.state_dict()
@@ -153,8 +161,9 @@ def test_checkpoint_with_wrong_keys_is_refused(detector, cfg_file: Path, tmp_pat
         build_detector(cfg_file, not_pcdet, CROP)
 
 
-def test_config_resolves_base_configs_from_anywhere(pcdet_src: Path, cfg_file: Path,
-                                                    tmp_path: Path, monkeypatch):
+def test_config_resolves_base_configs_from_anywhere(
+    pcdet_src: Path, cfg_file: Path, tmp_path: Path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     cfg = load_cfg(cfg_file, CROP)
     assert Path.cwd() == tmp_path  # pcdet ran in tools/; the cwd is restored
@@ -192,8 +201,16 @@ def test_bev_feature_is_deterministic(detector, batch, reference):
     assert reference.shape == (2, 128, grid, grid)
     assert reference.abs().sum() > 0
     assert torch.equal(forward(bev_feature, detector.model, batch), reference)
-    assert batch.keys() == {"points", "frame_id", "lidar_aug_matrix", "use_lead_xyz", "voxels",
-                            "voxel_coords", "voxel_num_points", "batch_size"}
+    assert batch.keys() == {
+        "points",
+        "frame_id",
+        "lidar_aug_matrix",
+        "use_lead_xyz",
+        "voxels",
+        "voxel_coords",
+        "voxel_num_points",
+        "batch_size",
+    }
 
 
 def test_unperturbed_candidate_has_zero_distortion(detector, batch, reference):

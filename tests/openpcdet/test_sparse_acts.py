@@ -56,11 +56,12 @@ def sp():
     return sparse.require_spconv()
 
 
-def quantize_features(x: torch.Tensor, c0: int, c1: int, step: float, signed: bool,
-                      bits: int) -> torch.Tensor:
+def quantize_features(
+    x: torch.Tensor, c0: int, c1: int, step: float, signed: bool, bits: int
+) -> torch.Tensor:
     """Channels ``c0:c1`` of ``x (N, C)`` on the grid ``step·[lo, hi]`` of ``bits`` bits,
     written out here (not rdoq's quantizer): the uniform activation quantizer."""
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     if bits == 0:
         lo = hi = 0
     out = x.clone()
@@ -81,10 +82,21 @@ def act_set(sp, tmp_path_factory):
     out = {"net": net, "frames": frames}
     for kind in ("act", "weight"):
         runner = sparse.FrameRunner(net, frames, run)
-        kw = (dict(kind="act", act_mode="out", ndz=1, step_mode="group", max_steps=12)
-              if kind == "act" else {})
-        summary = generate_curves(runner, runner.indices(), INFO, calib_meta(runner), job(**kw),
-                                  root / kind, PartSpec(0, 1), torch.device("cpu"))
+        kw = (
+            dict(kind="act", act_mode="out", ndz=1, step_mode="group", max_steps=12)
+            if kind == "act"
+            else {}
+        )
+        summary = generate_curves(
+            runner,
+            runner.indices(),
+            INFO,
+            calib_meta(runner),
+            job(**kw),
+            root / kind,
+            PartSpec(0, 1),
+            torch.device("cpu"),
+        )
         assert summary["missing_layers"] == 0
         out[kind] = CurveStore.load(root / kind)
     return out
@@ -101,6 +113,7 @@ def test_sparse_activation_groups_are_feature_channels_over_the_active_sites(sp,
     def count(name: str):
         def record(m, a, o) -> None:
             sites.setdefault(name, o.features.shape[0])
+
         return record
 
     hooks = [dict(net.named_modules())[n].register_forward_hook(count(n)) for n in SPARSE_LAYERS]
@@ -132,9 +145,13 @@ def test_measured_sparse_activation_points_equal_a_plain_forward(sp, act_set):
         for g, (c0, c1) in enumerate(bounds):
             for b in (1, 3, 5):
                 step = 2.0 ** float(c.step_log2[g, 0, b])
-                handle = modules[name].register_forward_hook(sparse_output_hook(
-                    lambda x, c0=c0, c1=c1, step=step, s=bool(signed[g]), b=b:
-                    quantize_features(x, c0, c1, step, s, b)))
+                handle = modules[name].register_forward_hook(
+                    sparse_output_hook(
+                        lambda x, c0=c0, c1=c1, step=step, s=bool(signed[g]), b=b: (
+                            quantize_features(x, c0, c1, step, s, b)
+                        )
+                    )
+                )
                 try:
                     got = mse(plain_forward(sp, net, frames), ref)
                 finally:
@@ -146,11 +163,21 @@ def test_measured_sparse_activation_points_equal_a_plain_forward(sp, act_set):
 
 def test_second_order_activation_curves_of_sparse_layers_are_refused(sp, tmp_path):
     runner = sparse.FrameRunner(make_net(sp), frames_of(sp, 2), run)
-    with pytest.raises(ValueError, match=r"second-order activation curves of spconv layers "
-                                         r"are not offered.*measured estimator"):
-        generate_curves(runner, runner.indices(), INFO, calib_meta(runner),
-                        job("hessian", kind="act", act_mode="out", ndz=1), tmp_path / "c",
-                        PartSpec(0, 1), torch.device("cpu"))
+    with pytest.raises(
+        ValueError,
+        match=r"second-order activation curves of spconv layers "
+        r"are not offered.*measured estimator",
+    ):
+        generate_curves(
+            runner,
+            runner.indices(),
+            INFO,
+            calib_meta(runner),
+            job("hessian", kind="act", act_mode="out", ndz=1),
+            tmp_path / "c",
+            PartSpec(0, 1),
+            torch.device("cpu"),
+        )
     assert not (tmp_path / "c" / "layers").exists()
 
 
@@ -161,8 +188,9 @@ def test_joint_allocation_quantizes_sparse_features_as_predicted_and_is_removabl
     dims = {n: -1 for n in SPARSE_LAYERS} | {"shared_conv": 1}
     table = build_table(act_set["weight"], act_set["act"], act_channel_dims=dims)
     solved = solve_recorded(table, [4.0], "dp")
-    alloc = make_allocation(table, solved.choices[0], target_bits=4.0, solver="dp",
-                            record=solved.records[0])
+    alloc = make_allocation(
+        table, solved.choices[0], target_bits=4.0, solver="dp", record=solved.records[0]
+    )
     assert alloc["act_mode"] == "out"
     assert set(alloc["acts"]) == set(SPARSE_LAYERS) | {"shared_conv"}
     assert alloc["summary"]["a_bits"] is not None
@@ -170,8 +198,10 @@ def test_joint_allocation_quantizes_sparse_features_as_predicted_and_is_removabl
     apply_allocation(q, alloc, in_place=True)
     got = mse(plain_forward(sp, q, frames), ref)
     pred = alloc["summary"]["pred_dist"]
-    print(f"joint W/A at 4 bits: w {alloc['summary']['w_bits']:.3f} a "
-          f"{alloc['summary']['a_bits']:.3f} bits, predicted {pred:.3e}, applied {got:.3e}")
+    print(
+        f"joint W/A at 4 bits: w {alloc['summary']['w_bits']:.3f} a "
+        f"{alloc['summary']['a_bits']:.3f} bits, predicted {pred:.3e}, applied {got:.3e}"
+    )
     assert 0.5 * pred < got < 2.0 * pred
     # The hooked quantizers act on every frame, and come off without a trace.
     with pytest.raises(ValueError, match="remove_act_quantizers"):
@@ -181,8 +211,9 @@ def test_joint_allocation_quantizes_sparse_features_as_predicted_and_is_removabl
     assert torch.equal(plain_forward(sp, q, frames), ref)
 
 
-def bias_shift(module: nn.Module, wq: torch.Tensor, frames: list, net: nn.Module,
-               sp) -> torch.Tensor:
+def bias_shift(
+    module: nn.Module, wq: torch.Tensor, frames: list, net: nn.Module, sp
+) -> torch.Tensor:
     """``E[(W − Ŵ)x] (Cout,)`` over the active output sites of every frame, by running the
     layer alone on its captured inputs with the weight error and no bias."""
     inputs = []
@@ -208,10 +239,23 @@ def test_bias_correction_of_a_sparse_layer_is_the_mean_output_error(sp):
     w = module.weight.detach().clone()
     bounds = group_bounds(w.shape[0], GROUP_SIZE)
     steps = ChannelSteps.of(w, 1, 4)
-    alloc = {"model": "tiny", "act_mode": None, "acts": {}, "weights": {name: {
-        "type": type(module).__name__, "shape": list(w.shape), "channels": w.shape[0],
-        "group_size": GROUP_SIZE, "bits": [2] * len(bounds), "steps": "channel",
-        "step_log2": steps.step_log2[:, 0, 2].tolist(), "deadzone": [0.0] * w.shape[0]}}}
+    alloc = {
+        "model": "tiny",
+        "act_mode": None,
+        "acts": {},
+        "weights": {
+            name: {
+                "type": type(module).__name__,
+                "shape": list(w.shape),
+                "channels": w.shape[0],
+                "group_size": GROUP_SIZE,
+                "bits": [2] * len(bounds),
+                "steps": "channel",
+                "step_log2": steps.step_log2[:, 0, 2].tolist(),
+                "deadzone": [0.0] * w.shape[0],
+            }
+        },
+    }
     wq = quantized_weight(w, alloc["weights"][name])
     assert not torch.equal(wq, w)
     expected = bias_shift(module, wq, frames, net, sp)
@@ -219,10 +263,12 @@ def test_bias_correction_of_a_sparse_layer_is_the_mean_output_error(sp):
     means = weight_input_means(runner, runner.indices().double(), [name], rows=2)[name]
     got = ((w - wq).reshape(w.shape[0], -1) * means).sum(1)
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
-    corr = estimate_corrections(runner, alloc, runner.indices().double(), bcw=True, bca=False,
-                                batch_size=2)
-    assert torch.allclose(torch.tensor(corr["bcw"][name], dtype=torch.float64), expected,
-                          rtol=1e-9, atol=1e-12)
+    corr = estimate_corrections(
+        runner, alloc, runner.indices().double(), bcw=True, bca=False, batch_size=2
+    )
+    assert torch.allclose(
+        torch.tensor(corr["bcw"][name], dtype=torch.float64), expected, rtol=1e-9, atol=1e-12
+    )
     # Applied: a bias is created on the unbiased sparse conv and the forward runs.
     alloc["corrections"] = corr
     q = apply_allocation(net, alloc)
@@ -231,16 +277,22 @@ def test_bias_correction_of_a_sparse_layer_is_the_mean_output_error(sp):
 
 
 @pytest.mark.slow
-def test_measured_bias_corrected_curve_points_of_a_sparse_layer_equal_a_plain_forward(sp,
-                                                                                    tmp_path):
+def test_measured_bias_corrected_curve_points_of_a_sparse_layer_equal_a_plain_forward(sp, tmp_path):
     """``-bcw`` inside the measured curves of a strided SparseConv3d: each point is the
     distortion of the group quantized and its output channels shifted by ``E[(W − Ŵ)x]``."""
     net, frames = make_net(sp), frames_of(sp, 3)
     runner = sparse.FrameRunner(net, frames, run)
     name = "conv2.0"
-    generate_curves(runner, runner.indices(), INFO, calib_meta(runner),
-                    job(bias_corr=True, ndz=1, nr=4, layers=(name,)), tmp_path / "c",
-                    PartSpec(0, 1), torch.device("cpu"))
+    generate_curves(
+        runner,
+        runner.indices(),
+        INFO,
+        calib_meta(runner),
+        job(bias_corr=True, ndz=1, nr=4, layers=(name,)),
+        tmp_path / "c",
+        PartSpec(0, 1),
+        torch.device("cpu"),
+    )
     store = CurveStore.load(tmp_path / "c")
     assert store.meta["bias_corr"] is True
     c = store.read_layer(name)
@@ -252,8 +304,9 @@ def test_measured_bias_corrected_curve_points_of_a_sparse_layer_equal_a_plain_fo
     for g, (c0, c1) in enumerate(bounds):
         for b in (1, 3):
             wq = w.clone()
-            wq[c0:c1] = quantized_group(w, bounds, Candidate(g, b, float(c.step_log2[g, 0, b]),
-                                                             0.0, dz_index=0), steps)
+            wq[c0:c1] = quantized_group(
+                w, bounds, Candidate(g, b, float(c.step_log2[g, 0, b]), 0.0, dz_index=0), steps
+            )
             shift = bias_shift(module, wq, frames, net, sp)
             assert not shift[:c0].any() and not shift[c1:].any() and shift[c0:c1].any()
             with torch.no_grad():

@@ -62,12 +62,17 @@ class TinyVoxelNeXt(nn.Module):
         super().__init__()
         self.conv_input = sp.SparseSequential(
             sp.SubMConv3d(4, 16, 3, padding=1, bias=True, indice_key="subm1"),
-            nn.BatchNorm1d(16), nn.ReLU())
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+        )
         self.conv2 = sp.SparseSequential(
             sp.SparseConv3d(16, 24, 3, stride=2, padding=1, bias=False, indice_key="spconv2"),
-            nn.BatchNorm1d(24), nn.ReLU(),
+            nn.BatchNorm1d(24),
+            nn.ReLU(),
             sp.SubMConv3d(24, 40, 3, padding=1, bias=False, indice_key="subm2"),
-            nn.BatchNorm1d(40), nn.ReLU())
+            nn.BatchNorm1d(40),
+            nn.ReLU(),
+        )
         depth = SPATIAL[0] // 2
         self.shared_conv = nn.Conv2d(40 * depth, 16, 3, padding=1)
 
@@ -113,8 +118,13 @@ def voxel_frame(sp, points: torch.Tensor):
     from spconv.pytorch.utils import PointToVoxel
 
     cap = 4096  # more than the grid holds: no voxel is dropped, whatever the point order
-    gen = PointToVoxel(vsize_xyz=[VOXEL] * 3, coors_range_xyz=list(RANGE_XYZ),
-                       num_point_features=4, max_num_voxels=cap, max_num_points_per_voxel=16)
+    gen = PointToVoxel(
+        vsize_xyz=[VOXEL] * 3,
+        coors_range_xyz=list(RANGE_XYZ),
+        num_point_features=4,
+        max_num_voxels=cap,
+        max_num_points_per_voxel=16,
+    )
     voxels, coords, counts = gen(points)  # (V, 16, 4), (V, 3) zyx, (V,)
     assert 0 < voxels.shape[0] < cap
     features = voxels.sum(1) / counts.unsqueeze(1).to(voxels)  # (V, 4) mean of the points
@@ -142,15 +152,30 @@ def plain_forward(sp, net: nn.Module, frames: list) -> torch.Tensor:
 
 
 def calib_meta(runner: sparse.FrameRunner) -> dict:
-    return {"size": len(runner.frames), "seed": 0, "source": "synthetic point clouds",
-            "sha256": runner.sha256(), "items": []}
+    return {
+        "size": len(runner.frames),
+        "seed": 0,
+        "source": "synthetic point clouds",
+        "sha256": runner.sha256(),
+        "items": [],
+    }
 
 
 def job(estimator: str = "measured", **kw) -> CurveJob:
-    base = dict(kind="weight", group_size=GROUP_SIZE, nr=6, ndz=2, max_steps=8, step_grid=4,
-                max_batch=8, use_cuts=False, progress=False, estimator=estimator,
-                hessian=HessianSettings(nprobes=16, seed=0) if estimator == "hessian" else None,
-                sweep_batch=4)
+    base = dict(
+        kind="weight",
+        group_size=GROUP_SIZE,
+        nr=6,
+        ndz=2,
+        max_steps=8,
+        step_grid=4,
+        max_batch=8,
+        use_cuts=False,
+        progress=False,
+        estimator=estimator,
+        hessian=HessianSettings(nprobes=16, seed=0) if estimator == "hessian" else None,
+        sweep_batch=4,
+    )
     return CurveJob(**{**base, **kw})
 
 
@@ -171,8 +196,11 @@ def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
 def test_frame_runner_stacks_each_frames_run_and_keeps_the_networks_layer_names(sp):
     net, frames = make_net(sp), frames_of(sp, 3)
     runner = sparse.FrameRunner(net, frames, run).double().eval()
-    assert [lay.name for lay in find_layers(runner)] == [lay.name for lay in find_layers(net)] == [
-        "conv_input.0", "conv2.0", "conv2.3", "shared_conv"]
+    assert (
+        [lay.name for lay in find_layers(runner)]
+        == [lay.name for lay in find_layers(net)]
+        == ["conv_input.0", "conv2.0", "conv2.3", "shared_conv"]
+    )
     assert net.conv_input[0].weight.dtype == torch.float64  # conversions reach the network
     assert not net.training and not net.conv_input[1].training
     assert net.conv_input[0].training  # biased sparse conv: train mode on CPU
@@ -198,9 +226,16 @@ def test_second_order_bias_correction_of_spconv_layers_is_refused_by_name(sp, tm
     # (The measured engine's -bcw on spconv layers: tests/openpcdet/test_sparse_acts.py.)
     runner = sparse.FrameRunner(make_net(sp), frames_of(sp, 2), run)
     with pytest.raises(ValueError, match=r"spconv layers \['conv_input.0'.*-bcw"):
-        generate_curves(runner, runner.indices(), INFO, calib_meta(runner),
-                        job("hessian", bias_corr=True), tmp_path / "c", PartSpec(0, 1),
-                        torch.device("cpu"))
+        generate_curves(
+            runner,
+            runner.indices(),
+            INFO,
+            calib_meta(runner),
+            job("hessian", bias_corr=True),
+            tmp_path / "c",
+            PartSpec(0, 1),
+            torch.device("cpu"),
+        )
 
 
 def test_unperturbed_candidate_has_exactly_zero_distortion_and_no_slot_batching(sp):
@@ -231,9 +266,16 @@ def curve_sets(sp, tmp_path_factory):
     for estimator in ("measured", "hessian"):
         runner = sparse.FrameRunner(net, frames, run)
         t0 = time.perf_counter()
-        summary = generate_curves(runner, runner.indices(), INFO, calib_meta(runner),
-                                  job(estimator), root / estimator, PartSpec(0, 1),
-                                  torch.device("cpu"))
+        summary = generate_curves(
+            runner,
+            runner.indices(),
+            INFO,
+            calib_meta(runner),
+            job(estimator),
+            root / estimator,
+            PartSpec(0, 1),
+            torch.device("cpu"),
+        )
         out["seconds"][estimator] = time.perf_counter() - t0
         assert summary["layers_written"] == 4 and summary["missing_layers"] == 0
         out[estimator] = CurveStore.load(root / estimator)
@@ -247,7 +289,11 @@ def test_curve_sets_of_both_estimators_are_written_and_readable(curve_sets):
         assert store.meta["estimator"] == estimator
         assert store.meta["calib"]["size"] == N_FRAMES
         assert [e["name"] for e in store.meta["layers"]] == [
-            "conv_input.0", "conv2.0", "conv2.3", "shared_conv"]
+            "conv_input.0",
+            "conv2.0",
+            "conv2.3",
+            "shared_conv",
+        ]
         assert store.missing_layers() == []
         for e in store.meta["layers"]:
             c = store.read_layer(e["name"])
@@ -285,7 +331,11 @@ def test_measured_curve_points_equal_a_plain_forward_with_the_group_quantized(sp
                         with torch.no_grad():
                             module.weight.copy_(orig)
                     assert c.dist[g, d, b] == pytest.approx(got, rel=1e-9, abs=1e-300), (
-                        e["name"], g, d, b)
+                        e["name"],
+                        g,
+                        d,
+                        b,
+                    )
                     checked += 1
     assert checked == 12 * 2 * 3
 
@@ -297,21 +347,23 @@ def test_second_order_curves_rank_groups_like_the_measured_ones(curve_sets):
         vals = {}
         for estimator in ("measured", "hessian"):
             store = curve_sets[estimator]
-            vals[estimator] = np.concatenate([store.read_layer(e["name"]).dist[:, :, b].min(1)
-                                              for e in store.meta["layers"]])  # (G,)
+            vals[estimator] = np.concatenate(
+                [store.read_layer(e["name"]).dist[:, :, b].min(1) for e in store.meta["layers"]]
+            )  # (G,)
         per_bits[b] = rank_corr(vals["measured"], vals["hessian"])
         ratio = vals["hessian"] / vals["measured"]
-        print(f"bits {b}: rank correlation {per_bits[b]:.3f}, hessian/measured "
-              f"{ratio.min():.2f}..{ratio.max():.2f} (median {np.median(ratio):.2f}) over "
-              f"{len(ratio)} groups")
+        print(
+            f"bits {b}: rank correlation {per_bits[b]:.3f}, hessian/measured "
+            f"{ratio.min():.2f}..{ratio.max():.2f} (median {np.median(ratio):.2f}) over "
+            f"{len(ratio)} groups"
+        )
     print(f"seconds: {curve_sets['seconds']}")
     assert min(per_bits.values()) > 0.8, per_bits
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["measured", "hessian"])
-def test_dp_allocation_applies_end_to_end_with_the_predicted_distortion(sp, curve_sets,
-                                                                       estimator):
+def test_dp_allocation_applies_end_to_end_with_the_predicted_distortion(sp, curve_sets, estimator):
     net, frames = curve_sets["net"], curve_sets["frames"]
     ref = plain_forward(sp, net, frames)
     table = build_table(curve_sets[estimator], None)
@@ -328,9 +380,11 @@ def test_dp_allocation_applies_end_to_end_with_the_predicted_distortion(sp, curv
         with torch.no_grad():
             got = mse(runner(runner.indices()).reshape(len(frames), -1), ref)
         pred = alloc["summary"]["pred_dist"]
-        print(f"{estimator} curves, target {target} bits: w_bits "
-              f"{alloc['summary']['w_bits']:.3f}, predicted {pred:.3e}, applied {got:.3e} "
-              f"(ratio {got / pred:.2f})")
+        print(
+            f"{estimator} curves, target {target} bits: w_bits "
+            f"{alloc['summary']['w_bits']:.3f}, predicted {pred:.3e}, applied {got:.3e} "
+            f"(ratio {got / pred:.2f})"
+        )
         assert 0.5 * pred < got < 2.0 * pred
         applied.append(got)
     assert applied[1] < applied[0]  # more bits, less distortion
@@ -354,8 +408,9 @@ class DenseNet(nn.Module):
 
 
 @pytest.mark.parametrize("probe", ["random", "norm"])
-def test_one_sample_gradient_rows_equal_the_batched_capture_on_a_dense_model(monkeypatch,
-                                                                            tmp_path, probe):
+def test_one_sample_gradient_rows_equal_the_batched_capture_on_a_dense_model(
+    monkeypatch, tmp_path, probe
+):
     torch.manual_seed(0)
     model = DenseNet().double().eval()
     x = torch.randn(7, 3, 6, 6, dtype=torch.float64)
@@ -374,11 +429,28 @@ def test_one_sample_gradient_rows_equal_the_batched_capture_on_a_dense_model(mon
     for path in ("alone", "batched"):
         if path == "batched":
             monkeypatch.undo()
-        hjob = CurveJob(kind="weight", group_size=2, nr=5, ndz=1, max_steps=8, step_grid=4,
-                        progress=False, estimator="hessian", hessian=settings)
+        hjob = CurveJob(
+            kind="weight",
+            group_size=2,
+            nr=5,
+            ndz=1,
+            max_steps=8,
+            step_grid=4,
+            progress=False,
+            estimator="hessian",
+            hessian=settings,
+        )
         calib = {"size": 7, "seed": 0, "source": "test", "sha256": "x", "items": []}
-        generate_curves(copy.deepcopy(model), x, INFO, calib, hjob, tmp_path / path,
-                        PartSpec(0, 1), torch.device("cpu"))
+        generate_curves(
+            copy.deepcopy(model),
+            x,
+            INFO,
+            calib,
+            hjob,
+            tmp_path / path,
+            PartSpec(0, 1),
+            torch.device("cpu"),
+        )
         store = CurveStore.load(tmp_path / path)
         dists.append(np.concatenate([store.read_layer(n).dist.ravel() for n in layers]))
     np.testing.assert_allclose(dists[0], dists[1], rtol=1e-9)
@@ -398,6 +470,5 @@ def test_one_sample_gradient_rows_of_the_dense_layer_inside_a_frame_runner(sp, m
     alone = GradientSweep(runner, x, names, "weight", settings, batch_size=4)
     alone.ensure("shared_conv")
     for name in names:
-        torch.testing.assert_close(alone.rows[name], captured.rows[name], rtol=1e-10,
-                                   atol=1e-12)
+        torch.testing.assert_close(alone.rows[name], captured.rows[name], rtol=1e-10, atol=1e-12)
     assert captured.rows["conv2.3"].abs().sum() > 0

@@ -37,8 +37,15 @@ def sp():
     return sparse.require_spconv()
 
 
-def sparse_input(sp, shape: tuple[int, ...] = SPATIAL, n: int = 120, batch: int = 2,
-                 cin: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32):
+def sparse_input(
+    sp,
+    shape: tuple[int, ...] = SPATIAL,
+    n: int = 120,
+    batch: int = 2,
+    cin: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
     """``n`` distinct random active sites per sample of a ``shape`` grid, random features."""
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -59,10 +66,14 @@ class TinySparseNet(nn.Module):
         super().__init__()
         self.conv_in = sp.SparseSequential(
             sp.SubMConv3d(4, 8, 3, padding=1, bias=True, indice_key="subm1"),
-            nn.BatchNorm1d(8), nn.ReLU())
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+        )
         self.down = sp.SparseSequential(
             sp.SparseConv3d(8, 16, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm1d(16), nn.ReLU())
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+        )
         self.wide = sp.SubMConv3d(16, 40, 3, padding=1, bias=False, indice_key="subm2")
         self.head = nn.Linear(40, 3)
 
@@ -138,8 +149,16 @@ def test_sparse_conv2d_layers_equal_dense_conv2d(sp):
 
 
 def weight_job(group_size: int = GROUP_SIZE, kind: str = "weight") -> CurveJob:
-    return CurveJob(kind=kind, group_size=group_size, nr=6, ndz=2, max_steps=8, step_grid=4,
-                    act_mode="out" if kind == "act" else None, progress=False)
+    return CurveJob(
+        kind=kind,
+        group_size=group_size,
+        nr=6,
+        ndz=2,
+        max_steps=8,
+        step_grid=4,
+        act_mode="out" if kind == "act" else None,
+        progress=False,
+    )
 
 
 def test_discovery_finds_every_spconv_layer_with_its_channels_and_groups(sp):
@@ -163,7 +182,9 @@ def test_discovery_finds_every_spconv_layer_with_its_channels_and_groups(sp):
 def test_discovery_finds_2d_sparse_convs(sp):
     net = sp.SparseSequential(sp.SubMConv2d(3, 5, 3, padding=1), sp.SparseConv2d(5, 7, 2, 2))
     assert [(lay.type, lay.shape) for lay in find_layers(net)] == [
-        ("SubMConv2d", (5, 3, 3, 3)), ("SparseConv2d", (7, 2, 2, 5))]
+        ("SubMConv2d", (5, 3, 3, 3)),
+        ("SparseConv2d", (7, 2, 2, 5)),
+    ]
 
 
 def test_other_weight_layouts_are_refused_naming_the_layer(sp):
@@ -185,8 +206,18 @@ def test_a_non_krsc_spconv_build_is_refused_even_when_shapes_agree(sp, monkeypat
 
 def test_second_order_activation_curves_of_spconv_layers_are_refused(sp):
     # (Measured ones are made: tests/openpcdet/test_sparse_acts.py.)
-    job = CurveJob(kind="act", act_mode="out", group_size=GROUP_SIZE, nr=6, ndz=1, max_steps=12,
-                   step_grid=4, progress=False, estimator="hessian", hessian=HessianSettings())
+    job = CurveJob(
+        kind="act",
+        act_mode="out",
+        group_size=GROUP_SIZE,
+        nr=6,
+        ndz=1,
+        max_steps=12,
+        step_grid=4,
+        progress=False,
+        estimator="hessian",
+        hessian=HessianSettings(),
+    )
     with pytest.raises(ValueError, match="second-order activation curves of spconv layers"):
         plan_layers(make_net(sp), None, job)
 
@@ -208,8 +239,14 @@ def allocation(net: nn.Module, steps: str) -> dict:
         for _ in bounds:
             bits.append(k % 6)
             k += 1
-        e = {"type": lay.type, "shape": list(lay.shape), "channels": lay.out_channels,
-             "group_size": GROUP_SIZE, "bits": bits, "steps": steps}
+        e = {
+            "type": lay.type,
+            "shape": list(lay.shape),
+            "channels": lay.out_channels,
+            "group_size": GROUP_SIZE,
+            "bits": bits,
+            "steps": steps,
+        }
         if steps == "group":
             e["step_log2"], e["deadzone"] = [], []
             for g, (c0, c1) in enumerate(bounds):
@@ -247,8 +284,10 @@ def test_apply_quantizes_each_spconv_group_exactly_and_leaves_the_model(sp, step
                 step = math.nan if e["step_log2"][g] is None else e["step_log2"][g]
                 dz = e["deadzone"][g]
             else:
-                step = torch.tensor([math.nan if v is None else v
-                                     for v in e["step_log2"][c0:c1]], dtype=torch.float64)
+                step = torch.tensor(
+                    [math.nan if v is None else v for v in e["step_log2"][c0:c1]],
+                    dtype=torch.float64,
+                )
                 dz = torch.tensor(e["deadzone"][c0:c1], dtype=torch.float64)
             ref = quantize_weight(wf[c0:c1].double(), b, step, dz).float()
             assert torch.equal(wq[c0:c1], ref), (name, g)
@@ -264,7 +303,11 @@ def test_uniform_weight_baseline_covers_spconv_layers(sp):
     net = make_net(sp)
     alloc = uniform_allocation(net, torch.empty(0), 4, None, [])  # weights only: no calibration
     assert {n: e["channels"] for n, e in alloc["weights"].items()} == {
-        "conv_in.0": 8, "down.0": 16, "wide": 40, "head": 3}
+        "conv_in.0": 8,
+        "down.0": 16,
+        "wide": 40,
+        "head": 3,
+    }
     q = apply_allocation(net, alloc)
     for row in q.wide.weight.reshape(40, -1):  # (n,) one channel's weights
         assert row.unique().numel() <= 16
@@ -283,8 +326,9 @@ def test_bcw_shift_has_the_spconv_bias_shape_and_round_trips(sp, tmp_path):
     q = apply_allocation(net, alloc)
     assert net.wide.bias is None  # the full-precision model keeps no bias
     assert q.conv_in[0].bias.shape == (8,) and q.wide.bias.shape == (40,)
-    torch.testing.assert_close(q.conv_in[0].bias, net.conv_in[0].bias + torch.tensor(shift_in),
-                               rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        q.conv_in[0].bias, net.conv_in[0].bias + torch.tensor(shift_in), rtol=0, atol=1e-7
+    )
     assert torch.equal(q.wide.bias, torch.tensor(shift_wide))
     # The created bias is added to every active output site, on its channel.
     y = forward(q.down, forward(q.conv_in, sparse_input(sp)))
@@ -316,10 +360,13 @@ def test_backward_and_biased_eval_run_on_cpu(sp):
 
 
 def test_core_modules_do_not_import_spconv():
-    code = ("import sys, rdoq.groups, rdoq.curves, rdoq.apply, rdoq.quantizers, rdoq.steps, "
-            "rdoq.adapters.sparse; print(sorted(m for m in sys.modules if m.startswith('spconv')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         timeout=300)
+    code = (
+        "import sys, rdoq.groups, rdoq.curves, rdoq.apply, rdoq.quantizers, rdoq.steps, "
+        "rdoq.adapters.sparse; print(sorted(m for m in sys.modules if m.startswith('spconv')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
     assert out.stdout.strip() == "[]"
 
 
