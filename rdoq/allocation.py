@@ -66,6 +66,9 @@ class LayerEntry:
     # (channel, dead zone); None: one step per group (the paper's quantizer).
     channel_step_log2: np.ndarray | None = None  # (C, D, B)
     channel_deadzone: np.ndarray | None = None  # (C, D)
+    # Weights sorted before grouping (--sort_channels): group g holds the channels
+    # channel_order[c0:c1], and the per-channel arrays above are in that order; None: unsorted.
+    channel_order: np.ndarray | None = None  # (C,)
 
 
 @dataclass
@@ -234,6 +237,7 @@ def build_table(
                     signed,
                     c.extra["channel_step_log2"] if per_channel else None,
                     c.extra["channel_deadzone"] if per_channel else None,
+                    c.extra.get("channel_order") if kind == WEIGHT else None,
                 )
             )
             start += g

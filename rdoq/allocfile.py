@@ -19,10 +19,14 @@ from rdoq.allocation import (
     LayerEntry,
 )
 from rdoq.groups import group_bounds
+from rdoq.sorting import check_order
 from rdoq.steps import STEP_MODES
 from rdoq.store import atomic_write_json, read_json_artifact
 
 ALLOC_SCHEMA = "rdoq.allocation/2"
+# Allocations with sorted weight channels (an entry's ``channel_order``): older readers, which
+# would quantize the groups' channels in their own order, refuse this version.
+ALLOC_SCHEMA_SORTED = "rdoq.allocation/3"
 
 
 def summarize_choice(table: ItemTable, choice: np.ndarray) -> dict[str, Any]:
@@ -106,6 +110,8 @@ def make_allocation(
             ]
             if layer.channel_step_log2 is not None:
                 entry |= _channel_entry(table, layer, rows, cols)
+            if layer.channel_order is not None:
+                entry["channel_order"] = [int(c) for c in layer.channel_order]
             weights[layer.name] = entry
         else:
             entry["signed"] = [bool(s) for s in layer.signed]
@@ -113,7 +119,9 @@ def make_allocation(
                 entry |= _channel_entry(table, layer, rows, cols)
             acts[layer.name] = entry
     return {
-        "schema": ALLOC_SCHEMA,
+        "schema": ALLOC_SCHEMA_SORTED
+        if any("channel_order" in e for e in weights.values())
+        else ALLOC_SCHEMA,
         "model": table.model,
         "target_bits": target_bits,
         "solver": solver,
@@ -137,7 +145,9 @@ def load_allocation(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"allocation file {path} does not exist")
-    alloc = read_json_artifact(path, ALLOC_SCHEMA, ("model", "weights", "acts"))
+    alloc = read_json_artifact(
+        path, (ALLOC_SCHEMA, ALLOC_SCHEMA_SORTED), ("model", "weights", "acts")
+    )
     for part in ("weights", "acts"):
         for name, e in alloc[part].items():
             try:
@@ -157,6 +167,14 @@ def load_allocation(path: Path | str) -> dict[str, Any]:
                 raise ValueError(
                     f"{path}: {part} entry {name!r} has {bad} of the wrong length "
                     f"({g} groups, {e['channels']} channels)"
+                )
+            if "channel_order" in e:
+                if part != "weights":
+                    raise ValueError(
+                        f"{path}: acts entry {name!r} has a channel_order (weights only)"
+                    )
+                check_order(
+                    e["channel_order"], int(e["channels"]), f"{path}: weights entry {name!r}"
                 )
             if any((not isinstance(b, int)) or b < 0 for b in e["bits"]):
                 raise ValueError(f"{path}: {part} entry {name!r} has invalid bits {e['bits']}")

@@ -65,8 +65,17 @@ def check_model(model: nn.Module, alloc: dict[str, Any], source: str = "allocati
 
 
 def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
-    """The fake-quantized copy of a layer's weight (float64 arithmetic, returned in its dtype)."""
+    """The fake-quantized copy of a layer's weight (float64 arithmetic, returned in its dtype).
+    With a ``channel_order`` (sorted channels, :mod:`rdoq.sorting`) the groups and every
+    per-group / per-channel list are of the sorted channels, which are then put back."""
     w = weight.detach().double()
+    order = entry.get("channel_order")
+    if order is not None:
+        perm = torch.as_tensor(order, dtype=torch.long, device=w.device)
+        unsorted = {k: v for k, v in entry.items() if k != "channel_order"}
+        out = torch.empty_like(w)
+        out[perm] = quantized_weight(w[perm], unsorted).double()
+        return out.to(weight.dtype)
     out = torch.empty_like(w)
     bounds = group_bounds(int(entry["channels"]), int(entry["group_size"]))
     per_channel = entry.get("steps", "group") == "channel"
@@ -90,13 +99,16 @@ def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tenso
 
 @dataclass
 class ActQuantizer:
-    """One layer's activation quantizer: per-channel tensors ``(C,)`` on the channel axis."""
+    """One layer's activation quantizer: per-channel tensors ``(C,)`` on the channel axis.
+    With ``straight_through`` (set while :mod:`rdoq.retrain` fine-tunes) the gradient passes
+    through unchanged, since ``round`` has none; the values are the same up to rounding."""
 
     dim: int
     step: torch.Tensor
     qmin: torch.Tensor
     qmax: torch.Tensor
     offset: torch.Tensor | None = None
+    straight_through: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = [1] * x.dim()
@@ -106,7 +118,8 @@ class ActQuantizer:
             return t.to(device=x.device, dtype=x.dtype).reshape(shape)
 
         q = quantize_uniform(x, b(self.step), b(self.qmin), b(self.qmax))
-        return q if self.offset is None else q + b(self.offset)
+        q = q if self.offset is None else q + b(self.offset)
+        return x + (q - x).detach() if self.straight_through else q
 
     def state(self) -> dict[str, torch.Tensor | int]:
         s = {"dim": self.dim, "step": self.step, "qmin": self.qmin, "qmax": self.qmax}

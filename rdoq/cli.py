@@ -29,6 +29,7 @@ import torch
 from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, InputError
 from rdoq.fold import is_folded_source
+from rdoq.sorting import SORT_STATS
 from rdoq.steps import STEP_MODES
 from rdoq.store import CurveStore
 
@@ -235,6 +236,18 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
             choices=("linear",),
             default="linear",
             help="weight quantizer (the paper's log2 quantizer is broken; not offered)",
+        )
+        g.add_argument(
+            "--sort_channels",
+            nargs="?",
+            const="max",
+            default=None,
+            choices=SORT_STATS,
+            help="sort each layer's output channels by a per-channel statistic of their "
+            "weights before cutting groups, so a group gathers channels of similar range: max "
+            "(the signed maximum, the paper's; the flag alone) or rms. The order is stored in "
+            "the curves and the allocations; weights are never permuted in a saved model. "
+            "Measured estimator only (default: off, the channels' own order)",
         )
         g.add_argument(
             "-bcw",

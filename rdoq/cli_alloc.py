@@ -35,6 +35,7 @@ from rdoq.cli import (
     shrink_mode,
     warn_correction_mismatch,
 )
+from rdoq.retrain import RetrainSpec
 from rdoq.store import curve_set_name
 
 log = logging.getLogger("rdoq")
@@ -257,6 +258,7 @@ def add_alloc_flags(
         help="per-channel offset correcting the mean activation quantization error, "
         "estimated on the calibration set (never on evaluated data)",
     )
+    add_retrain_flags(p)
     o = p.add_argument_group("output and device")
     o.add_argument(
         "--outdir",
@@ -285,6 +287,64 @@ def add_alloc_flags(
         action="store_true",
         help="no progress bars, warnings only (--mute-print: the paper's name)",
     )
+
+
+def add_retrain_flags(p: argparse.ArgumentParser) -> None:
+    """The paper's fine-tuning flags: each allocated point is also fine-tuned on the
+    calibration set and recorded as its own point (rdoq.retrain)."""
+    r = p.add_argument_group("fine-tuning after allocation (on the calibration set only)")
+    r.add_argument(
+        "--re-calibrate",
+        action="store_true",
+        help="also record each point with its biases and normalisation affine parameters tuned "
+        "toward the full-precision outputs on the calibration set (method +rc; the tuned "
+        "state is saved as model_<target>.pth beside its allocation)",
+    )
+    r.add_argument(
+        "--re-calibrate-lr",
+        type=float,
+        default=1e-4,
+        help="Adam learning rate of --re-calibrate (default: %(default)s, the paper's)",
+    )
+    r.add_argument(
+        "--re-train",
+        action="store_true",
+        help="also record each point with every parameter tuned, the quantized weights through "
+        "the allocation's fixed quantizers with a straight-through estimator (method +rt)",
+    )
+    r.add_argument(
+        "--re-train-lr",
+        type=float,
+        default=1e-4,
+        help="Adam learning rate of --re-train (default: %(default)s, the paper's)",
+    )
+    r.add_argument(
+        "--re-train-iter",
+        type=int,
+        default=20,
+        help="fine-tuning steps of --batchsize calibration samples (default: %(default)s, the "
+        "paper's)",
+    )
+    r.add_argument(
+        "--re-train-epoch",
+        type=int,
+        default=1,
+        help="with a value > 1: that many passes over the calibration set instead of "
+        "--re-train-iter steps, as in the paper (default: 1)",
+    )
+
+
+def retrain_specs(args: argparse.Namespace, n_calib: int) -> list[RetrainSpec]:
+    """The fine-tunings the flags ask for (none without --re-calibrate / --re-train)."""
+    iters = args.re_train_iter
+    if args.re_train_epoch > 1:
+        iters = args.re_train_epoch * -(-n_calib // args.batchsize)
+    asked = [("calibrate", args.re_calibrate, args.re_calibrate_lr)]
+    asked.append(("train", args.re_train, args.re_train_lr))
+    try:
+        return [RetrainSpec(m, lr, iters, args.batchsize, args.seed) for m, on, lr in asked if on]
+    except ValueError as e:
+        raise InputError(f"{e} (--re-train-iter, --re-calibrate-lr / --re-train-lr)") from e
 
 
 def _resolve_rate(args: argparse.Namespace) -> str:
@@ -452,9 +512,10 @@ def allocate_main(
         calib = None
         warn_correction_mismatch(wstore, "-bcw", args.bias_corr_weight)
         warn_correction_mismatch(astore, "-bca", args.bias_corr_act)
-        if args.bias_corr_weight or args.bias_corr_act:
+        if args.bias_corr_weight or args.bias_corr_act or args.re_calibrate or args.re_train:
             calib = rebuild_calib(args, model, wstore.meta, adapter).x
             calib = calib.to(device=device, dtype=dtype)
+            args.retrain_specs = retrain_specs(args, calib.shape[0])
         model = model.to(device=device, dtype=dtype).eval()
         data = eval_data_for(args, model, adapter)
         name = method_name(method, args)

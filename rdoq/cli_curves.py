@@ -120,6 +120,7 @@ def curves_main(
         args.testsize,
         args.nchannelbatch,
         act_mode,
+        getattr(args, "sort_channels", None),
     )
     try:
         check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
@@ -159,6 +160,7 @@ def curves_main(
             if estimator == "hessian"
             else None,
             folds=args.folds,
+            sort_channels=getattr(args, "sort_channels", None),
         )
         job.search_settings()
         model, info, calib = load_model_and_calib(args, get_adapter(args.dataset, adapters))

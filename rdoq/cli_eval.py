@@ -29,7 +29,7 @@ from rdoq.cli import (
     script_entry,
     setup_logging,
 )
-from rdoq.cli_alloc import add_alloc_flags
+from rdoq.cli_alloc import add_alloc_flags, retrain_specs
 from rdoq.fold import is_folded_source
 
 log = logging.getLogger("rdoq")
@@ -97,6 +97,13 @@ def evaluate_main(
     try:
         check_outdir(outdir, "--outdir")
         allocs = [(path, load_allocation(path)) for path in args.allocations]
+        tuned = [str(path) for path, a in allocs if a.get("fine_tune")]
+        if tuned:
+            raise InputError(
+                f"{tuned[0]} records a fine-tuned point (--re-calibrate / --re-train): its tuned "
+                f"parameters are in the model_<target>.pth saved beside it, not in the "
+                f"allocation; load that state (rdoq.apply.load_quantized) instead"
+            )
         models = {a["model"] for _, a in allocs}
         if args.archname is None:
             if len(models) != 1:
@@ -268,6 +275,9 @@ def uniform_main(
     ]
     use_calib = calib if (args.bias_corr_weight or args.bias_corr_act) else None
     try:
+        args.retrain_specs = retrain_specs(args, calib.shape[0])
+        if args.retrain_specs:
+            use_calib = calib
         return run_points(
             args,
             adapter,

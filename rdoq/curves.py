@@ -50,6 +50,7 @@ from rdoq.search import (
     run_chains,
     scale_grid,
 )
+from rdoq.sorting import SORT_STATS, channel_order, sortable, sorted_channels
 from rdoq.steps import STEP_MODES, ChannelSteps
 from rdoq.store import CurveStore, LayerCurves
 
@@ -92,6 +93,9 @@ class CurveJob:
     # Only these layers (names, in the model's order), e.g. a detector's chosen layer sets;
     # None: every quantizable layer.
     layers: tuple[str, ...] | None = None
+    # Weights: sort each layer's output channels by this statistic before cutting groups
+    # (rdoq.sorting, the paper's --sort_channels); None: the channels' own order.
+    sort_channels: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("weight", "act"):
@@ -115,6 +119,22 @@ class CurveJob:
         ScaleSettings(tuple(range(self.nr)), tuple(self.scales_log2))
         if self.folds < 0 or self.folds == 1:
             raise ValueError(f"--folds must be 0 (none) or >= 2, got {self.folds}")
+        if self.sort_channels is not None:
+            if self.sort_channels not in SORT_STATS:
+                raise ValueError(
+                    f"--sort_channels {self.sort_channels!r} is not one of {SORT_STATS}"
+                )
+            if self.kind != "weight":
+                raise ValueError(
+                    "--sort_channels orders weight channels; activation curves keep the "
+                    "channels' own order: drop the flag"
+                )
+            if self.estimator != "measured":
+                raise ValueError(
+                    "--sort_channels is not offered with the second-order estimator (its "
+                    "gradient sweep runs before any layer is sorted); use the measured "
+                    "estimator (generate_RD_curves_batch.py)"
+                )
 
     @property
     def channel_steps(self) -> bool:
@@ -257,6 +277,7 @@ def build_meta(
         "steps": "channel" if job.channel_steps else "group",
         "scales_log2": list(job.scales_log2) if job.channel_steps else None,
         "bias_corr": job.bias_corr,
+        **({"sort_channels": job.sort_channels} if job.sort_channels else {}),
         "folds": folds,
         "argv": job.argv or sys.argv,
         "created": datetime.now(timezone.utc).isoformat(),
@@ -507,6 +528,33 @@ def layer_curves(
     evaluated. ``backend_for(plan, stats, steps)`` gives the ``Evaluate`` of the estimator
     (measured or second-order); ``values``: the layer's stored calibration activations, if
     any; ``n_folds`` > 0 adds each calibration fold's own curve (``dist_folds``)."""
+    modules = dict(model.named_modules())
+    if job.sort_channels is None:
+        return _search_layer(model, x, plan, job, max_rows, backend_for, values, n_folds)
+    # Group g holds the channels order[c0:c1]: the layer is searched with its channels in that
+    # order (the model computes the same function), and the order is stored with the curves.
+    module = modules[plan.name]
+    order = (
+        channel_order(module.weight, job.sort_channels)
+        if sortable(module)
+        else np.arange(module.weight.shape[0])
+    )
+    with sorted_channels(module, order):
+        curves, n = _search_layer(model, x, plan, job, max_rows, backend_for, values, n_folds)
+    curves.extra["channel_order"] = order
+    return curves, n
+
+
+def _search_layer(
+    model: nn.Module,
+    x: torch.Tensor,
+    plan: LayerPlan,
+    job: CurveJob,
+    max_rows: int,
+    backend_for: Callable[..., Any],
+    values: torch.Tensor | None,
+    n_folds: int,
+) -> tuple[LayerCurves, int]:
     chains, stats = make_chains(model, x, plan, job, max_rows, values)
     modules = dict(model.named_modules())
     steps = (

@@ -67,6 +67,7 @@ from rdoq.cli import (
     shrink_mode,
 )
 from rdoq.shrink import DEFAULT_FOLDS
+from rdoq.sorting import SORT_STATS
 from rdoq.steps import STEP_MODES
 
 log = logging.getLogger("rdoq")
@@ -311,8 +312,14 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--sort_channels",
-        action="store_true",
-        help="the paper's channel sorting: not supported (refused)",
+        nargs="?",
+        const="max",
+        default=None,
+        choices=SORT_STATS,
+        help="sort each layer's output channels by the signed maximum (the paper's; the flag "
+        "alone) or the RMS of their weights before cutting groups; the order is stored in the "
+        "curves and allocations, the weights are never permuted (measured weight curves only; "
+        "default: off)",
     )
     add_curve_output_flags(g)
     e = p.add_argument_group("estimator")
@@ -538,10 +545,6 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
         add_curve_flags,
     )
     try:
-        if args.sort_channels:
-            raise InputError(
-                "--sort_channels (the paper's channel permutation) is not supported; drop it"
-            )
         kind, estimator = args.kind, args.estimator
         if args.bias_corr_weight and (kind == "act" or estimator == "hessian"):
             raise InputError(
@@ -561,7 +564,14 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
         layers = adapter.layers(runner)
         act_mode = args.act_mode if kind == "act" else None
         root = args.pathrdcurve or args.outdir / curve_set_name(
-            info.arch, kind, ndz, args.maxrates, spec.frames, args.nchannelbatch, act_mode
+            info.arch,
+            kind,
+            ndz,
+            args.maxrates,
+            spec.frames,
+            args.nchannelbatch,
+            act_mode,
+            args.sort_channels,
         )
         check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
         job = CurveJob(
@@ -592,6 +602,7 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
                 min(args.folds, spec.frames) if estimator == "hessian" and spec.frames > 1 else 0
             ),
             layers=tuple(lay.name for lay in layers),
+            sort_channels=args.sort_channels,
         )
         job.search_settings()
     except (InputError, ValueError, ImportError) as e:

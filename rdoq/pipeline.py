@@ -30,7 +30,14 @@ from rdoq.allocation import ItemTable, build_table, monotone_items, restrict, so
 from rdoq.allocfile import load_allocation, make_allocation, save_allocation
 from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
 from rdoq.evaluate import BOPS_INPUT_COUNTS, bit_report, reference_outputs, topk_scores
-from rdoq.report import append_results, format_table, plot_allocation, plot_results
+from rdoq.report import (
+    append_results,
+    format_table,
+    plot_allocation,
+    plot_results,
+    read_results,
+)
+from rdoq.retrain import METHOD_SUFFIX, RetrainSpec, fine_tune
 from rdoq.shrink import (
     DEFAULT_FOLDS,
     ShrinkChoice,
@@ -294,6 +301,9 @@ def run_points(
     and ``monotone_applied`` when present. ``calib`` (on ``device``): the calibration tensor
     the -bcw / -bca offsets are estimated on, None without them."""
     adir = outdir / name  # one subdirectory per method: methods may share --outdir
+    specs: list[RetrainSpec] = list(getattr(args, "retrain_specs", None) or [])
+    if specs and calib is None:
+        raise ValueError("fine-tuning needs the calibration tensor (calib)")
     planned = []
     for alloc, tags in points:
         alloc.update(
@@ -303,40 +313,26 @@ def run_points(
             checkpoint_sha256=info.checkpoint_sha256,
         )
         apath = adir / f"allocation_{point_label(tags)}.json"
-        if apath.is_file():
-            old = {k: v for k, v in load_allocation(apath).items() if k != "corrections"}
-            if old != json.loads(json.dumps(alloc)):
-                diff = sorted(k for k in set(old) | set(alloc) if old.get(k) != alloc.get(k))
-                raise InputError(
-                    f"{apath} holds another allocation (differs in {diff}); use "
-                    f"another --outdir to keep both"
-                )
+        _check_existing(apath, alloc)
+        for spec in specs:
+            tuned = name + METHOD_SUFFIX[spec.mode]
+            _check_existing(outdir / tuned / apath.name, {**alloc, "method": tuned})
         planned.append((alloc, tags, apath))
     outdir.mkdir(parents=True, exist_ok=True)
     ref, labels = reference_outputs(model, data, device, adapter.run)
     fp = {**topk_scores(ref, labels), "n_eval": ref.shape[0]}
     x1 = next(iter(data))[0][:1].to(device=device, dtype=next(model.parameters()).dtype)
     rows = []
-    for alloc, tags, apath in tqdm(planned, desc=name, unit="point", disable=args.quiet):
-        if calib is not None:
-            alloc["corrections"] = estimate_corrections(
-                model,
-                alloc,
-                calib,
-                bcw=args.bias_corr_weight,
-                bca=args.bias_corr_act,
-                batch_size=args.batchsize,
-            )
-        label = point_label(tags)
-        save_allocation(apath, alloc)
-        q_model = apply_allocation(model, alloc)
+
+    def record(
+        q_model: torch.nn.Module, alloc: dict[str, Any], tags: dict, apath: Path, extra: dict
+    ) -> None:
+        """Evaluate an applied allocation and append its results row."""
         metrics = adapter.evaluate(q_model, data, ref, device)
-        if args.save_model:
-            save_quantized(adir / f"model_{label}.pth", q_model, alloc)
         bits = bit_report(model, alloc, x1)
         row = {
             "model": info.arch,
-            "method": name,
+            "method": alloc["method"],
             **tags,
             **alloc["summary"],
             **{
@@ -357,6 +353,7 @@ def run_points(
             "solve_s": solve_s,
             "smooth_dists": getattr(args, "smooth_dists", False),
             "monotone": getattr(args, "monotone_applied", None),
+            **extra,
             "allocation": str(apath.relative_to(outdir)),
             "fp_weight_layers": bits["fp_weight_layers"],
             "fp_act_layers": bits["fp_act_layers"],
@@ -364,19 +361,49 @@ def run_points(
             "created": datetime.now(timezone.utc).isoformat(),
         }
         rows.append(row)
-        all_rows = append_results(outdir, [row])
+        append_results(outdir, [row])
         log.info(
             "%s %s: W %.3f A %s bits, top-1 %s, out MSE %.3e",
-            name,
-            label,
+            alloc["method"],
+            point_label(tags),
             row["w_bits"],
             "-" if row["a_bits"] is None else f"{row['a_bits']:.3f}",
             "-" if row["top1"] is None else f"{row['top1']:.2f}",
             row["out_mse"],
         )
+
+    for alloc, tags, apath in tqdm(planned, desc=name, unit="point", disable=args.quiet):
+        if calib is not None and (args.bias_corr_weight or args.bias_corr_act):
+            alloc["corrections"] = estimate_corrections(
+                model,
+                alloc,
+                calib,
+                bcw=args.bias_corr_weight,
+                bca=args.bias_corr_act,
+                batch_size=args.batchsize,
+            )
+        label = point_label(tags)
+        save_allocation(apath, alloc)
+        q_model = apply_allocation(model, alloc)
+        if args.save_model:
+            save_quantized(adir / f"model_{label}.pth", q_model, alloc)
+        record(q_model, alloc, tags, apath, {})
         if not args.no_plots and alloc["solver"] != "uniform":
             plot_allocation(alloc, adir / f"bits_{label}.png")
         del q_model
+        for spec in specs:
+            # The same allocation fine-tuned on the calibration set: its own method name,
+            # allocation file (with the record) and state (the tuned parameters live there).
+            t_model = apply_allocation(model, alloc)
+            tuned = {**alloc, "method": name + METHOD_SUFFIX[spec.mode]}
+            tuned["fine_tune"] = fine_tune(t_model, model, alloc, calib, spec)
+            tpath = outdir / tuned["method"] / apath.name
+            save_allocation(tpath, tuned)
+            save_quantized(tpath.parent / f"model_{label}.pth", t_model, tuned)
+            losses = {k: tuned["fine_tune"][k] for k in ("calib_loss_before", "calib_loss_after")}
+            record(t_model, tuned, tags, tpath, {"fine_tune": spec.mode, **losses})
+            del t_model
+    all_rows = read_results(outdir / "results.jsonl") if rows else []
     if not args.no_plots and rows:
         plot_results(
             [r for r in all_rows if r.get("model") == info.arch], outdir / "results.png", info.arch
@@ -411,3 +438,18 @@ def point_label(tags: dict[str, Any]) -> str:
     if tags.get("act_target_bits") is not None:
         label += f"_a{tags['act_target_bits']:g}"
     return label
+
+
+def _check_existing(apath: Path, alloc: dict[str, Any]) -> None:
+    """Refuse to overwrite an allocation file that holds another allocation (other settings)."""
+    if not apath.is_file():
+        return
+    volatile = ("corrections", "fine_tune")
+    old = {k: v for k, v in load_allocation(apath).items() if k not in volatile}
+    new = {k: v for k, v in json.loads(json.dumps(alloc)).items() if k not in volatile}
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise InputError(
+            f"{apath} holds another allocation (differs in {diff}); use another --outdir to "
+            f"keep both"
+        )

@@ -23,6 +23,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 SCHEMA = "rdoq.curves/2"
+# Weight curve sets whose channels were sorted before grouping (--sort_channels: meta.json's
+# ``sort_channels``, each layer's ``channel_order``): a reader that ignored the order would
+# apply groups to the wrong channels, so such sets carry a version older readers refuse.
+SCHEMA_SORTED = "rdoq.curves/3"
 # Keys of meta.json that describe *how* curves were made; two runs may share a directory only if
 # all of them agree. ``argv``/``created``/``part`` describe one invocation and may differ.
 SETTINGS_KEYS = (
@@ -56,13 +60,22 @@ log = logging.getLogger("rdoq")
 
 
 def curve_set_name(
-    arch: str, kind: str, ndz: int, nr: int, ns: int, nf: int, act_mode: str | None = None
+    arch: str,
+    kind: str,
+    ndz: int,
+    nr: int,
+    ns: int,
+    nf: int,
+    act_mode: str | None = None,
+    sort: str | None = None,
 ) -> str:
-    """The paper's directory name for a curve set (a label only; the truth is in meta.json)."""
+    """The paper's directory name for a curve set (a label only; the truth is in meta.json).
+    Sorted weight curves (``sort``, the statistic of ``--sort_channels``) get ``_sort<stat>``
+    after the group size, so that they never share a directory with unsorted ones."""
     if kind == "weight":
         return (
             f"{arch}_ndz_{ndz:04d}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}"
-            "_rdcurves_channelwise_opt_dist"
+            f"{f'_sort{sort}' if sort else ''}_rdcurves_channelwise_opt_dist"
         )
     if kind != "act":
         raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
@@ -113,17 +126,21 @@ def _create_json_exclusive(path: Path, obj: Any) -> None:
         os.unlink(tmp)
 
 
-def read_json_artifact(path: Path, schema: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    """A JSON artifact (no code executed) whose ``schema`` and top-level ``keys`` are checked;
-    ValueError names the file and what is wrong."""
+def read_json_artifact(
+    path: Path, schema: str | tuple[str, ...], keys: tuple[str, ...]
+) -> dict[str, Any]:
+    """A JSON artifact (no code executed) whose ``schema`` (one of them, if several are read)
+    and top-level ``keys`` are checked; ValueError names the file and what is wrong."""
+    accepted = (schema,) if isinstance(schema, str) else schema
     try:
         obj = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(obj, dict) or obj.get("schema") != schema:
+    if not isinstance(obj, dict) or obj.get("schema") not in accepted:
         found = obj.get("schema") if isinstance(obj, dict) else None
+        want = " or ".join(map(repr, accepted))
         raise ValueError(
-            f"{path}: schema {found!r} is not {schema!r}; re-create it with this version of rdoq"
+            f"{path}: schema {found!r} is not {want}; re-create it with this version of rdoq"
         )
     for key in keys:
         if key not in obj:
@@ -236,7 +253,7 @@ class CurveStore:
         otherwise ``ValueError`` names the first differing setting and both values.
         """
         root = Path(root)
-        meta = {"schema": SCHEMA, **meta}
+        meta = {"schema": SCHEMA_SORTED if meta.get("sort_channels") else SCHEMA, **meta}
         path = root / "meta.json"
         if not path.exists():
             root.mkdir(parents=True, exist_ok=True)
@@ -246,7 +263,7 @@ class CurveStore:
             except FileExistsError:
                 pass  # another part created it first: compare with its settings below
         old = cls.read_meta(root)
-        for key in SETTINGS_KEYS:
+        for key in (*SETTINGS_KEYS, "sort_channels"):
             if _canonical(old.get(key)) != _canonical(meta.get(key)):
                 # Sets made before folds were stored resume with the flag that turns them off.
                 hint = (
@@ -271,7 +288,9 @@ class CurveStore:
         path = Path(root) / "meta.json"
         if not path.is_file():
             raise FileNotFoundError(f"no curve set at {root}: {path} is missing")
-        meta = read_json_artifact(path, SCHEMA, ("kind", "group_size", "bits", "layers"))
+        meta = read_json_artifact(
+            path, (SCHEMA, SCHEMA_SORTED), ("kind", "group_size", "bits", "layers")
+        )
         _check_meta(path, meta)
         return meta
 
@@ -284,6 +303,8 @@ class CurveStore:
     def settings_digest(self) -> str:
         """sha256 of the settings keys of meta.json; stamped into every layer file."""
         settings = {k: self.meta.get(k) for k in SETTINGS_KEYS}
+        if self.meta.get("sort_channels"):  # absent from unsorted sets, whose digest it keeps
+            settings["sort_channels"] = self.meta["sort_channels"]
         return hashlib.sha256(json.dumps(_canonical(settings), sort_keys=True).encode()).hexdigest()
 
     def has_layer(self, name: str) -> bool:

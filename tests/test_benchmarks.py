@@ -65,3 +65,27 @@ def test_bench_hessian_preset_runs_and_ends_with_its_json_summary():
     ]
     assert summary["comparisons"] == 1 and "digits_cnn@3" in summary["paper_vs_default"]
     assert any(line.startswith("| digits_cnn | paper | 3 |") for line in lines)
+
+
+def test_bench_paper_options_runs_every_option_and_ends_with_its_json_summary(tmp_path):
+    proc = run_script(
+        "benchmarks/bench_paper_options.py", "--quick", "--outdir", str(tmp_path / "out")
+    )
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    from benchmarks.bench_paper_options import OPTIONS
+
+    first = OPTIONS[0][0]
+    tuned = [f"{first} --re-calibrate", f"{first} --re-train"]
+    assert [r["option"] for r in summary["rows"]] == [first, *tuned] + [
+        o for o, _, _ in OPTIONS[1:]
+    ]
+    by = {r["option"]: r for r in summary["rows"]}
+    for label in tuned:  # fine-tuned on the calibration set: its loss went down
+        assert by[label]["calib_loss_after"] < by[label]["calib_loss_before"]
+        assert by[label]["w_bits"] == by[first]["w_bits"]
+    # Same targets; an entropy budget lets the fixed-width bits exceed it, the others do not.
+    assert all(r["target"] == 3.0 and 0 < r["top1"] <= 100 for r in summary["rows"])
+    assert by["--rate entropy"]["w_entropy_bits"] <= 3.0 + 1e-9
+    assert all(r["w_bits"] <= 3.0 + 1e-9 for o, r in by.items() if o != "--rate entropy")
+    # Six curve sets: sorting and the step mode change the curves, the entropy rate does not.
+    assert len(list((tmp_path / "out" / "digits_cnn").glob("curves_*"))) == 6

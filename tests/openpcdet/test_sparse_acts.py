@@ -319,3 +319,52 @@ def test_measured_bias_corrected_curve_points_of_a_sparse_layer_equal_a_plain_fo
                 with torch.no_grad():
                     module.weight.copy_(w)
             assert c.dist[g, 0, b] == pytest.approx(got, rel=1e-9, abs=1e-300), (g, b)
+
+
+@pytest.mark.slow
+def test_sorted_curve_points_of_sparse_layers_equal_a_plain_forward(sp, tmp_path):
+    """--sort_channels on spconv layers: group g is the channels order[c0:c1] of the layer's
+    own weight; each curve point equals a plain forward with those channels quantized."""
+    from rdoq.sorting import channel_order
+
+    net, frames = make_net(sp), frames_of(sp, 2)
+    runner = sparse.FrameRunner(net, frames, run)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    generate_curves(
+        runner,
+        runner.indices(),
+        INFO,
+        calib_meta(runner),
+        job(sort_channels="max"),
+        tmp_path,
+        PartSpec(0, 1),
+        torch.device("cpu"),
+    )
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    store = CurveStore.load(tmp_path)
+    ref = plain_forward(sp, net, frames)
+    modules = dict(net.named_modules())
+    moved = 0
+    for e in store.meta["layers"]:
+        c = store.read_layer(e["name"])
+        module = modules[e["name"]]
+        w = module.weight.detach().clone()
+        order = channel_order(w, "max")
+        assert c.extra["channel_order"].tolist() == order.tolist()
+        moved += not np.array_equal(order, np.arange(len(order)))
+        ws = w[torch.as_tensor(order)]  # the sorted layer the curves were searched on
+        steps = ChannelSteps(c.extra["channel_step_log2"], c.extra["channel_deadzone"])
+        bounds = group_bounds(w.shape[0], GROUP_SIZE)
+        for g, (c0, c1) in enumerate(bounds):
+            cand = Candidate(g, 2, float(c.step_log2[g, 1, 2]), 0.5, dz_index=1)
+            q = w.clone()
+            q[torch.as_tensor(order[c0:c1])] = quantized_group(ws, bounds, cand, steps)
+            with torch.no_grad():
+                module.weight.copy_(q)
+            try:
+                got = mse(plain_forward(sp, net, frames), ref)
+            finally:
+                with torch.no_grad():
+                    module.weight.copy_(w)
+            assert c.dist[g, 1, 2] == pytest.approx(got, rel=1e-9, abs=1e-300), (e["name"], g)
+    assert moved > 0  # some layer's channels really moved
