@@ -224,13 +224,7 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
         help="maximum step candidates per bit width (default: %(default)s)",
     )
     if kind == "weight":
-        g.add_argument(
-            "--maxdeadzones",
-            type=int,
-            default=10,
-            help="dead-zone ratios 0, 1/ndz, …: share of weights zeroed (default: 10)",
-        )
-        g.add_argument("--disable-deadzone", action="store_true", help="same as --maxdeadzones 1")
+        add_deadzone_flags(g)
         g.add_argument(
             "--quant-type",
             choices=("linear",),
@@ -311,6 +305,29 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
         "rounding noise dominates distortions below ~1e-6 of the output power",
     )
     add_engine_flags(e, second_order=True)
+
+
+def add_deadzone_flags(g: argparse._ArgumentGroup) -> None:
+    """``--maxdeadzones`` and ``--disable-deadzone`` of the weight-curve scripts."""
+    g.add_argument(
+        "--maxdeadzones",
+        type=int,
+        default=10,
+        help="dead-zone ratios 0, 1/ndz, …: share of weights zeroed (default: 10)",
+    )
+    g.add_argument("--disable-deadzone", action="store_true", help="same as --maxdeadzones 1")
+
+
+def add_eval_device_flags(g: argparse._ArgumentGroup) -> None:
+    """``--gpuid --device --precision`` of the scripts that apply and evaluate allocations."""
+    g.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
+    g.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1)")
+    g.add_argument(
+        "--precision",
+        choices=("float32", "float64"),
+        default="float32",
+        help="arithmetic of the evaluation (default: float32)",
+    )
 
 
 def add_curve_output_flags(g: argparse._ArgumentGroup) -> None:

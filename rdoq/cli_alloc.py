@@ -20,6 +20,7 @@ from rdoq.cli import (
     RATE_FLAGS,
     _positive,
     add_eval_data_flags,
+    add_eval_device_flags,
     add_model_flags,
     build_any_model,
     check_curves_match,
@@ -271,14 +272,7 @@ def add_alloc_flags(
         action="store_true",
         help="also save model_<target>.pth: fake-quantized weights + activation quantizers",
     )
-    o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
-    o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1)")
-    o.add_argument(
-        "--precision",
-        choices=("float32", "float64"),
-        default="float32",
-        help="arithmetic of the evaluation (default: float32)",
-    )
+    add_eval_device_flags(o)
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     o.add_argument(
         "--quiet",

@@ -17,6 +17,7 @@ from rdoq.adapters.base import Adapter, InputError
 from rdoq.cli import (
     POINTS_HINT,
     add_eval_data_flags,
+    add_eval_device_flags,
     add_model_flags,
     build_any_model,
     calib_for,
@@ -45,7 +46,7 @@ def evaluate_main(
     from rdoq.allocfile import load_allocation
     from rdoq.apply import apply_allocation, check_model
     from rdoq.evaluate import (
-        BOPS_INPUT_COUNTS,
+        ROW_BIT_KEYS,
         bit_report,
         outputs,
         paired_comparison,
@@ -69,14 +70,7 @@ def evaluate_main(
         default=None,
         help="where results.jsonl/csv go (default: the first allocation's directory)",
     )
-    o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
-    o.add_argument("--device", default=None, help="torch device")
-    o.add_argument(
-        "--precision",
-        choices=("float32", "float64"),
-        default="float32",
-        help="arithmetic of the evaluation",
-    )
+    add_eval_device_flags(o)
     o.add_argument(
         "--quiet",
         "--mute-print",
@@ -182,18 +176,7 @@ def evaluate_main(
                 "method": f"eval:{a.get('method', a.get('solver'))}",
                 "target_bits": a.get("target_bits"),
                 **a.get("summary", {}),
-                **{
-                    k: bits[k]
-                    for k in (
-                        "w_bits",
-                        "a_bits",
-                        "avg_bits",
-                        "size_mb",
-                        "fp_size_mb",
-                        "bops_ratio",
-                        *BOPS_INPUT_COUNTS,
-                    )
-                },
+                **{k: bits[k] for k in ROW_BIT_KEYS},
                 **metrics,
                 "fp_top1": fp["top1"],
                 "fp_top5": fp["top5"],

@@ -8,11 +8,12 @@ comes from one place; the estimators themselves live in :mod:`rdoq.engine` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -528,75 +529,70 @@ def layer_curves(
     evaluated. ``backend_for(plan, stats, steps)`` gives the ``Evaluate`` of the estimator
     (measured or second-order); ``values``: the layer's stored calibration activations, if
     any; ``n_folds`` > 0 adds each calibration fold's own curve (``dist_folds``)."""
-    modules = dict(model.named_modules())
+    with layer_channel_order(model, plan, job) as order:
+        chains, stats = make_chains(model, x, plan, job, max_rows, values)
+        modules = dict(model.named_modules())
+        steps = (
+            layer_steps(modules[plan.name].weight, job)
+            if job.kind == "weight"
+            else act_layer_steps(stats, plan, job)
+        )
+        backend = backend_for(plan, stats, steps)
+        extra: dict[str, np.ndarray] = {"signed": stats.signed} if stats is not None else {}
+        if steps is not None:
+            extra |= {"channel_step_log2": steps.step_log2, "channel_deadzone": steps.deadzone}
+        # Candidates evaluated (chains advance together, so few finish before the end), with the
+        # chains done alongside.
+        inner = tqdm(desc=plan.name, unit="cand", leave=False, disable=not job.progress)
+        done = [0]
+
+        def chain_done(_: Any) -> None:
+            done[0] += 1
+            inner.set_postfix_str(f"{done[0]}/{len(chains)} chains", refresh=False)
+
+        n = run_chains(
+            chains,
+            backend,
+            job.max_batch,
+            on_chain_done=chain_done,
+            max_lookahead=job.max_lookahead,
+            on_evaluated=inner.update,
+        )
+        inner.close()
+        n_dz = job.ndz if job.kind == "weight" else 1
+        dist, step, dz = chains_to_arrays(chains, len(plan.bounds), n_dz, job.nr)
+        n_evals = np.zeros(len(plan.bounds), dtype=np.int64)
+        for c in chains:
+            n_evals[c.group] += c.n_evals
+        if n_folds:
+            extra["dist_folds"] = fold_curves(chains, backend, dist.shape, n_folds)
+        if job.kind == "weight":
+            # The entropy rate of every point (--rate entropy), from the weight both
+            # estimators quantized, with the point's own quantizer.
+            weight = modules[plan.name].weight.detach()
+            extra["entropy"] = curve_entropy(weight, plan.bounds, step, dz, steps)
+        curves = LayerCurves(dist, step, dz, plan.numel, {**extra, "n_evals": n_evals})
+    if order is not None:
+        curves.extra["channel_order"] = order
+    return curves, n
+
+
+@contextlib.contextmanager
+def layer_channel_order(model: nn.Module, plan: LayerPlan, job: CurveJob) -> Iterator[Any]:
+    """With ``job.sort_channels``, the layer's output channels in sorted order for the block
+    (group g holds the channels ``order[c0:c1]``; the model computes the same function) and
+    the order ``(C,)`` yielded, to be stored with the curves; otherwise nothing (None)."""
     if job.sort_channels is None:
-        return _search_layer(model, x, plan, job, max_rows, backend_for, values, n_folds)
-    # Group g holds the channels order[c0:c1]: the layer is searched with its channels in that
-    # order (the model computes the same function), and the order is stored with the curves.
-    module = modules[plan.name]
+        yield None
+        return
+    module = model.get_submodule(plan.name)
     order = (
         channel_order(module.weight, job.sort_channels)
         if sortable(module)
         else np.arange(module.weight.shape[0])
     )
     with sorted_channels(module, order):
-        curves, n = _search_layer(model, x, plan, job, max_rows, backend_for, values, n_folds)
-    curves.extra["channel_order"] = order
-    return curves, n
-
-
-def _search_layer(
-    model: nn.Module,
-    x: torch.Tensor,
-    plan: LayerPlan,
-    job: CurveJob,
-    max_rows: int,
-    backend_for: Callable[..., Any],
-    values: torch.Tensor | None,
-    n_folds: int,
-) -> tuple[LayerCurves, int]:
-    chains, stats = make_chains(model, x, plan, job, max_rows, values)
-    modules = dict(model.named_modules())
-    steps = (
-        layer_steps(modules[plan.name].weight, job)
-        if job.kind == "weight"
-        else act_layer_steps(stats, plan, job)
-    )
-    backend = backend_for(plan, stats, steps)
-    extra: dict[str, np.ndarray] = {"signed": stats.signed} if stats is not None else {}
-    if steps is not None:
-        extra |= {"channel_step_log2": steps.step_log2, "channel_deadzone": steps.deadzone}
-    # Candidates evaluated (chains advance together, so few finish before the end), with the
-    # chains done alongside.
-    inner = tqdm(desc=plan.name, unit="cand", leave=False, disable=not job.progress)
-    done = [0]
-
-    def chain_done(_: Any) -> None:
-        done[0] += 1
-        inner.set_postfix_str(f"{done[0]}/{len(chains)} chains", refresh=False)
-
-    n = run_chains(
-        chains,
-        backend,
-        job.max_batch,
-        on_chain_done=chain_done,
-        max_lookahead=job.max_lookahead,
-        on_evaluated=inner.update,
-    )
-    inner.close()
-    n_dz = job.ndz if job.kind == "weight" else 1
-    dist, step, dz = chains_to_arrays(chains, len(plan.bounds), n_dz, job.nr)
-    n_evals = np.zeros(len(plan.bounds), dtype=np.int64)
-    for c in chains:
-        n_evals[c.group] += c.n_evals
-    if n_folds:
-        extra["dist_folds"] = fold_curves(chains, backend, dist.shape, n_folds)
-    if job.kind == "weight":
-        # The entropy rate of every point (--rate entropy), from the weight both
-        # estimators quantized, with the point's own quantizer.
-        weight = modules[plan.name].weight.detach()
-        extra["entropy"] = curve_entropy(weight, plan.bounds, step, dz, steps)
-    return LayerCurves(dist, step, dz, plan.numel, {**extra, "n_evals": n_evals}), n
+        yield order
 
 
 def fold_curves(

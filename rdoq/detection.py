@@ -58,6 +58,7 @@ from rdoq.cli import (
     POINTS_HINT,
     RESUME_HINT,
     add_curve_output_flags,
+    add_deadzone_flags,
     add_scale_flags,
     check_outdir,
     default_workers,
@@ -262,13 +263,7 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--maxrates", type=int, default=11, help="bit widths 0..maxrates-1 (default: %(default)s)"
     )
-    g.add_argument(
-        "--maxdeadzones",
-        type=int,
-        default=10,
-        help="dead-zone ratios 0, 1/ndz, ... (default: %(default)s)",
-    )
-    g.add_argument("--disable-deadzone", action="store_true", help="same as --maxdeadzones 1")
+    add_deadzone_flags(g)
     g.add_argument(
         "--maxsteps",
         type=int,

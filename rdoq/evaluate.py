@@ -63,6 +63,16 @@ _GRID_MOVES = frozenset(
 )
 # Result keys counting the layer inputs BOPs charge at each kind of bits (:func:`input_charges`).
 BOPS_INPUT_COUNTS = ("bops_inputs_own", "bops_inputs_producer", "bops_inputs_fp32")
+# The scalar fields of bit_report that go into every results row.
+ROW_BIT_KEYS = (
+    "w_bits",
+    "a_bits",
+    "avg_bits",
+    "size_mb",
+    "fp_size_mb",
+    "bops_ratio",
+    *BOPS_INPUT_COUNTS,
+)
 # Clamps, by exact node name: the saved attributes holding their (min, max) scalar bounds;
 # ReLU is a clamp at (0, none).
 _CLAMP_BOUNDS = {

@@ -29,7 +29,7 @@ from rdoq.adapters.base import Adapter, InputError
 from rdoq.allocation import ItemTable, build_table, monotone_items, restrict, solve_recorded
 from rdoq.allocfile import load_allocation, make_allocation, save_allocation
 from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
-from rdoq.evaluate import BOPS_INPUT_COUNTS, bit_report, reference_outputs, topk_scores
+from rdoq.evaluate import ROW_BIT_KEYS, bit_report, reference_outputs, topk_scores
 from rdoq.report import (
     append_results,
     format_table,
@@ -335,18 +335,7 @@ def run_points(
             "method": alloc["method"],
             **tags,
             **alloc["summary"],
-            **{
-                k: bits[k]
-                for k in (
-                    "w_bits",
-                    "a_bits",
-                    "avg_bits",
-                    "size_mb",
-                    "fp_size_mb",
-                    "bops_ratio",
-                    *BOPS_INPUT_COUNTS,
-                )
-            },
+            **{k: bits[k] for k in ROW_BIT_KEYS},
             **metrics,
             "fp_top1": fp["top1"],
             "fp_top5": fp["top5"],
