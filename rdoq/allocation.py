@@ -45,7 +45,7 @@ from rdoq.store import CurveStore, LayerCurves, check_same_model, meta_digest
 
 SOLVERS = ("dp", "lg")
 # What a table's ``rate`` counts: fixed-width bits × elements, or the entropy of the quantized
-# symbols × elements (weights only; rdoq.entropy).
+# symbols × elements (rdoq.entropy).
 RATES = ("bits", "entropy")
 WEIGHT, ACT = 0, 1
 
@@ -91,8 +91,8 @@ class ItemTable:
     act_mode: str | None
     fp_acts: list[str] = field(default_factory=list)
     rate_kind: str = "bits"  # what ``rate`` counts, one of RATES
-    # Entropy (bits per element) of the point each column realises: NaN for activation items;
-    # None when the weight curves carry no entropy.
+    # Entropy (bits per element) of the point each column realises: NaN for activation items
+    # of curve sets without it; None when the weight curves carry no entropy.
     entropy: np.ndarray | None = None  # (I, K)
 
     def part_numel(self, kind: int | None) -> float:
@@ -127,19 +127,12 @@ def build_table(
     ``"entropy"`` charges ``entropy × numel`` of the point the column realises, i.e. of the dead
     zone chosen for that width by distortion (the entropy does not take part in that choice: a
     column stays one measured point, and the allocation keeps one quantizer per width). It
-    needs weight curves that store ``entropy`` and a table without activation items
-    (activation entropy is not estimated); otherwise :class:`InputError` names the fix.
+    needs curves that store ``entropy`` (weights, and activations when the table has activation
+    items); otherwise :class:`InputError` names the fix.
     """
     if rate not in RATES:
         raise ValueError(f"rate must be one of {RATES}, got {rate!r}")
     skip = set(fp_act_layers or [])
-    if rate == "entropy" and acts is not None and set(acts.layer_names()) - skip:
-        raise InputError(
-            "--rate entropy (--bit_rate 0) covers weights only: entropy rates "
-            "of activations are not offered (activation curves store none), so a "
-            "table with activation items cannot be counted in entropy; pass "
-            "--weights-only (activations in full precision) or use --rate bits"
-        )
     if acts is not None:
         check_same_model(weights.meta, acts.meta)
     stores = [(WEIGHT, weights)] + ([(ACT, acts)] if acts is not None else [])
@@ -157,8 +150,9 @@ def build_table(
     cols: dict[str, list[np.ndarray]] = {
         k: [] for k in ("dist", "step", "dz", "dzi", "numel", "kind", "layer", "entropy")
     }
-    # Weight layer files without entropy (curve sets made before it was stored).
+    # Weight / activation layer files without entropy (curve sets made before it was stored).
     no_entropy: list[Path] = []
+    no_act_entropy: list[Path] = []
     layers: list[LayerEntry] = []
     start = 0
     for kind, store in stores:
@@ -167,7 +161,7 @@ def build_table(
             if kind == ACT and name in skip:
                 continue
             c = store.read_layer(name)
-            entropy = c.extra.get("entropy") if kind == WEIGHT else None  # (G, D, B)
+            entropy = c.extra.get("entropy")  # (G, D, B)
             if uniform_only:
                 c = LayerCurves(
                     c.dist[:, :1], c.step_log2[:, :1], c.deadzone[:, :1], c.numel, c.extra
@@ -207,8 +201,8 @@ def build_table(
             cols["step"].append(_pad(take(c.step_log2), n_cols, 0.0))
             cols["dz"].append(_pad(take(c.deadzone), n_cols, 0.0))
             cols["dzi"].append(_pad(best, n_cols, 0).astype(np.int64))
-            if kind == WEIGHT and entropy is None:
-                no_entropy.append(store.layer_path(name))
+            if entropy is None:
+                (no_entropy if kind == WEIGHT else no_act_entropy).append(store.layer_path(name))
             cols["entropy"].append(
                 _pad(
                     take(entropy) if entropy is not None else np.full(dist.shape, np.nan),
@@ -248,6 +242,13 @@ def build_table(
             f"before entropy rates were stored); make the curves again with the "
             f"curve script into a new --outdir (an existing one resumes and keeps "
             f"its files), or use --rate bits"
+        )
+    if rate == "entropy" and no_act_entropy:
+        raise InputError(
+            f"activation curve set {acts.root} has no entropy rates ({len(no_act_entropy)} "
+            f"layer files lack the 'entropy' array, e.g. {no_act_entropy[0].name}: made "
+            f"before activation entropy was stored); make the activation curves again into "
+            f"a new --outdir, pass --weights-only, or use --rate bits"
         )
     bits = np.arange(n_cols)
     numel = np.concatenate(cols["numel"])  # (I,)

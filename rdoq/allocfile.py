@@ -32,22 +32,27 @@ ALLOC_SCHEMA_SORTED = "rdoq.allocation/3"
 def summarize_choice(table: ItemTable, choice: np.ndarray) -> dict[str, Any]:
     """Average W / A / joint fixed-width bits, the predicted distortion (sum of the chosen curve
     points), the rate the solver counted (``rate``: ``bits`` or ``entropy``) and the average
-    entropy bits of the chosen weight points (``w_entropy_bits``; None without entropy), so an
-    entropy budget is never mistaken for a bit width."""
+    entropy bits of the chosen weight and activation points (``w_entropy_bits``,
+    ``a_entropy_bits``; None without entropy), so an entropy budget is never mistaken for a bit
+    width."""
     idx = np.arange(len(choice))
     fixed = table.bits[choice] * table.numel  # (I,) bits × elements, whatever was budgeted
     w, a = table.kind == WEIGHT, table.kind == ACT
     n_w, n_a = table.part_numel(WEIGHT), table.part_numel(ACT)
     dist = table.dist[idx, choice]
-    ent = None
+    ent = a_ent = None
     if table.entropy is not None and n_w:
         ent = float((table.entropy[idx, choice] * table.numel)[w].sum() / n_w)
+    if table.entropy is not None and n_a:
+        a_chosen = (table.entropy[idx, choice] * table.numel)[a]
+        a_ent = float(a_chosen.sum() / n_a) if np.isfinite(a_chosen).all() else None
     return {
         "w_bits": float(fixed[w].sum() / n_w) if n_w else None,
         "a_bits": float(fixed[a].sum() / n_a) if n_a else None,
         "avg_bits": float(fixed.sum() / table.numel.sum()),
         "rate": table.rate_kind,
         "w_entropy_bits": ent,
+        "a_entropy_bits": a_ent,
         "pred_dist": float(dist.sum()),
         "pred_dist_w": float(dist[w].sum()),
         "pred_dist_a": float(dist[a].sum()),

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from rdoq.actstats import ActGroupStats, act_group_stats, act_group_stats_of, act_values
 from rdoq.backends import ActBackend, WeightBackend, weight_input_means
 from rdoq.engine import MeasuredEngine
-from rdoq.entropy import curve_entropy
+from rdoq.entropy import act_curve_entropy, curve_entropy
 from rdoq.groups import (
     act_group_numel,
     channel_dim,
@@ -571,6 +571,12 @@ def layer_curves(
             # estimators quantized, with the point's own quantizer.
             weight = modules[plan.name].weight.detach()
             extra["entropy"] = curve_entropy(weight, plan.bounds, step, dz, steps)
+        else:
+            # Of the calibration activations, in one more pass over them.
+            rows = max_rows if job.estimator == "measured" else job.sweep_batch
+            extra["entropy"] = act_curve_entropy(
+                model, x, plan.name, job.act_mode, rows, plan.bounds, stats.signed, step, steps
+            )
         curves = LayerCurves(dist, step, dz, plan.numel, {**extra, "n_evals": n_evals})
     if order is not None:
         curves.extra["channel_order"] = order

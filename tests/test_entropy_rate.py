@@ -16,6 +16,7 @@ from torch import nn
 from rdoq.adapters.base import InputError
 from rdoq.adapters.digits import build_digits_model
 from rdoq.allocation import (
+    ACT,
     RATES,
     WEIGHT,
     ItemTable,
@@ -30,7 +31,7 @@ from rdoq.backends import quantized_group
 from rdoq.cli import RATE_FLAGS
 from rdoq.cli_alloc import allocate_main
 from rdoq.curves import CurveJob, build_meta, plan_layers
-from rdoq.entropy import curve_entropy, group_levels, symbol_entropy
+from rdoq.entropy import act_curve_entropy, curve_entropy, group_levels, symbol_entropy
 from rdoq.groups import group_bounds
 from rdoq.quantizers import quantize_weight_steps, weight_levels
 from rdoq.search import Candidate
@@ -188,10 +189,34 @@ def _curve_set(
         extra: dict[str, np.ndarray] = {}
         if kind == "act":
             extra["signed"] = np.ones(g, dtype=bool)
-        elif entropy:
+        if entropy:
             extra["entropy"] = rng.uniform(0.3, 1.0, (g, d, nr)) * np.arange(nr)  # (G, D, B)
         store.write_layer(p.name, LayerCurves(dist, step, np.zeros((g, d, nr)), p.numel, extra))
     return store
+
+
+def test_activation_entropy_is_that_of_the_calibration_symbols():
+    """act_curve_entropy against symbols computed here: the group's calibration activations
+    on the point's grid, pooled over samples, positions and channels."""
+    torch.manual_seed(0)
+    net = TinyNet().double().eval()
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    bounds = group_bounds(6, 3)
+    signed = np.array([True, False])
+    step_log2 = np.array([[[0.0, -1.0, -2.0, -2.5, -3.0]], [[0.0, -1.0, -2.0, -3.0, np.nan]]])
+    got = act_curve_entropy(net, x, "c1", "out", 4, bounds, signed, step_log2, None)
+    with torch.no_grad():
+        y = net.c1(x)  # (N, 6, H, W)
+    for g, (c0, c1) in enumerate(bounds):
+        assert got[g, 0, 0] == 0.0
+        for b in range(1, 5):
+            if not math.isfinite(step_log2[g, 0, b]):
+                assert got[g, 0, b] == b  # never reached: its width, an upper bound
+                continue
+            lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if signed[g] else (0, 2**b - 1)
+            sym = torch.clamp(torch.round(y[:, c0:c1] / 2.0 ** step_log2[g, 0, b]), lo, hi)
+            assert got[g, 0, b] == pytest.approx(symbol_entropy(sym.long()), abs=1e-12)
+            assert 0.0 <= got[g, 0, b] <= b
 
 
 def test_entropy_table_rates_are_entropy_times_elements(tmp_path):
@@ -246,16 +271,25 @@ def test_smoothing_charges_the_entropy_of_the_point_used(tmp_path):
     np.testing.assert_array_equal(s.entropy[0], [0.0, 0.8, 0.8, 2.0])
 
 
-def test_entropy_rate_is_refused_without_entropy_or_with_activations(tmp_path):
+def test_entropy_rate_is_refused_without_entropy(tmp_path):
     old = _curve_set(tmp_path / "old", "weight", entropy=False)
     build_table(old, None)  # fixed-width rates still work on older curve sets
     with pytest.raises(InputError, match=r"no entropy rates.*--rate bits"):
         build_table(old, None, rate="entropy")
     w = _curve_set(tmp_path / "w", "weight", entropy=True)
-    a = _curve_set(tmp_path / "a", "act", entropy=False, act_mode="out")
-    build_table(w, a)
-    with pytest.raises(InputError, match=r"not offered.*--weights-only"):
-        build_table(w, a, rate="entropy")
+    a_old = _curve_set(tmp_path / "a_old", "act", entropy=False, act_mode="out")
+    build_table(w, a_old)
+    with pytest.raises(InputError, match=r"activation curve set .* no entropy.*--weights-only"):
+        build_table(w, a_old, rate="entropy")
+    # Activation curves with entropy: every item is charged entropy × elements.
+    a = _curve_set(tmp_path / "a", "act", entropy=True, act_mode="out")
+    t = build_table(w, a, rate="entropy")
+    acts = t.kind == ACT
+    assert acts.any() and np.isfinite(t.entropy[acts]).all()
+    np.testing.assert_allclose(t.rate[acts], t.numel[acts, None] * t.entropy[acts])
+    summary = summarize_choice(t, np.full(len(t.kind), 2))
+    want = float((t.entropy[acts, 2] * t.numel[acts]).sum() / t.numel[acts].sum())
+    assert summary["a_entropy_bits"] == pytest.approx(want)
     with pytest.raises(ValueError, match="rate"):
         build_table(w, None, rate="huffman")
     assert RATE_FLAGS == RATES  # the --rate choices are the table's
@@ -403,7 +437,8 @@ def test_entropy_rate_errors_at_the_cli(tmp_path, digits_curves, capsys):
         "--outdir",
         str(tmp_path / "x"),
     ]
-    # Activation curves in the table: entropy rates of activations are not offered.
+    # Activation curves in the table are counted in entropy too; without their entropy arrays
+    # (curves made before they were stored) they are refused by name.
     act_root = tmp_path / "acts"
     run_script(
         "classification/generate_RD_curves_act_out_nchan.py",
@@ -418,12 +453,24 @@ def test_entropy_rate_errors_at_the_cli(tmp_path, digits_curves, capsys):
         "--outdir",
         str(act_root),
     )
+    joint = allocate_main(
+        "dp", argv=[*base, "--act_curve_root_dir", str(act_root), "--rate", "entropy"]
+    )["rows"][0]
+    assert joint["rate"] == "entropy" and joint["a_entropy_bits"] is not None
+    assert joint["a_entropy_bits"] <= joint["a_bits"] + 1e-9
+    (act_set,) = act_root.iterdir()
+    for f in (act_set / "layers").glob("*.npz"):
+        with np.load(f) as z:
+            arrays = {k: z[k] for k in z.files if k != "entropy"}
+        np.savez(f, **arrays)
     with pytest.raises(SystemExit):
         allocate_main(
-            "dp", argv=[*base, "--act_curve_root_dir", str(act_root), "--rate", "entropy"]
+            "dp",
+            argv=[*base, "--act_curve_root_dir", str(act_root), "--rate", "entropy"]
+            + ["--outdir", str(tmp_path / "y")],
         )
     err = capsys.readouterr().err
-    assert "not offered" in err and "--weights-only" in err
+    assert "activation curve set" in err and "--weights-only" in err
     # Contradicting spellings.
     with pytest.raises(SystemExit):
         allocate_main("dp", argv=[*base, "--weights-only", "--rate", "bits", "--bit_rate", "0"])
