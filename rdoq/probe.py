@@ -90,10 +90,6 @@ class Probe:
         by a parent, as BEiT's ``qkv``)."""
         return next((c for c in reversed(self.calls) if c.name == name), None)
 
-    def count(self, name: str) -> int:
-        """How many times ``name`` was called."""
-        return sum(c.name == name for c in self.calls)
-
 
 def probe(model: nn.Module, x: torch.Tensor, names: Sequence[str] = ()) -> Probe:
     """Record the calls of every leaf module and of ``names`` in one no-grad forward of

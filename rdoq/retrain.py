@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from rdoq.apply import quantized_weight
+from rdoq.evaluate import TensorBatches, outputs
 
 RETRAIN_MODES = ("calibrate", "train")
 # What the method name of a fine-tuned point gets appended (results rows, output directory).
@@ -88,13 +89,15 @@ def tuned_parameters(model: nn.Module, mode: str) -> list[tuple[str, nn.Paramete
 
 
 def calib_loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor, batch_size: int) -> float:
-    """Mean squared output error of ``model`` against ``target`` over the samples of ``x``."""
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            y = model(x[i : i + batch_size]).reshape(target[i : i + batch_size].shape)
-            total += float(((y - target[i : i + batch_size]) ** 2).double().sum())
-    return total / target.numel()
+    """Mean squared output error of ``model`` against ``target (N, O)`` over the samples of
+    ``x``, in float64."""
+    return float(((_outputs(model, x, batch_size) - target.double()) ** 2).mean())
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model``'s outputs ``(N, O)`` float64 on the CPU, in batches (no gradients)."""
+    y, _ = outputs(model, TensorBatches(x, None, batch_size), x.device)
+    return y.reshape(x.shape[0], -1)
 
 
 def fine_tune(
@@ -111,15 +114,7 @@ def fine_tune(
     t0 = time.perf_counter()
     fp_model.eval()
     q_model.eval()  # BatchNorm keeps its statistics; its affine parameters are tuned
-    with torch.no_grad():
-        target = torch.cat(
-            [
-                fp_model(calib[i : i + spec.batch_size]).reshape(
-                    min(spec.batch_size, calib.shape[0] - i), -1
-                )
-                for i in range(0, calib.shape[0], spec.batch_size)
-            ]
-        )  # (N, O)
+    target = _outputs(fp_model, calib, spec.batch_size).to(calib)  # (N, O)
     before = calib_loss(q_model, calib, target, spec.batch_size)
     modules = dict(q_model.named_modules())
     fp_modules = dict(fp_model.named_modules())
