@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from rdoq.adapters.base import InputError
-from rdoq.groups import group_bounds
+from rdoq.groups import group_bounds, group_dim
 from rdoq.solvers import (
     DP_MAX_CELLS,
     choice_totals,
@@ -69,6 +69,8 @@ class LayerEntry:
     # Weights sorted before grouping (--sort_channels): group g holds the channels
     # channel_order[c0:c1], and the per-channel arrays above are in that order; None: unsorted.
     channel_order: np.ndarray | None = None  # (C,)
+    # Weights: the channels the groups gather (rdoq.groups.GROUP_AXES).
+    group_axis: str = "out"
 
 
 @dataclass
@@ -181,8 +183,9 @@ def build_table(
                     f"recompute that layer (delete the file and re-run)"
                 )
             shape = tuple(entry["shape"])
+            axis = store.meta.get("group_axis", "out") if kind == WEIGHT else "out"
             if kind == WEIGHT:
-                channels = shape[0]
+                channels = shape[group_dim(axis)]
             elif act_channel_dims is not None and name in act_channel_dims:
                 dim = act_channel_dims[name]
                 channels = shape[dim - 1] if dim > 0 else shape[dim]
@@ -232,6 +235,7 @@ def build_table(
                     c.extra["channel_step_log2"] if per_channel else None,
                     c.extra["channel_deadzone"] if per_channel else None,
                     c.extra.get("channel_order") if kind == WEIGHT else None,
+                    axis,
                 )
             )
             start += g

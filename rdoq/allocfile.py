@@ -7,6 +7,7 @@ code (:func:`save_allocation`, :func:`load_allocation`). The item table they are
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,18 @@ from rdoq.allocation import (
     ItemTable,
     LayerEntry,
 )
+from rdoq.authors import ENTRY_KEYS, ENTRY_VALUES, PARTS
 from rdoq.groups import group_bounds
 from rdoq.sorting import check_order
 from rdoq.steps import STEP_MODES
 from rdoq.store import atomic_write_json, read_json_artifact
 
 ALLOC_SCHEMA = "rdoq.allocation/2"
-# Allocations with sorted weight channels (an entry's ``channel_order``): older readers, which
-# would quantize the groups' channels in their own order, refuse this version.
-ALLOC_SCHEMA_SORTED = "rdoq.allocation/3"
+# Allocations with sorted weight channels (an entry's ``channel_order``), input-channel weight
+# groups (``group_axis``) or the authors' rules
+# (``authors_semantics``, entry keys of rdoq.authors.ENTRY_KEYS): older readers, which would
+# quantize the groups' channels in their own order or with the wrong rule, refuse this version.
+ALLOC_SCHEMA_V3 = "rdoq.allocation/3"
 
 
 def summarize_choice(table: ItemTable, choice: np.ndarray) -> dict[str, Any]:
@@ -117,6 +121,8 @@ def make_allocation(
                 entry |= _channel_entry(table, layer, rows, cols)
             if layer.channel_order is not None:
                 entry["channel_order"] = [int(c) for c in layer.channel_order]
+            if layer.group_axis != "out":
+                entry["group_axis"] = layer.group_axis
             weights[layer.name] = entry
         else:
             entry["signed"] = [bool(s) for s in layer.signed]
@@ -124,8 +130,8 @@ def make_allocation(
                 entry |= _channel_entry(table, layer, rows, cols)
             acts[layer.name] = entry
     return {
-        "schema": ALLOC_SCHEMA_SORTED
-        if any("channel_order" in e for e in weights.values())
+        "schema": ALLOC_SCHEMA_V3
+        if any("channel_order" in e or "group_axis" in e for e in weights.values())
         else ALLOC_SCHEMA,
         "model": table.model,
         "target_bits": target_bits,
@@ -140,6 +146,24 @@ def make_allocation(
     }
 
 
+def mark_authors(alloc: dict[str, Any], parts: Iterable[str]) -> dict[str, Any]:
+    """Record the ``--authors-semantics`` parts in effect in an allocation (in place, returned):
+    ``authors_semantics`` at the top and, for the parts that change how it is applied, a key in
+    every entry of its part (``deadzone_rule: "authors"``, ``bcw: "affine"``,
+    ``bca: "oracle"``); then the schema older readers refuse."""
+    parts = [p for p in PARTS if p in set(parts)]
+    if not parts:
+        return alloc
+    alloc["authors_semantics"] = parts
+    alloc["schema"] = ALLOC_SCHEMA_V3
+    for p in parts:
+        if p in ENTRY_KEYS:
+            section, key = ENTRY_KEYS[p]
+            for entry in alloc[section].values():
+                entry[key] = ENTRY_VALUES[p]
+    return alloc
+
+
 def save_allocation(path: Path, alloc: dict[str, Any]) -> None:
     """Write an allocation file atomically."""
     atomic_write_json(path, alloc)
@@ -150,9 +174,7 @@ def load_allocation(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"allocation file {path} does not exist")
-    alloc = read_json_artifact(
-        path, (ALLOC_SCHEMA, ALLOC_SCHEMA_SORTED), ("model", "weights", "acts")
-    )
+    alloc = read_json_artifact(path, (ALLOC_SCHEMA, ALLOC_SCHEMA_V3), ("model", "weights", "acts"))
     for part in ("weights", "acts"):
         for name, e in alloc[part].items():
             try:

@@ -14,6 +14,10 @@ never looks at the full-precision activations of the data it evaluates (the auth
 - ``-bca``: per channel, the mean quantization error ``E[a − Q(a)]`` of each quantized activation
   over the calibration set is added after the quantizer (a constant per channel, which the next
   linear operation can absorb into its bias).
+
+With ``--authors-semantics`` (:mod:`rdoq.authors`) an allocation's entries may instead ask for the
+authors' rules: the round-based dead-zone quantizer, ``-bcw`` as a per-channel affine map of
+the quantized weights, and ``-bca`` as the oracle that reads the evaluated batch.
 """
 
 from __future__ import annotations
@@ -30,9 +34,18 @@ import torch
 from torch import nn
 
 from rdoq.actstats import channel_sums
-from rdoq.groups import act_values_of, channel_dim, entry_channel_steps, group_bounds, map_act
+from rdoq.authors import entry_rule
+from rdoq.groups import (
+    act_values_of,
+    channel_dim,
+    entry_channel_steps,
+    group_bounds,
+    group_view,
+    map_act,
+)
 from rdoq.quantizers import (
     act_bounds,
+    affine_bcw,
     channel_steps,
     quantize_uniform,
     quantize_weight,
@@ -67,8 +80,19 @@ def check_model(model: nn.Module, alloc: dict[str, Any], source: str = "allocati
 def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tensor:
     """The fake-quantized copy of a layer's weight (float64 arithmetic, returned in its dtype).
     With a ``channel_order`` (sorted channels, :mod:`rdoq.sorting`) the groups and every
-    per-group / per-channel list are of the sorted channels, which are then put back."""
+    per-group / per-channel list are of the sorted channels, which are then put back; with
+    ``group_axis: "in"`` the groups gather input channels (:func:`rdoq.groups.group_view`).
+    The authors' rules of the entry (``deadzone_rule``, ``bcw``) are applied as it says."""
     w = weight.detach().double()
+    if entry_rule(entry, "bcw"):  # per output channel, on the quantized weight as a whole
+        inner = {k: v for k, v in entry.items() if k != "bcw"}
+        return affine_bcw(w, quantized_weight(w, inner)).to(weight.dtype)
+    axis = entry.get("group_axis", "out")
+    if axis != "out":
+        inner = {k: v for k, v in entry.items() if k != "group_axis"}
+        out = torch.empty_like(w)
+        group_view(out, axis).copy_(quantized_weight(group_view(w, axis), inner))
+        return out.to(weight.dtype)
     order = entry.get("channel_order")
     if order is not None:
         perm = torch.as_tensor(order, dtype=torch.long, device=w.device)
@@ -79,6 +103,7 @@ def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tenso
     out = torch.empty_like(w)
     bounds = group_bounds(int(entry["channels"]), int(entry["group_size"]))
     per_channel = entry.get("steps", "group") == "channel"
+    authors = entry_rule(entry, "deadzone")
     for g, (c0, c1) in enumerate(bounds):
         bits = int(entry["bits"][g])
         if per_channel:  # one step and one φ per channel; the group shares its width
@@ -88,11 +113,16 @@ def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tenso
                 bits,
                 torch.tensor(steps, dtype=torch.float64),
                 torch.tensor(entry["deadzone"][c0:c1], dtype=torch.float64),
+                authors,
             )
             continue
         step = entry["step_log2"][g]
         out[c0:c1] = quantize_weight(
-            w[c0:c1], bits, math.nan if step is None else float(step), float(entry["deadzone"][g])
+            w[c0:c1],
+            bits,
+            math.nan if step is None else float(step),
+            float(entry["deadzone"][g]),
+            authors,
         )
     return out.to(weight.dtype)
 
@@ -101,7 +131,9 @@ def quantized_weight(weight: torch.Tensor, entry: dict[str, Any]) -> torch.Tenso
 class ActQuantizer:
     """One layer's activation quantizer: per-channel tensors ``(C,)`` on the channel axis.
     With ``straight_through`` (set while :mod:`rdoq.retrain` fine-tunes) the gradient passes
-    through unchanged, since ``round`` has none; the values are the same up to rounding."""
+    through unchanged, since ``round`` has none; the values are the same up to rounding.
+    ``oracle`` (``--authors-semantics bca``): each channel's mean error ``x − Q(x)`` over the
+    batch being quantized (all positions) is added back, an offset no deployed model has."""
 
     dim: int
     step: torch.Tensor
@@ -109,6 +141,7 @@ class ActQuantizer:
     qmax: torch.Tensor
     offset: torch.Tensor | None = None
     straight_through: bool = False
+    oracle: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = [1] * x.dim()
@@ -119,10 +152,14 @@ class ActQuantizer:
 
         q = quantize_uniform(x, b(self.step), b(self.qmin), b(self.qmax))
         q = q if self.offset is None else q + b(self.offset)
+        if self.oracle:
+            others = [d for d in range(x.dim()) if d != self.dim % x.dim()]
+            q = q + (x - q).mean(dim=others, keepdim=True)
         return x + (q - x).detach() if self.straight_through else q
 
     def state(self) -> dict[str, torch.Tensor | int]:
         s = {"dim": self.dim, "step": self.step, "qmin": self.qmin, "qmax": self.qmax}
+        s |= {"oracle": 1} if self.oracle else {}
         return s | ({"offset": self.offset} if self.offset is not None else {})
 
 
@@ -148,6 +185,9 @@ def act_quantizer(
             )
         qmin[c0:c1], qmax[c0:c1] = lo, hi
     off = torch.tensor(offset, dtype=torch.float64) if offset is not None else None
+    oracle = entry_rule(entry, "bca")
+    if oracle and off is not None:
+        raise ValueError("an entry with the authors' oracle -bca cannot also take -bca offsets")
     # On the layer's device and dtype once, not at every forward.
     w = module.weight
     return ActQuantizer(
@@ -156,6 +196,7 @@ def act_quantizer(
             t.to(device=w.device, dtype=w.dtype) if t is not None else None
             for t in (step, qmin, qmax, off)
         ),
+        oracle=oracle,
     )
 
 
@@ -344,7 +385,12 @@ def load_quantized(path: Path, model: nn.Module) -> nn.Module:
     quantizers = {}
     for name, s in blob["act_quantizers"].items():
         quantizers[name] = ActQuantizer(
-            int(s["dim"]), s["step"], s["qmin"], s["qmax"], s.get("offset")
+            int(s["dim"]),
+            s["step"],
+            s["qmin"],
+            s["qmax"],
+            s.get("offset"),
+            oracle=bool(s.get("oracle")),
         )
     remove_act_quantizers(model)
     model.rdoq_act_handles = (

@@ -14,9 +14,9 @@ from torch import nn
 
 from rdoq.actstats import ActGroupStats, bca_offsets
 from rdoq.engine import MeasuredEngine
-from rdoq.groups import act_values_of, channel_dim, is_sparse_tensor, map_act
+from rdoq.groups import act_values_of, channel_dim, group_view, is_sparse_tensor, map_act
 from rdoq.probe import hooked_forward
-from rdoq.quantizers import act_bounds, quantize_weight_steps
+from rdoq.quantizers import act_bounds, affine_bcw, quantize_weight_steps
 from rdoq.search import Candidate
 from rdoq.slots import ActSlotParams, act_slots, add_slot_offsets, pad_slots, weight_slots
 from rdoq.steps import ChannelSteps, candidate_params, candidate_quantizer
@@ -29,10 +29,12 @@ def quantized_group(
     steps: ChannelSteps | None,
 ) -> torch.Tensor:
     """The weight group of ``cand`` quantized as the candidate says (per-channel steps with
-    ``steps``, else the candidate's one step)."""
+    ``steps``, else the candidate's one step; the authors' dead-zone rule and ``-bcw`` affine
+    map when it carries them)."""
     c0, c1 = bounds[cand.group]
     step, phi = candidate_quantizer(bounds, cand, steps)
-    return quantize_weight_steps(weight[c0:c1], cand.bits, step, phi)
+    wq = quantize_weight_steps(weight[c0:c1], cand.bits, step, phi, cand.authors_dz)
+    return affine_bcw(weight[c0:c1], wq) if cand.affine else wq
 
 
 class WeightBackend:
@@ -46,10 +48,14 @@ class WeightBackend:
         max_batch: int,
         steps: ChannelSteps | None = None,
         input_mean: torch.Tensor | None = None,
+        group_axis: str = "out",
     ):
         self.engine, self.layer, self.bounds, self.max_batch = engine, layer, bounds, max_batch
         self.module = engine.modules[layer]
-        self.weight = self.module.weight.detach()
+        self.full = self.module.weight.detach()
+        # The groups' channels first (rdoq.groups.group_view): ``self.weight[c0:c1]`` is a group.
+        self.axis = group_axis
+        self.weight = group_view(self.full, group_axis)
         self.steps = steps
         # -bcw inside the curves: (out, in_per_out) mean input each weight multiplies.
         self.input_mean = input_mean
@@ -90,21 +96,21 @@ class WeightBackend:
         c0, c1 = self.bounds[cand.group]
         wq = self.quantized_group(cand)
         mse = np.array([float(((wq - self.weight[c0:c1]).double() ** 2).mean())])
-        weight = self.module.weight
+        weight = group_view(self.module.weight.data, self.axis)
         shift = self.correction(cand, wq)
         offsets = None
         if shift is not None:
             offsets = torch.zeros(
-                1, self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device
+                1, self.full.shape[0], dtype=self.full.dtype, device=self.full.device
             )  # (1, out)
             offsets[0, c0:c1] = shift
 
         @contextlib.contextmanager
         def swap(identity: bool) -> Iterator[None]:
-            orig = weight.data[c0:c1].clone()
+            orig = weight[c0:c1].clone()
             handle = None
             if not identity:
-                weight.data[c0:c1] = wq
+                weight[c0:c1] = wq
                 if offsets is not None:
                     handle = self.module.register_forward_hook(
                         lambda m, a, y: map_act(y, lambda t: add_slot_offsets(t, offsets, self.dim))
@@ -112,7 +118,7 @@ class WeightBackend:
             try:
                 yield
             finally:
-                weight.data[c0:c1] = orig
+                weight[c0:c1] = orig
                 if handle is not None:
                     handle.remove()
 
@@ -122,24 +128,24 @@ class WeightBackend:
         self, cands: Sequence[Candidate], per_fold: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         k = pad_slots(len(cands), self.max_batch)
-        weights = self.weight.unsqueeze(0).repeat(k, *([1] * self.weight.dim()))  # (K, *W)
+        weights = self.full.unsqueeze(0).repeat(k, *([1] * self.full.dim()))  # (K, *W)
         mse = np.empty(len(cands))
         offsets = (
-            torch.zeros(k, self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+            torch.zeros(k, self.full.shape[0], dtype=self.full.dtype, device=self.full.device)
             if self.input_mean is not None
             else None
         )  # (K, out)
         for i, cand in enumerate(cands):
             c0, c1 = self.bounds[cand.group]
             wq = self.quantized_group(cand)
-            weights[i, c0:c1] = wq
+            group_view(weights[i], self.axis)[c0:c1] = wq
             mse[i] = float(((wq - self.weight[c0:c1]).double() ** 2).mean())
             if offsets is not None:
                 offsets[i, c0:c1] = self.correction(cand, wq)
 
         def slots(identity: bool) -> contextlib.AbstractContextManager:
             if identity:
-                w = self.weight.unsqueeze(0).expand_as(weights).contiguous()
+                w = self.full.unsqueeze(0).expand_as(weights).contiguous()
                 return weight_slots(self.module, w, self.engine.shares_input(self.layer))
             return weight_slots(self.module, weights, self.engine.shares_input(self.layer), offsets)
 

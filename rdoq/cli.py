@@ -28,7 +28,9 @@ import torch
 
 from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, InputError
+from rdoq.authors import add_flag as add_authors_flag
 from rdoq.fold import is_folded_source
+from rdoq.groups import GROUP_AXES
 from rdoq.sorting import SORT_STATS
 from rdoq.steps import STEP_MODES
 from rdoq.store import CurveStore
@@ -244,6 +246,15 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
             "Measured estimator only (default: off, the channels' own order)",
         )
         g.add_argument(
+            "--group-axis",
+            choices=GROUP_AXES,
+            default="out",
+            help="the weight channels a group gathers: out (output channels) or in (input "
+            "channels, the paper's get_ele_per_input_channel variant: a group is every weight "
+            "that reads its input channels; rdcurves_inchan_ in the directory name). Not with "
+            "--sort_channels, -bcw or spconv layers (default: out)",
+        )
+        g.add_argument(
             "-bcw",
             "--bias_corr_weight",
             action="store_true",
@@ -271,11 +282,12 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
     g.add_argument(
         "--steps",
         choices=STEP_MODES,
-        default=DEFAULT_STEPS[kind],
+        default=None,
         help=f"channel: each channel its own MSE-optimal step from its {what}, "
         f"times one scale per group searched on --scale-octaves; group: the "
         f"paper's quantizer, one power-of-two step per group searched from a "
-        f"warm start (default: %(default)s)",
+        f"warm start (default: {DEFAULT_STEPS[kind]}; group with --authors-semantics "
+        f"deadzone or search)",
     )
     g.add_argument(
         "--group-step",
@@ -294,6 +306,12 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
         type=int,
         default=1 if kind == "weight" else 4,
         help="step candidates per octave (paper: 1 weights, 4 activations)",
+    )
+    add_authors_flag(
+        g,
+        "Curves: deadzone (weights), search, bcw (with -bcw: the affine map in every "
+        "candidate), bca (with -bca: the curves do not see it, as the authors' did not); "
+        "deadzone and search need --steps group, which they then default to",
     )
     add_curve_output_flags(g)
     e = p.add_argument_group("engine")
@@ -684,28 +702,46 @@ def rebuild_calib(
     return c
 
 
-def warn_correction_mismatch(store: CurveStore | None, flag: str, deployed: bool) -> None:
+def warn_correction_mismatch(
+    store: CurveStore | None, flag: str, deployed: bool, authors: bool = False
+) -> None:
     """Warn when a curve set was measured with the bias correction ``flag`` (-bcw / -bca) and
-    the allocation deploys without it, or the reverse: the allocation then does not see the
-    quantizer it deploys."""
-    if store is None or bool(deployed) == bool(store.meta.get("bias_corr")):
+    the allocation deploys without it, or the reverse, or with the other variant (``authors``:
+    the allocation deploys the authors' ``--authors-semantics`` one): the allocation then does
+    not see the quantizer it deploys. The authors' -bca never reached their curves: curves
+    without -bca are the ones it goes with."""
+    if store is None:
         return
+    part = flag.lstrip("-")
+
+    def variant(on: bool, theirs: bool) -> str:
+        if not on:
+            return f"without {flag}"
+        return f"with the authors' {flag}" if theirs else f"with {flag}"
+
     made = bool(store.meta.get("bias_corr"))
+    made_theirs = part in store.meta.get("authors_semantics", [])
+    if authors and part == "bca":
+        deployed, authors = False, False
+    if made == bool(deployed) and (not made or made_theirs == authors):
+        return
     kind = store.meta["kind"]
     log.warning(
-        "the %s curves were measured %s %s but this allocation is deployed %s it: the "
-        "allocation does not see the quantizer it deploys; use %s curves made %s %s",
+        "the %s curves were measured %s but this allocation is deployed %s: the allocation "
+        "does not see the quantizer it deploys; use %s curves made %s",
         kind,
-        "with" if made else "without",
-        flag,
-        "without" if made else "with",
+        variant(made, made_theirs),
+        variant(bool(deployed), authors),
         kind,
-        "without" if made else "with",
-        flag,
+        variant(bool(deployed), authors),
     )
 
 
 def method_name(method: str, args: argparse.Namespace) -> str:
+    """The results' method (and subdirectory) name: the solver and its options, e.g.
+    ``lg+bcw+bca``; with the authors' rules in effect (``args.authors_semantics``, resolved)
+    ``+authors-<part>-…``, so that their points never share files with the default ones."""
+    authors = tuple(getattr(args, "authors_semantics", ()) or ())
     tags = [method] + [
         t
         for t, on in (
@@ -713,6 +749,7 @@ def method_name(method: str, args: argparse.Namespace) -> str:
             ("bca", args.bias_corr_act),
             ("layerwise", getattr(args, "layerwise", False)),
             ("entropy", getattr(args, "rate", None) == "entropy"),
+            ("authors-" + "-".join(authors), bool(authors)),
         )
         if on
     ]

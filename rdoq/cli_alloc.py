@@ -14,6 +14,8 @@ import torch
 
 from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, InputError
+from rdoq.authors import act_curve_rules, check_curve_rules, effective_parts
+from rdoq.authors import add_flag as add_authors_flag
 from rdoq.cli import (
     PAPER_BIT_RATE,
     POINTS_HINT,
@@ -259,6 +261,13 @@ def add_alloc_flags(
         help="per-channel offset correcting the mean activation quantization error, "
         "estimated on the calibration set (never on evaluated data)",
     )
+    if method != "uniform":
+        add_authors_flag(
+            s,
+            "deadzone and search must be those the curves were measured with; bcw makes -bcw "
+            "the per-channel affine weight map, bca makes -bca the oracle that reads the "
+            "evaluated batch",
+        )
     add_retrain_flags(p)
     o = p.add_argument_group("output and device")
     o.add_argument(
@@ -364,7 +373,9 @@ def _act_curve_set(
     given = args.act_curve_root_dir is not None
     root = args.act_curve_root_dir if given else Path(".")
     try:
-        return find_act_curve_set(root, arch, act_mode, args.nchannelbatch)
+        return find_act_curve_set(
+            root, arch, act_mode, args.nchannelbatch, act_curve_rules(args.authors_semantics)
+        )
     except FileNotFoundError as e:
         # The paper's name; nr and ns as the weight curves', nf unknown unless --nchannelbatch.
         nf = args.nchannelbatch or 0
@@ -446,11 +457,20 @@ def allocate_main(
         model, info = build_any_model(args, adapter)
         wstore = open_curve_set(args.pathrdcurve, "weight")
         check_curves_match(args, info, wstore.meta, args.pathrdcurve)
+        check_curve_rules(wstore.meta, args.authors_semantics, "--authors-semantics")
         astore = None
         if not args.weights_only:
             aroot = _act_curve_set(args, info.arch, act_mode, wstore.meta)
             astore = open_curve_set(aroot, "act", act_mode)
             check_curves_match(args, info, astore.meta, aroot)
+            check_curve_rules(astore.meta, args.authors_semantics, "--authors-semantics")
+        # The parts in effect, as the allocations and results record them.
+        args.authors_semantics = effective_parts(
+            args.authors_semantics,
+            [wstore.meta] + ([astore.meta] if astore else []),
+            args.bias_corr_weight,
+            args.bias_corr_act and astore is not None,
+        )
         fp_acts = fp_act_layers(args.fp_act_layers, astore.layer_names() if astore else [])
         modules = dict(model.named_modules())
         dims = {
@@ -504,8 +524,9 @@ def allocate_main(
         # What the fit covered, for the results: "weights", "all" or "none".
         args.monotone_applied = "none" if not fit.any() else "all" if fit.all() else "weights"
         calib = None
-        warn_correction_mismatch(wstore, "-bcw", args.bias_corr_weight)
-        warn_correction_mismatch(astore, "-bca", args.bias_corr_act)
+        theirs = args.authors_semantics
+        warn_correction_mismatch(wstore, "-bcw", args.bias_corr_weight, "bcw" in theirs)
+        warn_correction_mismatch(astore, "-bca", args.bias_corr_act, "bca" in theirs)
         if args.bias_corr_weight or args.bias_corr_act or args.re_calibrate or args.re_train:
             calib = rebuild_calib(args, model, wstore.meta, adapter).x
             calib = calib.to(device=device, dtype=dtype)

@@ -15,7 +15,9 @@ import torch
 
 from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, InputError
+from rdoq.authors import GROUP_STEP_PARTS, curve_parts
 from rdoq.cli import (
+    DEFAULT_STEPS,
     RESUME_HINT,
     _positive,
     add_curve_flags,
@@ -111,6 +113,11 @@ def curves_main(
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     ndz = 1 if kind == "act" or args.disable_deadzone else args.maxdeadzones
+    bias_corr = args.bias_corr_weight if kind == "weight" else args.bias_corr_act
+    authors = curve_parts(kind, args.authors_semantics, bias_corr)
+    steps = args.steps or (
+        "group" if any(p in GROUP_STEP_PARTS for p in authors) else DEFAULT_STEPS[kind]
+    )
     # Named after --archname as given, so later paper commands with the same name find it.
     root = args.pathrdcurve or args.outdir / curve_set_name(
         Path(args.archname).name,
@@ -121,6 +128,8 @@ def curves_main(
         args.nchannelbatch,
         act_mode,
         getattr(args, "sort_channels", None),
+        authors,
+        getattr(args, "group_axis", "out"),
     )
     try:
         check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
@@ -146,8 +155,8 @@ def curves_main(
             argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             estimator=estimator,
             sweep_batch=args.batchsize,
-            step_mode=args.steps,
-            bias_corr=args.bias_corr_weight if kind == "weight" else args.bias_corr_act,
+            step_mode=steps,
+            bias_corr=bias_corr,
             scales_log2=scale_grid(scale_octaves(args.scale_octaves, estimator), args.scale_steps),
             hessian=HessianSettings.from_flags(
                 "paper" if args.paper_hessian else None,
@@ -161,6 +170,8 @@ def curves_main(
             else None,
             folds=args.folds,
             sort_channels=getattr(args, "sort_channels", None),
+            authors=authors,
+            group_axis=getattr(args, "group_axis", "out"),
         )
         job.search_settings()
         model, info, calib = load_model_and_calib(args, get_adapter(args.dataset, adapters))

@@ -180,6 +180,11 @@ def evaluate_main(
                 **metrics,
                 "fp_top1": fp["top1"],
                 "fp_top5": fp["top5"],
+                **(
+                    {"authors_semantics": a["authors_semantics"]}
+                    if a.get("authors_semantics")
+                    else {}
+                ),
                 "allocation": str(path.resolve()),
                 "fp_weight_layers": bits["fp_weight_layers"],
                 "fp_act_layers": bits["fp_act_layers"],

@@ -25,14 +25,18 @@ from torch import nn
 from tqdm import tqdm
 
 from rdoq.actstats import ActGroupStats, act_group_stats, act_group_stats_of, act_values
+from rdoq.authors import CURVE_PARTS, GROUP_STEP_PARTS
 from rdoq.backends import ActBackend, WeightBackend, weight_input_means
 from rdoq.engine import MeasuredEngine
 from rdoq.entropy import act_curve_entropy, curve_entropy
 from rdoq.groups import (
+    GROUP_AXES,
     act_group_numel,
     channel_dim,
     find_layers,
     group_bounds,
+    group_dim,
+    group_view,
     is_sparse_conv,
     weight_numel,
 )
@@ -97,6 +101,10 @@ class CurveJob:
     # Weights: sort each layer's output channels by this statistic before cutting groups
     # (rdoq.sorting, the paper's --sort_channels); None: the channels' own order.
     sort_channels: str | None = None
+    # --authors-semantics parts this curve set carries (rdoq.authors.curve_parts).
+    authors: tuple[str, ...] = ()
+    # Weights: the channels groups gather (rdoq.groups.GROUP_AXES): "out" or "in".
+    group_axis: str = "out"
 
     def __post_init__(self) -> None:
         if self.kind not in ("weight", "act"):
@@ -120,6 +128,31 @@ class CurveJob:
         ScaleSettings(tuple(range(self.nr)), tuple(self.scales_log2))
         if self.folds < 0 or self.folds == 1:
             raise ValueError(f"--folds must be 0 (none) or >= 2, got {self.folds}")
+        if self.group_axis not in GROUP_AXES:
+            raise ValueError(f"--group-axis must be one of {GROUP_AXES}, got {self.group_axis!r}")
+        if self.group_axis == "in":
+            clash = [
+                flag
+                for flag, on in (
+                    ("activation curves", self.kind != "weight"),
+                    ("--sort_channels (it orders output channels)", self.sort_channels),
+                    ("-bcw (its correction is per output channel)", self.bias_corr),
+                )
+                if on
+            ]
+            if clash:
+                raise ValueError(
+                    f"--group-axis in (input-channel weight groups) is not offered with "
+                    f"{', '.join(clash)}; drop one of them"
+                )
+        bad = [p for p in self.authors if p not in CURVE_PARTS[self.kind]]
+        if bad:
+            raise ValueError(f"--authors-semantics {bad} does not apply to {self.kind} curves")
+        if self.channel_steps and any(p in GROUP_STEP_PARTS for p in self.authors):
+            raise ValueError(
+                f"--authors-semantics {[p for p in self.authors if p in GROUP_STEP_PARTS]} "
+                f"are rules of the paper's one step per group: use --steps group"
+            )
         if self.sort_channels is not None:
             if self.sort_channels not in SORT_STATS:
                 raise ValueError(
@@ -138,6 +171,13 @@ class CurveJob:
                 )
 
     @property
+    def bias_fold(self) -> bool:
+        """Whether the curves are measured after this project's ``-bcw`` / ``-bca`` (not when
+        the authors' replaces it: their affine ``-bcw`` is in the candidates, their ``-bca``
+        never reached the curves)."""
+        return self.bias_corr and not any(p in self.authors for p in ("bcw", "bca"))
+
+    @property
     def channel_steps(self) -> bool:
         """Whether the curves use per-channel steps times a searched group scale."""
         return self.step_mode == "channel"
@@ -152,6 +192,14 @@ class CurveJob:
             step_grid=self.step_grid,
             max_steps=self.max_steps,
             stop_on_aux=self.kind == "weight",
+            authors_search="search" in self.authors,
+            authors_dz="deadzone" in self.authors,
+            affine="bcw" in self.authors,
+        )
+
+    def scale_settings(self) -> ScaleSettings:
+        return ScaleSettings(
+            tuple(range(self.nr)), tuple(self.scales_log2), affine="bcw" in self.authors
         )
 
 
@@ -181,9 +229,15 @@ def plan_layers(model: nn.Module, x1: torch.Tensor, job: CurveJob) -> list[Layer
     modules = dict(model.named_modules())
     plans = []
     if job.kind == "weight":
+        sparse = [lay.name for lay in layers if is_sparse_conv(modules[lay.name])]
+        if job.group_axis != "out" and sparse:
+            raise ValueError(
+                f"--group-axis {job.group_axis} is not offered for spconv layers ({sparse[:4]})"
+            )
         for layer in layers:
-            bounds = group_bounds(layer.out_channels, job.group_size)
-            numel = np.array([weight_numel(layer.shape, b) for b in bounds])
+            channels = layer.shape[group_dim(job.group_axis)]
+            bounds = group_bounds(channels, job.group_size)
+            numel = np.array([weight_numel(layer.shape, b, job.group_axis) for b in bounds])
             plans.append(LayerPlan(layer.name, layer.type, layer.shape, bounds, numel))
         return plans
     sparse_layers = [layer.name for layer in layers if is_sparse_conv(modules[layer.name])]
@@ -279,6 +333,8 @@ def build_meta(
         "scales_log2": list(job.scales_log2) if job.channel_steps else None,
         "bias_corr": job.bias_corr,
         **({"sort_channels": job.sort_channels} if job.sort_channels else {}),
+        **({"authors_semantics": list(job.authors)} if job.authors else {}),
+        **({"group_axis": job.group_axis} if job.group_axis != "out" else {}),
         "folds": folds,
         "argv": job.argv or sys.argv,
         "created": datetime.now(timezone.utc).isoformat(),
@@ -290,7 +346,7 @@ def weight_chains(
 ) -> list[Chain] | list[ScaleChain]:
     """One chain per (group, dead-zone ratio) of a weight layer."""
     if job.channel_steps:
-        settings = ScaleSettings(tuple(range(job.nr)), tuple(job.scales_log2))
+        settings = job.scale_settings()
         return [
             ScaleChain(g, d, d / job.ndz, settings)
             for g in range(len(plan.bounds))
@@ -321,14 +377,14 @@ def make_chains(
     layer's stored calibration activations ``values`` when given, else from forwards)."""
     modules = dict(model.named_modules())
     if job.kind == "weight":
-        return weight_chains(modules[plan.name].weight, plan, job), None
+        return weight_chains(group_view(modules[plan.name].weight, job.group_axis), plan, job), None
     keep = job.channel_steps
     if values is not None:
         stats = act_group_stats_of(values, channel_dim(modules[plan.name]), plan.bounds, keep)
     else:
         stats = act_group_stats(model, x, plan.name, job.act_mode, plan.bounds, rows, keep)
     if job.channel_steps:
-        settings = ScaleSettings(tuple(range(job.nr)), tuple(job.scales_log2))
+        settings = job.scale_settings()
         return [ScaleChain(g, 0, 0.0, settings) for g in range(len(plan.bounds))], stats
     chains = [
         Chain(
@@ -347,8 +403,11 @@ def make_chains(
 
 
 def layer_steps(weight: torch.Tensor, job: CurveJob) -> ChannelSteps | None:
-    """The per-channel base steps of a weight layer (None: the paper's group steps)."""
-    return ChannelSteps.of(weight, job.ndz, job.nr) if job.channel_steps else None
+    """The per-channel base steps of a weight layer, per channel of the job's group axis (None:
+    the paper's group steps)."""
+    if not job.channel_steps:
+        return None
+    return ChannelSteps.of(group_view(weight, job.group_axis), job.ndz, job.nr)
 
 
 def act_layer_steps(stats: ActGroupStats, plan: LayerPlan, job: CurveJob) -> ChannelSteps | None:
@@ -375,21 +434,23 @@ def layer_backend(
             steps = layer_steps(evaluator.modules[plan.name].weight, job)
         mean = (
             weight_input_means(evaluator.model, evaluator.calib, [plan.name], rows)[plan.name]
-            if job.bias_corr
+            if job.bias_fold
             else None
         )
         if naive:
-            return evaluator.weights(plan.name, plan.bounds, steps, mean)
-        return WeightBackend(evaluator, plan.name, plan.bounds, job.max_batch, steps, mean)
+            return evaluator.weights(plan.name, plan.bounds, steps, mean, job.group_axis)
+        return WeightBackend(
+            evaluator, plan.name, plan.bounds, job.max_batch, steps, mean, job.group_axis
+        )
     if steps is None:
         steps = act_layer_steps(stats, plan, job)
     if naive:
         return evaluator.acts(
-            plan.name, job.act_mode, plan.bounds, stats.signed, steps, job.bias_corr
+            plan.name, job.act_mode, plan.bounds, stats.signed, steps, job.bias_fold
         )
     values = (
         act_values(evaluator.model, evaluator.calib, plan.name, job.act_mode, rows)
-        if job.bias_corr
+        if job.bias_fold
         else None
     )
     return ActBackend(
@@ -463,7 +524,7 @@ def generate_curves(
             batch_size=job.sweep_batch,
             mem_budget_mb=job.mem_budget_mb,
             progress=job.progress,
-            bias_corr=job.bias_corr,
+            bias_corr=job.bias_fold,
             folds=fold_of,
         )
         log.info(
@@ -479,8 +540,8 @@ def generate_curves(
         if job.estimator != "hessian":
             return layer_backend(engine, plan, job, stats, steps)
         if job.kind == "weight":
-            return HessianWeightBackend(sweep, plan.name, plan.bounds, steps)
-        return HessianActBackend(sweep, plan.name, plan.bounds, stats, steps, job.bias_corr)
+            return HessianWeightBackend(sweep, plan.name, plan.bounds, steps, job.group_axis)
+        return HessianActBackend(sweep, plan.name, plan.bounds, stats, steps, job.bias_fold)
 
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)
     for plan in bar:
@@ -569,7 +630,7 @@ def layer_curves(
         if job.kind == "weight":
             # The entropy rate of every point (--rate entropy), from the weight both
             # estimators quantized, with the point's own quantizer.
-            weight = modules[plan.name].weight.detach()
+            weight = group_view(modules[plan.name].weight.detach(), job.group_axis)
             extra["entropy"] = curve_entropy(weight, plan.bounds, step, dz, steps)
         else:
             # Of the calibration activations, in one more pass over them.

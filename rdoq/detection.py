@@ -638,7 +638,7 @@ def _size_mb(model: nn.Module, alloc: dict[str, Any]) -> tuple[float, float]:
     q_bits = q_numel = 0
     for e in alloc["weights"].values():
         bounds = group_bounds(int(e["channels"]), int(e["group_size"]))
-        numel = [weight_numel(tuple(e["shape"]), b) for b in bounds]
+        numel = [weight_numel(tuple(e["shape"]), b, e.get("group_axis", "out")) for b in bounds]
         q_bits += sum(b * n for b, n in zip(e["bits"], numel, strict=True))
         q_numel += sum(numel)
     mb = 8 * 2**20

@@ -64,7 +64,7 @@ def group_levels(
     :func:`rdoq.backends.quantized_group` (same quantizer, same arithmetic)."""
     c0, c1 = bounds[cand.group]
     step, phi = candidate_quantizer(bounds, cand, steps)
-    return weight_levels(weight[c0:c1], cand.bits, step, phi)
+    return weight_levels(weight[c0:c1], cand.bits, step, phi, cand.authors_dz)
 
 
 def curve_entropy(

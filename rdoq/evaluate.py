@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rdoq.authors import entry_rule
 from rdoq.groups import (
     entry_channel_steps,
     find_layers,
@@ -397,6 +398,11 @@ def input_charges(
             row["why"] = src.why
         elif src.producer not in alloc["acts"]:
             row["why"] = f"the output of {src.producer} is kept in full precision"
+        elif src.clamps and entry_rule(alloc["acts"][src.producer], "bca"):
+            # The offset is the evaluated batch's: no fixed grid to check the clamp against.
+            row["why"] = (
+                f"a clamp cuts the output of {src.producer}, shifted per batch by the oracle -bca"
+            )
         elif not clamps_keep_grid(
             alloc["acts"][src.producer], offsets.get(src.producer), src.clamps
         ):
@@ -425,7 +431,7 @@ def bit_report(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor) -> dic
     layer_w_bits: dict[str, float] = {}
     for name, e in alloc["weights"].items():
         bounds = group_bounds(int(e["channels"]), int(e["group_size"]))
-        numel = [weight_numel(tuple(e["shape"]), b) for b in bounds]
+        numel = [weight_numel(tuple(e["shape"]), b, e.get("group_axis", "out")) for b in bounds]
         bits = sum(b * n for b, n in zip(e["bits"], numel, strict=True))
         w_bits += bits
         w_numel += sum(numel)

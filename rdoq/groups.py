@@ -164,12 +164,34 @@ def find_layers(model: nn.Module) -> list[LayerInfo]:
     return layers
 
 
-def weight_numel(shape: tuple[int, ...], bounds: tuple[int, int]) -> int:
-    """Number of weights in the group ``bounds`` of a weight of ``shape``."""
+def weight_numel(shape: tuple[int, ...], bounds: tuple[int, int], axis: str = "out") -> int:
+    """Number of weights in the group ``bounds`` of a weight of ``shape`` whose groups are cut
+    along ``axis`` (:data:`GROUP_AXES`)."""
+    dim = group_dim(axis)
     per_channel = 1
-    for s in shape[1:]:
-        per_channel *= s
+    for i, s in enumerate(shape):
+        per_channel *= s if i != dim else 1
     return (bounds[1] - bounds[0]) * per_channel
+
+
+# The weight channels that groups gather: "out" (output channels, axis 0; the default) or "in"
+# (input channels, axis 1 of Linear / Conv2d weights: the paper's get_ele_per_input_channel).
+GROUP_AXES = ("out", "in")
+
+
+def group_dim(axis: str) -> int:
+    """The weight axis of :data:`GROUP_AXES` ``axis``: 0 or 1."""
+    if axis not in GROUP_AXES:
+        raise ValueError(f"group axis must be one of {GROUP_AXES}, got {axis!r}")
+    return GROUP_AXES.index(axis)
+
+
+def group_view(weight: torch.Tensor, axis: str) -> torch.Tensor:
+    """``weight`` with the channels that groups gather first, as a view (writes reach
+    ``weight``): itself for output-channel groups, ``(in, out, *kernel)`` for input-channel
+    groups. Every group rule (quantizers, per-channel steps, dead zones) reads its axis 0."""
+    dim = group_dim(axis)
+    return weight if dim == 0 else weight.movedim(dim, 0)
 
 
 def act_group_numel(sample_shape: tuple, module: nn.Module, bounds: tuple[int, int]) -> int:

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from rdoq.actstats import ActGroupStats
-from rdoq.groups import channel_dim
+from rdoq.groups import channel_dim, group_view
 from rdoq.hessian import GradientSweep
 from rdoq.quantizers import (
     act_bounds,
+    affine_bcw_last,
     deadzone_magnitudes,
     quantize_deadzone_fast,
     quantize_uniform_fast,
@@ -40,7 +41,12 @@ def quantize_weights_batched(
     for its k-th candidate (zeros in the padding), with per-channel steps (``steps``) or the
     candidate's one step. Candidates are an outer axis so that every elementwise pass runs along
     the group's elements. With a grid split by ``deadzone > 0`` each rule runs on its own columns
-    only; otherwise both run on all and are selected per candidate."""
+    only; otherwise both run on all and are selected per candidate. The candidates' authors'
+    rules (``authors_dz``, ``affine``: one setting for a whole run) are applied as they say."""
+    authors = {(c.authors_dz, c.affine) for c in cands}
+    if len(authors) > 1:
+        raise ValueError(f"candidates of one batch mix the authors' rules {sorted(authors)}")
+    authors_dz, affine = authors.pop() if authors else (False, False)
     cg = max(c1 - c0 for c0, c1 in bounds)
     g, _, n = w.shape
     wc = w.view(g, 1, cg, n // cg)  # (g, 1, cg, e)
@@ -69,11 +75,13 @@ def quantize_weights_batched(
             wc,
             per_channel(step_k, 1.0, cols),
             per_channel(phi_k, 0.0, cols),
-            per_cand([deadzone_magnitudes(c.bits) for c in cands], 0.0, cols),
+            per_cand([deadzone_magnitudes(c.bits, authors_dz) for c in cands], 0.0, cols),
+            authors_dz,
         )
 
     def flat(q: torch.Tensor) -> torch.Tensor:
-        return q.reshape(q.shape[0], q.shape[1], n)
+        # Each channel's row (…, cg, e) is the authors' -bcw unit.
+        return (affine_bcw_last(wc, q) if affine else q).reshape(q.shape[0], q.shape[1], n)
 
     if not any(c.deadzone > 0 for c in cands):
         return flat(uniform(slice(None)))
@@ -107,10 +115,12 @@ class HessianWeightBackend:
         layer: str,
         bounds: Sequence[tuple[int, int]],
         steps: ChannelSteps | None = None,
+        group_axis: str = "out",
     ):
         sweep.ensure(layer)
         self.sweep, self.bounds, self.steps = sweep, bounds, steps
-        weight = sweep.modules[layer].weight.detach()
+        full = sweep.modules[layer].weight.detach()
+        weight = group_view(full, group_axis)  # the groups' channels first
         rows = sweep.rows[layer]  # (R, out, in/out)
         r = rows.shape[0]
         self.numel = [(c1 - c0) * weight[0].numel() for c0, c1 in bounds]
@@ -118,7 +128,13 @@ class HessianWeightBackend:
         self.w = _stack_groups(
             [weight[c0:c1].reshape(1, -1).to(rows.dtype) for c0, c1 in bounds]
         )  # (G, 1, n)
-        if sweep.bias_corr:
+        if group_axis == "in":
+            # A row's entries in the order of the group's weights (c, out, kernel).
+            per = rows.view(r, full.shape[0], full.shape[1], -1)  # (R, out, in, k)
+            self.rows = _stack_groups(
+                [per[:, :, c0:c1].transpose(1, 2).reshape(r, -1) for c0, c1 in bounds]
+            )  # (G, R, n)
+        elif sweep.bias_corr:
             # -bcw shifts each output channel's bias by -(ΔW·mean input), so a weight's row
             # becomes G_w − G_b·mean: the output change of the corrected layer.
             gb, mean = sweep.bias_rows[layer], sweep.input_means[layer].to(rows.dtype)

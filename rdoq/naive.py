@@ -13,7 +13,7 @@ from torch import nn
 
 from rdoq.actstats import act_values, bca_offsets
 from rdoq.backends import bcw_shift, quantized_group
-from rdoq.groups import channel_dim
+from rdoq.groups import channel_dim, group_view
 from rdoq.quantizers import act_bounds, quantize_uniform
 from rdoq.search import Candidate
 from rdoq.slots import add_slot_offsets
@@ -51,11 +51,13 @@ class NaiveEvaluator:
         bounds: Sequence[tuple[int, int]],
         steps: ChannelSteps | None = None,
         input_mean: torch.Tensor | None = None,
+        group_axis: str = "out",
     ) -> Callable:
         """An ``Evaluate`` for weight candidates of ``layer`` (``steps``: per-channel mode;
-        ``input_mean``: with the ``-bcw`` correction, as a bias shift after the layer)."""
+        ``input_mean``: with the ``-bcw`` correction, as a bias shift after the layer;
+        ``group_axis``: the channels its groups gather)."""
         module = self.modules[layer]
-        weight = module.weight.detach()
+        weight = group_view(module.weight.detach(), group_axis)
         dim = channel_dim(module)
 
         def evaluate(cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +69,7 @@ class NaiveEvaluator:
                 mse[i] = float(((wq - orig).double() ** 2).mean())
                 handle = None
                 if input_mean is not None:
-                    shift = torch.zeros(1, weight.shape[0], dtype=weight.dtype)
+                    shift = torch.zeros(1, module.weight.shape[0], dtype=weight.dtype)
                     shift[0, c0:c1] = bcw_shift(orig, wq, input_mean[c0:c1])
                     handle = module.register_forward_hook(
                         lambda m, a, y, s=shift: add_slot_offsets(y, s, dim)

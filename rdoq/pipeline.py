@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from rdoq.adapters.base import Adapter, InputError
 from rdoq.allocation import ItemTable, build_table, monotone_items, restrict, solve_recorded
-from rdoq.allocfile import load_allocation, make_allocation, save_allocation
+from rdoq.allocfile import load_allocation, make_allocation, mark_authors, save_allocation
 from rdoq.apply import apply_allocation, estimate_corrections, save_quantized
 from rdoq.evaluate import ROW_BIT_KEYS, bit_report, reference_outputs, topk_scores
 from rdoq.report import (
@@ -297,13 +297,18 @@ def run_points(
     different allocation (made with other settings) — use another --outdir.
 
     ``args`` is the script's parsed flags; read are ``quiet``, ``no_plots``, ``save_model``,
-    ``bias_corr_weight``, ``bias_corr_act``, ``batchsize``, and, for the rows, ``smooth_dists``
-    and ``monotone_applied`` when present. ``calib`` (on ``device``): the calibration tensor
+    ``bias_corr_weight``, ``bias_corr_act``, ``batchsize``, and, when present,
+    ``authors_semantics`` (the parts in effect, recorded in each allocation: the authors'
+    ``bcw``/``bca`` replace the corrections estimated here) and, for the rows, ``smooth_dists``
+    and ``monotone_applied``. ``calib`` (on ``device``): the calibration tensor
     the -bcw / -bca offsets are estimated on, None without them."""
     adir = outdir / name  # one subdirectory per method: methods may share --outdir
     specs: list[RetrainSpec] = list(getattr(args, "retrain_specs", None) or [])
     if specs and calib is None:
         raise ValueError("fine-tuning needs the calibration tensor (calib)")
+    authors = tuple(getattr(args, "authors_semantics", ()) or ())
+    bcw = args.bias_corr_weight and "bcw" not in authors
+    bca = args.bias_corr_act and "bca" not in authors
     planned = []
     for alloc, tags in points:
         alloc.update(
@@ -312,6 +317,7 @@ def run_points(
             weights_source=info.weights_source,
             checkpoint_sha256=info.checkpoint_sha256,
         )
+        mark_authors(alloc, authors)
         apath = adir / f"allocation_{point_label(tags)}.json"
         _check_existing(apath, alloc)
         for spec in specs:
@@ -342,6 +348,8 @@ def run_points(
             "solve_s": solve_s,
             "smooth_dists": getattr(args, "smooth_dists", False),
             "monotone": getattr(args, "monotone_applied", None),
+            # The authors' rules in effect (their oracle -bca reads the evaluated data).
+            **({"authors_semantics": alloc["authors_semantics"]} if authors else {}),
             **extra,
             "allocation": str(apath.relative_to(outdir)),
             "fp_weight_layers": bits["fp_weight_layers"],
@@ -362,14 +370,9 @@ def run_points(
         )
 
     for alloc, tags, apath in tqdm(planned, desc=name, unit="point", disable=args.quiet):
-        if calib is not None and (args.bias_corr_weight or args.bias_corr_act):
+        if calib is not None and (bcw or bca):
             alloc["corrections"] = estimate_corrections(
-                model,
-                alloc,
-                calib,
-                bcw=args.bias_corr_weight,
-                bca=args.bias_corr_act,
-                batch_size=args.batchsize,
+                model, alloc, calib, bcw=bcw, bca=bca, batch_size=args.batchsize
             )
         label = point_label(tags)
         save_allocation(apath, alloc)

@@ -28,16 +28,19 @@ def unsigned_bounds(bits: int) -> tuple[int, int]:
     return 0, (2**bits - 1) if bits > 0 else 0
 
 
-def deadzone_magnitudes(bits: int) -> int:
+def deadzone_magnitudes(bits: int, authors: bool = False) -> int:
     """Non-zero magnitude levels per sign of the dead-zone quantizer that fit in ``bits``.
 
     Levels are ``{0} ∪ {±(φ + (q+½)Δ) : q < M}``, i.e. ``2M + 1`` levels, so ``2M + 1 ≤ 2^b`` gives
     ``M = 2^(b-1) - 1`` (one code is left unused rather than charging 2^b + 1 levels as b bits, the
-    authors' defect). b ≤ 1 leaves only the zero level.
+    authors' defect). b ≤ 1 leaves only the zero level. ``authors`` (``--authors-semantics
+    deadzone``): their ``M = 2^(b-1)``, i.e. 2^b + 1 levels charged as b bits (1 bit is ternary).
     """
     if bits < 0:
         raise ValueError(f"bits must be >= 0, got {bits}")
-    return max(2 ** (bits - 1) - 1, 0) if bits > 0 else 0
+    if bits == 0:
+        return 0
+    return 2 ** (bits - 1) if authors else 2 ** (bits - 1) - 1
 
 
 def quantize_uniform(
@@ -60,15 +63,18 @@ def quantize_deadzone(
     step: torch.Tensor | float,
     deadzone: torch.Tensor | float,
     magnitudes: torch.Tensor | int,
+    authors: bool = False,
 ) -> torch.Tensor:
     """Dead-zone quantizer: ``|x| ≤ φ → 0``, else ``sign(x)·(φ + (q+½)Δ)``.
 
     ``q = clamp(floor((|x|-φ)/Δ), 0, M-1)`` with ``M = magnitudes``; ``floor`` (not ``round``) keeps
     every value inside its reconstruction cell, so the error is at most Δ/2 inside the range.
+    ``authors``: their ``round`` instead of ``floor``, which puts a value at ``φ + tΔ`` at
+    ``φ + (round(t) + ½)Δ``, outward by 0 to Δ (``--authors-semantics deadzone``).
     """
     mag = x.abs()
     m = torch.as_tensor(magnitudes, dtype=x.dtype, device=x.device)
-    q = torch.floor((mag - deadzone) / step)
+    q = (torch.round if authors else torch.floor)((mag - deadzone) / step)
     q = torch.minimum(torch.clamp(q, min=0.0), m - 1.0)
     rec = torch.sign(x) * (deadzone + (q + 0.5) * step)
     keep = (mag > deadzone) & (m > 0)
@@ -76,22 +82,31 @@ def quantize_deadzone(
 
 
 def quantize_weight(
-    x: torch.Tensor, bits: int, step_log2: float | torch.Tensor, deadzone: float | torch.Tensor
+    x: torch.Tensor,
+    bits: int,
+    step_log2: float | torch.Tensor,
+    deadzone: float | torch.Tensor,
+    authors: bool = False,
 ) -> torch.Tensor:
     """Quantize one weight group with the rule the curves were measured with.
 
     ``step_log2`` and ``deadzone`` are scalars (one step for the group, the paper's quantizer) or
     tensors ``(c,)`` with one value per channel (axis 0 of ``x``). A channel with ``deadzone > 0``
     uses the dead-zone quantizer, one with ``deadzone == 0`` the signed uniform one.
+    ``authors``: the authors' dead-zone rule (:func:`quantize_deadzone`).
     """
     if bits == 0:
         return torch.zeros_like(x)
     step = 2.0**step_log2 if not isinstance(step_log2, torch.Tensor) else channel_steps(step_log2)
-    return quantize_weight_steps(x, bits, step, deadzone)
+    return quantize_weight_steps(x, bits, step, deadzone, authors)
 
 
 def quantize_weight_steps(
-    x: torch.Tensor, bits: int, step: float | torch.Tensor, deadzone: float | torch.Tensor
+    x: torch.Tensor,
+    bits: int,
+    step: float | torch.Tensor,
+    deadzone: float | torch.Tensor,
+    authors: bool = False,
 ) -> torch.Tensor:
     """:func:`quantize_weight` given the steps themselves (scalar or per channel ``(c,)``)."""
     if bits == 0:
@@ -99,21 +114,26 @@ def quantize_weight_steps(
     step = _per_channel(step, x)
     phi = _per_channel(deadzone, x)
     lo, hi = signed_bounds(bits)
+    mags = deadzone_magnitudes(bits, authors)
     if not isinstance(phi, torch.Tensor):  # one rule for the group
         if phi > 0:
-            return quantize_deadzone(x, step, phi, deadzone_magnitudes(bits))
+            return quantize_deadzone(x, step, phi, mags, authors)
         return quantize_uniform(x, step, lo, hi)
     dz = phi > 0
     if not bool(dz.any()):
         return quantize_uniform(x, step, lo, hi)
-    q_dz = quantize_deadzone(x, step, phi, deadzone_magnitudes(bits))
+    q_dz = quantize_deadzone(x, step, phi, mags, authors)
     if bool(dz.all()):
         return q_dz
     return torch.where(dz, q_dz, quantize_uniform(x, step, lo, hi))
 
 
 def weight_levels(
-    x: torch.Tensor, bits: int, step: float | torch.Tensor, deadzone: float | torch.Tensor
+    x: torch.Tensor,
+    bits: int,
+    step: float | torch.Tensor,
+    deadzone: float | torch.Tensor,
+    authors: bool = False,
 ) -> torch.Tensor:
     """The integer symbols (int64, ``x``'s shape) that :func:`quantize_weight_steps` codes.
 
@@ -121,6 +141,7 @@ def weight_levels(
     inside it, else ``sign(x)·(q+1)``, value ``sign(l)·(φ + (|l|-½)Δ)``. b = 0 → all 0. The
     same operations as the quantizer, so each symbol maps to its value exactly (tested
     bitwise); the entropy rate (:mod:`rdoq.entropy`) counts these, not the float values.
+    ``authors``: the symbols of the authors' dead-zone rule (2^b + 1 of them).
     """
     if bits == 0:
         return torch.zeros_like(x, dtype=torch.int64)
@@ -128,16 +149,38 @@ def weight_levels(
     phi = _per_channel(deadzone, x)
     lo, hi = signed_bounds(bits)
     uniform = torch.clamp(torch.round(x / step), lo, hi)
-    mags = deadzone_magnitudes(bits)
+    mags = deadzone_magnitudes(bits, authors)
     if not isinstance(phi, torch.Tensor) and phi <= 0:
         return uniform.long()
     mag = x.abs()
-    q = torch.clamp(torch.floor((mag - phi) / step), min=0.0, max=max(mags - 1, 0))
+    rounding = torch.round if authors else torch.floor
+    q = torch.clamp(rounding((mag - phi) / step), min=0.0, max=max(mags - 1, 0))
     keep = (mag > phi) & (mags > 0)
     dz = torch.where(keep, torch.sign(x) * (q + 1.0), torch.zeros_like(x))
     if not isinstance(phi, torch.Tensor):
         return dz.long()
     return torch.where(phi > 0, dz, uniform).long()
+
+
+def affine_bcw(w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """The authors' ``-bcw`` (``--authors-semantics bcw``): per row of ``w`` (axis 0, an output
+    channel; the rest flattened), the quantized deviations rescaled to the full-precision
+    standard deviation around the quantized mean, then the mean moved to the full-precision
+    mean: ``(ŵ − mean ŵ)·σ(w)/(σ(ŵ) + 1e-8) + mean w`` (σ with Bessel's correction, as
+    ``torch.std``; 0 for a row of one element). It leaves the grid (a per-channel affine map),
+    and a pruned row becomes its full-precision mean."""
+    c = w.shape[0]
+    return affine_bcw_last(w.reshape(c, -1), wq.reshape(c, -1)).reshape(wq.shape)
+
+
+def affine_bcw_last(w: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """:func:`affine_bcw` with the rows along the last axis: ``w (…, n)`` broadcast against
+    ``wq (…, n)`` (many candidates of one row in one call)."""
+    correction = 1 if w.shape[-1] > 1 else 0
+    scale = w.std(-1, correction=correction, keepdim=True) / (
+        wq.std(-1, correction=correction, keepdim=True) + 1e-8
+    )
+    return (wq - wq.mean(-1, keepdim=True)) * scale + w.mean(-1, keepdim=True)
 
 
 def channel_steps(step_log2: torch.Tensor) -> torch.Tensor:
@@ -245,12 +288,18 @@ def quantize_uniform_fast(
 
 
 def quantize_deadzone_fast(
-    x: torch.Tensor, step: torch.Tensor, deadzone: torch.Tensor, magnitudes: torch.Tensor
+    x: torch.Tensor,
+    step: torch.Tensor,
+    deadzone: torch.Tensor,
+    magnitudes: torch.Tensor,
+    authors: bool = False,
 ) -> torch.Tensor:
-    """``quantize_deadzone(x, step, deadzone, magnitudes)`` (the same values) in one buffer,
-    for small ``x`` broadcast against many candidates' parameters."""
+    """``quantize_deadzone(x, step, deadzone, magnitudes, authors)`` (the same values) in one
+    buffer, for small ``x`` broadcast against many candidates' parameters."""
     mag = x.abs()
-    q = (mag - deadzone).div_(step).floor_().clamp_min_(0.0).clamp_max_(magnitudes - 1.0)
+    q = (mag - deadzone).div_(step)
+    q = q.round_() if authors else q.floor_()
+    q = q.clamp_min_(0.0).clamp_max_(magnitudes - 1.0)
     q = q.add_(0.5).mul_(step).add_(deadzone).mul_(torch.sign(x))
     return q.masked_fill_((mag <= deadzone) | (magnitudes <= 0), 0.0)
 

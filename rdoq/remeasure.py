@@ -129,9 +129,9 @@ def remeasure_job(
     **engine: Any,
 ) -> CurveJob:
     """The measured-engine job that repeats a curve set's search (``meta``) on ``layers``:
-    same kind, groups, widths, dead zones, step rules, precision, ``-bcw`` and (unless
-    ``folds`` is False) calibration folds; the group scales ``scales_log2`` (default: the
-    set's). ``engine``: CurveJob's engine fields (``max_batch``, ``max_lookahead``,
+    same kind, groups, widths, dead zones, step rules (the authors' too), precision, ``-bcw``
+    and (unless ``folds`` is False) calibration folds; the group scales ``scales_log2``
+    (default: the set's). ``engine``: CurveJob's engine fields (``max_batch``, ``max_lookahead``,
     ``mem_budget_mb``, ``use_cuts``, ``progress``, ``argv``)."""
     kind = meta["kind"]
     steps = meta.get("steps") or "group"
@@ -151,6 +151,8 @@ def remeasure_job(
         step_mode=steps,
         scales_log2=scales,
         bias_corr=bool(meta.get("bias_corr")),
+        authors=tuple(meta.get("authors_semantics") or ()),
+        group_axis=meta.get("group_axis") or "out",
         folds=int(meta["folds"]["count"]) if folds and meta.get("folds") else 0,
         layers=tuple(layers),
         **engine,

@@ -6,7 +6,8 @@ For ``b = 0`` it evaluates the single all-zero candidate. For ``b ≥ 1`` it sca
 bit width (the paper's warm start) or, for the first searched bit width, two octaves below the
 group's RMS. It always evaluates up to and including the previous best step — the authors' early
 stop could halt before it, which made their curves rise with more bits — and then stops at the
-first step whose distortion (and, for weights, weight MSE) rises.
+first step whose distortion (and, for weights, weight MSE) rises. ``--authors-semantics search``
+restores the authors' rules (:class:`SearchSettings` ``authors_search``).
 
 Chains are independent, so the driver evaluates the next candidate of many chains in one batch
 (across groups and dead zones) and, when few chains are left, several speculative steps of one
@@ -39,6 +40,10 @@ class Candidate:
     # Per-channel steps (rdoq.steps): the dead-zone ratio's index, and ``step_log2`` is the
     # group's scale on its channels' base steps. -1: the paper's quantizer (absolute step).
     dz_index: int = -1
+    # --authors-semantics: their dead-zone rule (rdoq.quantizers.quantize_deadzone), and their
+    # -bcw affine map applied to the quantized group (rdoq.quantizers.affine_bcw).
+    authors_dz: bool = False
+    affine: bool = False
 
     def key(self) -> tuple:
         """Identity of the perturbation: equal keys give the same quantized tensor."""
@@ -50,7 +55,8 @@ class Candidate:
 
     @property
     def is_zero(self) -> bool:
-        return self.bits == 0 or (self.deadzone > 0 and deadzone_magnitudes(self.bits) == 0)
+        magnitudes = deadzone_magnitudes(self.bits, self.authors_dz)
+        return self.bits == 0 or (self.deadzone > 0 and magnitudes == 0)
 
 
 # evaluate(candidates) -> (dist (K,), aux (K,) or None); aux is the weight MSE of the stop rule.
@@ -59,13 +65,25 @@ Evaluate = Callable[[Sequence[Candidate]], tuple[np.ndarray, np.ndarray | None]]
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """Grid-search settings. ``bits`` are the candidate bit widths, ``max_steps`` per bit width."""
+    """Grid-search settings. ``bits`` are the candidate bit widths, ``max_steps`` per bit width.
+
+    ``authors_search`` (``--authors-semantics search``): the authors' search. The 0-bit width
+    sets the warm start of 1 bit at ``floor(log2 RMS) − 10`` octaves for weights
+    (``stop_on_aux``) and at 0 for activations; every width starts two octaves below the
+    previous width's best and stops at the first rise from the step before — of both the
+    distortion and the weight MSE for weights, of the distortion for activations of 2 or more
+    bits (1-bit activations scan all ``max_steps``) — without first reaching the previous best
+    step, and with no restart when the previous width did no better than pruning.
+    ``authors_dz`` and ``affine`` go into every candidate (:class:`Candidate`)."""
 
     bits: tuple[int, ...]
     step_grid: int
     max_steps: int
     back_octaves: int = 2
     stop_on_aux: bool = False
+    authors_search: bool = False
+    authors_dz: bool = False
+    affine: bool = False
 
     def __post_init__(self) -> None:
         if self.step_grid < 1:
@@ -113,9 +131,30 @@ class Chain(_BitWalk):
     _aux: list[float] = field(default_factory=list)
     _start: float = 0.0
     _min_steps: int = 0
+    _authors_anchor: float = math.nan  # authors_search: the step the next width starts from
 
     def __post_init__(self) -> None:
+        self._authors_anchor = self._authors_zero_anchor()
         self._begin_bit()
+
+    def _authors_zero_anchor(self) -> float:
+        """The authors' step of the 0-bit width, from which 1 bit starts: weights
+        ``floor(log2 RMS) − 10``, activations 0."""
+        return float(math.floor(self.rms_log2) - 10) if self.settings.stop_on_aux else 0.0
+
+    def _cand(
+        self, bits: int, step_log2: float, deadzone: float, same_as_bits: int = -1
+    ) -> Candidate:
+        cfg = self.settings
+        return Candidate(
+            self.group,
+            bits,
+            step_log2,
+            deadzone,
+            same_as_bits,
+            authors_dz=cfg.authors_dz,
+            affine=cfg.affine,
+        )
 
     def _previous_step(self) -> float | None:
         for step in reversed(self.best_step):
@@ -135,6 +174,10 @@ class Chain(_BitWalk):
         if self.done:
             return
         cfg = self.settings
+        if cfg.authors_search:
+            self._start = self._authors_anchor - cfg.back_octaves
+            self._min_steps = 1
+            return
         back = cfg.back_octaves * cfg.step_grid
         prev = self._previous_step()
         rms_anchor = grid_floor(self.rms_log2, cfg.step_grid)
@@ -154,11 +197,9 @@ class Chain(_BitWalk):
 
     def _candidate(self, s: int) -> Candidate:
         if self.bits == 0:
-            return Candidate(self.group, 0, math.nan, 0.0)
+            return self._cand(0, math.nan, 0.0)
         step = self._start + s / self.settings.step_grid
-        return Candidate(
-            self.group, self.bits, step, self.deadzone, self._same_as_bits(self.bits, 2.0**step)
-        )
+        return self._cand(self.bits, step, self.deadzone, self._same_as_bits(self.bits, 2.0**step))
 
     def _same_as_bits(self, bits: int, step: float) -> int:
         """Fewest bits ≤ ``bits`` giving the same quantized group at ``step`` (0: all zeros).
@@ -175,8 +216,11 @@ class Chain(_BitWalk):
         if self.deadzone > 0:
             if amax <= self.deadzone:
                 return 0
-            for b in range(2, bits + 1):
-                if (amax - self.deadzone) / step <= deadzone_magnitudes(b) - 1:
+            authors = self.settings.authors_dz
+            # The top level index a value reaches: floor(t), or round(t) by the authors' rule.
+            slack = 0.49 if authors else 0.0
+            for b in range(1 if authors else 2, bits + 1):
+                if (amax - self.deadzone) / step <= deadzone_magnitudes(b, authors) - 1 + slack:
                     return b
             return bits
         if amax / step <= 0.49:
@@ -191,7 +235,8 @@ class Chain(_BitWalk):
     def _single_candidate(self) -> bool:
         """Whether this bit width has only the all-zero candidate (``Candidate.is_zero``)."""
         bits = self.bits
-        return bits == 0 or (self.deadzone > 0 and deadzone_magnitudes(bits) == 0)
+        magnitudes = deadzone_magnitudes(bits, self.settings.authors_dz)
+        return bits == 0 or (self.deadzone > 0 and magnitudes == 0)
 
     def propose(self, lookahead: int) -> list[Candidate]:
         """The next ``lookahead`` candidates of the current bit width (fewer at its end)."""
@@ -217,6 +262,13 @@ class Chain(_BitWalk):
         s = len(self._dists) - 1
         if self._single_candidate() or s + 1 >= self.settings.max_steps:
             return True
+        if self.settings.authors_search:
+            if s < 1:
+                return False
+            rose = self._dists[s] > self._dists[s - 1]
+            if self.settings.stop_on_aux:
+                return rose and self._aux[s] > self._aux[s - 1]
+            return rose and self.bits >= 2
         if s < max(self._min_steps, 1):
             return False
         rose = self._dists[s] > self._dists[s - 1]
@@ -227,10 +279,9 @@ class Chain(_BitWalk):
     def best_candidates(self) -> list[Candidate]:
         """The candidate each finished bit width chose, in bit order (the all-zero candidate
         where only it was possible)."""
+        zero = self._cand(0, math.nan, 0.0)
         return [
-            Candidate(self.group, b, s, self.deadzone)
-            if b and not math.isnan(s)
-            else Candidate(self.group, 0, math.nan, 0.0)
+            self._cand(b, s, self.deadzone) if b and not math.isnan(s) else zero
             for b, s in zip(self.settings.bits, self.best_step, strict=False)
         ]
 
@@ -239,8 +290,10 @@ class Chain(_BitWalk):
         self.best_dist.append(self._dists[best])
         if self._single_candidate():
             self.best_step.append(math.nan)
+            self._authors_anchor = self._authors_zero_anchor()
         else:
             self.best_step.append(self._start + best / self.settings.step_grid)
+            self._authors_anchor = self.best_step[-1]
         self.bit_index += 1
         self._begin_bit()
 
@@ -252,6 +305,7 @@ class ScaleSettings:
 
     bits: tuple[int, ...]
     scales_log2: tuple[float, ...]
+    affine: bool = False  # --authors-semantics bcw (Candidate.affine)
 
     def __post_init__(self) -> None:
         if 0.0 not in self.scales_log2:
@@ -285,15 +339,22 @@ class ScaleChain(_BitWalk):
     best_step: list[float] = field(default_factory=list)
     n_evals: int = 0
 
+    def _cand(self, bits: int, scale_log2: float) -> Candidate:
+        return Candidate(
+            self.group,
+            bits,
+            scale_log2,
+            self.ratio,
+            dz_index=self.dz_index,
+            affine=self.settings.affine,
+        )
+
     def _candidates(self) -> list[Candidate]:
         bits = self.bits
-        zero = Candidate(self.group, bits, math.nan, self.ratio, dz_index=self.dz_index)
+        zero = self._cand(bits, math.nan)
         if zero.is_zero:
             return [zero]
-        return [
-            Candidate(self.group, bits, s, self.ratio, dz_index=self.dz_index)
-            for s in self.settings.scales_log2
-        ]
+        return [self._cand(bits, s) for s in self.settings.scales_log2]
 
     def propose(self, lookahead: int) -> list[Candidate]:
         """Every candidate of the current bit width (``lookahead`` is not needed here)."""
@@ -302,10 +363,7 @@ class ScaleChain(_BitWalk):
     def best_candidates(self) -> list[Candidate]:
         """The candidate each finished bit width chose, in bit order (the all-zero candidate
         where only it was possible)."""
-        return [
-            Candidate(self.group, b, s, self.ratio, dz_index=self.dz_index)
-            for b, s in zip(self.settings.bits, self.best_step, strict=False)
-        ]
+        return [self._cand(b, s) for b, s in zip(self.settings.bits, self.best_step, strict=False)]
 
     def consume(self, dists: Sequence[float], aux: Sequence[float] | None) -> None:
         """Results for all candidates last proposed, in order."""

@@ -15,18 +15,25 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from rdoq.authors import CURVE_RULES
+
 SCHEMA = "rdoq.curves/2"
-# Weight curve sets whose channels were sorted before grouping (--sort_channels: meta.json's
-# ``sort_channels``, each layer's ``channel_order``): a reader that ignored the order would
-# apply groups to the wrong channels, so such sets carry a version older readers refuse.
-SCHEMA_SORTED = "rdoq.curves/3"
+# Curve sets with an optional setting (OPTIONAL_SETTINGS_KEYS): weight channels sorted before
+# grouping (--sort_channels: meta.json's ``sort_channels``, each layer's ``channel_order``),
+# input-channel weight groups (--group-axis in: ``group_axis``) or the authors' rules
+# (--authors-semantics: ``authors_semantics``). A reader that ignored them
+# would apply groups to the wrong channels or with the wrong quantizer, so such sets carry a
+# version older readers refuse.
+SCHEMA_V3 = "rdoq.curves/3"
+# Settings absent from sets that do not use them (which so keep their settings digests).
+OPTIONAL_SETTINGS_KEYS = ("sort_channels", "authors_semantics", "group_axis")
 # Keys of meta.json that describe *how* curves were made; two runs may share a directory only if
 # all of them agree. ``argv``/``created``/``part`` describe one invocation and may differ.
 SETTINGS_KEYS = (
@@ -68,19 +75,25 @@ def curve_set_name(
     nf: int,
     act_mode: str | None = None,
     sort: str | None = None,
+    authors: Sequence[str] = (),
+    group_axis: str = "out",
 ) -> str:
     """The paper's directory name for a curve set (a label only; the truth is in meta.json).
     Sorted weight curves (``sort``, the statistic of ``--sort_channels``) get ``_sort<stat>``
-    after the group size, so that they never share a directory with unsorted ones."""
+    after the group size, and curves with the authors' rules (``authors``, the parts of
+    ``--authors-semantics`` they carry) ``_authors_<part>-<part>``, so that they never share a
+    directory with the default ones. Input-channel weight groups (``group_axis="in"``) are
+    ``rdcurves_inchan_…`` as the authors named them."""
+    tag = (f"_sort{sort}" if sort else "") + ("_authors_" + "-".join(authors) if authors else "")
     if kind == "weight":
         return (
             f"{arch}_ndz_{ndz:04d}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}"
-            f"{f'_sort{sort}' if sort else ''}_rdcurves_channelwise_opt_dist"
+            f"{tag}_rdcurves_{'inchan_' if group_axis == 'in' else ''}channelwise_opt_dist"
         )
     if kind != "act":
         raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
     where = "out_channelwise" if act_mode == "out" else "channelwise"
-    return f"{arch}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}_rdcurves_{where}_opt_dist_act"
+    return f"{arch}_nr_{nr:04d}_ns_{ns:04d}_nf_{nf:04d}{tag}_rdcurves_{where}_opt_dist_act"
 
 
 def _umask() -> int:
@@ -253,7 +266,8 @@ class CurveStore:
         otherwise ``ValueError`` names the first differing setting and both values.
         """
         root = Path(root)
-        meta = {"schema": SCHEMA_SORTED if meta.get("sort_channels") else SCHEMA, **meta}
+        v3 = any(meta.get(k) for k in OPTIONAL_SETTINGS_KEYS)
+        meta = {"schema": SCHEMA_V3 if v3 else SCHEMA, **meta}
         path = root / "meta.json"
         if not path.exists():
             root.mkdir(parents=True, exist_ok=True)
@@ -263,7 +277,7 @@ class CurveStore:
             except FileExistsError:
                 pass  # another part created it first: compare with its settings below
         old = cls.read_meta(root)
-        for key in (*SETTINGS_KEYS, "sort_channels"):
+        for key in (*SETTINGS_KEYS, *OPTIONAL_SETTINGS_KEYS):
             if _canonical(old.get(key)) != _canonical(meta.get(key)):
                 # Sets made before folds were stored resume with the flag that turns them off.
                 hint = (
@@ -289,7 +303,7 @@ class CurveStore:
         if not path.is_file():
             raise FileNotFoundError(f"no curve set at {root}: {path} is missing")
         meta = read_json_artifact(
-            path, (SCHEMA, SCHEMA_SORTED), ("kind", "group_size", "bits", "layers")
+            path, (SCHEMA, SCHEMA_V3), ("kind", "group_size", "bits", "layers")
         )
         _check_meta(path, meta)
         return meta
@@ -303,8 +317,8 @@ class CurveStore:
     def settings_digest(self) -> str:
         """sha256 of the settings keys of meta.json; stamped into every layer file."""
         settings = {k: self.meta.get(k) for k in SETTINGS_KEYS}
-        if self.meta.get("sort_channels"):  # absent from unsorted sets, whose digest it keeps
-            settings["sort_channels"] = self.meta["sort_channels"]
+        # Absent from sets without them, whose digests they keep.
+        settings |= {k: self.meta[k] for k in OPTIONAL_SETTINGS_KEYS if self.meta.get(k)}
         return hashlib.sha256(json.dumps(_canonical(settings), sort_keys=True).encode()).hexdigest()
 
     def has_layer(self, name: str) -> bool:
@@ -437,10 +451,15 @@ def open_curve_set(root: Path | str, kind: str, act_mode: str | None = None) -> 
 
 
 def find_act_curve_set(
-    root: Path | str, model: str, act_mode: str, group_size: int | None = None
+    root: Path | str,
+    model: str,
+    act_mode: str,
+    group_size: int | None = None,
+    authors: Sequence[str] | None = None,
 ) -> Path:
     """The activation curve set under ``root`` (the paper's ``--act_curve_root_dir``) for
-    ``model`` and ``act_mode``; ``root`` may also be the curve set itself."""
+    ``model`` and ``act_mode`` (and, given ``authors``, made with exactly these authors' curve
+    rules); ``root`` may also be the curve set itself."""
     root = Path(root)
     if (root / "meta.json").is_file():
         return root
@@ -454,6 +473,11 @@ def find_act_curve_set(
             and meta.get("act_mode") == act_mode
             and meta.get("model") == model
             and (group_size is None or meta["group_size"] == group_size)
+            and (
+                authors is None
+                or [p for p in meta.get("authors_semantics", []) if p in CURVE_RULES]
+                == list(authors)
+            )
         ):
             found.append(d)
     if not found:

@@ -89,3 +89,22 @@ def test_bench_paper_options_runs_every_option_and_ends_with_its_json_summary(tm
     assert all(r["w_bits"] <= 3.0 + 1e-9 for o, r in by.items() if o != "--rate entropy")
     # Six curve sets: sorting and the step mode change the curves, the entropy rate does not.
     assert len(list((tmp_path / "out" / "digits_cnn").glob("curves_*"))) == 6
+
+
+def test_bench_authors_semantics_measures_each_rule_and_ends_with_its_json_summary(tmp_path):
+    proc = run_script(
+        "benchmarks/bench_authors_semantics.py", "--quick", "--outdir", str(tmp_path / "out")
+    )
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    from benchmarks.bench_authors_semantics import OPTIONS
+
+    assert [r["option"] for r in summary["rows"]] == [o[0] for o in OPTIONS]
+    by = {r["option"]: r for r in summary["rows"]}
+    assert all(r["target"] == 3.0 and r["w_bits"] <= 3.0 + 1e-9 for r in summary["rows"])
+    assert all((r["a_bits"] is None) == ("W+A" not in o) for o, r in by.items())
+    # The oracle changes the evaluated outputs of the same allocation.
+    plain, theirs = by["W+A, no -bca"], by["W+A, theirs: -bca (oracle)"]
+    assert (plain["w_bits"], plain["a_bits"]) == (theirs["w_bits"], theirs["a_bits"])
+    assert plain["out_mse"] != theirs["out_mse"]
+    # Curve sets: each rule that changes the curves has its own (7 weight, 2 activation).
+    assert len(list((tmp_path / "out" / "digits_cnn").glob("curves_*"))) == 9

@@ -14,7 +14,7 @@ from torch import nn
 from rdoq.allocation import build_table, solve_targets
 from rdoq.allocfile import (
     ALLOC_SCHEMA,
-    ALLOC_SCHEMA_SORTED,
+    ALLOC_SCHEMA_V3,
     load_allocation,
     make_allocation,
     save_allocation,
@@ -23,7 +23,7 @@ from rdoq.apply import quantized_weight
 from rdoq.curves import CurveJob, generate_curves
 from rdoq.parts import PartSpec
 from rdoq.sorting import channel_order, check_order, sorted_channels
-from rdoq.store import SCHEMA, SCHEMA_SORTED, CurveStore, curve_set_name
+from rdoq.store import SCHEMA, SCHEMA_V3, CurveStore, curve_set_name
 
 INFO = {"arch": "toy", "weights_source": "test", "checkpoint_sha256": None}
 CALIB = {"size": 12, "seed": 0, "source": "test", "sha256": "x", "items": []}
@@ -136,7 +136,7 @@ def test_sorted_curves_equal_those_of_the_physically_permuted_model(tmp_path, st
     # The measured model is left as it was.
     assert torch.equal(net[0].weight, conv_net()[0].weight)
     assert sorted_set.meta["sort_channels"] == "max" and "sort_channels" not in perm_set.meta
-    assert (sorted_set.meta["schema"], perm_set.meta["schema"]) == (SCHEMA_SORTED, SCHEMA)
+    assert (sorted_set.meta["schema"], perm_set.meta["schema"]) == (SCHEMA_V3, SCHEMA)
 
 
 def test_the_order_reaches_the_allocation_and_the_applied_weights(tmp_path):
@@ -148,7 +148,7 @@ def test_the_order_reaches_the_allocation_and_the_applied_weights(tmp_path):
     (choice,), _ = solve_targets(table, [3.0], "dp")
     alloc = make_allocation(table, choice, target_bits=3.0, solver="dp")
     entry = alloc["weights"]["0"]
-    assert entry["channel_order"] == order.tolist() and alloc["schema"] == ALLOC_SCHEMA_SORTED
+    assert entry["channel_order"] == order.tolist() and alloc["schema"] == ALLOC_SCHEMA_V3
     path = tmp_path / "allocation.json"
     save_allocation(path, alloc)
     assert load_allocation(path)["weights"]["0"]["channel_order"] == order.tolist()
@@ -231,7 +231,7 @@ def test_paper_scripts_sort_allocate_and_evaluate_on_digits(tmp_path):
     )
     row = res["rows"][0]
     alloc = load_allocation(tmp_path / "a" / row["allocation"])
-    assert alloc["schema"] == ALLOC_SCHEMA_SORTED
+    assert alloc["schema"] == ALLOC_SCHEMA_V3
     assert all(
         sorted(e["channel_order"]) == list(range(e["channels"])) for e in alloc["weights"].values()
     )
