@@ -25,15 +25,14 @@ rows they return. It prints a table, then, as its last line, one JSON object
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_paper_options import curve_set  # noqa: E402
+from benchmarks.bench_paper_options import curve_set, table  # noqa: E402
+from benchmarks.bench_paper_options import main as bench_main  # noqa: E402
 from rdoq.cli_alloc import allocate_main  # noqa: E402
 from rdoq.cli_curves import curves_main  # noqa: E402
 
@@ -110,33 +109,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    def num(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
-    lines = [
-        f"{'model':<11} {'option':<32} {'target':>6} {'W bits':>6} {'A bits':>6} "
-        f"{'top-1 %':>7} {'out MSE':>9}"
-    ]
-    for r in rows:
-        lines.append(
-            f"{r['model']:<11} {r['option']:<32} {num(r['target'], 'g'):>6} "
-            f"{num(r['w_bits'], '.3f'):>6} {num(r['a_bits'], '.3f'):>6} "
-            f"{num(r['top1'], '.2f'):>7} {num(r['out_mse'], '.3e'):>9}"
-        )
-    return "\n".join(lines)
+COLUMNS = [
+    ("model", "model", 11, ""),
+    ("option", "option", 32, ""),
+    ("target", "target", 6, "g"),
+    ("W bits", "w_bits", 6, ".3f"),
+    ("A bits", "a_bits", 6, ".3f"),
+    ("top-1 %", "top1", 7, ".2f"),
+    ("out MSE", "out_mse", 9, ".3e"),
+]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse(argv)
-    if args.quick:
-        args.archs, args.targets, args.calib = args.archs[:1], ["3"], "16"
-    t0 = time.perf_counter()
-    rows = run(args)
-    result = {"rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
-    print(table(rows))
-    print(json.dumps(result))
-    return result
+    return bench_main(argv, parse, run, lambda rows: table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -111,24 +111,38 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    def num(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
+# (header, row key, width, number format) of the printed table; str columns are left-aligned.
+COLUMNS = [
+    ("model", "model", 11, ""),
+    ("option", "option", 48, ""),
+    ("target", "target", 6, "g"),
+    ("W bits", "w_bits", 6, ".3f"),
+    ("W ent", "w_entropy_bits", 6, ".3f"),
+    ("top-1 %", "top1", 7, ".2f"),
+    ("out MSE", "out_mse", 9, ".3e"),
+]
 
-    lines = [
-        f"{'model':<11} {'option':<48} {'target':>6} {'W bits':>6} {'W ent':>6} "
-        f"{'top-1 %':>7} {'out MSE':>9}"
-    ]
-    for r in rows:
-        lines.append(
-            f"{r['model']:<11} {r['option']:<48} {num(r['target'], 'g'):>6} "
-            f"{num(r['w_bits'], '.3f'):>6} {num(r['w_entropy_bits'], '.3f'):>6} "
-            f"{num(r['top1'], '.2f'):>7} {num(r['out_mse'], '.3e'):>9}"
-        )
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, int, str]] = COLUMNS) -> str:
+    """The rows as a fixed-width table ("-" where a value is None)."""
+
+    def cell(v: Any, width: int, fmt: str) -> str:
+        text = "-" if v is None else format(v, fmt)
+        return f"{text:<{width}}" if not fmt else f"{text:>{width}}"
+
+    lines = [" ".join(cell(h, w, f and ">") for h, _, w, f in columns)]
+    lines += [" ".join(cell(r[k], w, f) for _, k, w, f in columns) for r in rows]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(
+    argv: list[str] | None = None,
+    parse: Any = parse,
+    run: Any = run,
+    table: Any = table,
+) -> dict[str, Any]:
+    """Run the benchmark (``--quick``: one model, one target, 16 calibration images), print its
+    table and, as the last line, its JSON summary."""
     args = parse(argv)
     if args.quick:
         args.archs, args.targets, args.calib = args.archs[:1], ["3"], "16"

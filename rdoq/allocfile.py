@@ -19,8 +19,8 @@ from rdoq.allocation import (
     ItemTable,
     LayerEntry,
 )
-from rdoq.authors import ENTRY_KEYS, ENTRY_VALUES, PARTS
-from rdoq.groups import group_bounds
+from rdoq.authors import ENTRY_KEYS, ENTRY_VALUES, PARTS, entry_rule
+from rdoq.groups import GROUP_AXES, group_bounds, group_dim
 from rdoq.sorting import check_order
 from rdoq.steps import STEP_MODES
 from rdoq.store import atomic_write_json, read_json_artifact
@@ -205,9 +205,21 @@ def load_allocation(path: Path | str) -> dict[str, Any]:
                 )
             if any((not isinstance(b, int)) or b < 0 for b in e["bits"]):
                 raise ValueError(f"{path}: {part} entry {name!r} has invalid bits {e['bits']}")
+            if part == "weights":
+                axis = e.get("group_axis", "out")
+                shape = list(e.get("shape", []))
+                if (
+                    axis not in GROUP_AXES
+                    or len(shape) < 2
+                    or (shape[group_dim(axis)] != int(e["channels"]))
+                ):
+                    raise ValueError(
+                        f"{path}: weights entry {name!r} has {e['channels']} channels, group "
+                        f"axis {axis!r} and shape {shape}, which do not agree"
+                    )
             # A step may be missing only where the group is all zeros: 0 bits, or the 1-bit
-            # dead-zone quantizer of a weight group.
-            floor = 1 if part == "acts" else 2
+            # dead-zone quantizer of a weight group (ternary by the authors' rule).
+            floor = 1 if part == "acts" or entry_rule(e, "deadzone") else 2
             group_steps = (
                 [e["step_log2"][c0:c1] for c0, c1 in bounds]
                 if per_channel

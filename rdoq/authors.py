@@ -124,5 +124,8 @@ def entry_rule(entry: Mapping[str, Any], part: str) -> bool:
     if value is None:
         return False
     if value != ENTRY_VALUES[part]:
-        raise ValueError(f"allocation entry has {key}={value!r}; only {ENTRY_VALUES[part]!r}")
+        raise ValueError(
+            f"allocation entry has {key}={value!r}, which this version does not know (only "
+            f"{ENTRY_VALUES[part]!r}); re-make the allocation with this version"
+        )
     return True

@@ -250,9 +250,10 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
             choices=GROUP_AXES,
             default="out",
             help="the weight channels a group gathers: out (output channels) or in (input "
-            "channels, the paper's get_ele_per_input_channel variant: a group is every weight "
-            "that reads its input channels; rdcurves_inchan_ in the directory name). Not with "
-            "--sort_channels, -bcw or spconv layers (default: out)",
+            "channels, the paper's get_ele_per_input_channel variant: axis 1 of the weight, so "
+            "a group is every weight that reads its input channels, for a grouped or "
+            "depthwise convolution the input channels of each filter; rdcurves_inchan_ in the "
+            "directory name). Not with --sort_channels, -bcw or spconv layers (default: out)",
         )
         g.add_argument(
             "-bcw",
@@ -721,8 +722,12 @@ def warn_correction_mismatch(
 
     made = bool(store.meta.get("bias_corr"))
     made_theirs = part in store.meta.get("authors_semantics", [])
-    if authors and part == "bca":
-        deployed, authors = False, False
+    if part == "bca":
+        # The authors' -bca never reached their curves: for the curves, it is no -bca.
+        made = made and not made_theirs
+        made_theirs = False
+        if authors:
+            deployed, authors = False, False
     if made == bool(deployed) and (not made or made_theirs == authors):
         return
     kind = store.meta["kind"]

@@ -464,6 +464,16 @@ def allocate_main(
             astore = open_curve_set(aroot, "act", act_mode)
             check_curves_match(args, info, astore.meta, aroot)
             check_curve_rules(astore.meta, args.authors_semantics, "--authors-semantics")
+        idle = [
+            f"{p} (without {flag})"
+            for p, flag, on in (
+                ("bcw", "-bcw", args.bias_corr_weight),
+                ("bca", "-bca and activations", args.bias_corr_act and astore is not None),
+            )
+            if p in args.authors_semantics and not on
+        ]
+        if idle:
+            log.info("--authors-semantics: no effect of %s", ", ".join(idle))
         # The parts in effect, as the allocations and results record them.
         args.authors_semantics = effective_parts(
             args.authors_semantics,

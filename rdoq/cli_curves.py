@@ -15,7 +15,7 @@ import torch
 
 from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, InputError
-from rdoq.authors import GROUP_STEP_PARTS, curve_parts
+from rdoq.authors import CURVE_PARTS, GROUP_STEP_PARTS, curve_parts
 from rdoq.cli import (
     DEFAULT_STEPS,
     RESUME_HINT,
@@ -115,6 +115,13 @@ def curves_main(
     ndz = 1 if kind == "act" or args.disable_deadzone else args.maxdeadzones
     bias_corr = args.bias_corr_weight if kind == "weight" else args.bias_corr_act
     authors = curve_parts(kind, args.authors_semantics, bias_corr)
+    idle = [p for p in args.authors_semantics if p in CURVE_PARTS[kind] and p not in authors]
+    if idle:
+        log.info(
+            "--authors-semantics %s: no effect on these curves without %s",
+            ",".join(idle),
+            "-bcw" if kind == "weight" else "-bca",
+        )
     steps = args.steps or (
         "group" if any(p in GROUP_STEP_PARTS for p in authors) else DEFAULT_STEPS[kind]
     )

@@ -185,6 +185,11 @@ def evaluate_main(
                     if a.get("authors_semantics")
                     else {}
                 ),
+                **(
+                    {"eval_batch_size": args.batchsize}
+                    if "bca" in a.get("authors_semantics", [])
+                    else {}
+                ),
                 "allocation": str(path.resolve()),
                 "fp_weight_layers": bits["fp_weight_layers"],
                 "fp_act_layers": bits["fp_act_layers"],

@@ -232,7 +232,8 @@ def plan_layers(model: nn.Module, x1: torch.Tensor, job: CurveJob) -> list[Layer
         sparse = [lay.name for lay in layers if is_sparse_conv(modules[lay.name])]
         if job.group_axis != "out" and sparse:
             raise ValueError(
-                f"--group-axis {job.group_axis} is not offered for spconv layers ({sparse[:4]})"
+                f"--group-axis {job.group_axis} is not offered for spconv layers "
+                f"({sparse[:4]}); use --group-axis out"
             )
         for layer in layers:
             channels = layer.shape[group_dim(job.group_axis)]
@@ -631,7 +632,9 @@ def layer_curves(
             # The entropy rate of every point (--rate entropy), from the weight both
             # estimators quantized, with the point's own quantizer.
             weight = group_view(modules[plan.name].weight.detach(), job.group_axis)
-            extra["entropy"] = curve_entropy(weight, plan.bounds, step, dz, steps)
+            extra["entropy"] = curve_entropy(
+                weight, plan.bounds, step, dz, steps, "deadzone" in job.authors
+            )
         else:
             # Of the calibration activations, in one more pass over them.
             rows = max_rows if job.estimator == "measured" else job.sweep_batch

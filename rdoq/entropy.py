@@ -73,8 +73,10 @@ def curve_entropy(
     step_log2: np.ndarray,
     deadzone: np.ndarray,
     steps: ChannelSteps | None,
+    authors_dz: bool = False,
 ) -> np.ndarray:
-    """``entropy (G, D, B)``: bits per element of every curve point of one weight layer.
+    """``entropy (G, D, B)``: bits per element of every curve point of one weight layer
+    (``authors_dz``: of the authors' dead-zone symbols, ``--authors-semantics deadzone``).
 
     ``step_log2`` and ``deadzone`` are the layer's curve arrays ``(G, D, B)`` (bit width = index
     along B); with ``steps`` (per-channel mode) they hold each point's group scale and dead-zone
@@ -92,6 +94,7 @@ def curve_entropy(
                     float(step_log2[g, d, b]),
                     float(deadzone[g, d, b]),
                     dz_index=d if steps is not None else -1,
+                    authors_dz=authors_dz,
                 )
                 if cand.is_zero:
                     continue

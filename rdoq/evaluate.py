@@ -456,6 +456,11 @@ def bit_report(model: nn.Module, alloc: dict[str, Any], x1: torch.Tensor) -> dic
         if getattr(modules[k], "bias", None) is None
     )
     size_bits += 32.0 * added_bias
+    # The authors' affine -bcw: a per-output-channel offset on the weights (its scale joins the
+    # channel's step), which no bias absorbs in general: charged at 32 bits per channel.
+    size_bits += 32.0 * sum(
+        int(e["shape"][0]) for e in alloc["weights"].values() if entry_rule(e, "bcw")
+    )
     names = [layer.name for layer in layers]
     macs = layer_macs(model, x1, names)
     charges = input_charges(model, alloc, x1, names, layer_a_bits)

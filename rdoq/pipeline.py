@@ -101,9 +101,17 @@ class TableSpec:
         ]
         return views[0], views[1]
 
+    @property
+    def weights_bias_folded(self) -> bool:
+        """Whether the weight curves were measured after this project's ``-bcw`` (the
+        correction the ``auto`` rules of ``--monotone`` and ``--shrink`` were measured with;
+        not the authors' affine one)."""
+        meta = self.weights.meta
+        return bool(meta.get("bias_corr")) and "bcw" not in meta.get("authors_semantics", [])
+
     def monotone_mask(self, table: ItemTable) -> np.ndarray:
         """The items ``--monotone`` fits, ``(I,)``."""
-        return monotone_items(table, self.monotone, bool(self.weights.meta.get("bias_corr")))
+        return monotone_items(table, self.monotone, self.weights_bias_folded)
 
     def table(self, alpha: float = 1.0, held_out: int | None = None) -> ItemTable:
         """The constrained item table of the curves (without fold ``held_out``) shrunk by
@@ -153,11 +161,11 @@ def shrink_alphas(
                 "--folds), so group curves are used as measured"
             )
             return [1.0] * n, [None] * n
-        if not spec.weights.meta.get("bias_corr"):
+        if not spec.weights_bias_folded:
             log.info(
-                "--shrink auto: the weight curves were measured without -bcw, so group "
-                "curves are used as measured (pooling them measured worse; --shrink cv "
-                "forces it)"
+                "--shrink auto: the weight curves were measured without this project's "
+                "-bcw, so group curves are used as measured (pooling them measured worse; "
+                "--shrink cv forces it)"
             )
             return [1.0] * n, [None] * n
         shrink = "cv"
@@ -348,8 +356,10 @@ def run_points(
             "solve_s": solve_s,
             "smooth_dists": getattr(args, "smooth_dists", False),
             "monotone": getattr(args, "monotone_applied", None),
-            # The authors' rules in effect (their oracle -bca reads the evaluated data).
+            # The authors' rules in effect (their oracle -bca reads the evaluated data, so its
+            # figures depend on the evaluation batch).
             **({"authors_semantics": alloc["authors_semantics"]} if authors else {}),
+            **({"eval_batch_size": args.batchsize} if "bca" in authors else {}),
             **extra,
             "allocation": str(apath.relative_to(outdir)),
             "fp_weight_layers": bits["fp_weight_layers"],

@@ -284,6 +284,8 @@ def test_scripts_measure_allocate_and_record_the_authors_rules(tmp_path):
     row = res["rows"][0]
     assert row["authors_semantics"] == ["deadzone", "search", "bcw"]
     assert row["method"] == "dp+bcw+authors-deadzone-search-bcw"
+    # The auto monotone fit was measured with this project's -bcw only.
+    assert row["monotone"] == "none"
     alloc = load_allocation(tmp_path / "a" / row["allocation"])
     assert alloc["schema"] == ALLOC_SCHEMA_V3 and "bcw" not in (alloc.get("corrections") or {})
     assert all(
@@ -315,13 +317,88 @@ def test_correction_mismatch_warns_about_the_variant_too(tmp_path, caplog):
         tmp_path, {"kind": "weight", "bias_corr": True, "authors_semantics": ["bcw"]}
     )
     plain = CurveStore(tmp_path, {"kind": "act", "bias_corr": False})
+    named = CurveStore(tmp_path, {"kind": "act", "bias_corr": True, "authors_semantics": ["bca"]})
     with caplog.at_level("WARNING", logger="rdoq"):
         warn_correction_mismatch(affine, "-bcw", True, authors=True)
-        # The authors' -bca goes with curves that never saw it.
+        # The authors' -bca goes with curves that never saw it, -bca on their command line
+        # or not.
         warn_correction_mismatch(plain, "-bca", True, authors=True)
+        warn_correction_mismatch(named, "-bca", True, authors=True)
     assert caplog.text == ""
     with caplog.at_level("WARNING", logger="rdoq"):
         warn_correction_mismatch(affine, "-bcw", True, authors=False)
     assert "measured with the authors' -bcw but this allocation is deployed with -bcw" in (
         caplog.text
     )
+
+
+def test_stored_entropy_counts_the_authors_dead_zone_symbols(tmp_path):
+    """Curves measured with their dead-zone rule store the entropy of its symbols (a 1-bit
+    dead-zone point is ternary, not empty)."""
+    from rdoq.curves import CurveJob, generate_curves
+    from rdoq.entropy import symbol_entropy
+    from rdoq.parts import PartSpec
+
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    net = net.double().eval()
+    x = torch.randn(12, 6, dtype=torch.float64)
+    job = CurveJob(
+        kind="weight",
+        group_size=4,
+        nr=4,
+        ndz=2,
+        max_steps=10,
+        step_grid=1,
+        progress=False,
+        step_mode="group",
+        authors=("deadzone",),
+        layers=("0",),
+    )
+    info = {"arch": "toy", "weights_source": "test", "checkpoint_sha256": None}
+    calib = {"size": 12, "seed": 0, "source": "test", "sha256": "x", "items": []}
+    generate_curves(net, x, info, calib, job, tmp_path / "c", PartSpec(0, 1), torch.device("cpu"))
+    c = CurveStore.load(tmp_path / "c").read_layer("0")
+    w = net[0].weight.detach()
+    for g, (c0, c1) in enumerate(group_bounds(8, 4)):
+        for b in (1, 2, 3):
+            step, phi = 2.0 ** c.step_log2[g, 1, b], c.deadzone[g, 1, b]
+            want = symbol_entropy(weight_levels(w[c0:c1], b, step, phi, authors=True))
+            assert c.extra["entropy"][g, 1, b] == pytest.approx(want, rel=1e-12), (g, b)
+    assert (c.extra["entropy"][:, 1, 1] > 0).all()  # ternary at 1 bit
+
+
+def test_size_charges_the_affine_offsets_and_files_are_checked(tmp_path):
+    import json
+
+    from rdoq.evaluate import bit_report
+
+    lin = torch.nn.Sequential(torch.nn.Linear(6, 4))
+    entry = {
+        "type": "Linear",
+        "shape": [4, 6],
+        "channels": 4,
+        "group_size": 2,
+        "bits": [1, 3],
+        "steps": "group",
+        "step_log2": [-1.0, -2.0],
+        "deadzone": [0.3, 0.0],
+    }
+    alloc = {"model": "toy", "weights": {"0": entry}, "acts": {}}
+    x1 = torch.randn(1, 6)
+    plain = bit_report(lin, alloc, x1)["size_mb"]
+    theirs = {**alloc, "weights": {"0": {**entry, "bcw": "affine"}}}
+    assert bit_report(lin, theirs, x1)["size_mb"] - plain == pytest.approx(32 * 4 / 8e6)
+    # Validation: a 1-bit group of the authors' dead-zone rule needs its step (it is ternary);
+    # the channel count must match the group axis.
+    path = tmp_path / "a.json"
+    for bad, match in (
+        ({**entry, "deadzone_rule": "authors", "step_log2": [None, -2.0]}, "lacks a step"),
+        ({**entry, "group_axis": "in"}, "do not agree"),
+    ):
+        path.write_text(json.dumps({**alloc, "schema": ALLOC_SCHEMA_V3, "weights": {"0": bad}}))
+        with pytest.raises(ValueError, match=match):
+            load_allocation(path)
+    ok = {**entry, "step_log2": [None, -2.0]}  # ours: a 1-bit dead-zone group is all zeros
+    path.write_text(json.dumps({**alloc, "schema": ALLOC_SCHEMA_V3, "weights": {"0": ok}}))
+    load_allocation(path)
