@@ -233,18 +233,7 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
             default="linear",
             help="weight quantizer (the paper's log2 quantizer is broken; not offered)",
         )
-        g.add_argument(
-            "--sort_channels",
-            nargs="?",
-            const="max",
-            default=None,
-            choices=SORT_STATS,
-            help="sort each layer's output channels by a per-channel statistic of their "
-            "weights before cutting groups, so a group gathers channels of similar range: max "
-            "(the signed maximum, the paper's; the flag alone) or rms. The order is stored in "
-            "the curves and the allocations; weights are never permuted in a saved model. "
-            "Measured estimator only (default: off, the channels' own order)",
-        )
+        add_sort_flag(g)
         g.add_argument(
             "--group-axis",
             choices=GROUP_AXES,
@@ -324,6 +313,22 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
         "rounding noise dominates distortions below ~1e-6 of the output power",
     )
     add_engine_flags(e, second_order=True)
+
+
+def add_sort_flag(g: argparse._ArgumentGroup) -> None:
+    """``--sort_channels [max|rms]`` of the weight-curve scripts (classification and detection)."""
+    g.add_argument(
+        "--sort_channels",
+        nargs="?",
+        const="max",
+        default=None,
+        choices=SORT_STATS,
+        help="sort each layer's output channels by a per-channel statistic of their "
+        "weights before cutting groups, so a group gathers channels of similar range: max "
+        "(the signed maximum, the paper's; the flag alone) or rms. The order is stored in "
+        "the curves and the allocations; weights are never permuted in a saved model. "
+        "Measured weight curves only (default: off, the channels' own order)",
+    )
 
 
 def add_deadzone_flags(g: argparse._ArgumentGroup) -> None:

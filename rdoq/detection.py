@@ -60,6 +60,7 @@ from rdoq.cli import (
     add_curve_output_flags,
     add_deadzone_flags,
     add_scale_flags,
+    add_sort_flag,
     check_outdir,
     default_workers,
     resolve_device,
@@ -68,7 +69,6 @@ from rdoq.cli import (
     shrink_mode,
 )
 from rdoq.shrink import DEFAULT_FOLDS
-from rdoq.sorting import SORT_STATS
 from rdoq.steps import STEP_MODES
 
 log = logging.getLogger("rdoq")
@@ -305,17 +305,7 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
         default="out",
         help="activation curves: of each layer's output or input (default: out)",
     )
-    g.add_argument(
-        "--sort_channels",
-        nargs="?",
-        const="max",
-        default=None,
-        choices=SORT_STATS,
-        help="sort each layer's output channels by the signed maximum (the paper's; the flag "
-        "alone) or the RMS of their weights before cutting groups; the order is stored in the "
-        "curves and allocations, the weights are never permuted (measured weight curves only; "
-        "default: off)",
-    )
+    add_sort_flag(g)
     add_curve_output_flags(g)
     e = p.add_argument_group("estimator")
     e.add_argument(
