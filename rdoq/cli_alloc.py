@@ -372,10 +372,9 @@ def _act_curve_set(
 
     given = args.act_curve_root_dir is not None
     root = args.act_curve_root_dir if given else Path(".")
+    rules = act_curve_rules(args.authors_semantics)
     try:
-        return find_act_curve_set(
-            root, arch, act_mode, args.nchannelbatch, act_curve_rules(args.authors_semantics)
-        )
+        return find_act_curve_set(root, arch, act_mode, args.nchannelbatch, rules)
     except FileNotFoundError as e:
         # The paper's name; nr and ns as the weight curves', nf unknown unless --nchannelbatch.
         nf = args.nchannelbatch or 0
@@ -387,6 +386,7 @@ def _act_curve_set(
             int(wmeta["calib"]["size"]),
             nf,
             act_mode,
+            authors=rules,
         )
         if not args.nchannelbatch:
             expected = expected.replace("_nf_0000_", "_nf_*_")
@@ -398,8 +398,9 @@ def _act_curve_set(
         where = f"{root} ({root.resolve()})" if given else f"the current directory {Path.cwd()}"
         if not root.is_dir():
             where += ", which does not exist"
+        made = f" made with the authors' rules {list(rules)}" if rules else ""
         raise InputError(
-            f"no {act_mode}put activation curve set of {arch} in {where} "
+            f"no {act_mode}put activation curve set of {arch}{made} in {where} "
             f"(searched by --act_curve_root_dir{'' if given else ', default .'}): "
             f"expected a directory like {expected} with its meta.json. Make it "
             f"with classification/{script} --outdir DIR and pass "

@@ -402,3 +402,29 @@ def test_size_charges_the_affine_offsets_and_files_are_checked(tmp_path):
     ok = {**entry, "step_log2": [None, -2.0]}  # ours: a 1-bit dead-zone group is all zeros
     path.write_text(json.dumps({**alloc, "schema": ALLOC_SCHEMA_V3, "weights": {"0": ok}}))
     load_allocation(path)
+
+
+def test_activation_set_lookup_names_the_rules_it_filtered_by(tmp_path, capsys):
+    from rdoq.cli_alloc import allocate_main
+    from rdoq.cli_curves import curves_main
+
+    model = ["--archname", "digits_cnn", "--dataset", "digits", "--quiet"]
+    small = [*model, "--testsize", "8", "--nchannelbatch", "16", "--maxrates", "3"]
+    curves_main(
+        "weight",
+        None,
+        [*small, "--maxdeadzones", "1", "--outdir", str(tmp_path / "w")]
+        + ["--authors-semantics", "search"],
+    )
+    curves_main("act", "out", [*small, "--outdir", str(tmp_path / "acts")])  # no rules
+    (wroot,) = (tmp_path / "w").iterdir()
+    with pytest.raises(SystemExit):
+        allocate_main(
+            "dp",
+            act_mode="out",
+            argv=[*model, "--pathrdcurve", str(wroot), "--target_rates", "2"]
+            + ["--act_curve_root_dir", str(tmp_path / "acts"), "--authors-semantics", "search"]
+            + ["--testsize", "16", "--no-plots", "--outdir", str(tmp_path / "a")],
+        )
+    err = capsys.readouterr().err
+    assert "made with the authors' rules ['search']" in err and "_authors_search_" in err
