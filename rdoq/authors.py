@@ -17,8 +17,8 @@ turns on all of them):
   see it (the authors' curve scripts only renamed a directory with ``-bca``). Its accuracy is
   not achievable by a deployed model: rows carry ``authors_semantics`` so it is never mistaken.
 
-``deadzone`` and ``search`` need the paper's one step per group (``--steps group``): they
-are rules of that quantizer and its search.
+``deadzone`` and ``search`` (:data:`CURVE_RULES`) need the paper's one step per group
+(``--steps group``): they are rules of that quantizer and its search.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from typing import Any
 PARTS = ("deadzone", "search", "bcw", "bca")
 # The parts a curve set of each kind can carry.
 CURVE_PARTS = {"weight": ("deadzone", "search", "bcw"), "act": ("search", "bca")}
-# The parts that need the paper's one step per group.
-GROUP_STEP_PARTS = ("deadzone", "search")
-# Curve-set parts that change the curves themselves: the allocation's flag must name the same.
+# The rules of the paper's one step per group and its search: they need --steps group, they
+# change the curves themselves, and the allocation's flag must name the same as its curves.
 CURVE_RULES = ("deadzone", "search")
 # Allocation entry keys of the parts that change how an allocation is applied.
 ENTRY_KEYS = {
@@ -83,12 +82,17 @@ def curve_parts(kind: str, parts: Iterable[str], bias_corr: bool) -> tuple[str, 
     return tuple(p for p in parts if p in CURVE_PARTS[kind] and (p not in corr or bias_corr))
 
 
+def curve_rules_of(meta: Mapping[str, Any]) -> list[str]:
+    """The curve-borne rules (:data:`CURVE_RULES`) a curve set's ``meta.json`` carries."""
+    return [p for p in meta.get("authors_semantics", []) if p in CURVE_RULES]
+
+
 def check_curve_rules(meta: Mapping[str, Any], parts: Iterable[str], flag_hint: str) -> None:
     """The curve-borne rules (:data:`CURVE_RULES`) of a curve set equal those the allocation
     asks for; otherwise ``ValueError`` names both and the fix (the allocation must apply the
     quantizer the curves measured)."""
     kind = meta.get("kind", "weight")
-    have = [p for p in meta.get("authors_semantics", []) if p in CURVE_RULES]
+    have = curve_rules_of(meta)
     want = [p for p in parts if p in CURVE_RULES and p in CURVE_PARTS[kind]]
     if have != want:
         raise ValueError(
@@ -111,7 +115,7 @@ def effective_parts(
     (``metas``; :func:`check_curve_rules` has made them equal to ``parts``'), ``bcw`` / ``bca``
     only with the correction flag that they redefine."""
     parts = set(parts)
-    have = {p for m in metas for p in m.get("authors_semantics", []) if p in CURVE_RULES}
+    have = {p for m in metas for p in curve_rules_of(m)}
     on = have | {p for p, flag in (("bcw", bcw), ("bca", bca)) if flag and p in parts}
     return tuple(p for p in PARTS if p in on)
 

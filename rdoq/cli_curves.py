@@ -15,7 +15,7 @@ import torch
 
 from rdoq.adapters import adapter_registry, get_adapter
 from rdoq.adapters.base import Adapter, InputError
-from rdoq.authors import CURVE_PARTS, GROUP_STEP_PARTS, curve_parts
+from rdoq.authors import CURVE_PARTS, CURVE_RULES, curve_parts
 from rdoq.cli import (
     DEFAULT_STEPS,
     RESUME_HINT,
@@ -123,7 +123,7 @@ def curves_main(
             "-bcw" if kind == "weight" else "-bca",
         )
     steps = args.steps or (
-        "group" if any(p in GROUP_STEP_PARTS for p in authors) else DEFAULT_STEPS[kind]
+        "group" if any(p in CURVE_RULES for p in authors) else DEFAULT_STEPS[kind]
     )
     # Named after --archname as given, so later paper commands with the same name find it.
     root = args.pathrdcurve or args.outdir / curve_set_name(

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rdoq.actstats import ActGroupStats, act_group_stats, act_group_stats_of, act_values
-from rdoq.authors import CURVE_PARTS, GROUP_STEP_PARTS
+from rdoq.authors import CURVE_PARTS, CURVE_RULES
 from rdoq.backends import ActBackend, WeightBackend, weight_input_means
 from rdoq.engine import MeasuredEngine
 from rdoq.entropy import act_curve_entropy, curve_entropy
@@ -148,9 +148,9 @@ class CurveJob:
         bad = [p for p in self.authors if p not in CURVE_PARTS[self.kind]]
         if bad:
             raise ValueError(f"--authors-semantics {bad} does not apply to {self.kind} curves")
-        if self.channel_steps and any(p in GROUP_STEP_PARTS for p in self.authors):
+        if self.channel_steps and any(p in CURVE_RULES for p in self.authors):
             raise ValueError(
-                f"--authors-semantics {[p for p in self.authors if p in GROUP_STEP_PARTS]} "
+                f"--authors-semantics {[p for p in self.authors if p in CURVE_RULES]} "
                 f"are rules of the paper's one step per group: use --steps group"
             )
         if self.sort_channels is not None:

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from rdoq.authors import CURVE_RULES
+from rdoq.authors import curve_rules_of
 
 SCHEMA = "rdoq.curves/2"
 # Curve sets with an optional setting (OPTIONAL_SETTINGS_KEYS): weight channels sorted before
@@ -473,11 +473,7 @@ def find_act_curve_set(
             and meta.get("act_mode") == act_mode
             and meta.get("model") == model
             and (group_size is None or meta["group_size"] == group_size)
-            and (
-                authors is None
-                or [p for p in meta.get("authors_semantics", []) if p in CURVE_RULES]
-                == list(authors)
-            )
+            and (authors is None or curve_rules_of(meta) == list(authors))
         ):
             found.append(d)
     if not found:

@@ -28,6 +28,18 @@ from rdoq.quantizers import (
 from rdoq.search import Candidate, Chain, SearchSettings, run_chains
 from rdoq.store import SCHEMA_V3, CurveStore
 
+# A Linear(6, 4) weight entry: a 1-bit dead-zone group, then a 3-bit uniform one.
+ENTRY = {
+    "type": "Linear",
+    "shape": [4, 6],
+    "channels": 4,
+    "group_size": 2,
+    "bits": [1, 3],
+    "steps": "group",
+    "step_log2": [-1.0, -2.0],
+    "deadzone": [0.3, 0.0],
+}
+
 
 def _authors_formula(x: torch.Tensor, step: float, phi: float, bits: int) -> torch.Tensor:
     """The digest's §1.1 rule written out element by element."""
@@ -222,14 +234,7 @@ def test_parse_and_effective_parts():
 def test_applied_entry_follows_its_rules_and_unknown_values_are_refused():
     torch.manual_seed(2)
     w = torch.randn(4, 6, dtype=torch.float64)
-    entry = {
-        "channels": 4,
-        "group_size": 2,
-        "bits": [1, 3],
-        "steps": "group",
-        "step_log2": [-1.0, -2.0],
-        "deadzone": [0.3, 0.0],
-    }
+    entry = dict(ENTRY)
     plain = quantized_weight(w, entry)
     assert torch.equal(plain[:2], torch.zeros(2, 6, dtype=torch.float64))  # ours: 1-bit dz = 0
     theirs = quantized_weight(w, {**entry, "deadzone_rule": "authors"})
@@ -374,16 +379,7 @@ def test_size_charges_the_affine_offsets_and_files_are_checked(tmp_path):
     from rdoq.evaluate import bit_report
 
     lin = torch.nn.Sequential(torch.nn.Linear(6, 4))
-    entry = {
-        "type": "Linear",
-        "shape": [4, 6],
-        "channels": 4,
-        "group_size": 2,
-        "bits": [1, 3],
-        "steps": "group",
-        "step_log2": [-1.0, -2.0],
-        "deadzone": [0.3, 0.0],
-    }
+    entry = dict(ENTRY)
     alloc = {"model": "toy", "weights": {"0": entry}, "acts": {}}
     x1 = torch.randn(1, 6)
     plain = bit_report(lin, alloc, x1)["size_mb"]
