@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rdoq.adapters.digits import build_digits_model, digits_calib, digits_eval  # noqa: E402
 from rdoq.adapters.timm_imagenet import build_model, synthetic_calib  # noqa: E402
-from rdoq.allocation import build_table, solve_targets  # noqa: E402
+from rdoq.allocation import build_table, solve_recorded  # noqa: E402
 from rdoq.allocfile import make_allocation  # noqa: E402
 from rdoq.apply import apply_allocation  # noqa: E402
 from rdoq.curves import CurveJob, generate_curves  # noqa: E402
@@ -152,7 +152,7 @@ def dp_scores(model, root: Path, data, ref, targets: list[float]) -> list[dict]:
     names = a.layer_names()
     dims = {n: channel_dim(modules[n]) for n in names}
     table = build_table(w, a, [names[0], names[-1]], act_channel_dims=dims)
-    choices, _ = solve_targets(table, targets, "dp", act_targets=targets)
+    choices = solve_recorded(table, targets, "dp", act_targets=targets).choices
     out = []
     for t, c in zip(targets, choices, strict=True):
         alloc = make_allocation(table, c, target_bits=t, solver="dp")

@@ -476,19 +476,6 @@ class Solved:
     records: list[dict[str, float]]
 
 
-def solve_targets(
-    table: ItemTable,
-    targets: list[float],
-    solver: str,
-    act_targets: list[float] | None = None,
-    layerwise: bool = False,
-) -> tuple[list[np.ndarray], float]:
-    """Choices ``(I,)`` for each target, and the solver seconds (:func:`solve_recorded`
-    without the records)."""
-    solved = solve_recorded(table, targets, solver, act_targets, layerwise)
-    return solved.choices, solved.seconds
-
-
 def solve_recorded(
     table: ItemTable,
     targets: list[float],

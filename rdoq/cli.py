@@ -7,8 +7,10 @@ The scripts in ``classification/`` are one-line wrappers around the entry points
 frontier allocation) and :mod:`rdoq.cli_eval` (``evaluate_allocation``, ``uniform_baseline``,
 ``show_results``); the pipeline they run after solving is :mod:`rdoq.pipeline`.
 
-Its length (about 690 lines): most of it is the flag groups every script shares, with their help
-texts, declared once here so that a flag means the same in every script.
+Its length (about 950 lines): some 570 lines are the flags the scripts share (classification and
+detection), each declared once here with its help text and its check, so that a flag means the
+same in every script; the rest is the plumbing every script shares (device, logging, output
+checks, model and data building, the curves/model match).
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ R = TypeVar("R")
 DEAD_FLAGS = ("--modeid", "--nprocessings", "--numdatareads")
 
 
-def _positive(kind: type, name: str):
-    def parse(text: str):
+def positive(kind: type, name: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``kind(text)``, refused with a message naming ``name`` unless > 0."""
+
+    def parse(text: str) -> Any:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
@@ -74,21 +78,31 @@ def shrink_mode(text: str) -> str:
     return text
 
 
+def add_size_flags(
+    g: argparse._ArgumentGroup, calibration: bool, default_testsize: int = 64
+) -> None:
+    """The paper's ``--testsize`` and ``--batchsize``: ``--testsize`` counts the calibration
+    samples in the scripts that calibrate (``calibration``), the evaluation samples in those
+    that evaluate."""
+    if calibration:
+        what = "calibration images, drawn class-spread from train/ (default: %(default)s)"
+        kind, default = positive(int, "--testsize"), default_testsize
+    else:
+        what = "evaluation samples (-1 = the whole val/test split; default: -1)"
+        kind, default = testsize_type, -1
+    g.add_argument("--testsize", type=kind, default=default, help=what)
+    g.add_argument(
+        "--batchsize",
+        type=positive(int, "--batchsize"),
+        default=64,
+        help="samples per forward when loading or evaluating (default: %(default)s)",
+    )
+
+
 def add_eval_data_flags(g: argparse._ArgumentGroup) -> None:
     """The evaluation data of the scripts that evaluate: ``--testsize --batchsize --workers
     --seed``."""
-    g.add_argument(
-        "--testsize",
-        type=testsize_type,
-        default=-1,
-        help="evaluation samples (-1 = the whole val/test split; default: -1)",
-    )
-    g.add_argument(
-        "--batchsize",
-        type=_positive(int, "--batchsize"),
-        default=64,
-        help="samples per evaluation forward (default: %(default)s)",
-    )
+    add_size_flags(g, calibration=False)
     g.add_argument(
         "--workers",
         type=int,
@@ -162,42 +176,11 @@ def add_model_data_flags(
     """Model, data and device flags shared by every classification script."""
     g = p.add_argument_group("model and data")
     add_model_flags(g, datasets=datasets)
-    g.add_argument(
-        "--testsize",
-        type=_positive(int, "--testsize"),
-        default=default_testsize,
-        help="calibration images, drawn class-spread from train/ (default: %(default)s)",
-    )
-    g.add_argument(
-        "--batchsize",
-        type=_positive(int, "--batchsize"),
-        default=64,
-        help="images per forward when loading/evaluating (default: %(default)s)",
-    )
+    add_size_flags(g, calibration=True, default_testsize=default_testsize)
     g.add_argument("--seed", type=int, default=0, help="seed for --random-init and synthetic data")
     d = p.add_argument_group("device and scale-out")
-    d.add_argument(
-        "--gpuid",
-        type=int,
-        default=0,
-        help="CUDA device index when CUDA is available (default: %(default)s)",
-    )
-    d.add_argument(
-        "--device", default=None, help="torch device (cpu, cuda, cuda:1); overrides --gpuid"
-    )
-    d.add_argument(
-        "--part_id",
-        type=int,
-        default=None,
-        help="this process's part (default: torchrun RANK, else 0)",
-    )
-    d.add_argument(
-        "--num_parts",
-        type=int,
-        default=None,
-        help="number of parts (default: torchrun WORLD_SIZE, else 1; the paper's "
-        "default of 5 silently skipped 4/5 of the layers)",
-    )
+    add_device_flags(d)
+    add_part_flags(d, paper_parts=5)
     for flag in DEAD_FLAGS:
         d.add_argument(
             flag, type=int, default=0, help="accepted for paper compatibility; no effect"
@@ -268,24 +251,7 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
             "back), as the allocation scripts' -bca deploys it (the paper's "
             "flag only changed a directory name)",
         )
-    what = "weights" if kind == "weight" else "calibration values"
-    g.add_argument(
-        "--steps",
-        choices=STEP_MODES,
-        default=None,
-        help=f"channel: each channel its own MSE-optimal step from its {what}, "
-        f"times one scale per group searched on --scale-octaves; group: the "
-        f"paper's quantizer, one power-of-two step per group searched from a "
-        f"warm start (default: {DEFAULT_STEPS[kind]}; group with --authors-semantics "
-        f"deadzone or search)",
-    )
-    g.add_argument(
-        "--group-step",
-        dest="steps",
-        action="store_const",
-        const="group",
-        help="same as --steps group",
-    )
+    add_steps_flags(g, f"{DEFAULT_STEPS[kind]}; group with --authors-semantics deadzone or search")
     add_scale_flags(
         g,
         "1 for measured curves; 0, the MSE-optimal steps alone, for "
@@ -305,12 +271,11 @@ def add_curve_flags(p: argparse.ArgumentParser, kind: str) -> None:
     )
     add_curve_output_flags(g)
     e = p.add_argument_group("engine")
-    e.add_argument(
-        "--precision",
-        choices=("float64", "float32"),
-        default="float64",
-        help="arithmetic of the distortion measurement; float32 is faster but its "
-        "rounding noise dominates distortions below ~1e-6 of the output power",
+    add_precision_flag(
+        e,
+        "float64",
+        "arithmetic of the distortion measurement; float32 is faster but its rounding noise "
+        "dominates distortions below ~1e-6 of the output power",
     )
     add_engine_flags(e, second_order=True)
 
@@ -342,26 +307,258 @@ def add_deadzone_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--disable-deadzone", action="store_true", help="same as --maxdeadzones 1")
 
 
-def add_eval_device_flags(g: argparse._ArgumentGroup) -> None:
-    """``--gpuid --device --precision`` of the scripts that apply and evaluate allocations."""
+def add_device_flags(g: argparse._ArgumentGroup) -> None:
+    """``--gpuid --device`` of the scripts that apply and evaluate (classification, detection)."""
     g.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
     g.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1)")
+
+
+def add_quiet_flag(g: argparse._ArgumentGroup) -> None:
+    """``--quiet`` (the paper's ``--mute-print``) of every script."""
     g.add_argument(
-        "--precision",
-        choices=("float32", "float64"),
-        default="float32",
-        help="arithmetic of the evaluation (default: float32)",
+        "--quiet",
+        "--mute-print",
+        dest="quiet",
+        action="store_true",
+        help="no progress bars, warnings only (--mute-print: the paper's name)",
     )
+
+
+def add_part_flags(g: argparse._ArgumentGroup, paper_parts: int) -> None:
+    """``--part_id --num_parts`` of the curve scripts; ``paper_parts``: the authors' default of
+    ``--num_parts``, which left all parts but the first undone."""
+    g.add_argument(
+        "--part_id",
+        type=int,
+        default=None,
+        help="this process's part (default: torchrun RANK, else 0)",
+    )
+    g.add_argument(
+        "--num_parts",
+        type=int,
+        default=None,
+        help=f"number of parts (default: torchrun WORLD_SIZE, else 1 = every layer; the "
+        f"paper's default of {paper_parts} left {paper_parts - 1}/{paper_parts} of the layers "
+        f"undone)",
+    )
+
+
+def add_steps_flags(g: argparse._ArgumentGroup, default: str) -> None:
+    """``--steps`` and its short form ``--group-step`` (``default`` says what --steps defaults
+    to)."""
+    g.add_argument(
+        "--steps",
+        choices=STEP_MODES,
+        default=None,
+        help=f"channel: each channel its own MSE-optimal step, times one scale per group "
+        f"searched on --scale-octaves; group: the paper's quantizer, one power-of-two step per "
+        f"group searched from a warm start (default: {default})",
+    )
+    g.add_argument(
+        "--group-step",
+        dest="steps",
+        action="store_const",
+        const="group",
+        help="same as --steps group",
+    )
+
+
+def add_act_mode_flag(g: argparse._ArgumentGroup, what: str) -> None:
+    """``--act-mode {out,in}``: ``what`` says what it selects in this script."""
+    g.add_argument("--act-mode", choices=("out", "in"), default="out", help=what)
+
+
+def add_folds_flag(g: argparse._ArgumentGroup, default: int, what: str) -> None:
+    """``--folds``: calibration folds stored with the curves for the allocations' ``--shrink``
+    (``what``: what a fold is and costs in this script)."""
+    text = (
+        f"also store the curves of this many calibration folds ({what}), which the allocation "
+        f"scripts' --shrink uses to pool noisy group curves by cross-validation; 0: none "
+        f"(default: {default})"
+    )
+    g.add_argument("--folds", type=int, default=default, help=text)
+
+
+def add_nprobes_flag(g: argparse._ArgumentGroup, per: str) -> None:
+    """``--nprobes`` of the second-order curve scripts (``per``: what one probe set is drawn
+    for)."""
+    what = f"second order: random output probes per {per} (default: 4)"
+    g.add_argument("--nprobes", type=positive(int, "--nprobes"), default=4, help=what)
+
+
+def add_curve_input_flag(g: argparse._ArgumentGroup, what: str, default: str | None = None) -> None:
+    """``--pathrdcurve`` of the scripts that read a curve set: required unless it has a
+    ``default`` (``what``: which set it names)."""
+    path = None if default is None else Path(default)
+    g.add_argument("--pathrdcurve", type=Path, default=path, required=path is None, help=what)
+
+
+def add_outdir_flag(g: argparse._ArgumentGroup, what: str, default: str | None = None) -> None:
+    """``--outdir``, the directory a script writes into (``what``: what it receives, and the
+    default)."""
+    g.add_argument(
+        "--outdir", type=Path, default=None if default is None else Path(default), help=what
+    )
+
+
+def add_fp_act_flag(g: argparse._ArgumentGroup) -> None:
+    """``--fp-act-layers`` of the scripts that quantize activations."""
+    g.add_argument(
+        "--fp-act-layers",
+        default="ends",
+        help="activation layers kept in full precision: 'ends' (first and last, as in the "
+        "paper's DP/LG), 'none', or comma-separated layer names",
+    )
+
+
+def add_target_flags(g: argparse._ArgumentGroup, uniform: bool = False) -> None:
+    """``--target_rates --act-target-rates``: average bits for the allocation scripts, or with
+    ``uniform`` the bit widths of the uniform baseline."""
+    kind = int if uniform else float
+    g.add_argument(
+        "--target_rates",
+        type=kind,
+        nargs="+",
+        default=[kind(b) for b in (4, 6, 8)],
+        help=(
+            "bit widths of every weight (and activation)"
+            if uniform
+            else "target average bits: over weights and activation elements per sample "
+            "jointly, as in the paper, or per weight with --act-target-rates or without "
+            "activation curves"
+        )
+        + " (default: 4 6 8)",
+    )
+    g.add_argument(
+        "--act-target-rates",
+        type=kind,
+        nargs="+",
+        default=None,
+        help="activation bit widths, one or one per --target_rates (default: those of the weights)"
+        if uniform
+        else "separate average activation bits, one or one per --target_rates, which then "
+        "hold the weight targets (default: one joint budget)",
+    )
+
+
+def add_curve_use_flags(g: argparse._ArgumentGroup) -> None:
+    """``--nchannelbatch --maxrates --maxdeadzones --closedeadzone`` of the allocation scripts:
+    which points of the curve sets they use, checked against meta.json by
+    :func:`check_curve_use`."""
+    g.add_argument(
+        "--nchannelbatch",
+        type=int,
+        default=None,
+        help="checked against the curve sets' group size (read from meta.json)",
+    )
+    g.add_argument(
+        "--maxrates",
+        type=int,
+        default=None,
+        help="use bit widths 0..maxrates-1 of the curves (default: all measured)",
+    )
+    g.add_argument(
+        "--maxdeadzones",
+        type=int,
+        default=None,
+        help="checked against the weight curve set's dead-zone ratios",
+    )
+    g.add_argument(
+        "--closedeadzone",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: uniform weight quantizer only (dead-zone ratio 0)",
+    )
+
+
+def check_curve_use(args: argparse.Namespace, meta: dict[str, Any], root: Path) -> None:
+    """An InputError unless ``--nchannelbatch``, ``--maxdeadzones`` (weight curves) and
+    ``--maxrates`` (those the script has and was given) fit the curve set at ``root``."""
+    checked = [("--nchannelbatch", "nchannelbatch", "group_size")]
+    if meta.get("kind") == "weight":
+        checked.append(("--maxdeadzones", "maxdeadzones", "ndz"))
+    for flag, dest, key in checked:
+        mine = getattr(args, dest, None)
+        if mine is not None and mine != meta[key]:
+            raise InputError(
+                f"{flag} {mine} contradicts {root}/meta.json ({key} {meta[key]}); drop the "
+                f"flag or use matching curves"
+            )
+    maxrates, measured = getattr(args, "maxrates", None), len(meta["bits"])
+    if maxrates is not None and not 2 <= maxrates <= measured:
+        raise InputError(
+            f"--maxrates {maxrates} is outside 2..{measured} (the bit widths measured in "
+            f"{root}); use a value in that range or drop the flag"
+        )
+
+
+def add_constraint_flags(g: argparse._ArgumentGroup) -> None:
+    """``--minrate --maxbits --bit_list --layerwise``: the allocation's hardware constraints
+    (the widest width allowed: :func:`max_bits_of`)."""
+    g.add_argument("--minrate", type=int, default=None, help="smallest bit width allowed")
+    g.add_argument("--maxbits", type=int, default=None, help="largest bit width allowed")
+    g.add_argument(
+        "--bit_list",
+        type=int,
+        nargs="+",
+        default=None,
+        help="allowed bit widths (hardware constraint), e.g. 0 2 4 8",
+    )
+    g.add_argument(
+        "--layerwise",
+        action="store_true",
+        help="one bit width per layer (all groups of a tensor alike)",
+    )
+
+
+def max_bits_of(args: argparse.Namespace) -> int | None:
+    """The widest bit width an allocation may use: ``--maxbits`` and ``--maxrates`` − 1,
+    whichever is smaller (None: every width the curves measured)."""
+    widest = [] if args.maxbits is None else [args.maxbits]
+    if args.maxrates is not None:
+        widest.append(args.maxrates - 1)
+    return min(widest) if widest else None
+
+
+def add_fill_shrink_flags(g: argparse._ArgumentGroup, fill: bool = True) -> None:
+    """``--no-fill`` (with ``fill``: scripts with target rates) and ``--shrink`` of the
+    allocation scripts."""
+    if fill:
+        g.add_argument(
+            "--no-fill",
+            action="store_true",
+            help="leave the budget the solver does not spend (the paper); default: spend it "
+            "on upgrades that raise no distortion",
+        )
+    g.add_argument(
+        "--shrink",
+        type=shrink_mode,
+        default="auto",
+        help="pool each group's curve toward its layer's per-weight curve, "
+        "D = a*D_group + (1-a)*n*D_layer, against the calibration noise the allocator "
+        "would otherwise exploit: 'cv' chooses a per target by cross-validation over the "
+        "calibration folds the curves store (--folds); a number in [0, 1] fixes it; 'off' "
+        "uses the raw curves (the paper); 'auto' = cv for weight curves measured with -bcw "
+        "that store folds, else off (default: auto)",
+    )
+
+
+def add_eval_device_flags(g: argparse._ArgumentGroup) -> None:
+    """``--gpuid --device --precision`` of the scripts that apply and evaluate allocations."""
+    add_device_flags(g)
+    add_precision_flag(g, "float32", "arithmetic of the evaluation (default: float32)")
+
+
+def add_precision_flag(g: argparse._ArgumentGroup, default: str, what: str) -> None:
+    """``--precision``: float32 or float64, and ``auto`` where that is the ``default``."""
+    choices = ("float32", "float64") + (("auto",) if default == "auto" else ())
+    g.add_argument("--precision", choices=choices, default=default, help=what)
 
 
 def add_curve_output_flags(g: argparse._ArgumentGroup) -> None:
     """Where a curve script writes its curve set: ``--outdir`` and ``--pathrdcurve``."""
-    g.add_argument(
-        "--outdir",
-        type=Path,
-        default=Path("."),
-        help="directory that receives the curve set (default: current directory)",
-    )
+    add_outdir_flag(g, "directory that receives the curve set (default: current directory)", ".")
     g.add_argument(
         "--pathrdcurve",
         type=Path,
@@ -397,39 +594,33 @@ def add_engine_flags(e: argparse._ArgumentGroup, second_order: bool) -> None:
         if second_order
         else ""
     )
-    e.add_argument(
-        "--max-batch",
-        type=_positive(int, "--max-batch"),
-        default=None,
-        help=f"candidates per pass (default: 1 on CPU, where wider passes measured "
-        f"slower per sample; 64 on CUDA{so})",
-    )
-    e.add_argument(
-        "--lookahead",
-        type=_positive(int, "--lookahead"),
-        default=None,
-        help=f"speculative steps per search chain when chains are few (default: 1 "
-        f"on CPU, 4 on CUDA{so_look}); never changes the curves",
-    )
-    e.add_argument(
-        "--mem-budget-mb",
-        type=_positive(float, "--mem-budget-mb"),
-        default=None,
-        help=f"memory budget in MiB (default: 40%% of free CUDA memory; on CPU 2048 "
-        f"per measured pass{so_mem})",
-    )
+    for flag, kind, what in (
+        (
+            "--max-batch",
+            int,
+            f"candidates per pass (default: 1 on CPU, where wider passes measured slower per "
+            f"sample; 64 on CUDA{so})",
+        ),
+        (
+            "--lookahead",
+            int,
+            f"speculative steps per search chain when chains are few (default: 1 on CPU, 4 on "
+            f"CUDA{so_look}); never changes the curves",
+        ),
+        (
+            "--mem-budget-mb",
+            float,
+            f"memory budget in MiB (default: 40%% of free CUDA memory; on CPU 2048 per "
+            f"measured pass{so_mem})",
+        ),
+    ):
+        e.add_argument(flag, type=positive(kind, flag), default=None, help=what)
     e.add_argument(
         "--no-prefix-cache",
         action="store_true",
         help="run every candidate from the network input (for checks)",
     )
-    e.add_argument(
-        "--quiet",
-        "--mute-print",
-        dest="quiet",
-        action="store_true",
-        help="no progress bars, warnings only (--mute-print: the paper's name)",
-    )
+    add_quiet_flag(e)
 
 
 def resolve_device(args: argparse.Namespace, local_rank: int | None) -> torch.device:
@@ -652,19 +843,9 @@ def fp_act_layers(spec: str, names: list[str]) -> list[str]:
 
 def check_curves_match(args: argparse.Namespace, info, meta: dict[str, Any], root: Path) -> None:
     """An InputError unless the model the flags built (``info``) is the one the curve set at
-    ``root`` (its ``meta``) was measured on, with matching --nchannelbatch/--maxrates."""
-    nchannelbatch, maxrates = getattr(args, "nchannelbatch", None), getattr(args, "maxrates", None)
-    if nchannelbatch is not None and nchannelbatch != meta["group_size"]:
-        raise InputError(
-            f"--nchannelbatch {nchannelbatch} contradicts {root}/meta.json "
-            f"(group_size {meta['group_size']}); drop the flag or use matching "
-            f"curves"
-        )
-    if maxrates is not None and maxrates > len(meta["bits"]):
-        raise InputError(
-            f"--maxrates {maxrates} exceeds the {len(meta['bits'])} bit widths "
-            f"measured in {root}; use --maxrates <= {len(meta['bits'])}"
-        )
+    ``root`` (its ``meta``) was measured on, with matching --nchannelbatch/--maxdeadzones/--maxrates
+    (:func:`check_curve_use`)."""
+    check_curve_use(args, meta, root)
     for key, mine in (
         ("model", info.arch),
         ("weights_source", info.weights_source),

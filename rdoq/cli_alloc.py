@@ -20,22 +20,31 @@ from rdoq.cli import (
     PAPER_BIT_RATE,
     POINTS_HINT,
     RATE_FLAGS,
-    _positive,
+    add_act_mode_flag,
+    add_constraint_flags,
+    add_curve_input_flag,
+    add_curve_use_flags,
     add_eval_data_flags,
     add_eval_device_flags,
+    add_fill_shrink_flags,
+    add_fp_act_flag,
     add_model_flags,
+    add_outdir_flag,
+    add_quiet_flag,
+    add_target_flags,
     build_any_model,
     check_curves_match,
     check_outdir,
     eval_data_for,
     fp_act_layers,
+    max_bits_of,
     method_name,
+    positive,
     rebuild_calib,
     resolve_dataset,
     resolve_device,
     script_entry,
     setup_logging,
-    shrink_mode,
     warn_correction_mismatch,
 )
 from rdoq.retrain import RetrainSpec
@@ -57,53 +66,24 @@ def add_alloc_flags(
     add_eval_data_flags(g)
     if method == "uniform":
         u = p.add_argument_group("uniform baseline")
-        u.add_argument(
-            "--target_rates",
-            type=int,
-            nargs="+",
-            default=[4, 6, 8],
-            help="bit widths of every weight (and activation) (default: 4 6 8)",
-        )
-        u.add_argument(
-            "--act-target-rates",
-            type=int,
-            nargs="+",
-            default=None,
-            help="activation bit widths (one, or one per --target_rates; default: "
-            "the same as the weights)",
-        )
+        add_target_flags(u, uniform=True)
         u.add_argument(
             "--no-acts",
             action="store_true",
             help="keep every activation in full precision (weights only)",
         )
-        u.add_argument(
-            "--act-mode",
-            choices=("out", "in"),
-            default="out",
-            help="quantize layer outputs (as the act_out_nchan curves) or inputs",
-        )
+        add_act_mode_flag(u, "quantize layer outputs (as the act_out_nchan curves) or inputs")
         u.add_argument(
             "--calibsize",
-            type=_positive(int, "--calibsize"),
+            type=positive(int, "--calibsize"),
             default=64,
             help="calibration samples for activation steps and corrections",
         )
-        u.add_argument(
-            "--fp-act-layers",
-            default="ends",
-            help="activation layers kept in full precision: 'ends', 'none', or "
-            "comma-separated names (as in the allocation scripts)",
-        )
+        add_fp_act_flag(u)
         s = p.add_argument_group("corrections")
     else:
         c = p.add_argument_group("curves")
-        c.add_argument(
-            "--pathrdcurve",
-            type=Path,
-            required=True,
-            help="weight curve set (directory with meta.json)",
-        )
+        add_curve_input_flag(c, "weight curve set (directory with meta.json)")
         c.add_argument(
             "--act_curve_root_dir",
             type=Path,
@@ -118,25 +98,7 @@ def add_alloc_flags(
             help="quantize weights only: no activation curves are looked for and "
             "every activation stays in full precision (default: off)",
         )
-        c.add_argument(
-            "--nchannelbatch",
-            type=int,
-            default=None,
-            help="checked against the curve sets' group size (read from meta.json)",
-        )
-        c.add_argument(
-            "--maxrates",
-            type=int,
-            default=None,
-            help="use bit widths 0..maxrates-1 of the curves (default: all measured)",
-        )
-        c.add_argument(
-            "--closedeadzone",
-            type=int,
-            choices=(0, 1),
-            default=0,
-            help="1: uniform weight quantizer only (dead-zone ratio 0)",
-        )
+        add_curve_use_flags(c)
         c.add_argument(
             "--smooth-dists",
             action="store_true",
@@ -152,36 +114,13 @@ def add_alloc_flags(
             "cannot steer the allocation: on, off (the paper), or auto = the "
             "weight curves when they were measured with -bcw (default: auto)",
         )
-        if method != "frontier":
-            c.add_argument(
-                "--no-fill",
-                action="store_true",
-                help="leave the budget the solver does not spend (the paper); "
-                "default: spend it on upgrades that raise no distortion",
-            )
-        c.add_argument(
-            "--shrink",
-            type=shrink_mode,
-            default="auto",
-            help="pool each group's curve toward its layer's per-weight curve, "
-            "D = a*D_group + (1-a)*n*D_layer, against the calibration noise the "
-            "allocator would otherwise exploit: 'cv' chooses a per target by "
-            "cross-validation over the calibration folds second-order curves "
-            "store (--folds); a number in [0, 1] fixes it; 'off' uses the raw "
-            "curves (the paper); 'auto' = cv for weight curves measured with "
-            "-bcw that store folds, else off (default: auto)",
-        )
-        c.add_argument(
-            "--fp-act-layers",
-            default="ends",
-            help="activation layers kept in full precision: 'ends' (first and last, as "
-            "in the paper's DP/LG), 'none', or comma-separated layer names",
-        )
+        add_fill_shrink_flags(c, fill=method != "frontier")
+        add_fp_act_flag(c)
         s = p.add_argument_group("allocation")
         if method == "frontier":
             s.add_argument(
                 "--maxslopesteps",
-                type=_positive(int, "--maxslopesteps"),
+                type=positive(int, "--maxslopesteps"),
                 default=192,
                 help="slopes log2 λ = -35 + 0.5 j, j < maxslopesteps (default: 192)",
             )
@@ -193,42 +132,14 @@ def add_alloc_flags(
                 help="explicit log2 λ values (dist per bit) instead of the grid",
             )
         else:
-            s.add_argument(
-                "--target_rates",
-                type=float,
-                nargs="+",
-                default=[4.0, 6.0, 8.0],
-                help="target average bits (joint over weights and activation elements "
-                "per sample, as in the paper; default: 4 6 8)",
-            )
-            s.add_argument(
-                "--act-target-rates",
-                type=float,
-                nargs="+",
-                default=None,
-                help="separate activation targets (one, or one per --target_rates); "
-                "--target_rates then holds the weight targets",
-            )
+            add_target_flags(s)
             s.add_argument(
                 "--maxslopesteps",
                 type=int,
                 default=None,
                 help="accepted so the paper's README command runs; no effect here",
             )
-        s.add_argument("--minrate", type=int, default=None, help="smallest bit width allowed")
-        s.add_argument("--maxbits", type=int, default=None, help="largest bit width allowed")
-        s.add_argument(
-            "--bit_list",
-            type=int,
-            nargs="+",
-            default=None,
-            help="allowed bit widths (hardware constraint), e.g. 0 2 4 8",
-        )
-        s.add_argument(
-            "--layerwise",
-            action="store_true",
-            help="one bit width per layer (all groups of a tensor alike)",
-        )
+        add_constraint_flags(s)
         s.add_argument(
             "--rate",
             choices=RATE_FLAGS,
@@ -270,12 +181,7 @@ def add_alloc_flags(
         )
     add_retrain_flags(p)
     o = p.add_argument_group("output and device")
-    o.add_argument(
-        "--outdir",
-        type=Path,
-        default=None,
-        help="results directory (default: ./<archname>_<method>_results)",
-    )
+    add_outdir_flag(o, "results directory (default: ./<archname>_<method>_results)")
     o.add_argument(
         "--save-model",
         action="store_true",
@@ -283,44 +189,33 @@ def add_alloc_flags(
     )
     add_eval_device_flags(o)
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    o.add_argument(
-        "--quiet",
-        "--mute-print",
-        dest="quiet",
-        action="store_true",
-        help="no progress bars, warnings only (--mute-print: the paper's name)",
-    )
+    add_quiet_flag(o)
 
 
 def add_retrain_flags(p: argparse.ArgumentParser) -> None:
     """The paper's fine-tuning flags: each allocated point is also fine-tuned on the
     calibration set and recorded as its own point (rdoq.retrain)."""
     r = p.add_argument_group("fine-tuning after allocation (on the calibration set only)")
-    r.add_argument(
-        "--re-calibrate",
-        action="store_true",
-        help="also record each point with its biases and normalisation affine parameters tuned "
-        "toward the full-precision outputs on the calibration set (method +rc; the tuned "
-        "state is saved as model_<target>.pth beside its allocation)",
-    )
-    r.add_argument(
-        "--re-calibrate-lr",
-        type=float,
-        default=1e-4,
-        help="Adam learning rate of --re-calibrate (default: %(default)s, the paper's)",
-    )
-    r.add_argument(
-        "--re-train",
-        action="store_true",
-        help="also record each point with every parameter tuned, the quantized weights through "
-        "the allocation's fixed quantizers with a straight-through estimator (method +rt)",
-    )
-    r.add_argument(
-        "--re-train-lr",
-        type=float,
-        default=1e-4,
-        help="Adam learning rate of --re-train (default: %(default)s, the paper's)",
-    )
+    for flag, what in (
+        (
+            "--re-calibrate",
+            "also record each point with its biases and normalisation affine parameters tuned "
+            "toward the full-precision outputs on the calibration set (method +rc; the tuned "
+            "state is saved as model_<target>.pth beside its allocation)",
+        ),
+        (
+            "--re-train",
+            "also record each point with every parameter tuned, the quantized weights through "
+            "the allocation's fixed quantizers with a straight-through estimator (method +rt)",
+        ),
+    ):
+        r.add_argument(flag, action="store_true", help=what)
+        r.add_argument(
+            f"{flag}-lr",
+            type=float,
+            default=1e-4,
+            help=f"Adam learning rate of {flag} (default: %(default)s, the paper's)",
+        )
     r.add_argument(
         "--re-train-iter",
         type=int,
@@ -489,9 +384,7 @@ def allocate_main(
             for n in (astore.layer_names() if astore else [])
             if n in modules
         }
-        max_bits = args.maxbits
-        if args.maxrates is not None:
-            max_bits = min(args.maxrates - 1, max_bits if max_bits is not None else 10**6)
+        max_bits = max_bits_of(args)
         spec = TableSpec(
             wstore,
             astore,

@@ -19,9 +19,10 @@ from rdoq.authors import CURVE_PARTS, CURVE_RULES, curve_parts
 from rdoq.cli import (
     DEFAULT_STEPS,
     RESUME_HINT,
-    _positive,
     add_curve_flags,
+    add_folds_flag,
     add_model_data_flags,
+    add_nprobes_flag,
     check_outdir,
     load_model_and_calib,
     resolve_dataset,
@@ -32,7 +33,7 @@ from rdoq.cli import (
 )
 from rdoq.curves import CurveJob, generate_curves, job_dict
 from rdoq.hessian import PAPER_KAPPA, PAPER_PROBE, PROBES, HessianSettings
-from rdoq.parts import resolve_part
+from rdoq.parts import PartSpec, resolve_part
 from rdoq.search import scale_grid
 from rdoq.shrink import DEFAULT_FOLDS
 from rdoq.store import atomic_write_json, curve_set_name
@@ -78,12 +79,7 @@ def curves_main(
             help="gradient rows: random output probes (unbiased output-MSE estimate) "
             "or the paper's per-sample output norm (default: random)",
         )
-        h.add_argument(
-            "--nprobes",
-            type=_positive(int, "--nprobes"),
-            default=4,
-            help="random probes per calibration sample (default: 4)",
-        )
+        add_nprobes_flag(h, "calibration sample")
         h.add_argument(
             "--kappa",
             type=float,
@@ -101,15 +97,7 @@ def curves_main(
     # evaluates every chosen point once more, so it is off there unless asked for.
     folds = DEFAULT_FOLDS if estimator == "hessian" else 0
     cost = "free here" if folds else "costs one more evaluation of each chosen point"
-    p.add_argument(
-        "--folds",
-        type=int,
-        default=folds,
-        help=f"also store the curves of this many calibration folds (crops of one "
-        f"image stay in one fold), which the allocation scripts' --shrink uses "
-        f"to pool noisy group curves by cross-validation; {cost}; 0: none "
-        f"(default: {folds})",
-    )
+    add_folds_flag(p, folds, f"crops of one image stay in one fold; {cost}")
     args = p.parse_args(argv)
     setup_logging(args.quiet)
     ndz = 1 if kind == "act" or args.disable_deadzone else args.maxdeadzones
@@ -145,12 +133,7 @@ def curves_main(
         device = resolve_device(args, part.local_rank)
         on_cuda = device.type == "cuda"
         job = CurveJob(
-            kind=kind,
-            act_mode=act_mode,
-            group_size=args.nchannelbatch,
-            nr=args.maxrates,
-            ndz=ndz,
-            max_steps=args.maxsteps,
+            **curve_job_common(args, kind, act_mode, ndz, estimator, argv),
             step_grid=args.step_grid,
             precision=args.precision,
             # The quadratic model prices a batch of candidates at one matmul, on any device.
@@ -158,13 +141,9 @@ def curves_main(
             max_lookahead=args.lookahead or (4 if estimator == "hessian" or on_cuda else 1),
             mem_budget_mb=args.mem_budget_mb or _default_budget(device, estimator),
             use_cuts=not args.no_prefix_cache,
-            progress=not args.quiet,
-            argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
-            estimator=estimator,
             sweep_batch=args.batchsize,
             step_mode=steps,
             bias_corr=bias_corr,
-            scales_log2=scale_grid(scale_octaves(args.scale_octaves, estimator), args.scale_steps),
             hessian=HessianSettings.from_flags(
                 "paper" if args.paper_hessian else None,
                 args.probe,
@@ -176,7 +155,6 @@ def curves_main(
             if estimator == "hessian"
             else None,
             folds=args.folds,
-            sort_channels=getattr(args, "sort_channels", None),
             authors=authors,
             group_axis=getattr(args, "group_axis", "out"),
         )
@@ -190,16 +168,54 @@ def curves_main(
         )
     except ValueError as e:
         p.error(str(e))
+    write_run_record(root, part, job, device, summary, args)
+    return summary
+
+
+def curve_job_common(
+    args: argparse.Namespace,
+    kind: str,
+    act_mode: str | None,
+    ndz: int,
+    estimator: str,
+    argv: list[str] | None,
+) -> dict[str, Any]:
+    """The :class:`rdoq.curves.CurveJob` settings that every curve script (classification and
+    detection) reads from the same flags; ``argv``: the script's arguments (None: sys.argv)."""
+    return {
+        "kind": kind,
+        "act_mode": act_mode,
+        "group_size": args.nchannelbatch,
+        "nr": args.maxrates,
+        "ndz": ndz,
+        "max_steps": args.maxsteps,
+        "progress": not args.quiet,
+        "estimator": estimator,
+        "argv": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
+        "scales_log2": scale_grid(scale_octaves(args.scale_octaves, estimator), args.scale_steps),
+        "sort_channels": getattr(args, "sort_channels", None),
+    }
+
+
+def write_run_record(
+    root: Path,
+    part: PartSpec,
+    job: CurveJob,
+    device: torch.device,
+    summary: dict[str, Any],
+    args: argparse.Namespace,
+) -> None:
+    """``run_part<NNN>.json`` in the curve set: the job, device, summary and flags of this
+    part's run."""
     atomic_write_json(
         Path(root) / f"run_part{part.part_id:03d}.json",
         {
             "job": job_dict(job),
             "device": str(device),
             "summary": summary,
-            "args": _jsonable(vars(args)),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         },
     )
-    return summary
 
 
 def _default_budget(device: torch.device, estimator: str = "measured") -> float:
@@ -213,10 +229,6 @@ def _default_budget(device: torch.device, estimator: str = "measured") -> float:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return max(total / 4 / 2**20, 2048.0)
     return 2048.0
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
 @script_entry()

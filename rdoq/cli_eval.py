@@ -19,6 +19,8 @@ from rdoq.cli import (
     add_eval_data_flags,
     add_eval_device_flags,
     add_model_flags,
+    add_outdir_flag,
+    add_quiet_flag,
     build_any_model,
     calib_for,
     check_outdir,
@@ -64,20 +66,9 @@ def evaluate_main(
     add_model_flags(g, None, "model name; None = the allocation's model", adapters)
     add_eval_data_flags(g)
     o = p.add_argument_group("output and device")
-    o.add_argument(
-        "--outdir",
-        type=Path,
-        default=None,
-        help="where results.jsonl/csv go (default: the first allocation's directory)",
-    )
+    add_outdir_flag(o, "where results.jsonl/csv go (default: the first allocation's directory)")
     add_eval_device_flags(o)
-    o.add_argument(
-        "--quiet",
-        "--mute-print",
-        dest="quiet",
-        action="store_true",
-        help="no progress bars, warnings only (--mute-print: the paper's name)",
-    )
+    add_quiet_flag(o)
     o.add_argument(
         "--paired",
         action="store_true",

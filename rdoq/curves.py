@@ -1,9 +1,9 @@
 """Curve generation jobs: one layer at a time, resumable, the same for every estimator.
 
-Its length (about 580 lines): the job (settings and their checks), the layer plans, the search
-chains of both kinds and the per-layer loop for both estimators, so that one curve-set layout
-comes from one place; the estimators themselves live in :mod:`rdoq.engine` and
-:mod:`rdoq.hessian`.
+Its length (about 730 lines): the job (settings and their checks), the layer plans and their
+split into parts, the search chains of both kinds and the per-layer loop for both estimators
+(also used by :mod:`rdoq.remeasure`), so that one curve-set layout comes from one place; the
+estimators themselves live in :mod:`rdoq.engine` and :mod:`rdoq.hessian`.
 """
 
 from __future__ import annotations
@@ -485,21 +485,8 @@ def generate_curves(
         fold_of, by = assign_folds(units if units is not None else range(x.shape[0]), job.folds)
         folds = {"count": int(fold_of.max()) + 1, "by": by, "of_sample": fold_of.tolist()}
     store = CurveStore.open(root, build_meta(job, model_info, calib_meta, plans, folds=folds))
-    names = [p.name for p in plans]
-    macs = layer_macs(model, x[:1], names)
     per_group = job.ndz * job.nr * 4 if job.kind == "weight" else job.nr * 8
-    costs = suffix_costs(names, macs, {p.name: len(p.bounds) for p in plans}, per_group)
-    owner = assign_parts(costs, part.num_parts)
-    mine = [p for p, o in zip(plans, owner, strict=True) if o == part.part_id]
-    todo = [p for p in mine if not store.has_layer(p.name)]
-    log.info(
-        "part %d/%d: %d of %d layers, %d already done",
-        part.part_id,
-        part.num_parts,
-        len(mine),
-        len(plans),
-        len(mine) - len(todo),
-    )
+    mine, todo = part_plans(model, x[:1], plans, part, per_group, store)
     summary = {
         "curve_set": str(root),
         "layers_total": len(plans),
@@ -554,27 +541,75 @@ def generate_curves(
         curves, n = layer_curves(
             model, x, plan, job, max_rows, backend_for, values, folds["count"] if folds else 0
         )
-        store.write_layer(plan.name, curves)
-        summary["layers_written"] += 1
-        summary["candidates"] += n
         where = (
             "second-order"
             if job.estimator == "hessian"
             else f"cut {engine.cut_for(plan.name) or 'none (full forward)'}"
         )
-        log.info(
-            "layer %s: %d groups, %d candidates, %s, %.1fs",
-            plan.name,
-            len(plan.bounds),
-            n,
-            where,
-            time.perf_counter() - lt,
-        )
-    summary["seconds"] = time.perf_counter() - t0
-    summary["missing_layers"] = len(store.missing_layers())
+        record_layer(store, summary, plan, curves, n, lt, where)
+    finish_summary(store, summary, t0)
     if job.estimator == "hessian":
         summary["gradient_sweeps"] = sweep.sweeps
     return summary
+
+
+def part_plans(
+    model: nn.Module,
+    x1: torch.Tensor,
+    plans: list[LayerPlan],
+    part: PartSpec,
+    per_group: int,
+    store: CurveStore,
+) -> tuple[list[LayerPlan], list[LayerPlan]]:
+    """The layers of ``plans`` that ``part`` measures, and those of them ``store`` still lacks.
+    The parts get about equal shares of the estimated cost (groups × ``per_group`` candidates ×
+    the MACs from the layer on, measured with the one sample ``x1``), the same split in every
+    process."""
+    names = [p.name for p in plans]
+    macs = layer_macs(model, x1, names)
+    costs = suffix_costs(names, macs, {p.name: len(p.bounds) for p in plans}, per_group)
+    owner = assign_parts(costs, part.num_parts)
+    mine = [p for p, o in zip(plans, owner, strict=True) if o == part.part_id]
+    todo = [p for p in mine if not store.has_layer(p.name)]
+    log.info(
+        "part %d/%d: %d of %d layers, %d already done",
+        part.part_id,
+        part.num_parts,
+        len(mine),
+        len(plans),
+        len(mine) - len(todo),
+    )
+    return mine, todo
+
+
+def record_layer(
+    store: CurveStore,
+    summary: dict[str, Any],
+    plan: LayerPlan,
+    curves: LayerCurves,
+    n: int,
+    started: float,
+    how: str,
+) -> None:
+    """Write one layer's curves (``n`` candidates evaluated), count them in ``summary`` and log
+    the layer with ``how`` it was measured and the seconds since ``started``."""
+    store.write_layer(plan.name, curves)
+    summary["layers_written"] += 1
+    summary["candidates"] += n
+    log.info(
+        "layer %s: %d groups, %d candidates, %s, %.1fs",
+        plan.name,
+        len(plan.bounds),
+        n,
+        how,
+        time.perf_counter() - started,
+    )
+
+
+def finish_summary(store: CurveStore, summary: dict[str, Any], started: float) -> None:
+    """The run summary's last keys: its seconds and the layers the curve set still lacks."""
+    summary["seconds"] = time.perf_counter() - started
+    summary["missing_layers"] = len(store.missing_layers())
 
 
 def layer_curves(

@@ -10,9 +10,10 @@ output is the tensor distortion is measured on (the dense BEV feature, or the he
 so the curves and the allocation use the classification machinery unchanged and curve sets and
 allocation files have the classification formats (DESIGN §5).
 
-Its length (about 870 lines): some 350 lines are the two scripts' flags (the authors', kept with
-their meaning, and ours) with their help texts, the rest the two entry points, of which the
-allocation's applies, measures, saves and evaluates every target.
+Its length (about 710 lines): some 230 lines are the two scripts' own flags (the authors', kept
+with their meaning, and ours) with their help texts, the flags they share with the
+classification scripts coming from :mod:`rdoq.cli`; the rest are the two entry points, of which
+the allocation's applies, measures, saves and evaluates every target.
 
 What the authors' detection scripts got wrong and this module does differently
 (``../shared/reference/authors_code_digest.md`` §9):
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -57,19 +57,34 @@ from rdoq.cli import (
     DEFAULT_STEPS,
     POINTS_HINT,
     RESUME_HINT,
+    add_act_mode_flag,
+    add_constraint_flags,
+    add_curve_input_flag,
     add_curve_output_flags,
+    add_curve_use_flags,
     add_deadzone_flags,
+    add_device_flags,
+    add_fill_shrink_flags,
+    add_folds_flag,
+    add_nprobes_flag,
+    add_outdir_flag,
+    add_part_flags,
+    add_precision_flag,
+    add_quiet_flag,
     add_scale_flags,
     add_sort_flag,
+    add_steps_flags,
+    add_target_flags,
+    check_curve_use,
     check_outdir,
     default_workers,
+    max_bits_of,
+    positive,
     resolve_device,
     script_entry,
     setup_logging,
-    shrink_mode,
 )
 from rdoq.shrink import DEFAULT_FOLDS
-from rdoq.steps import STEP_MODES
 
 log = logging.getLogger("rdoq")
 
@@ -89,16 +104,6 @@ DEAD_ALLOC_FLAGS = (
     "--relu_bitwidth",
     "--maxsteps",
 )
-
-
-def _positive_int(name: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {text}")
-        return value
-
-    return parse
 
 
 def _layer_sets(text: str) -> tuple[str, ...]:
@@ -176,25 +181,19 @@ def add_detector_flags(p: argparse.ArgumentParser, evaluation: bool) -> None:
         "by pcdet's build_dataloader; synthetic = random nuScenes-shaped "
         "frames (tests, machines without nuScenes)" + (sub or " (default: pcdet)"),
     )
-    d.add_argument(
-        "--calib_frames",
-        type=_positive_int("--calib_frames"),
-        default=None,
-        help=f"calibration frames (default: --calib_num_iters x --batch_size when "
-        f"--calib_num_iters is given, else {DEFAULT_CALIB_FRAMES})" + sub,
-    )
-    d.add_argument(
-        "--calib_num_iters",
-        type=_positive_int("--calib_num_iters"),
-        default=None,
-        help="the paper's calibration size in batches of --batch_size frames",
-    )
-    d.add_argument(
-        "--points_per_frame",
-        type=_positive_int("--points_per_frame"),
-        default=None,
-        help=f"points per synthetic frame (default: {DEFAULT_SYNTHETIC_POINTS})" + sub,
-    )
+    for flag, what in (
+        (
+            "--calib_frames",
+            f"calibration frames (default: --calib_num_iters x --batch_size when "
+            f"--calib_num_iters is given, else {DEFAULT_CALIB_FRAMES})" + sub,
+        ),
+        ("--calib_num_iters", "the paper's calibration size in batches of --batch_size frames"),
+        (
+            "--points_per_frame",
+            f"points per synthetic frame (default: {DEFAULT_SYNTHETIC_POINTS})" + sub,
+        ),
+    ):
+        d.add_argument(flag, type=positive(int, flag), default=None, help=what)
     d.add_argument(
         "--seed",
         type=int,
@@ -210,7 +209,7 @@ def add_detector_flags(p: argparse.ArgumentParser, evaluation: bool) -> None:
     )
     d.add_argument(
         "--batch_size",
-        type=_positive_int("--batch_size"),
+        type=positive(int, "--batch_size"),
         default=4 if evaluation else 2,
         help=(
             "frames per evaluation batch"
@@ -228,22 +227,14 @@ def add_detector_flags(p: argparse.ArgumentParser, evaluation: bool) -> None:
         "in this process) (default: %(default)s)",
     )
     o = p.add_argument_group("device and output")
-    o.add_argument("--gpuid", type=int, default=0, help="CUDA device index when CUDA exists")
-    o.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1)")
-    o.add_argument(
-        "--precision",
-        choices=("auto", "float64", "float32"),
-        default="auto",
-        help="arithmetic of the distortion measurement: auto = float64 on CPU, "
-        "float32 on CUDA (spconv's CUDA kernels have no float64)",
+    add_device_flags(o)
+    add_precision_flag(
+        o,
+        "auto",
+        "arithmetic of the distortion measurement: auto = float64 on CPU, float32 on CUDA "
+        "(spconv's CUDA kernels have no float64)",
     )
-    o.add_argument(
-        "--quiet",
-        "--mute-print",
-        dest="quiet",
-        action="store_true",
-        help="no progress bars, warnings only",
-    )
+    add_quiet_flag(o)
     o.add_argument(
         "--fix_random_seed",
         action="store_true",
@@ -255,7 +246,7 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("curves (paper flags)")
     g.add_argument(
         "--nchannelbatch",
-        type=_positive_int("--nchannelbatch"),
+        type=positive(int, "--nchannelbatch"),
         default=128,
         help="output channels per group (default: %(default)s, the paper's; every "
         "VoxelNeXt layer is then one group)",
@@ -270,19 +261,7 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
         default=16,
         help="step candidates per bit width (default: %(default)s, the paper's detection value)",
     )
-    g.add_argument(
-        "--part_id",
-        type=int,
-        default=None,
-        help="this process's part (default: torchrun RANK, else 0)",
-    )
-    g.add_argument(
-        "--num_parts",
-        type=int,
-        default=None,
-        help="number of parts (default: torchrun WORLD_SIZE, else 1 = every layer; "
-        "the paper's default of 6 left 5/6 of the layers undone)",
-    )
+    add_part_flags(g, paper_parts=6)
     g.add_argument(
         "-bcw",
         "--bias_corr_weight",
@@ -299,12 +278,7 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
         "outputs (--act-mode in: inputs), the features of the sparse tensors "
         "(measured estimator) (default: weight)",
     )
-    g.add_argument(
-        "--act-mode",
-        choices=("out", "in"),
-        default="out",
-        help="activation curves: of each layer's output or input (default: out)",
-    )
+    add_act_mode_flag(g, "activation curves: of each layer's output or input (default: out)")
     add_sort_flag(g)
     add_curve_output_flags(g)
     e = p.add_argument_group("estimator")
@@ -322,36 +296,11 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
         const="hessian",
         help="same as --estimator hessian",
     )
-    e.add_argument(
-        "--nprobes",
-        type=_positive_int("--nprobes"),
-        default=4,
-        help="second order: random output probes per frame (default: 4)",
+    add_nprobes_flag(e, "frame")
+    add_folds_flag(
+        e, DEFAULT_FOLDS, "second order only; a frame is one unit, at most one fold per frame"
     )
-    e.add_argument(
-        "--folds",
-        type=int,
-        default=DEFAULT_FOLDS,
-        help=f"second order: also store the curves of this many calibration folds "
-        f"(one frame is one unit; at most one fold per frame) for the "
-        f"allocation's --shrink; 0: none (default: {DEFAULT_FOLDS})",
-    )
-    e.add_argument(
-        "--steps",
-        choices=STEP_MODES,
-        default=None,
-        help="channel = a per-channel MSE-optimal step times a searched group "
-        "scale; group = the paper's one power-of-two step per group (default: "
-        + ", ".join(f"{v} for {k}s" for k, v in DEFAULT_STEPS.items())
-        + ")",
-    )
-    e.add_argument(
-        "--group-step",
-        dest="steps",
-        action="store_const",
-        const="group",
-        help="same as --steps group",
-    )
+    add_steps_flags(e, ", ".join(f"{v} for {k}s" for k, v in DEFAULT_STEPS.items()))
     add_scale_flags(e, "1 measured, 0 second order")
     for flag in DEAD_CURVE_FLAGS:
         p.add_argument(
@@ -361,19 +310,10 @@ def add_curve_flags(p: argparse.ArgumentParser) -> None:
 
 def add_alloc_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("allocation (paper flags)")
-    g.add_argument(
-        "--pathrdcurve",
-        type=Path,
-        default=Path("./rd_curves"),
-        help="weight curve set (directory with meta.json) (default: %(default)s)",
+    add_curve_input_flag(
+        g, "weight curve set (directory with meta.json) (default: %(default)s)", "./rd_curves"
     )
-    g.add_argument(
-        "--target_rates",
-        type=float,
-        nargs="+",
-        default=[4.0, 6.0, 8.0],
-        help="target average bits per quantized weight (default: 4 6 8)",
-    )
+    add_target_flags(g)
     g.add_argument(
         "--solver",
         choices=("dp", "lg"),
@@ -381,55 +321,9 @@ def add_alloc_flags(p: argparse.ArgumentParser) -> None:
         help="dp = dynamic programming (exact up to its budget resolution, "
         "float64), lg = Lagrangian (points on the convex hull) (default: dp)",
     )
-    g.add_argument(
-        "--nchannelbatch", type=int, default=None, help="checked against the curve set's group size"
-    )
-    g.add_argument(
-        "--maxrates",
-        type=int,
-        default=None,
-        help="use bit widths 0..maxrates-1 of the curves (default: all)",
-    )
-    g.add_argument(
-        "--maxdeadzones",
-        type=int,
-        default=None,
-        help="checked against the curve set's dead-zone ratios",
-    )
-    g.add_argument(
-        "--closedeadzone",
-        type=int,
-        choices=(0, 1),
-        default=0,
-        help="1: uniform quantizer only (dead-zone ratio 0)",
-    )
-    g.add_argument(
-        "--bit_list",
-        type=int,
-        nargs="+",
-        default=None,
-        help="allowed bit widths (hardware constraint), e.g. 0 2 4 8",
-    )
-    g.add_argument("--minrate", type=int, default=None, help="smallest bit width allowed")
-    g.add_argument(
-        "--layerwise",
-        action="store_true",
-        help="one bit width per layer (all groups of a layer alike)",
-    )
-    g.add_argument(
-        "--no-fill",
-        action="store_true",
-        help="leave the budget the solver does not spend (the paper)",
-    )
-    g.add_argument(
-        "--shrink",
-        type=shrink_mode,
-        default="auto",
-        help="pool each group's curve toward its layer's: cv (cross-validated over "
-        "the curves' calibration folds), a weight in [0, 1], off (the paper), "
-        "auto = cv for -bcw curves with folds, which detectors do not have yet, "
-        "else off (default: auto)",
-    )
+    add_curve_use_flags(g)
+    add_constraint_flags(g)
+    add_fill_shrink_flags(g)
     g.add_argument(
         "-bcw",
         "--bias_corr_weight",
@@ -446,27 +340,8 @@ def add_alloc_flags(p: argparse.ArgumentParser) -> None:
         "detector and frames: joint weight/activation allocation (default: "
         "weights only, as the paper)",
     )
-    g.add_argument(
-        "--act-mode",
-        choices=("out", "in"),
-        default="out",
-        help="which activation curve set --act_curve_root_dir holds (default: out)",
-    )
-    g.add_argument(
-        "--act-target-rates",
-        type=float,
-        nargs="+",
-        default=None,
-        help="average activation bits, one value or one per --target_rates "
-        "(default: one joint budget, --target_rates bits per weight and "
-        "activation element)",
-    )
-    g.add_argument(
-        "--outdir",
-        type=Path,
-        default=None,
-        help="results directory (default: ./<arch>_<solver>_results)",
-    )
+    add_act_mode_flag(g, "which activation curve set --act_curve_root_dir holds (default: out)")
+    add_outdir_flag(g, "results directory (default: ./<arch>_<solver>_results)")
     g.add_argument(
         "--save_checkpoint_dir",
         type=Path,
@@ -516,12 +391,11 @@ def parse_detector_args(
 def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
     """Entry point of ``openpcdet/generate_rd_curves_batch.py``: weight RD curves of a pcdet
     detector's layers, one file per layer, resumable; returns the run summary."""
-    from rdoq.cli import scale_octaves
-    from rdoq.curves import CurveJob, generate_curves, job_dict
+    from rdoq.cli_curves import curve_job_common, write_run_record
+    from rdoq.curves import CurveJob, generate_curves
     from rdoq.hessian import HessianSettings
     from rdoq.parts import resolve_part
-    from rdoq.search import scale_grid
-    from rdoq.store import atomic_write_json, curve_set_name
+    from rdoq.store import curve_set_name
 
     p, args = parse_detector_args(
         argv,
@@ -560,23 +434,14 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         check_outdir(root, "--pathrdcurve" if args.pathrdcurve else "--outdir")
         job = CurveJob(
-            kind=kind,
-            act_mode=act_mode,
-            group_size=args.nchannelbatch,
-            nr=args.maxrates,
-            ndz=ndz,
-            max_steps=args.maxsteps,
+            **curve_job_common(args, kind, act_mode, ndz, estimator, argv),
             step_grid=1 if kind == "weight" else 4,
             precision=_precision(args, setup.device),
             max_batch=256 if estimator == "hessian" else 1,
             max_lookahead=4 if estimator == "hessian" else 1,
-            progress=not args.quiet,
-            estimator=estimator,
             sweep_batch=args.batch_size,
-            argv=[Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
             step_mode=args.steps or DEFAULT_STEPS[kind],
             bias_corr=args.bias_corr_weight,
-            scales_log2=scale_grid(scale_octaves(args.scale_octaves, estimator), args.scale_steps),
             hessian=(
                 HessianSettings(nprobes=args.nprobes, seed=spec.seed)
                 if estimator == "hessian"
@@ -587,7 +452,6 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
                 min(args.folds, spec.frames) if estimator == "hessian" and spec.frames > 1 else 0
             ),
             layers=tuple(lay.name for lay in layers),
-            sort_channels=args.sort_channels,
         )
         job.search_settings()
     except (InputError, ValueError, ImportError) as e:
@@ -600,15 +464,7 @@ def curves_main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(str(e))
     if kind == "weight":
         summary["weights_total"] = int(sum(np.prod(lay.shape) for lay in layers))
-    atomic_write_json(
-        Path(root) / f"run_part{part.part_id:03d}.json",
-        {
-            "job": job_dict(job),
-            "device": str(setup.device),
-            "summary": summary,
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        },
-    )
+    write_run_record(root, part, job, setup.device, summary, args)
     return summary
 
 
@@ -680,20 +536,7 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
                 "--act_curve_root_dir DIR (made with generate_rd_curves_batch.py "
                 "--kind act)"
             )
-        for flag, mine, key in (
-            ("--nchannelbatch", args.nchannelbatch, "group_size"),
-            ("--maxdeadzones", args.maxdeadzones, "ndz"),
-        ):
-            if mine is not None and mine != meta[key]:
-                raise InputError(
-                    f"{flag} {mine} contradicts {args.pathrdcurve}/meta.json "
-                    f"({key} {meta[key]}); drop the flag or use matching curves"
-                )
-        if args.maxrates is not None and not 2 <= args.maxrates <= len(meta["bits"]):
-            raise InputError(
-                f"--maxrates {args.maxrates} is outside 2..{len(meta['bits'])} "
-                f"(the bit widths measured in {args.pathrdcurve})"
-            )
+        check_curve_use(args, meta, args.pathrdcurve)
         outdir = args.outdir or Path(f"{meta['model']}_{args.solver}_results")
         check_outdir(outdir, "--outdir")
         adapter = OpenPCDetAdapter()
@@ -710,7 +553,6 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"--pretrained_model of the curves"
                 )
         names = [e["name"] for e in meta["layers"]]
-        max_bits = None if args.maxrates is None else args.maxrates - 1
         modules = dict(runner.named_modules())
         dims = (
             {n: adapter.channel_axis(modules[n]) for n in astore.layer_names() if n in modules}
@@ -724,7 +566,7 @@ def allocate_main(argv: list[str] | None = None) -> dict[str, Any]:
             uniform_only=bool(args.closedeadzone),
             allowed_bits=args.bit_list,
             min_bits=args.minrate,
-            max_bits=max_bits,
+            max_bits=max_bits_of(args),
         )
         points, solve_s = solve_targets_shrunk(
             spec,

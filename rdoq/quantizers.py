@@ -11,6 +11,10 @@ import math
 
 import torch
 
+# A weight group's step (or step exponent) and dead zone: a Python scalar for the whole group
+# (the paper's quantizer) or a tensor (c,) with one value per channel (axis 0 of the group).
+PerChannel = float | torch.Tensor
+
 
 def signed_bounds(bits: int) -> tuple[int, int]:
     """Integer levels of the signed mid-tread quantizer: ``[-2^(b-1), 2^(b-1)-1]``; b=0 → 0."""
@@ -53,9 +57,17 @@ def quantize_uniform(
 
     ``qmin == qmax == 0`` (0 bits) gives all zeros whatever the step.
     """
+    return _uniform_index(x, step, qmin, qmax) * step
+
+
+def _uniform_index(
+    x: torch.Tensor, step: torch.Tensor | float, qmin: torch.Tensor | int, qmax: torch.Tensor | int
+) -> torch.Tensor:
+    """The uniform quantizer's level index ``clamp(round(x/Δ), qmin, qmax)`` (float, ``x``'s
+    shape): the one rounding rule of :func:`quantize_uniform` and :func:`weight_levels`."""
     lo = torch.as_tensor(qmin, dtype=x.dtype, device=x.device)
     hi = torch.as_tensor(qmax, dtype=x.dtype, device=x.device)
-    return torch.clamp(torch.round(x / step), lo, hi) * step
+    return torch.clamp(torch.round(x / step), lo, hi)
 
 
 def quantize_deadzone(
@@ -72,21 +84,30 @@ def quantize_deadzone(
     ``authors``: their ``round`` instead of ``floor``, which puts a value at ``φ + tΔ`` at
     ``φ + (round(t) + ½)Δ``, outward by 0 to Δ (``--authors-semantics deadzone``).
     """
+    q, keep = _deadzone_index(x, step, deadzone, magnitudes, authors)
+    rec = torch.sign(x) * (deadzone + (q + 0.5) * step)
+    return torch.where(keep, rec, torch.zeros_like(x))
+
+
+def _deadzone_index(
+    x: torch.Tensor,
+    step: torch.Tensor | float,
+    deadzone: torch.Tensor | float,
+    magnitudes: torch.Tensor | int,
+    authors: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dead-zone quantizer's magnitude index ``q`` (float, ``x``'s shape) and where ``x``
+    leaves the dead zone for a level (bool): the one rounding rule of
+    :func:`quantize_deadzone` and :func:`weight_levels`."""
     mag = x.abs()
     m = torch.as_tensor(magnitudes, dtype=x.dtype, device=x.device)
     q = (torch.round if authors else torch.floor)((mag - deadzone) / step)
     q = torch.minimum(torch.clamp(q, min=0.0), m - 1.0)
-    rec = torch.sign(x) * (deadzone + (q + 0.5) * step)
-    keep = (mag > deadzone) & (m > 0)
-    return torch.where(keep, rec, torch.zeros_like(x))
+    return q, (mag > deadzone) & (m > 0)
 
 
 def quantize_weight(
-    x: torch.Tensor,
-    bits: int,
-    step_log2: float | torch.Tensor,
-    deadzone: float | torch.Tensor,
-    authors: bool = False,
+    x: torch.Tensor, bits: int, step_log2: PerChannel, deadzone: PerChannel, authors: bool = False
 ) -> torch.Tensor:
     """Quantize one weight group with the rule the curves were measured with.
 
@@ -102,11 +123,7 @@ def quantize_weight(
 
 
 def quantize_weight_steps(
-    x: torch.Tensor,
-    bits: int,
-    step: float | torch.Tensor,
-    deadzone: float | torch.Tensor,
-    authors: bool = False,
+    x: torch.Tensor, bits: int, step: PerChannel, deadzone: PerChannel, authors: bool = False
 ) -> torch.Tensor:
     """:func:`quantize_weight` given the steps themselves (scalar or per channel ``(c,)``)."""
     if bits == 0:
@@ -129,11 +146,7 @@ def quantize_weight_steps(
 
 
 def weight_levels(
-    x: torch.Tensor,
-    bits: int,
-    step: float | torch.Tensor,
-    deadzone: float | torch.Tensor,
-    authors: bool = False,
+    x: torch.Tensor, bits: int, step: PerChannel, deadzone: PerChannel, authors: bool = False
 ) -> torch.Tensor:
     """The integer symbols (int64, ``x``'s shape) that :func:`quantize_weight_steps` codes.
 
@@ -147,15 +160,10 @@ def weight_levels(
         return torch.zeros_like(x, dtype=torch.int64)
     step = _per_channel(step, x)
     phi = _per_channel(deadzone, x)
-    lo, hi = signed_bounds(bits)
-    uniform = torch.clamp(torch.round(x / step), lo, hi)
-    mags = deadzone_magnitudes(bits, authors)
+    uniform = _uniform_index(x, step, *signed_bounds(bits))
     if not isinstance(phi, torch.Tensor) and phi <= 0:
         return uniform.long()
-    mag = x.abs()
-    rounding = torch.round if authors else torch.floor
-    q = torch.clamp(rounding((mag - phi) / step), min=0.0, max=max(mags - 1, 0))
-    keep = (mag > phi) & (mags > 0)
+    q, keep = _deadzone_index(x, step, phi, deadzone_magnitudes(bits, authors), authors)
     dz = torch.where(keep, torch.sign(x) * (q + 1.0), torch.zeros_like(x))
     if not isinstance(phi, torch.Tensor):
         return dz.long()
@@ -243,9 +251,8 @@ def mse_steps(
     reach = torch.where(dz, reach_dz, reach_u)  # (C,)
     reach = torch.where(reach > 0, reach, torch.ones_like(reach))
     best_log2 = torch.zeros(c, dtype=torch.float64, device=x.device)  # relative to reach
-    rows = [(~dz, _uniform_error), (dz, _deadzone_error)]
-    for mask, error in rows:
-        if not bool(mask.any()) or (error is _deadzone_error and mags == 0):
+    for mask, dead in ((~dz, False), (dz, True)):
+        if not bool(mask.any()) or (dead and mags == 0):
             continue
         xn = (x[mask] / reach[mask, None]).float()  # (c, n) in units of the range-fitting step
         args = (
@@ -253,18 +260,19 @@ def mse_steps(
             qmax[mask, None].float(),
             (phi[mask] / reach[mask])[:, None].float(),
             float(mags),
+            dead,
         )
         best = torch.full((xn.shape[0],), math.inf, device=x.device)
         rel = torch.zeros(xn.shape[0], dtype=torch.float64, device=x.device)
         for r in _COARSE_LOG2:
-            err = error(xn, 2.0**r, *args)
+            err = _channel_error(xn, 2.0**r, *args)
             better = err < best
             best = torch.where(better, err, best)
             rel = torch.where(better, r, rel)
         center = rel.clone()
         for r in _FINE_LOG2:
             cand = (center + r).clamp(max=0.0)  # (c,) never beyond the range-fitting step
-            err = error(xn, torch.pow(2.0, cand).float()[:, None], *args)
+            err = _channel_error(xn, torch.pow(2.0, cand).float()[:, None], *args)
             better = err < best
             best = torch.where(better, err, best)
             rel = torch.where(better, cand, rel)
@@ -304,28 +312,22 @@ def quantize_deadzone_fast(
     return q.masked_fill_((mag <= deadzone) | (magnitudes <= 0), 0.0)
 
 
-def _uniform_error(
+def _channel_error(
     x: torch.Tensor,
     step: float | torch.Tensor,
     qmin: torch.Tensor,
     qmax: torch.Tensor,
     phi: torch.Tensor,
     mags: float,
+    deadzone: bool,
 ) -> torch.Tensor:
-    """Per-channel MSE of the uniform quantizer at ``step`` (``phi``, ``mags`` unused)."""
-    return quantize_uniform_fast(x, step, qmin, qmax).sub_(x).square_().mean(1)
-
-
-def _deadzone_error(
-    x: torch.Tensor,
-    step: float | torch.Tensor,
-    qmin: torch.Tensor,
-    qmax: torch.Tensor,
-    phi: torch.Tensor,
-    mags: float,
-) -> torch.Tensor:
-    """Per-channel MSE of the dead-zone quantizer at ``step`` (``qmin``, ``qmax`` unused)."""
-    return quantize_deadzone_fast(x, step, phi, mags).sub_(x).square_().mean(1)
+    """Per-channel MSE (over axis 1 of ``x``) at ``step`` of the uniform quantizer (``qmin``,
+    ``qmax``) or, with ``deadzone``, of the dead-zone one (``phi``, ``mags``)."""
+    if deadzone:
+        q = quantize_deadzone_fast(x, step, phi, mags)
+    else:
+        q = quantize_uniform_fast(x, step, qmin, qmax)
+    return q.sub_(x).square_().mean(1)
 
 
 def channel_deadzones(w: torch.Tensor, ratio: float) -> torch.Tensor:

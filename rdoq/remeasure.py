@@ -37,14 +37,17 @@ from rdoq.allocation import build_table, solve_recorded
 from rdoq.curves import (
     CurveJob,
     LayerPlan,
+    finish_summary,
     job_dict,
     layer_backend,
     layer_curves,
     max_rows_for,
+    part_plans,
     plan_layers,
+    record_layer,
 )
 from rdoq.engine import MeasuredEngine
-from rdoq.parts import PartSpec, assign_parts, layer_macs, suffix_costs
+from rdoq.parts import PartSpec
 from rdoq.search import scale_grid
 from rdoq.store import CurveStore, atomic_write_json
 
@@ -271,21 +274,8 @@ def remeasure_curves(
     plans = plan_layers(model, x[:1], job)
     for plan in plans:
         _check_plan(plan, entries[plan.name], src.root)
-    names = [p.name for p in plans]
-    macs = layer_macs(model, x[:1], names)
     per_group = job.ndz * job.nr * len(job.scales_log2) if job.kind == "weight" else job.nr * 8
-    costs = suffix_costs(names, macs, {p.name: len(p.bounds) for p in plans}, per_group)
-    owner = assign_parts(costs, part.num_parts)
-    mine = [p for p, o in zip(plans, owner, strict=True) if o == part.part_id]
-    todo = [p for p in mine if not store.has_layer(p.name)]
-    log.info(
-        "part %d/%d: re-measuring %d of %d chosen layers (%d already done)",
-        part.part_id,
-        part.num_parts,
-        len(todo),
-        len(plans),
-        len(mine) - len(todo),
-    )
+    _, todo = part_plans(model, x[:1], plans, part, per_group, store)
     summary: dict[str, Any] = {
         "curve_set": str(root),
         "source": str(src.root),
@@ -313,21 +303,11 @@ def remeasure_curves(
             curves, n = layer_curves(model, x, plan, job, max_rows, backend_for, None, job.folds)
             estimate = src.read_layer(plan.name).dist  # (G, D, B)
             curves.extra["dist_second_order"] = estimate
-            store.write_layer(plan.name, curves)
             ratio = estimate_ratio(curves.dist, estimate)
-            summary["layers_written"] += 1
-            summary["candidates"] += n
             summary["ratio_measured_to_estimate"][plan.name] = ratio
-            log.info(
-                "layer %s: %d groups, %d candidates, measured/second-order %.3g (median), %.1fs",
-                plan.name,
-                len(plan.bounds),
-                n,
-                ratio,
-                time.perf_counter() - lt,
-            )
-    summary["seconds"] = time.perf_counter() - t0
-    summary["missing_layers"] = len(store.missing_layers())
+            how = f"measured/second-order {ratio:.3g} (median)"
+            record_layer(store, summary, plan, curves, n, lt, how)
+    finish_summary(store, summary, t0)
     return summary
 
 
@@ -347,8 +327,10 @@ def remeasure_main(
     ``--list``: the ranking, the choice and a ``table`` for people, which the script prints)."""
     from rdoq.adapters import adapter_registry, get_adapter
     from rdoq.cli import (
+        add_curve_input_flag,
         add_engine_flags,
         add_model_data_flags,
+        add_outdir_flag,
         add_scale_flags,
         build_any_model,
         check_curves_match,
@@ -368,18 +350,12 @@ def remeasure_main(
     add_model_data_flags(p, datasets=adapters)
     p.set_defaults(testsize=None)
     r = p.add_argument_group("re-measure")
-    r.add_argument(
-        "--pathrdcurve",
-        type=Path,
-        required=True,
-        help="the complete second-order curve set to re-check (read only)",
-    )
-    r.add_argument(
-        "--outdir",
-        type=Path,
-        default=Path("."),
-        help="directory that receives the new set, named after the source with "
-        "'_remeasured' appended (default: current directory)",
+    add_curve_input_flag(r, "the complete second-order curve set to re-check (read only)")
+    add_outdir_flag(
+        r,
+        "directory that receives the new set, named after the source with '_remeasured' "
+        "appended (default: current directory)",
+        ".",
     )
     r.add_argument(
         "--layers",
@@ -397,19 +373,17 @@ def remeasure_main(
         help="average bit widths the layers are ranked at; pass the targets you "
         "will allocate (default: those of 3 4 5 6 8 the curves reach)",
     )
-    r.add_argument(
-        "--list",
-        action="store_true",
-        help="print the ranking (layer, share) and the choice, measure nothing",
-    )
+    for switch, what in (
+        ("--list", "print the ranking (layer, share) and the choice, measure nothing"),
+        (
+            "--no-folds",
+            "drop the set's calibration folds: the measured engine evaluates each chosen "
+            "point once more for them, so this halves the cost; --shrink then has no folds "
+            "to pool (default: keep them)",
+        ),
+    ):
+        r.add_argument(switch, action="store_true", help=what)
     add_scale_flags(r, "the set's grid; the measured curve scripts search 1")
-    r.add_argument(
-        "--no-folds",
-        action="store_true",
-        help="drop the set's calibration folds: the measured engine evaluates each "
-        "chosen point once more for them, so this halves the cost; --shrink "
-        "then has no folds to pool (default: keep them)",
-    )
     add_engine_flags(p.add_argument_group("engine"), second_order=False)
     args = p.parse_args(argv)
     setup_logging(args.quiet)

@@ -695,16 +695,10 @@ def solve_ilp_result(
     return ILPResult(choice, optimal, total_dist, bound, str(res.message))
 
 
-def solve_ilp(
-    dist: np.ndarray,
-    rate: np.ndarray,
-    budget: float,
-    *,
-    time_limit: float | None = None,
-    mip_rel_gap: float = 1e-9,
-) -> np.ndarray:
-    """Exact reference choice by ILP (HiGHS); warns if ``time_limit`` stopped it early."""
-    res = solve_ilp_result(dist, rate, budget, time_limit=time_limit, mip_rel_gap=mip_rel_gap)
+def solve_ilp(dist: np.ndarray, rate: np.ndarray, budget: float, **highs: float) -> np.ndarray:
+    """Exact reference choice by ILP (HiGHS, ``highs``: :func:`solve_ilp_result`'s
+    ``time_limit`` / ``mip_rel_gap``); warns if the time limit stopped it early."""
+    res = solve_ilp_result(dist, rate, budget, **highs)
     if not res.optimal:
         warnings.warn(
             f"ILP not proven optimal ({res.message}); dist {res.objective:.6g}, lower "

@@ -179,7 +179,9 @@ def test_evaluate_allocation_reproduces_the_run(tmp_path, curves):
     [
         (["--target_rates", "9"], "--target_rates 9.0 is outside"),
         (["--nchannelbatch", "16"], "--nchannelbatch 16 contradicts"),
-        (["--maxrates", "12"], "--maxrates 12 exceeds"),
+        (["--maxrates", "12"], "--maxrates 12 is outside 2..5"),
+        (["--maxrates", "1"], "--maxrates 1 is outside 2..5"),
+        (["--maxdeadzones", "3"], "--maxdeadzones 3 contradicts"),
         (["--target_rates", "3", "--act-target-rates", "2", "3"], "one value or one per"),
         (["--bit_list", "3", "9"], "allowed bit widths [9]"),
         (["--minrate", "5"], "no allowed choice"),

@@ -13,7 +13,7 @@ from rdoq.allocation import (
     build_table,
     choice_columns,
     restrict,
-    solve_targets,
+    solve_recorded,
     target_range,
 )
 from rdoq.allocfile import load_allocation, make_allocation, save_allocation
@@ -193,11 +193,11 @@ def test_smoothing_never_pays_for_useless_bits():
 def test_joint_and_separate_budgets_hold(stores, solver):
     w, a = stores
     t = build_table(w, a)
-    choices, _ = solve_targets(t, [2.0, 3.5], solver)
+    choices = solve_recorded(t, [2.0, 3.5], solver).choices
     idx = np.arange(len(t.kind))
     for c, target in zip(choices, [2.0, 3.5], strict=True):
         assert t.rate[idx, c].sum() <= target * t.numel.sum() + 1e-9
-    sep, _ = solve_targets(t, [2.0, 3.0], solver, act_targets=[4.0])
+    sep = solve_recorded(t, [2.0, 3.0], solver, act_targets=[4.0]).choices
     for c, tw in zip(sep, [2.0, 3.0], strict=True):
         w_rows, a_rows = t.kind == WEIGHT, t.kind == ACT
         assert t.rate[idx, c][w_rows].sum() <= tw * t.part_numel(WEIGHT) + 1e-9
@@ -213,12 +213,12 @@ def test_constraints_and_layerwise(stores):
     t = restrict(build_table(w, a), allowed_bits=[0, 2, 4], min_bits=2)
     lo, hi = target_range(t, None)
     assert lo == pytest.approx(2.0) and hi == pytest.approx(4.0)
-    (c,), _ = solve_targets(t, [3.0], "dp", layerwise=True)
+    (c,) = solve_recorded(t, [3.0], "dp", layerwise=True).choices
     assert set(t.bits[c].tolist()) <= {2, 4}
     for layer in t.layers:
         assert len(set(c[layer.rows].tolist())) == 1
     with pytest.raises(ValueError, match=r"--target_rates 1.5 is outside .*\[2, 4\]"):
-        solve_targets(t, [1.5], "dp")
+        solve_recorded(t, [1.5], "dp")
     with pytest.raises(ValueError, match="allowed bit widths \\[7\\] are not in the curves"):
         restrict(build_table(w, a), allowed_bits=[2, 7])
 
@@ -226,7 +226,7 @@ def test_constraints_and_layerwise(stores):
 def alloc_for(stores, net, target=3.0, solver="dp"):
     w, a = stores
     t = build_table(w, a)
-    (c,), _ = solve_targets(t, [target], solver)
+    (c,) = solve_recorded(t, [target], solver).choices
     return t, make_allocation(t, c, target_bits=target, solver=solver)
 
 
@@ -415,7 +415,7 @@ def test_layerwise_and_smoothing_are_refused_together(stores):
     t.dist[0, 3] = t.dist[0, 2] * 2  # a rising point, so smoothing moves that group
     s = restrict(t, smooth=True)
     with pytest.raises(ValueError, match="--smooth-dists cannot be combined with --layerwise"):
-        solve_targets(s, [3.0], "dp", layerwise=True)
+        solve_recorded(s, [3.0], "dp", layerwise=True)
     assert c.dist.shape[0] == 3
 
 
@@ -447,7 +447,7 @@ def test_conv_subclasses_use_the_model_channel_axis_and_their_own_forward(tmp_pa
     blur = next(lay for lay in t.layers if lay.kind == ACT and lay.name == "c1")
     assert blur.channels == 6 and blur.rows.stop - blur.rows.start == 2
     # -bcw through the module's own forward: the standardised layer's mean output is restored.
-    (c,), _ = solve_targets(t, [2.0], "dp")
+    (c,) = solve_recorded(t, [2.0], "dp").choices
     alloc = make_allocation(t, c, target_bits=2.0, solver="dp")
     alloc["acts"] = {}
     calib = torch.randn(12, 3, 8, 8, dtype=torch.float64)

@@ -23,7 +23,7 @@ from rdoq.allocation import (
     LayerEntry,
     build_table,
     restrict,
-    solve_targets,
+    solve_recorded,
 )
 from rdoq.allocfile import load_allocation, summarize_choice
 from rdoq.apply import quantized_weight
@@ -234,7 +234,7 @@ def test_entropy_table_rates_are_entropy_times_elements(tmp_path):
         np.testing.assert_allclose(t.rate[layer.rows], ent * c.numel[:, None], rtol=1e-15)
         np.testing.assert_array_equal(t.entropy[layer.rows], ent)
     # Solved against the entropy budget; the summary keeps the fixed width apart.
-    (choice,), _ = solve_targets(t, [2.0], "dp")
+    (choice,) = solve_recorded(t, [2.0], "dp").choices
     s = summarize_choice(t, choice)
     idx = np.arange(len(choice))
     assert s["rate"] == "entropy"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from rdoq.allocation import build_table, solve_targets
+from rdoq.allocation import build_table, solve_recorded
 from rdoq.allocfile import (
     ALLOC_SCHEMA,
     ALLOC_SCHEMA_V3,
@@ -145,7 +145,7 @@ def test_the_order_reaches_the_allocation_and_the_applied_weights(tmp_path):
     store = curves(tmp_path, "sorted", net, x, sort_channels="rms")
     order = channel_order(net[0].weight, "rms")
     table = build_table(store, None)
-    (choice,), _ = solve_targets(table, [3.0], "dp")
+    (choice,) = solve_recorded(table, [3.0], "dp").choices
     alloc = make_allocation(table, choice, target_bits=3.0, solver="dp")
     entry = alloc["weights"]["0"]
     assert entry["channel_order"] == order.tolist() and alloc["schema"] == ALLOC_SCHEMA_V3
@@ -171,7 +171,7 @@ def test_unsorted_allocations_and_curve_sets_keep_their_schema(tmp_path):
     x = torch.randn(12, 3, 6, 6, dtype=torch.float64)
     store = curves(tmp_path, "plain", net, x)
     table = build_table(store, None)
-    (choice,), _ = solve_targets(table, [3.0], "dp")
+    (choice,) = solve_recorded(table, [3.0], "dp").choices
     alloc = make_allocation(table, choice, target_bits=3.0, solver="dp")
     assert alloc["schema"] == ALLOC_SCHEMA and "channel_order" not in alloc["weights"]["0"]
     assert store.meta["schema"] == SCHEMA

@@ -104,22 +104,29 @@ def _torch_load_failure(path: Path, err: Exception) -> str:
     return (lines[0] if lines else type(err).__name__)[:200]
 
 
+def load_torch_file(path: Path, flag: str, expected: str) -> Any:
+    """``torch.load`` of the file given by ``flag`` on the CPU, without executing code; an
+    InputError naming the flag, the path, what is wrong and ``expected`` (what the file should
+    be) when it is missing or not a readable torch file."""
+    if not path.is_file():
+        raise InputError(f"{flag} {path} does not exist; {expected}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise InputError(
+            f"{flag} {path} is not a readable torch file ({_torch_load_failure(path, e)}); "
+            f"{expected}"
+        ) from e
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a state dict or timm/torch checkpoint file, loaded without executing code."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--checkpoint {path} does not exist; pass a state-dict file")
     expected = (
         "expected a PyTorch state dict saved with torch.save(model.state_dict(), FILE), "
         "a timm checkpoint, or a model_<target>.pth written by --save-model"
     )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise InputError(
-            f"--checkpoint {path} is not a readable torch file "
-            f"({_torch_load_failure(path, e)}); {expected}"
-        ) from e
+    obj = load_torch_file(path, "--checkpoint", expected)
     # timm's training checkpoints keep the plain weights under "state_dict" (EMA weights, when
     # present, under "state_dict_ema"); like timm's own loader we take the plain ones.
     for key in ("state_dict", "model"):
@@ -206,9 +213,18 @@ def fit_state_dict(
         )
 
 
+def fit_weights_file(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str, source: str
+) -> ModelInfo:
+    """Load ``state``, read from the file ``path``, into ``model`` (:func:`fit_state_dict`)
+    and describe it: ``arch``, the weights ``source`` and the file's sha256."""
+    fit_state_dict(model, state, path, arch)
+    return ModelInfo(arch, source, file_sha256(path))
+
+
 def load_checkpoint(model: nn.Module, checkpoint: Path, arch: str) -> ModelInfo:
-    """Load a user's ``--checkpoint`` file into ``model`` (:func:`fit_state_dict`) and
-    describe it: source ``checkpoint:<file name>`` and the file's sha256."""
+    """Load a user's ``--checkpoint`` file into ``model`` and describe it: source
+    ``checkpoint:<file name>`` and the file's sha256."""
     checkpoint = Path(checkpoint)
-    fit_state_dict(model, load_state_dict(checkpoint), checkpoint, arch)
-    return ModelInfo(arch, f"checkpoint:{checkpoint.name}", file_sha256(checkpoint))
+    state = load_state_dict(checkpoint)
+    return fit_weights_file(model, state, checkpoint, arch, f"checkpoint:{checkpoint.name}")

@@ -39,7 +39,7 @@ from rdoq.adapters.base import (
     InputError,
     ModelInfo,
     file_sha256,
-    fit_state_dict,
+    fit_weights_file,
     load_checkpoint,
 )
 from rdoq.evaluate import TensorBatches
@@ -162,8 +162,7 @@ def build_digits_model(
         info = ModelInfo(name, f"random-init:seed={seed}")
     else:
         path = WEIGHTS_DIR / f"{name}.pt"
-        fit_state_dict(model, bundled_weights(name), path, name)
-        info = ModelInfo(name, f"bundled:{path.name}", WEIGHTS_SHA256[name])
+        info = fit_weights_file(model, bundled_weights(name), path, name, f"bundled:{path.name}")
     return model.float().eval(), info
 
 

@@ -46,15 +46,13 @@ import torch
 from torch import nn
 
 from rdoq.adapters.base import (
-    Adapter,
     CalibSet,
     InputError,
     ModelInfo,
-    file_sha256,
-    fit_state_dict,
+    fit_weights_file,
     load_state_dict,
 )
-from rdoq.adapters.timm_imagenet import eval_transform, synthetic_calib
+from rdoq.adapters.timm_imagenet import ImageNetAdapter, eval_transform
 from rdoq.evaluate import TensorBatches
 
 # Sample images bundled in the scikit-image / scikit-learn wheels, split by source image so that no
@@ -223,8 +221,8 @@ def build_efficientnet_lite(
     model = timm.create_model(timm_arch, pretrained=False)
     if "_conv_stem.weight" in state:
         state = convert_lite_state_dict(state, model)
-    fit_state_dict(model, state, path, timm_arch)
-    return model.eval(), ModelInfo(timm_arch, source, file_sha256(path))
+    info = fit_weights_file(model, state, path, timm_arch, source)
+    return model.eval(), info
 
 
 def build_natural_model(
@@ -324,17 +322,15 @@ def natural_eval(count: int, model: nn.Module, batch_size: int) -> TensorBatches
     return TensorBatches(x, torch.cat(labels), batch_size, "natural:eval")
 
 
-class NaturalAdapter(Adapter):
+class NaturalAdapter(ImageNetAdapter):
     """``--dataset natural``: EfficientNet-Lite from its weights package (other names as timm
-    builds them) on crops of the bundled natural sample images, labelled by the FP model."""
+    builds them) on crops of the bundled natural sample images, labelled by the FP model; the
+    imagenet adapter's example inputs."""
 
     name = "natural"
 
     def build(self, args: argparse.Namespace) -> tuple[nn.Module, ModelInfo]:
         return build_natural_model(args.archname, args.checkpoint, args.random_init, args.seed)
-
-    def example_input(self, model: nn.Module, count: int, seed: int) -> torch.Tensor:
-        return synthetic_calib(count, model, seed).x
 
     def calib(self, args: argparse.Namespace, model: nn.Module, size: int, seed: int) -> CalibSet:
         return natural_calib(size, model, seed)

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rdoq.adapters.base import InputError, _torch_load_failure
+from rdoq.adapters.base import InputError, load_torch_file
 from rdoq.adapters.sparse import eval_on_cpu, require_spconv
 from rdoq.groups import LayerInfo, find_layers
 
@@ -412,15 +412,7 @@ def _read_model_state(path: Path) -> dict[str, torch.Tensor]:
         "expected a checkpoint in OpenPCDet's format, a dict with 'model_state' (as "
         "tools/train.py saves)"
     )
-    if not path.is_file():
-        raise InputError(f"--pretrained_model {path} does not exist; {expected}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise InputError(
-            f"--pretrained_model {path} is not a readable torch file "
-            f"({_torch_load_failure(path, e)}); {expected}"
-        ) from e
+    ckpt = load_torch_file(path, "--pretrained_model", expected)
     state = ckpt.get("model_state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         keys = sorted(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
