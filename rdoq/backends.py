@@ -45,10 +45,10 @@ class WeightBackend:
         engine: MeasuredEngine,
         layer: str,
         bounds: Sequence[tuple[int, int]],
-        max_batch: int,
         steps: ChannelSteps | None = None,
         input_mean: torch.Tensor | None = None,
         group_axis: str = "out",
+        max_batch: int = 1,
     ):
         self.engine, self.layer, self.bounds, self.max_batch = engine, layer, bounds, max_batch
         self.module = engine.modules[layer]

@@ -441,7 +441,7 @@ def layer_backend(
         if naive:
             return evaluator.weights(plan.name, plan.bounds, steps, mean, job.group_axis)
         return WeightBackend(
-            evaluator, plan.name, plan.bounds, job.max_batch, steps, mean, job.group_axis
+            evaluator, plan.name, plan.bounds, steps, mean, job.group_axis, job.max_batch
         )
     if steps is None:
         steps = act_layer_steps(stats, plan, job)
