@@ -14,7 +14,14 @@ from torch import nn
 
 from rdoq.actstats import ActGroupStats, bca_offsets
 from rdoq.engine import MeasuredEngine
-from rdoq.groups import act_values_of, channel_dim, group_view, is_sparse_tensor, map_act
+from rdoq.groups import (
+    WeightGroups,
+    act_values_of,
+    channel_dim,
+    group_view,
+    is_sparse_tensor,
+    map_act,
+)
 from rdoq.probe import hooked_forward
 from rdoq.quantizers import act_bounds, affine_bcw, quantize_weight_steps
 from rdoq.search import Candidate
@@ -43,20 +50,15 @@ class WeightBackend:
     def __init__(
         self,
         engine: MeasuredEngine,
-        layer: str,
-        bounds: Sequence[tuple[int, int]],
-        steps: ChannelSteps | None = None,
+        groups: WeightGroups,
         input_mean: torch.Tensor | None = None,
-        group_axis: str = "out",
         max_batch: int = 1,
     ):
-        self.engine, self.layer, self.bounds, self.max_batch = engine, layer, bounds, max_batch
-        self.module = engine.modules[layer]
+        self.engine, self.layer, self.max_batch = engine, groups.layer, max_batch
+        self.bounds, self.steps, self.axis = groups.bounds, groups.steps, groups.axis
+        self.module = engine.modules[groups.layer]
         self.full = self.module.weight.detach()
-        # The groups' channels first (rdoq.groups.group_view): ``self.weight[c0:c1]`` is a group.
-        self.axis = group_axis
-        self.weight = group_view(self.full, group_axis)
-        self.steps = steps
+        self.weight = groups.view(self.module)  # ``self.weight[c0:c1]`` is a group
         # -bcw inside the curves: (out, in_per_out) mean input each weight multiplies.
         self.input_mean = input_mean
         self.dim = channel_dim(self.module)

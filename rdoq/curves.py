@@ -31,6 +31,7 @@ from rdoq.engine import MeasuredEngine
 from rdoq.entropy import act_curve_entropy, curve_entropy
 from rdoq.groups import (
     GROUP_AXES,
+    WeightGroups,
     act_group_numel,
     channel_dim,
     find_layers,
@@ -438,11 +439,10 @@ def layer_backend(
             if job.bias_fold
             else None
         )
+        groups = WeightGroups(plan.name, plan.bounds, steps, job.group_axis)
         if naive:
-            return evaluator.weights(plan.name, plan.bounds, steps, mean, job.group_axis)
-        return WeightBackend(
-            evaluator, plan.name, plan.bounds, steps, mean, job.group_axis, job.max_batch
-        )
+            return evaluator.weights(groups, mean)
+        return WeightBackend(evaluator, groups, mean, job.max_batch)
     if steps is None:
         steps = act_layer_steps(stats, plan, job)
     if naive:
@@ -528,7 +528,8 @@ def generate_curves(
         if job.estimator != "hessian":
             return layer_backend(engine, plan, job, stats, steps)
         if job.kind == "weight":
-            return HessianWeightBackend(sweep, plan.name, plan.bounds, steps, job.group_axis)
+            groups = WeightGroups(plan.name, plan.bounds, steps, job.group_axis)
+            return HessianWeightBackend(sweep, groups)
         return HessianActBackend(sweep, plan.name, plan.bounds, stats, steps, job.bias_fold)
 
     bar = tqdm(todo, desc=f"{job.kind} curves", unit="layer", disable=not job.progress)

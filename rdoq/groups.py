@@ -15,11 +15,15 @@ dependency) never loads it through rdoq. Importing it, and its CPU fixes, live i
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from rdoq.steps import ChannelSteps
 
 QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 # The spconv classes quantized like convs (their subclasses too); transposed and inverse sparse
@@ -192,6 +196,24 @@ def group_view(weight: torch.Tensor, axis: str) -> torch.Tensor:
     groups. Every group rule (quantizers, per-channel steps, dead zones) reads its axis 0."""
     dim = group_dim(axis)
     return weight if dim == 0 else weight.movedim(dim, 0)
+
+
+@dataclass(frozen=True)
+class WeightGroups:
+    """One layer's weight groups as each weight evaluator takes them (the measured engine's,
+    the second-order one's and the naive reference): the layer, the groups' channel ranges
+    along ``axis`` (:data:`GROUP_AXES`), and the per-channel steps (None: one step per
+    candidate)."""
+
+    layer: str
+    bounds: Sequence[tuple[int, int]]
+    steps: ChannelSteps | None = None
+    axis: str = "out"
+
+    def view(self, module: nn.Module) -> torch.Tensor:
+        """``module``'s weight, detached, with the groups' channels first
+        (:func:`group_view`): ``view[c0:c1]`` is a group."""
+        return group_view(module.weight.detach(), self.axis)
 
 
 def act_group_numel(sample_shape: tuple, module: nn.Module, bounds: tuple[int, int]) -> int:

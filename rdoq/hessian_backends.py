@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rdoq.actstats import ActGroupStats
-from rdoq.groups import channel_dim, group_view
+from rdoq.groups import WeightGroups, channel_dim
 from rdoq.hessian import GradientSweep
 from rdoq.quantizers import (
     act_bounds,
@@ -109,18 +109,12 @@ class HessianWeightBackend:
     """Evaluates weight candidates of one layer with the quadratic model (``Evaluate``), all
     groups of a batch in one product."""
 
-    def __init__(
-        self,
-        sweep: GradientSweep,
-        layer: str,
-        bounds: Sequence[tuple[int, int]],
-        steps: ChannelSteps | None = None,
-        group_axis: str = "out",
-    ):
+    def __init__(self, sweep: GradientSweep, groups: WeightGroups):
+        layer, bounds, group_axis = groups.layer, groups.bounds, groups.axis
         sweep.ensure(layer)
-        self.sweep, self.bounds, self.steps = sweep, bounds, steps
-        full = sweep.modules[layer].weight.detach()
-        weight = group_view(full, group_axis)  # the groups' channels first
+        self.sweep, self.bounds, self.steps = sweep, bounds, groups.steps
+        shape = sweep.modules[layer].weight.shape
+        weight = groups.view(sweep.modules[layer])  # the groups' channels first
         rows = sweep.rows[layer]  # (R, out, in/out)
         r = rows.shape[0]
         self.numel = [(c1 - c0) * weight[0].numel() for c0, c1 in bounds]
@@ -130,7 +124,7 @@ class HessianWeightBackend:
         )  # (G, 1, n)
         if group_axis == "in":
             # A row's entries in the order of the group's weights (c, out, kernel).
-            per = rows.view(r, full.shape[0], full.shape[1], -1)  # (R, out, in, k)
+            per = rows.view(r, shape[0], shape[1], -1)  # (R, out, in, k)
             self.rows = _stack_groups(
                 [per[:, :, c0:c1].transpose(1, 2).reshape(r, -1) for c0, c1 in bounds]
             )  # (G, R, n)

@@ -13,7 +13,7 @@ from torch import nn
 
 from rdoq.actstats import act_values, bca_offsets
 from rdoq.backends import bcw_shift, quantized_group
-from rdoq.groups import channel_dim, group_view
+from rdoq.groups import WeightGroups, channel_dim
 from rdoq.quantizers import act_bounds, quantize_uniform
 from rdoq.search import Candidate
 from rdoq.slots import add_slot_offsets
@@ -45,19 +45,12 @@ class NaiveEvaluator:
             d = (self.forward() - self.reference).double()
         return float((d * d).mean())
 
-    def weights(
-        self,
-        layer: str,
-        bounds: Sequence[tuple[int, int]],
-        steps: ChannelSteps | None = None,
-        input_mean: torch.Tensor | None = None,
-        group_axis: str = "out",
-    ) -> Callable:
-        """An ``Evaluate`` for weight candidates of ``layer`` (``steps``: per-channel mode;
-        ``input_mean``: with the ``-bcw`` correction, as a bias shift after the layer;
-        ``group_axis``: the channels its groups gather)."""
-        module = self.modules[layer]
-        weight = group_view(module.weight.detach(), group_axis)
+    def weights(self, groups: WeightGroups, input_mean: torch.Tensor | None = None) -> Callable:
+        """An ``Evaluate`` for weight candidates of the layer of ``groups`` (``input_mean``: with
+        the ``-bcw`` correction, as a bias shift after the layer)."""
+        module = self.modules[groups.layer]
+        bounds, steps = groups.bounds, groups.steps
+        weight = groups.view(module)
         dim = channel_dim(module)
 
         def evaluate(cands: Sequence[Candidate]) -> tuple[np.ndarray, np.ndarray]:

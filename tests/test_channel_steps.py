@@ -16,7 +16,7 @@ from rdoq.allocfile import make_allocation
 from rdoq.apply import quantized_weight
 from rdoq.backends import quantized_group
 from rdoq.curves import CurveJob, generate_curves, layer_backend, layer_steps, plan_layers
-from rdoq.groups import group_bounds
+from rdoq.groups import WeightGroups, group_bounds
 from rdoq.hessian import GradientSweep, HessianSettings
 from rdoq.hessian_backends import HessianWeightBackend
 from rdoq.naive import NaiveEvaluator
@@ -234,7 +234,7 @@ def test_hessian_and_measured_backends_quantize_per_channel_identically():
         for d in range(3)
     ]
     sweep = GradientSweep(model, x, ["0"], "weight", HessianSettings(nprobes=2), batch_size=4)
-    be = HessianWeightBackend(sweep, "0", plan.bounds, steps)
+    be = HessianWeightBackend(sweep, WeightGroups("0", plan.bounds, steps))
     dist, mse = be(cands)
     w = model[0].weight.detach()
     for k, c in enumerate(cands):
@@ -319,7 +319,7 @@ def test_second_order_rows_with_bcw_are_gradients_of_the_corrected_layer():
         batch_size=3,
         bias_corr=True,
     )
-    be = HessianWeightBackend(sweep, "conv", group_bounds(5, 5))
+    be = HessianWeightBackend(sweep, WeightGroups("conv", group_bounds(5, 5)))
     mean = sweep.input_means["conv"]  # (out, in·k·k)
     cols = nn.functional.unfold(x, 3, padding=1)  # (N, 27, L)
     torch.testing.assert_close(mean, cols.mean((0, 2)).expand(5, -1), rtol=1e-12, atol=1e-14)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rdoq.actstats import ActGroupStats
-from rdoq.groups import group_bounds
+from rdoq.groups import WeightGroups, group_bounds
 from rdoq.hessian import GradientSweep, HessianSettings
 from rdoq.hessian_backends import HessianActBackend, HessianWeightBackend
 from rdoq.search import Candidate
@@ -56,7 +56,7 @@ def test_weight_estimate_is_exact_on_a_linear_model_with_scalar_output():
     x = torch.randn(7, 6)
     sweep = GradientSweep(model, x, ["a"], "weight", HessianSettings(nprobes=3), batch_size=3)
     bounds = group_bounds(5, 2)
-    be = HessianWeightBackend(sweep, "a", bounds)
+    be = HessianWeightBackend(sweep, WeightGroups("a", bounds))
     delta = torch.randn(2, 6) * 0.1
     est = be.dist_of(0, delta.reshape(-1, 1))[0]
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_random_probes_estimate_the_output_mse_for_vector_outputs():
     model = seeded(Linear2, 8)
     x = torch.randn(10, 6)
     sweep = GradientSweep(model, x, ["a"], "weight", HessianSettings(nprobes=400), batch_size=4)
-    be = HessianWeightBackend(sweep, "a", group_bounds(5, 5))
+    be = HessianWeightBackend(sweep, WeightGroups("a", group_bounds(5, 5)))
     delta = torch.randn(5, 6) * 0.1
     est = be.dist_of(0, delta.reshape(-1, 1))[0]
     with torch.no_grad():
@@ -88,7 +88,8 @@ def test_quadratic_in_the_perturbation_and_zero_at_zero():
         HessianSettings(probe="norm", kappa=0.1),
     ):
         be = HessianWeightBackend(
-            GradientSweep(model, x, ["a", "b"], "weight", settings), "a", group_bounds(5, 3)
+            GradientSweep(model, x, ["a", "b"], "weight", settings),
+            WeightGroups("a", group_bounds(5, 3)),
         )
         d = torch.randn(3 * 6, 1)
         one, two, zero = (be.dist_of(0, d * s)[0] for s in (1.0, 2.0, 0.0))
@@ -97,7 +98,7 @@ def test_quadratic_in_the_perturbation_and_zero_at_zero():
     sweep = GradientSweep(
         model, x, ["a"], "weight", HessianSettings(probe="norm", first_order=True)
     )
-    be = HessianWeightBackend(sweep, "a", group_bounds(5, 3))
+    be = HessianWeightBackend(sweep, WeightGroups("a", group_bounds(5, 3)))
     d = torch.randn(18, 1)
     f1, f2, fm = (be.dist_of(0, d * s)[0] for s in (1.0, 2.0, -1.0))
     lin, quad = (f1 - fm) / 2, (f1 + fm) / 2
@@ -110,7 +111,7 @@ def test_rows_are_per_sample_not_per_batch():
     model = nn.Linear(2, 1, bias=False).eval()
     x = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [3.0, 1.0], [-3.0, -1.0]])
     sweep = GradientSweep(model, x, [""], "weight", HessianSettings(nprobes=1), batch_size=4)
-    be = HessianWeightBackend(sweep, "", group_bounds(1, 1))
+    be = HessianWeightBackend(sweep, WeightGroups("", group_bounds(1, 1)))
     delta = torch.tensor([[0.5], [-0.25]])
     expected = float(((x @ delta) ** 2).mean())
     assert be.dist_of(0, delta)[0] == pytest.approx(expected, rel=1e-12)
@@ -369,7 +370,7 @@ def test_batched_backend_equals_one_group_at_a_time(kind):
         batch_size=4,
     )
     if kind == "weight":
-        be = HessianWeightBackend(sweep, layer, bounds)
+        be = HessianWeightBackend(sweep, WeightGroups(layer, bounds))
         w = model[0].weight.detach()
         dist, mse = be(cands)
         for k, c in enumerate(cands):

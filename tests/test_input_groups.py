@@ -12,7 +12,7 @@ from torch import nn
 from rdoq.allocfile import ALLOC_SCHEMA_V3, load_allocation
 from rdoq.apply import quantized_weight
 from rdoq.curves import CurveJob, generate_curves
-from rdoq.groups import group_bounds, group_view, weight_numel
+from rdoq.groups import WeightGroups, group_bounds, group_view, weight_numel
 from rdoq.hessian import GradientSweep, HessianSettings
 from rdoq.hessian_backends import HessianWeightBackend
 from rdoq.parts import PartSpec
@@ -47,6 +47,14 @@ def test_group_view_and_numel_follow_the_axis():
     assert weight_numel((2, 3, 4), (0, 2), "in") == 16 and weight_numel((2, 3, 4), (0, 1)) == 12
     with pytest.raises(ValueError, match="group axis"):
         group_view(w, "kernel")
+
+
+def test_weight_groups_view_is_the_detached_group_view_of_the_layer_weight():
+    layer = nn.Conv2d(3, 4, 3, bias=False)
+    for axis, shape in (("out", (4, 3, 3, 3)), ("in", (3, 4, 3, 3))):
+        view = WeightGroups("0", group_bounds(shape[0], 2), axis=axis).view(layer)
+        assert view.shape == shape and not view.requires_grad
+        assert torch.equal(view, group_view(layer.weight.detach(), axis))
 
 
 @pytest.mark.parametrize("steps", ["group", "channel"])
@@ -104,8 +112,8 @@ def test_hessian_rows_of_an_input_group_price_its_weights_as_the_whole_layer_doe
     x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
     sweep = GradientSweep(net, x, ["2"], "weight", HessianSettings(nprobes=2), batch_size=3)
     w = net[2].weight.detach()  # (4, 3, 3, 3): grouped conv, 3 input channels per filter
-    by_in = HessianWeightBackend(sweep, "2", group_bounds(3, 2), group_axis="in")
-    whole = HessianWeightBackend(sweep, "2", [(0, 4)])
+    by_in = HessianWeightBackend(sweep, WeightGroups("2", group_bounds(3, 2), axis="in"))
+    whole = HessianWeightBackend(sweep, WeightGroups("2", [(0, 4)]))
     torch.manual_seed(3)
     for g, (c0, c1) in enumerate(group_bounds(3, 2)):
         delta = torch.zeros_like(w)

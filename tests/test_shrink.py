@@ -13,7 +13,7 @@ from torch import nn
 from rdoq.actstats import ActGroupStats
 from rdoq.allocation import build_table, restrict
 from rdoq.curves import CurveJob, assign_folds, build_meta, plan_layers
-from rdoq.groups import group_bounds
+from rdoq.groups import WeightGroups, group_bounds
 from rdoq.hessian import GradientSweep, HessianSettings
 from rdoq.hessian_backends import HessianActBackend, HessianWeightBackend
 from rdoq.search import Candidate
@@ -66,7 +66,7 @@ def backend(model, x, kind, settings, folds=None):
     )
     bounds = group_bounds(7, 3)
     if kind == "weight":
-        return HessianWeightBackend(sweep, layer, bounds)
+        return HessianWeightBackend(sweep, WeightGroups(layer, bounds))
     stats = ActGroupStats(np.zeros(3), np.array([False, True, False]), 7, np.zeros(3), np.ones(3))
     return HessianActBackend(sweep, layer, bounds, stats)
 
@@ -128,7 +128,7 @@ def test_measured_fold_distortions_are_those_of_the_folds_samples(kind):
     def backend(xs, fold_of=None):
         engine = MeasuredEngine(model, xs, max_rows=4, folds=fold_of)
         if kind == "weight":
-            return WeightBackend(engine, "0", bounds, max_batch=4)
+            return WeightBackend(engine, WeightGroups("0", bounds), max_batch=4)
         return ActBackend(engine, "1", "out", bounds, stats, max_batch=4)
 
     def dist(be):  # a backend takes at most max_batch candidates per call
